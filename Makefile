@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh Debian/Ubuntu machine, as root:
+#   make run    install what is needed, build the tiny image, start corral and a first VM "demo"
+#   make test   install what is needed and run the whole test suite
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: setup system run test test-unit lint bench clean
+
+setup: system $(STAMP)
+
+system:
+	@bash scripts/install-system-deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: setup
+	@bash scripts/run-demo.sh
+
+test: setup
+	$(BIN)/pytest -q
+
+test-unit: setup
+	$(BIN)/pytest -q tests/unit
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/boot.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,66 @@
+"""The FastAPI application: routes, and errors as RFC 9457 problem bodies."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from corral import __version__
+from corral.api import routes_console, routes_jobs, routes_storage, routes_vms
+from corral.api.state import AppState, db_session
+from corral.api.views import HostView
+from corral.cluster import placement
+from corral.config import Settings
+from corral.errors import CorralError, InvalidInput
+from corral.store.db import Store
+from corral.store.models import Host
+
+PROBLEM = "application/problem+json"
+
+
+def _problem(error: CorralError) -> JSONResponse:
+    return JSONResponse(error.to_problem(), status_code=error.http_status, media_type=PROBLEM)
+
+
+async def corral_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CorralError)
+    return _problem(exc)
+
+
+async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return _problem(InvalidInput(f"invalid request: {message}", "see the API schema at /docs"))
+
+
+def create_app(settings: Settings, store: Store) -> FastAPI:
+    app = FastAPI(
+        title="corral",
+        version=__version__,
+        description="Virtual machines on QEMU. Every verb that changes something returns the job that does it.",
+    )
+    app.state.corral = AppState(settings=settings, store=store)
+    app.add_exception_handler(CorralError, corral_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.include_router(routes_vms.router)
+    app.include_router(routes_console.router)
+    app.include_router(routes_storage.router)
+    app.include_router(routes_jobs.router)
+
+    @app.get("/health", tags=["host"])
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/hosts", response_model=list[HostView], tags=["host"])
+    def list_hosts(session: Session = Depends(db_session)) -> list[HostView]:
+        views = []
+        for host in session.query(Host).order_by(Host.name):
+            used = placement.allocated(session, host.name)
+            views.append(HostView.of(host, allocated_cpus=used.cpus, allocated_memory=used.memory, vms=used.vms))
+        return views
+
+    return app

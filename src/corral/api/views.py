@@ -1,0 +1,160 @@
+"""What the API returns: plain, stable shapes built from store rows (never the rows themselves)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from corral.spec.vm import VMSpec
+from corral.store.models import VM, Host, Image, Job, Volume
+
+
+class JobView(BaseModel):
+    id: str
+    kind: str
+    state: str
+    target_kind: str
+    target_name: str
+    host: str | None
+    progress: float
+    message: str
+    log: list[Any]
+    result: dict[str, Any] | None
+    error: str | None
+    error_code: str | None
+    error_hint: str | None
+    version: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobView:
+        return cls.model_validate(job, from_attributes=True)
+
+
+class VolumeView(BaseModel):
+    name: str
+    pool: str
+    host: str | None
+    size: int
+    format: str
+    state: str
+    role: str
+    vm: str | None
+    path: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, volume: Volume) -> VolumeView:
+        return cls(
+            name=volume.name,
+            pool=volume.pool,
+            host=volume.host,
+            size=volume.size,
+            format=volume.format,
+            state=volume.state,
+            role=volume.role,
+            vm=volume.vm.name if volume.vm else None,
+            path=volume.path,
+            created_at=volume.created_at,
+        )
+
+
+class VMView(BaseModel):
+    name: str
+    id: str
+    project: str
+    host: str | None
+    image: str
+    cpus: int
+    memory: int
+    desired_state: str
+    state: str
+    ready: bool
+    status: str
+    pid: int | None
+    interfaces: list[Any]
+    restart_policy: str
+    restart_count: int
+    last_exit: dict[str, Any] | None
+    spec: VMSpec
+    disks: list[VolumeView]
+    created_at: datetime
+    started_at: datetime | None
+
+    @classmethod
+    def of(cls, vm: VM) -> VMView:
+        spec = VMSpec.model_validate(vm.spec)
+        return cls(
+            name=vm.name,
+            id=vm.id,
+            project=vm.project,
+            host=vm.host,
+            image=spec.image,
+            cpus=spec.cpus,
+            memory=spec.memory,
+            desired_state=vm.desired_state,
+            state=vm.observed_state,
+            ready=vm.ready,
+            status=vm.status_message,
+            pid=vm.pid,
+            interfaces=vm.interfaces,
+            restart_policy=spec.restart_policy,
+            restart_count=vm.restart_count,
+            last_exit=vm.last_exit,
+            spec=spec,
+            disks=[VolumeView.of(v) for v in sorted(vm.volumes, key=lambda v: v.device_index)],
+            created_at=vm.created_at,
+            started_at=vm.started_at,
+        )
+
+
+class ImageView(BaseModel):
+    name: str
+    id: str
+    state: str
+    kind: str
+    source: str | None
+    virtual_size: int
+    size_on_disk: int
+    cmdline: str
+    details: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, image: Image) -> ImageView:
+        return cls.model_validate(image, from_attributes=True)
+
+
+class HostView(BaseModel):
+    name: str
+    state: str
+    cpus: int
+    memory: int
+    storage_total: int
+    storage_free: int
+    accel: str
+    qemu_version: str | None
+    cpu_overcommit: float
+    memory_overcommit: float
+    allocated_cpus: int = 0
+    allocated_memory: int = 0
+    vms: int = 0
+    heartbeat_at: datetime
+
+    @classmethod
+    def of(cls, host: Host, **allocation: int) -> HostView:
+        data = {key: getattr(host, key) for key in cls.model_fields if hasattr(host, key)}
+        return cls(**{**data, **allocation})
+
+
+class Accepted(BaseModel):
+    """A verb was accepted: the job that carries it out (None when nothing needed doing)."""
+
+    job: JobView | None
+    vm: VMView | None = None
+    image: ImageView | None = None
+    volume: VolumeView | None = None

@@ -1,0 +1,85 @@
+"""An interactive serial console over the API's websocket. Ctrl-] detaches, as in telnet and virsh."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import sys
+import termios
+import tty
+
+from corral.errors import Conflict, DaemonNotRunning
+
+DETACH = b"\x1d"  # Ctrl-]
+
+
+def _connect(name: str):  # type: ignore[no-untyped-def]
+    from websockets.sync.client import connect, unix_connect
+
+    from corral.client import Client
+
+    corral = Client()
+    path = f"/vms/{name}/console"
+    try:
+        if corral.url:
+            base = corral.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/")
+            return connect(base + path)
+        return unix_connect(str(corral.socket_path), f"ws://corral{path}")
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise DaemonNotRunning("the corral daemon is not running", "start it with `corral serve`") from exc
+    finally:
+        corral.close()
+
+
+def attach(name: str) -> None:
+    ws = _connect(name)
+    hello = json.loads(ws.recv())
+    if "error" in hello:
+        ws.close()
+        raise Conflict(hello["error"])
+    interactive = sys.stdin.isatty()
+    print(f"Connected to {name}'s serial console. Press Ctrl-] to detach.\r", file=sys.stderr)
+    saved = termios.tcgetattr(sys.stdin.fileno()) if interactive else None
+    try:
+        if interactive:
+            tty.setraw(sys.stdin.fileno())
+        _pump(ws)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+        with contextlib.suppress(Exception):
+            ws.close()
+        print("\r\nDetached.", file=sys.stderr)
+
+
+def _pump(ws) -> None:  # type: ignore[no-untyped-def]
+    """Copy stdin to the VM and the VM to stdout until detach, end of input or a closed console."""
+    from websockets.exceptions import ConnectionClosed
+
+    stdin = sys.stdin.fileno()
+    stdin_open = True
+    while True:
+        with contextlib.suppress(TimeoutError):
+            try:
+                data = ws.recv(timeout=0.05)
+            except ConnectionClosed:
+                return
+            os.write(sys.stdout.fileno(), data if isinstance(data, bytes) else data.encode())
+            continue
+        if not stdin_open:
+            continue
+        ready, _, _ = select.select([stdin], [], [], 0.05)
+        if not ready:
+            continue
+        chunk = os.read(stdin, 1024)
+        if not chunk:
+            stdin_open = False  # piped input ended: keep showing output until the socket closes or Ctrl-C
+            continue
+        if DETACH in chunk:
+            before = chunk.split(DETACH, 1)[0]
+            if before:
+                ws.send(before)
+            return
+        ws.send(chunk)

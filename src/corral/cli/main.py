@@ -1,0 +1,40 @@
+"""Entry point. Heavy libraries (httpx, FastAPI, SQLAlchemy) are imported inside commands so that
+``corral --help`` starts fast."""
+
+from __future__ import annotations
+
+import typer
+
+from corral import __version__
+from corral.cli import host, image, job, serve, vm, volume
+
+app = typer.Typer(
+    name="corral",
+    help="Virtual machines on QEMU, from one laptop to a pool of hosts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(vm.app, name="vm")
+app.add_typer(image.app, name="image")
+app.add_typer(volume.app, name="volume")
+app.add_typer(job.app, name="job")
+app.add_typer(host.app, name="host")
+serve.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"corral {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """Run `corral serve` to start the daemon, then `corral vm run demo --image tiny`."""
+
+
+def main() -> None:
+    app()

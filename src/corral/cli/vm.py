@@ -1,0 +1,322 @@
+"""`corral vm ...`: the life of a VM."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from corral.cli.common import JSON_OPTION, client, follow_job, human_size, print_json, run, table
+
+app = typer.Typer(help="Create, run and manage VMs.", no_args_is_help=True)
+
+IMAGE = typer.Option("tiny", "--image", "-i", help="Image to boot (see `corral image list`).")
+CPUS = typer.Option(1, "--cpus", "-c", help="Number of vCPUs.")
+MEMORY = typer.Option("256M", "--memory", "-m", help="Guest memory, e.g. 256M or 2G.")
+DISKS = typer.Option(None, "--disk", help="Add a blank disk of this size (repeatable), e.g. --disk 2G.")
+VOLUMES = typer.Option(None, "--volume", help="Attach an existing volume (repeatable).")
+RESTART = typer.Option("never", "--restart", help="Restart policy: never, on-failure or always.")
+KERNEL_ARGS = typer.Option("", "--kernel-args", help="Extra kernel command line for direct-boot images.")
+TIMEOUT = typer.Option(300.0, "--timeout", help="Seconds to wait for the guest to become ready.")
+
+
+def _spec(
+    name: str, image: str, cpus: int, memory: str, disks: list[str] | None, restart: str, kernel_args: str
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "cpus": cpus,
+        "memory": memory,
+        "disks": [{"size": size} for size in disks or []],
+        "restart_policy": restart,
+        "kernel_args": kernel_args,
+    }
+
+
+def _create(
+    name: str,
+    image: str,
+    cpus: int,
+    memory: str,
+    disks: list[str] | None,
+    volumes: list[str] | None,
+    restart: str,
+    kernel_args: str,
+    start: bool,
+    wait: bool,
+    as_json: bool,
+    timeout: float,
+) -> None:
+    def action() -> None:
+        with client() as corral:
+            accepted = corral.create_vm(
+                _spec(name, image, cpus, memory, disks, restart, kernel_args),
+                start=start,
+                wait=wait,
+                volumes=volumes or [],
+            )
+            follow_job(corral, accepted, f"vm {name}", quiet=as_json, timeout=timeout + 60 if wait else None)
+            vm = corral.vm(name)
+        if as_json:
+            print_json(vm)
+        else:
+            _summary(vm)
+
+    run(action)
+
+
+def _summary(vm: dict[str, Any]) -> None:
+    state = vm["state"] + (" (ready)" if vm["ready"] else "")
+    print(f"VM {vm['name']}: {state}")
+    addresses = _addresses(vm)
+    if addresses:
+        print(f"  addresses: {addresses}")
+    if vm["state"] in ("running", "paused"):
+        print(f"  console:   corral vm console {vm['name']}   (Ctrl-] detaches)")
+        print(f"  shell:     corral vm exec {vm['name']} -- uname -a")
+
+
+def _addresses(vm: dict[str, Any]) -> str:
+    return ", ".join(
+        address.split("/")[0]
+        for iface in vm.get("interfaces", [])
+        for address in iface.get("addresses", [])
+        if ":" not in address
+    )
+
+
+@app.command()
+def create(
+    name: str = typer.Argument(..., help="VM name: lowercase letters, digits and '-'."),
+    image: str = IMAGE,
+    cpus: int = CPUS,
+    memory: str = MEMORY,
+    disk: list[str] = DISKS,
+    volume: list[str] = VOLUMES,
+    restart: str = RESTART,
+    kernel_args: str = KERNEL_ARGS,
+    start: bool = typer.Option(False, "--start", help="Start it once created."),
+    wait: bool = typer.Option(False, "--wait", help="With --start: wait until the guest agent answers."),
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Define a VM: its disks are made (a linked overlay of the image, plus blank ones)."""
+    _create(name, image, cpus, memory, disk, volume, restart, kernel_args, start, wait and start, as_json, timeout)
+
+
+@app.command("run")
+def run_vm(
+    name: str = typer.Argument(..., help="VM name."),
+    image: str = IMAGE,
+    cpus: int = CPUS,
+    memory: str = MEMORY,
+    disk: list[str] = DISKS,
+    volume: list[str] = VOLUMES,
+    restart: str = RESTART,
+    kernel_args: str = KERNEL_ARGS,
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the guest agent answers."),
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create and start a VM, and wait until its guest is ready."""
+    _create(name, image, cpus, memory, disk, volume, restart, kernel_args, True, wait, as_json, timeout)
+
+
+def _verb(name: str, what: str, call: str, as_json: bool, timeout: float | None = None, **kwargs: Any) -> None:
+    def action() -> None:
+        with client() as corral:
+            accepted = getattr(corral, call)(name, **kwargs)
+            job = follow_job(corral, accepted, f"{what} {name}", quiet=as_json, timeout=timeout)
+            vm = corral.vm(name)
+        if as_json:
+            print_json({"vm": vm, "job": job})
+        else:
+            _summary(vm)
+
+    run(action)
+
+
+@app.command()
+def start(
+    name: str,
+    wait: bool = typer.Option(False, "--wait", help="Wait until the guest agent answers."),
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Start a stopped VM."""
+    _verb(name, "start", "start_vm", as_json, timeout + 60 if wait else None, wait=wait)
+
+
+@app.command()
+def stop(
+    name: str,
+    force: bool = typer.Option(False, "--force", "-f", help="Power off at once, without asking the guest."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds the guest gets before it is forced off."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Stop a VM: ACPI power-down, then force it off after --timeout."""
+    _verb(name, "stop", "stop_vm", as_json, None, force=force, timeout=timeout)
+
+
+@app.command()
+def restart(
+    name: str,
+    force: bool = typer.Option(False, "--force", "-f", help="Force it off instead of ACPI."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds the guest gets to power off."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until the guest agent answers again."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Stop and start a VM (a fresh QEMU process)."""
+    _verb(name, "restart", "restart_vm", as_json, None, force=force, timeout=timeout, wait=wait)
+
+
+@app.command()
+def pause(name: str, as_json: bool = JSON_OPTION) -> None:
+    """Freeze a running VM's vCPUs."""
+    _verb(name, "pause", "pause_vm", as_json)
+
+
+@app.command()
+def resume(name: str, as_json: bool = JSON_OPTION) -> None:
+    """Resume a paused VM."""
+    _verb(name, "resume", "resume_vm", as_json)
+
+
+@app.command()
+def delete(
+    name: str,
+    keep_disks: bool = typer.Option(False, "--keep-disks", help="Keep its volumes (they stay listed)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Delete even if it is running."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Delete a VM and, unless --keep-disks, its disks."""
+
+    def action() -> None:
+        with client() as corral:
+            job = follow_job(
+                corral, corral.delete_vm(name, keep_disks=keep_disks, force=force), f"delete {name}", quiet=as_json
+            )
+        if as_json:
+            print_json(job)
+        else:
+            kept = (job or {}).get("result", {}).get("kept_volumes") or []
+            print(f"deleted VM {name}" + (f"; kept volumes: {', '.join(kept)}" if kept else ""))
+
+    run(action)
+
+
+@app.command("list")
+def list_vms(as_json: bool = JSON_OPTION) -> None:
+    """List VMs."""
+
+    def action() -> None:
+        with client() as corral:
+            vms = corral.vms()
+        if as_json:
+            print_json(vms)
+            return
+        table(
+            ["NAME", "STATE", "READY", "CPUS", "MEMORY", "IMAGE", "ADDRESSES", "HOST"],
+            [
+                [
+                    vm["name"],
+                    vm["state"],
+                    "yes" if vm["ready"] else "no",
+                    vm["cpus"],
+                    human_size(vm["memory"]),
+                    vm["image"],
+                    _addresses(vm),
+                    vm["host"],
+                ]
+                for vm in vms
+            ],
+        )
+
+    run(action)
+
+
+@app.command()
+def show(name: str, as_json: bool = JSON_OPTION) -> None:
+    """Show a VM's spec, state, disks and addresses."""
+
+    def action() -> None:
+        with client() as corral:
+            vm = corral.vm(name)
+        if as_json:
+            print_json(vm)
+            return
+        rows = [
+            ("name", vm["name"]),
+            ("id", vm["id"]),
+            ("state", vm["state"]),
+            ("desired", vm["desired_state"]),
+            ("ready", "yes" if vm["ready"] else "no"),
+            ("status", vm["status"] or "-"),
+            ("host", vm["host"]),
+            ("pid", vm["pid"] or "-"),
+            ("image", vm["image"]),
+            ("cpus", vm["cpus"]),
+            ("memory", human_size(vm["memory"])),
+            ("restart", f"{vm['restart_policy']} ({vm['restart_count']} so far)"),
+            ("nics", ", ".join(f"{n['network']} {n['mac']}" for n in vm["spec"]["nics"]) or "-"),
+            ("addresses", _addresses(vm) or "-"),
+        ]
+        for disk in vm["disks"]:
+            rows.append((f"disk {disk['name']}", f"{human_size(disk['size'])} {disk['role']} ({disk['state']})"))
+        if vm.get("last_exit") and vm["state"] == "crashed":
+            rows.append(("last serial", " | ".join(vm["last_exit"].get("last_serial_lines", [])[-3:]) or "-"))
+        table(["FIELD", "VALUE"], rows)
+
+    run(action)
+
+
+@app.command("exec", context_settings={"allow_interspersed_args": False})
+def exec_cmd(
+    name: str = typer.Argument(..., help="VM name."),
+    command: list[str] = typer.Argument(..., help="Command and arguments, after --."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds the command may run."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Run a command in the guest through its guest agent; exits with the command's exit code."""
+
+    def action() -> int:
+        with client() as corral:
+            result = corral.exec_vm(name, command, timeout=timeout)
+        if as_json:
+            print_json(result)
+        else:
+            sys.stdout.write(result.get("stdout", ""))
+            sys.stderr.write(result.get("stderr", ""))
+        if result.get("exit_code") is None:
+            return 128 + int(result.get("signal") or 0)
+        return int(result["exit_code"])
+
+    code = run(action)
+    raise typer.Exit(code)
+
+
+@app.command()
+def logs(
+    name: str,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new output."),
+    lines: int = typer.Option(200, "--lines", "-n", help="How many of the last lines to show first."),
+) -> None:
+    """Print the VM's serial console log."""
+
+    def action() -> None:
+        with client() as corral:
+            for chunk in corral.vm_logs(name, lines=lines, follow=follow):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+
+    run(action)
+
+
+@app.command()
+def console(name: str) -> None:
+    """Attach to the VM's serial console; Ctrl-] detaches."""
+    from corral.cli.console import attach
+
+    run(lambda: attach(name))

@@ -1,0 +1,214 @@
+"""The Python SDK: corral's REST API over httpx, on the daemon's unix socket or a URL.
+
+    from corral.client import Client
+    with Client() as corral:
+        job = corral.create_vm({"name": "web", "image": "tiny"}, start=True, wait=True)
+        corral.wait_job(job["id"])
+
+Errors come back as the same exception types the server raised (NotFound, Conflict, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from corral.config import default_home
+from corral.errors import CorralError, DaemonNotRunning, JobFailed, Timeout, error_from_problem
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class Client:
+    def __init__(self, url: str | None = None, home: Path | str | None = None, timeout: float = 30.0) -> None:
+        self.url = url or os.environ.get("CORRAL_URL")
+        self.home = Path(home or os.environ.get("CORRAL_HOME") or default_home())
+        self.socket_path = self.home / "corral.sock"
+        if self.url:
+            self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        else:
+            transport = httpx.HTTPTransport(uds=str(self.socket_path))
+            self._http = httpx.Client(base_url="http://corral", transport=transport, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+
+    def _not_running(self) -> DaemonNotRunning:
+        where = self.url or str(self.socket_path)
+        return DaemonNotRunning(
+            f"the corral daemon is not running (no answer on {where})",
+            "start it with `corral serve` (or `corral serve --detach`)",
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise self._not_running() from exc
+        except httpx.TimeoutException as exc:
+            raise Timeout(f"the daemon did not answer {method} {path} in time") from exc
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                raise CorralError(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}") from None
+            raise error_from_problem(body)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.text
+
+    def stream(self, path: str, params: dict[str, Any] | None = None) -> Iterator[bytes]:
+        try:
+            with self._http.stream("GET", path, params=params, timeout=None) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_problem(response.json())
+                yield from response.iter_bytes()
+        except (httpx.ConnectError, FileNotFoundError) as exc:
+            raise self._not_running() from exc
+
+    # -- host -------------------------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/health")
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/hosts")
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/jobs/{job_id}")
+
+    def jobs(self, limit: int = 50, active: bool = False) -> list[dict[str, Any]]:
+        return self.request("GET", "/jobs", params={"limit": limit, "active": active})
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/jobs/{job_id}/cancel")
+
+    def wait_job(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_progress: Progress | None = None,
+        raise_on_failure: bool = True,
+    ) -> dict[str, Any]:
+        """Follow a job until it ends (long-polling, so progress arrives as it happens)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.job(job_id)
+        while True:
+            if on_progress is not None:
+                on_progress(job)
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(
+                    f"job {job_id[:12]} ({job['kind']}) did not finish within {timeout:.0f} s",
+                    f"follow it with `corral job wait {job_id[:12]}`",
+                )
+            wait = 20.0 if deadline is None else max(0.0, min(20.0, deadline - time.monotonic()))
+            job = self.request(
+                "GET", f"/jobs/{job_id}", params={"wait": wait, "version": job["version"]}, timeout=wait + 10
+            )
+        if raise_on_failure and job["state"] != "succeeded":
+            error = error_from_problem(
+                {
+                    "type": f"urn:corral:error:{job.get('error_code') or 'job-failed'}",
+                    "detail": job.get("error") or f"job {job['state']}",
+                    "hint": job.get("error_hint"),
+                }
+            )
+            if type(error) is CorralError:
+                error = JobFailed(error.message, error.hint)
+            raise error
+        return job
+
+    # -- VMs --------------------------------------------------------------------------------------------------
+
+    def vms(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/vms")
+
+    def vm(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/vms/{name}")
+
+    def create_vm(
+        self,
+        spec: dict[str, Any],
+        start: bool = False,
+        wait: bool = False,
+        volumes: list[str] | None = None,
+        host: str | None = None,
+    ) -> dict[str, Any]:
+        body = {"spec": spec, "start": start, "wait": wait, "volumes": volumes or [], "host": host}
+        return self.request("POST", "/vms", json=body)
+
+    def start_vm(self, name: str, wait: bool = False) -> dict[str, Any]:
+        return self.request("POST", f"/vms/{name}/start", json={"wait": wait})
+
+    def stop_vm(self, name: str, force: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("POST", f"/vms/{name}/stop", json={"force": force, "timeout": timeout})
+
+    def restart_vm(
+        self, name: str, force: bool = False, timeout: float | None = None, wait: bool = False
+    ) -> dict[str, Any]:
+        return self.request("POST", f"/vms/{name}/restart", json={"force": force, "timeout": timeout, "wait": wait})
+
+    def pause_vm(self, name: str) -> dict[str, Any]:
+        return self.request("POST", f"/vms/{name}/pause")
+
+    def resume_vm(self, name: str) -> dict[str, Any]:
+        return self.request("POST", f"/vms/{name}/resume")
+
+    def delete_vm(self, name: str, keep_disks: bool = False, force: bool = False) -> dict[str, Any]:
+        return self.request("DELETE", f"/vms/{name}", params={"keep_disks": keep_disks, "force": force})
+
+    def exec_vm(self, name: str, argv: list[str], timeout: float = 60, stdin: str | None = None) -> dict[str, Any]:
+        """Run a command in the guest and return its result (exit_code, stdout, stderr)."""
+        accepted = self.request("POST", f"/vms/{name}/exec", json={"argv": argv, "timeout": timeout, "stdin": stdin})
+        job = self.wait_job(accepted["job"]["id"], timeout=timeout + 30)
+        return job["result"]
+
+    def vm_logs(self, name: str, lines: int = 200, follow: bool = False) -> Iterator[bytes]:
+        return self.stream(f"/vms/{name}/logs", {"lines": lines, "follow": follow})
+
+    # -- images and volumes -----------------------------------------------------------------------------------
+
+    def images(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/images")
+
+    def build_image(self, recipe: str = "tiny", name: str | None = None) -> dict[str, Any]:
+        return self.request("POST", "/images/build", json={"recipe": recipe, "name": name})
+
+    def import_image(
+        self, name: str, file: str, kernel: str | None = None, initrd: str | None = None, cmdline: str | None = None
+    ) -> dict[str, Any]:
+        body = {"name": name, "file": file, "kernel": kernel, "initrd": initrd, "cmdline": cmdline}
+        return self.request("POST", "/images/import", json=body)
+
+    def delete_image(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/images/{name}")
+
+    def volumes(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/volumes")
+
+    def create_volume(self, name: str, size: str | int) -> dict[str, Any]:
+        return self.request("POST", "/volumes", json={"name": name, "size": size})
+
+    def resize_volume(self, name: str, size: str | int) -> dict[str, Any]:
+        return self.request("POST", f"/volumes/{name}/resize", json={"size": size})
+
+    def delete_volume(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/volumes/{name}")

@@ -1,0 +1,121 @@
+"""Image verbs of the control plane."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from corral.cluster import placement
+from corral.cluster.requests import ImageBuild, ImageImport
+from corral.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+from corral.spec.job import JobKind
+from corral.spec.names import validate_name
+from corral.store import jobs
+from corral.store.models import VM, Image, Job, Volume
+
+RECIPES = ("tiny",)
+
+
+def get_image(session: Session, name: str) -> Image:
+    image = session.scalars(select(Image).where(Image.name == name)).first()
+    if image is None:
+        raise NotFound(f"image {name!r} not found", "list images with `corral image list`")
+    return image
+
+
+def list_images(session: Session) -> list[Image]:
+    return list(session.scalars(select(Image).order_by(Image.name)))
+
+
+def _host(session: Session) -> str:
+    hosts = placement.online_hosts(session)
+    if not hosts:
+        raise Conflict("no host agent is online", "start the daemon with `corral serve`")
+    return hosts[0].name
+
+
+def build(session: Session, request: ImageBuild, project: str = "default") -> tuple[Image, Job | None]:
+    """Queue a recipe build; an image that is already built is returned as it is (no job)."""
+    if request.recipe not in RECIPES:
+        raise InvalidInput(f"unknown image recipe {request.recipe!r}", f"choose one of: {', '.join(RECIPES)}")
+    name = validate_name(request.name or request.recipe, "image name")
+    existing = session.scalars(select(Image).where(Image.name == name)).first()
+    if existing is not None:
+        if existing.state == "ready" and existing.details.get("recipe") == request.recipe:
+            return existing, None
+        active = jobs.active_for(session, "image", existing.id)
+        if active:
+            return existing, active[0]
+        raise AlreadyExists(f"image {name!r} already exists", "remove it first with `corral image rm`")
+    image = Image(name=name, project=project, state="pending", source=f"recipe:{request.recipe}")
+    session.add(image)
+    session.flush()
+    job = jobs.submit(
+        session,
+        JobKind.IMAGE_BUILD,
+        "image",
+        name,
+        target_id=image.id,
+        host=_host(session),
+        project=project,
+        params={"recipe": request.recipe},
+    )
+    return image, job
+
+
+def _readable_file(path_text: str, what: str) -> str:
+    path = Path(path_text)
+    if not path.is_absolute():
+        raise InvalidInput(f"{what} path {path_text!r} is not absolute", "give the full path")
+    if not path.is_file():
+        raise InvalidInput(f"{what} {path_text} does not exist or is not a file", "check the path")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {what} {path_text}: {exc.strerror}", "check its permissions") from exc
+    return str(path)
+
+
+def import_(session: Session, request: ImageImport, project: str = "default") -> tuple[Image, Job]:
+    if session.scalars(select(Image.id).where(Image.name == request.name)).first():
+        raise AlreadyExists(f"image {request.name!r} already exists", "choose another name or remove it first")
+    params = {"file": _readable_file(request.file, "image file"), "cmdline": request.cmdline}
+    if request.initrd and not request.kernel:
+        raise InvalidInput("--initrd needs --kernel", "pass the kernel the initrd belongs to")
+    if request.kernel:
+        params["kernel"] = _readable_file(request.kernel, "kernel")
+    if request.initrd:
+        params["initrd"] = _readable_file(request.initrd, "initrd")
+    image = Image(name=request.name, project=project, state="pending", source=f"file:{params['file']}")
+    session.add(image)
+    session.flush()
+    job = jobs.submit(
+        session,
+        JobKind.IMAGE_IMPORT,
+        "image",
+        image.name,
+        target_id=image.id,
+        host=_host(session),
+        project=project,
+        params=params,
+    )
+    return image, job
+
+
+def delete(session: Session, name: str, project: str = "default") -> Job:
+    image = get_image(session, name)
+    users = session.scalars(
+        select(VM.name).join(Volume, Volume.vm_id == VM.id).where(Volume.backing_image == image.id)
+    ).all()
+    orphans = session.scalars(select(Volume.name).where(Volume.backing_image == image.id, Volume.vm_id.is_(None))).all()
+    if users or orphans:
+        names = ", ".join(sorted({*users, *(f"volume {v}" for v in orphans)}))
+        raise Conflict(f"image {name!r} is used by {names}", "delete those first")
+    if jobs.active_for(session, "image", image.id):
+        raise Conflict(f"image {name!r} is busy", "wait for its job to finish")
+    return jobs.submit(
+        session, JobKind.IMAGE_DELETE, "image", name, target_id=image.id, host=_host(session), project=project
+    )

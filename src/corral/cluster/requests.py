@@ -1,0 +1,109 @@
+"""What the API accepts for each verb, validated before the control plane looks at the store."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from corral.errors import InvalidInput
+from corral.spec.names import validate_name
+from corral.spec.sizes import parse_size
+from corral.spec.vm import VMSpec
+
+
+def _size(value: object) -> int:
+    if isinstance(value, (str, int)):
+        return parse_size(value)
+    raise InvalidInput(f"invalid size {value!r}", "write a size such as 1G")
+
+
+class VMCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spec: VMSpec
+    volumes: list[str] = Field(default_factory=list, description="existing volumes to attach, in order")
+    start: bool = False
+    wait: bool = False
+    host: str | None = None
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: list[str]) -> list[str]:
+        for name in value:
+            validate_name(name, "volume name")
+        if len(set(value)) != len(value):
+            raise InvalidInput("a volume is listed twice", "attach each volume once")
+        return value
+
+
+class VMStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    wait: bool = False
+
+
+class VMStop(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    force: bool = False
+    timeout: float | None = Field(default=None, gt=0, le=3600)
+
+
+class VMRestart(VMStop):
+    wait: bool = False
+
+
+class VMDelete(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keep_disks: bool = False
+    force: bool = False
+
+
+class VMExec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    argv: list[str] = Field(min_length=1)
+    timeout: float = Field(default=60, gt=0, le=86400)
+    stdin: str | None = None
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, value: list[str]) -> list[str]:
+        if not value[0]:
+            raise InvalidInput("the command is empty", "pass a command after --")
+        return value
+
+
+class ImageBuild(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    recipe: str = "tiny"
+    name: str | None = None
+
+
+class ImageImport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    file: str
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_name(value, "image name")
+
+
+class VolumeCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    size: Annotated[int, BeforeValidator(_size)]
+    pool: str = "default"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_name(value, "volume name")
+
+
+class VolumeResize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: Annotated[int, BeforeValidator(_size)]

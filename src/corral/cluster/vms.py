@@ -1,0 +1,246 @@
+"""VM verbs of the control plane: check the request against the store, write desired state and a job."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from corral.cluster import placement
+from corral.cluster.requests import VMCreate, VMDelete, VMExec, VMRestart, VMStart, VMStop
+from corral.errors import AlreadyExists, Conflict, InsufficientResources, NotFound
+from corral.spec.job import JobKind
+from corral.spec.sizes import format_size
+from corral.spec.vm import PowerState, VMSpec
+from corral.store import jobs
+from corral.store.models import VM, Host, Image, Job, Volume
+
+
+def get_vm(session: Session, name: str, project: str = "default") -> VM:
+    vm = session.scalars(select(VM).where(VM.project == project, VM.name == name)).first()
+    if vm is None:
+        raise NotFound(f"VM {name!r} not found", "list VMs with `corral vm list`")
+    return vm
+
+
+def list_vms(session: Session, project: str = "default") -> list[VM]:
+    return list(session.scalars(select(VM).where(VM.project == project).order_by(VM.name)))
+
+
+def _busy(session: Session, vm: VM, allow: tuple[str, ...] = ()) -> None:
+    for job in jobs.active_for(session, "vm", vm.id):
+        if job.kind not in allow:
+            raise Conflict(
+                f"VM {vm.name} is busy with {job.kind} (job {job.id[:12]})",
+                f"wait for it: `corral job wait {job.id[:12]}`",
+            )
+
+
+def _check_pool_space(pool_dir: Path, size: int, what: str) -> None:
+    total = shutil.disk_usage(pool_dir).total if pool_dir.exists() else None
+    if total is not None and size > total:
+        raise InsufficientResources(
+            f"{what} of {format_size(size)} is larger than the storage pool ({format_size(total)})",
+            "ask for a smaller disk",
+        )
+
+
+def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "default") -> Job:
+    """Validate everything, then write the VM, its volume rows and one job in a single transaction."""
+    spec = request.spec.with_macs()
+    if session.scalars(select(VM.id).where(VM.project == project, VM.name == spec.name)).first():
+        raise AlreadyExists(f"VM {spec.name!r} already exists", "choose another name or delete it first")
+    image = session.scalars(select(Image).where(Image.name == spec.image)).first()
+    if image is None:
+        raise NotFound(
+            f"image {spec.image!r} not found", "build the default one with `corral image build tiny`, or import one"
+        )
+    if image.state != "ready":
+        raise Conflict(f"image {spec.image!r} is {image.state}", "wait for its job to finish")
+    for disk in spec.disks:
+        if disk.size is not None:
+            _check_pool_space(pool_dir, disk.size, "a disk")
+    attached = []
+    for volume_name in request.volumes + [d.volume for d in spec.disks if d.volume]:
+        volume = session.scalars(select(Volume).where(Volume.project == project, Volume.name == volume_name)).first()
+        if volume is None:
+            raise NotFound(f"volume {volume_name!r} not found", "list volumes with `corral volume list`")
+        if volume.vm_id is not None or volume.state != "ready":
+            raise Conflict(f"volume {volume_name!r} is in use or not ready", "pick a free volume")
+        attached.append(volume)
+    with placement.placement_lock:
+        host = placement.pick_host(session, spec, request.host, will_run=request.start)
+        vm = VM(
+            name=spec.name,
+            project=project,
+            spec=spec.model_dump(mode="json"),
+            host=host.name,
+            desired_state=PowerState.RUNNING if request.start else PowerState.STOPPED,
+            observed_state=PowerState.STOPPED,
+            status_message="creating",
+        )
+        session.add(vm)
+        session.flush()
+        index = 0
+        _new_volume(session, vm, f"{spec.name}-root", image.virtual_size, index, role="root", image=image)
+        for disk in spec.disks:
+            if disk.size is not None:
+                index += 1
+                _new_volume(
+                    session, vm, _free_volume_name(session, project, f"{spec.name}-disk{index}"), disk.size, index
+                )
+        for volume in attached:
+            index += 1
+            volume.vm_id = vm.id
+            volume.device_index = index
+        job = jobs.submit(
+            session,
+            JobKind.VM_CREATE,
+            "vm",
+            vm.name,
+            target_id=vm.id,
+            host=host.name,
+            project=project,
+            params={"start": request.start, "wait": request.wait},
+        )
+    return job
+
+
+def _free_volume_name(session: Session, project: str, wanted: str) -> str:
+    name, suffix = wanted, 1
+    while session.scalars(select(Volume.id).where(Volume.project == project, Volume.name == name)).first():
+        suffix += 1
+        name = f"{wanted}-{suffix}"
+    return name
+
+
+def _new_volume(
+    session: Session, vm: VM, name: str, size: int, index: int, role: str = "data", image: Image | None = None
+) -> Volume:
+    if session.scalars(select(Volume.id).where(Volume.project == vm.project, Volume.name == name)).first():
+        raise AlreadyExists(f"volume {name!r} already exists", "delete it or choose another VM name")
+    volume = Volume(
+        name=name,
+        project=vm.project,
+        host=vm.host,
+        path=f"{name}.qcow2",
+        size=size,
+        role=role,
+        backing_image=image.id if image else None,
+        vm_id=vm.id,
+        device_index=index,
+    )
+    session.add(volume)
+    return volume
+
+
+def start(session: Session, name: str, request: VMStart, project: str = "default") -> Job:
+    vm = get_vm(session, name, project)
+    _busy(session, vm)
+    with placement.placement_lock:
+        if vm.desired_state == PowerState.STOPPED or vm.observed_state in (PowerState.STOPPED, PowerState.CRASHED):
+            host = session.get(Host, _host_id(session, vm.host))
+            placement.check_fits(session, host, VMSpec.model_validate(vm.spec), exclude_vm=vm.id)
+        vm.desired_state = PowerState.RUNNING
+        return jobs.submit(
+            session,
+            JobKind.VM_START,
+            "vm",
+            vm.name,
+            target_id=vm.id,
+            host=vm.host,
+            project=project,
+            params=request.model_dump(),
+        )
+
+
+def _host_id(session: Session, host_name: str | None) -> str:
+    host_id = session.scalars(select(Host.id).where(Host.name == host_name)).first()
+    if host_id is None:
+        raise Conflict(f"the VM's host {host_name!r} is not registered", "start its agent")
+    return host_id
+
+
+def stop(session: Session, name: str, request: VMStop, project: str = "default") -> Job:
+    vm = get_vm(session, name, project)
+    # A stop may overtake a running start or exec: that is how a hung boot is ended.
+    _busy(session, vm, allow=(JobKind.VM_START, JobKind.VM_EXEC, JobKind.VM_STOP, JobKind.VM_CREATE))
+    return jobs.submit(
+        session,
+        JobKind.VM_STOP,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=project,
+        params=request.model_dump(),
+    )
+
+
+def restart(session: Session, name: str, request: VMRestart, project: str = "default") -> Job:
+    vm = get_vm(session, name, project)
+    _busy(session, vm)
+    return jobs.submit(
+        session,
+        JobKind.VM_RESTART,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=project,
+        params=request.model_dump(),
+    )
+
+
+def pause(session: Session, name: str, project: str = "default") -> Job:
+    vm = get_vm(session, name, project)
+    _busy(session, vm, allow=(JobKind.VM_EXEC,))
+    if vm.observed_state not in (PowerState.RUNNING, PowerState.PAUSED):
+        raise Conflict(f"VM {name} is {vm.observed_state}, not running", f"start it with `corral vm start {name}`")
+    return jobs.submit(session, JobKind.VM_PAUSE, "vm", vm.name, target_id=vm.id, host=vm.host, project=project)
+
+
+def resume(session: Session, name: str, project: str = "default") -> Job:
+    vm = get_vm(session, name, project)
+    _busy(session, vm, allow=(JobKind.VM_EXEC,))
+    if vm.observed_state not in (PowerState.RUNNING, PowerState.PAUSED):
+        raise Conflict(f"VM {name} is {vm.observed_state}, not paused", f"start it with `corral vm start {name}`")
+    return jobs.submit(session, JobKind.VM_RESUME, "vm", vm.name, target_id=vm.id, host=vm.host, project=project)
+
+
+def delete(session: Session, name: str, request: VMDelete, project: str = "default") -> Job:
+    vm = get_vm(session, name, project)
+    _busy(session, vm, allow=(JobKind.VM_EXEC,))
+    if vm.observed_state not in (PowerState.STOPPED, PowerState.CRASHED) and not request.force:
+        raise Conflict(
+            f"VM {name} is {vm.observed_state}", f"stop it first or pass --force: `corral vm delete {name} --force`"
+        )
+    vm.desired_state = PowerState.STOPPED
+    return jobs.submit(
+        session,
+        JobKind.VM_DELETE,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=project,
+        params=request.model_dump(),
+    )
+
+
+def exec_(session: Session, name: str, request: VMExec, project: str = "default") -> Job:
+    vm = get_vm(session, name, project)
+    if vm.observed_state not in (PowerState.RUNNING, PowerState.STARTING) and vm.desired_state != PowerState.RUNNING:
+        raise Conflict(f"VM {name} is {vm.observed_state}", f"start it with `corral vm start {name}`")
+    return jobs.submit(
+        session,
+        JobKind.VM_EXEC,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=project,
+        params=request.model_dump(),
+    )

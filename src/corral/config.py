@@ -1,0 +1,95 @@
+"""Where corral keeps its state and how it is tuned.
+
+Settings come from ``$CORRAL_HOME/config.toml`` with environment variables on top (``CORRAL_ACCEL=tcg``), so a
+test or a benchmark can change one knob without writing a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from corral.errors import InvalidInput
+
+
+class Accel(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+def default_home() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/corral")
+    return Path.home() / ".local/share/corral"
+
+
+def default_cache() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache/corral")
+    return Path.home() / ".cache/corral"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    home: Path = Field(default_factory=default_home)
+    cache: Path = Field(default_factory=default_cache)
+    accel: Accel = Accel.AUTO
+    machine: str = "q35"
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_img_binary: str = "qemu-img"
+    cpu_overcommit: float = Field(default=16.0, gt=0)
+    memory_overcommit: float = Field(default=1.0, gt=0)
+    # Memory kept back for the host itself when deciding what fits.
+    reserved_host_memory: int = Field(default=512 << 20, ge=0)
+    host_name: str | None = None
+    stop_timeout: float = Field(default=30.0, gt=0)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.home / "corral.sock"
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.home / 'corral.db'}"
+
+
+_ENV = {
+    "CORRAL_CACHE": "cache",
+    "CORRAL_ACCEL": "accel",
+    "CORRAL_MACHINE": "machine",
+    "CORRAL_QEMU": "qemu_binary",
+    "CORRAL_QEMU_IMG": "qemu_img_binary",
+    "CORRAL_CPU_OVERCOMMIT": "cpu_overcommit",
+    "CORRAL_MEMORY_OVERCOMMIT": "memory_overcommit",
+    "CORRAL_HOST_NAME": "host_name",
+}
+
+
+def load_settings(home: Path | str | None = None) -> Settings:
+    """Read config.toml under the home, then the environment; a bad value is one clear error."""
+    home_path = Path(home or os.environ.get("CORRAL_HOME") or default_home()).absolute()
+    values: dict[str, object] = {}
+    config_file = home_path / "config.toml"
+    if config_file.exists():
+        try:
+            values.update(tomllib.loads(config_file.read_text()))
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInput(f"{config_file} is not valid TOML: {exc}", "fix or remove the file") from exc
+    for env, key in _ENV.items():
+        if os.environ.get(env):
+            values[key] = os.environ[env]
+    values["home"] = home_path
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidInput(
+            f"bad setting {where}: {first['msg']}", f"check {config_file} and the CORRAL_* variables"
+        ) from exc

@@ -1,0 +1,139 @@
+"""``corral serve``: the store, this host's agent and the API in one process.
+
+The daemon holds a lock on CORRAL_HOME so a second one fails at once instead of fighting over QEMU processes.
+It is a child subreaper: anything it starts that double-forks is reaped here promptly, not by a slow PID 1.
+Stopping the daemon leaves VMs running; the next daemon adopts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from corral.config import Settings
+from corral.errors import Conflict, InvalidInput
+
+log = logging.getLogger("corral.daemon")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class DaemonLock:
+    """An flock on CORRAL_HOME/corral.lock holding the daemon's pid."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "corral.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode().strip() or "?"
+            os.close(fd)
+            raise Conflict(
+                f"another corral daemon (pid {other}) is already running on {self.path.parent}",
+                "stop it first, or set CORRAL_HOME to another directory",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def running_daemon_pid(home: Path) -> int | None:
+    """The pid holding the lock, or None when no daemon runs on this home."""
+    path = home / "corral.lock"
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.read(fd, 32).decode().strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+    return None
+
+
+def become_subreaper() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _unix_socket(path: Path) -> socket.socket:
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o660)
+    return sock
+
+
+def _tcp_socket(listen: str) -> socket.socket:
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"invalid --listen address {listen!r}", "write HOST:PORT, e.g. 127.0.0.1:8080")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise Conflict(f"cannot listen on {listen}: {exc.strerror}", "pick a free port") from exc
+    return sock
+
+
+def serve(settings: Settings, listen: str | None = None, log_level: str = "warning") -> None:
+    """Run until SIGINT/SIGTERM. VMs keep running after it returns."""
+    import uvicorn
+
+    from corral.api.app import create_app
+    from corral.host.agent import Agent
+    from corral.store.db import Store
+
+    lock = DaemonLock(settings.home)
+    lock.acquire()
+    become_subreaper()
+    store = Store(settings.database_url)
+    sockets: list[socket.socket] = []
+    agent: Agent | None = None
+    try:
+        store.migrate()
+        sockets.append(_unix_socket(settings.socket_path))
+        if listen:
+            sockets.append(_tcp_socket(listen))
+        agent = Agent(settings, store)
+        agent.start_in_thread()
+        app = create_app(settings, store)
+        config = uvicorn.Config(
+            app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=3, ws_ping_interval=None
+        )
+        server = uvicorn.Server(config)
+        print(
+            f"corral: serving on {settings.socket_path}" + (f" and {listen}" if listen else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        server.run(sockets=sockets)
+    finally:
+        if agent is not None:
+            agent.stop_thread()
+        for sock in sockets:
+            sock.close()
+        settings.socket_path.unlink(missing_ok=True)
+        store.close()
+        lock.release()

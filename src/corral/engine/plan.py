@@ -1,0 +1,79 @@
+"""A launch plan: a VM spec with every path and choice resolved, ready to become a QEMU command line.
+
+The host agent builds it (it knows where disks and sockets live); the engine only renders and runs it. Keeping
+the plan free of decisions makes the command line a pure function, tested with golden files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+
+class DiskPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    node: str  # QMP node name, e.g. disk0; disk0 is the boot disk
+    path: Path
+    format: str = "qcow2"
+    read_only: bool = False
+
+
+class NicPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str  # net0, net1...
+    mac: str
+    mode: str = "user"
+
+
+class KernelBoot(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+
+
+class LaunchPlan(BaseModel):
+    """Everything QEMU needs for one VM, with no defaults left to guess."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    uuid: str
+    run_dir: Path  # sockets, logs and the runtime record live here
+    accel: str  # "tcg" or "kvm"
+    machine: str = "q35"
+    cpus: int = 1
+    memory_mib: int = 256
+    kernel_boot: KernelBoot | None = None
+    disks: tuple[DiskPlan, ...] = ()
+    nics: tuple[NicPlan, ...] = ()
+    guest_agent: bool = True
+    qemu_binary: str = "qemu-system-x86_64"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
+
+    @property
+    def guest_agent_socket(self) -> Path:
+        return self.run_dir / "qga.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.run_dir / "serial.log"
+
+    @property
+    def stderr_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    @property
+    def runtime_record(self) -> Path:
+        return self.run_dir / "runtime.json"

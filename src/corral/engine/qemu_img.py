@@ -1,0 +1,79 @@
+"""qemu-img, the one tool that creates, inspects and resizes disk images.
+
+Every call is a short subprocess; a failure raises EngineError with qemu-img's own words, which name the file
+and the problem better than anything we could paraphrase.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from corral.errors import EngineError, InvalidInput
+
+QEMU_IMG = "qemu-img"
+
+
+def _run(args: list[str], binary: str = QEMU_IMG, timeout: float = 600) -> str:
+    try:
+        proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError as exc:
+        raise EngineError(f"{binary} not found", "install qemu-utils (apt-get install qemu-utils)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise EngineError(f"{binary} {args[0]} timed out after {timeout:.0f} s") from exc
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise EngineError(f"{binary} {args[0]} failed: {detail[-1] if detail else f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def info(path: Path, binary: str = QEMU_IMG) -> dict[str, Any]:
+    """Image facts (format, virtual-size, backing file); a file that is not an image is an InvalidInput."""
+    if not path.is_file():
+        raise InvalidInput(f"{path} does not exist or is not a file", "check the path")
+    try:
+        out = _run(["info", "--output=json", "-U", str(path)], binary)
+    except EngineError as exc:
+        raise InvalidInput(f"{path} is not a readable disk image: {exc.message}", "check the file") from exc
+    return json.loads(out)
+
+
+def check(path: Path, binary: str = QEMU_IMG) -> None:
+    """Raise unless qemu-img finds the image consistent; only qcow2 has metadata to check."""
+    if info(path, binary).get("format") == "qcow2":
+        try:
+            _run(["check", "-q", str(path)], binary)
+        except EngineError as exc:
+            raise InvalidInput(f"{path} is corrupt: {exc.message}", "rebuild or re-import the image") from exc
+
+
+def create_overlay(
+    path: Path, backing: Path, backing_format: str = "qcow2", size: int | None = None, binary: str = QEMU_IMG
+) -> None:
+    """A linked disk: instant and small, reading unchanged blocks from ``backing``."""
+    args = ["create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format, str(path)]
+    if size is not None:
+        args.append(str(size))
+    _run(args, binary)
+
+
+def create_blank(path: Path, size: int, binary: str = QEMU_IMG) -> None:
+    _run(["create", "-q", "-f", "qcow2", str(path), str(size)], binary)
+
+
+def resize(path: Path, size: int, binary: str = QEMU_IMG) -> None:
+    """Grow only: shrinking a disk under a filesystem loses data, so it is refused before qemu-img is asked."""
+    current = int(info(path, binary)["virtual-size"])
+    if size < current:
+        raise InvalidInput(
+            f"cannot shrink {path.name} from {current} to {size} bytes", "give a size larger than the current one"
+        )
+    if size > current:
+        _run(["resize", "-q", str(path), str(size)], binary)
+
+
+def convert(source: Path, dest: Path, dest_format: str = "qcow2", binary: str = QEMU_IMG) -> None:
+    """A full, independent copy (used by image import and, later, full clones)."""
+    _run(["convert", "-q", "-O", dest_format, str(source), str(dest)], binary, timeout=3600)

@@ -1,0 +1,228 @@
+"""The host agent: claims jobs for this host, runs them through the engine, watches QEMU, reports back.
+
+It runs on its own asyncio loop (in a thread of ``corral serve``, or alone as ``corral agent`` in a cluster) and
+talks to the rest of corral only through the store. QEMU processes outlive it: on start it adopts every VM whose
+runtime record still matches a live process, and a VM that died meanwhile is treated like any other crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from corral.config import Settings
+from corral.engine.process import QemuProcess
+from corral.errors import CorralError
+from corral.host.inventory import Inventory, read_inventory
+from corral.host.layout import HostLayout
+from corral.spec.names import NAME_PATTERN
+from corral.store import jobs
+from corral.store.db import Store
+from corral.store.models import VM, Host, Job, utcnow
+
+log = logging.getLogger("corral.agent")
+
+HEARTBEAT_INTERVAL = 10.0
+RECONCILE_INTERVAL = 2.0
+
+
+def default_host_name() -> str:
+    name = socket.gethostname().split(".")[0].lower()
+    return name if NAME_PATTERN.match(name) else "localhost"
+
+
+@dataclass
+class JobContext:
+    """What a job handler gets: the job's identity and parameters, and a way to report progress."""
+
+    agent: Agent
+    job_id: str
+    kind: str
+    target_id: str | None
+    target_name: str
+    params: dict[str, Any]
+    project: str
+
+    def progress(self, fraction: float | None, message: str | None = None) -> bool:
+        """Report progress; True when the user asked to cancel."""
+        return jobs.report(self.agent.store, self.job_id, fraction, message)
+
+
+Handler = Callable[[JobContext], Awaitable[dict[str, Any] | None]]
+
+
+@dataclass
+class RunningVM:
+    """A QEMU process this agent watches, with the futures and flags that tie it to its VM row."""
+
+    vm_id: str
+    proc: QemuProcess
+    ready: asyncio.Future[None]
+    expected_exit: bool = False
+    interfaces_checked: float = 0.0
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+class Agent:
+    def __init__(self, settings: Settings, store: Store, host_name: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.host_name = host_name or settings.host_name or default_host_name()
+        self.layout = HostLayout(settings.home)
+        self.inventory: Inventory | None = None
+        self.vms: dict[str, RunningVM] = {}
+        self.vm_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.guest_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._job_tasks: dict[str, asyncio.Task[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        from corral.host.handlers import build_handlers
+
+        self.handlers: dict[str, Handler] = build_handlers()
+
+    # -- running in a thread of the daemon -------------------------------------------------------------------
+
+    def start_in_thread(self) -> None:
+        self._thread = threading.Thread(target=self._thread_main, name="corral-agent", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self.run())
+        except BaseException as exc:  # surfaced to start_in_thread when it happens during start-up
+            if not self._started.is_set():
+                self._start_error = exc
+                self._started.set()
+            else:
+                log.exception("agent stopped with an error")
+
+    def stop_thread(self, timeout: float = 15.0) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Thread-safe: something changed in the store (a job was queued, say)."""
+        if self._loop is not None and self._wake is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._wake.set)
+
+    # -- main loop --------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.layout.ensure()
+        self.register()
+        failed = jobs.fail_orphans(self.store, self.host_name)
+        if failed:
+            log.warning("marked %d job(s) failed: the agent restarted while they ran", failed)
+        await self.adopt_all()
+        self.store.notifier.subscribe(self.wake)
+        self._started.set()
+        last_heartbeat = last_reconcile = time.monotonic()
+        while not self._stop.is_set():
+            self._dispatch_jobs()
+            now = time.monotonic()
+            if now - last_reconcile >= RECONCILE_INTERVAL:
+                last_reconcile = now
+                await self.reconcile()
+            if now - last_heartbeat >= HEARTBEAT_INTERVAL:
+                last_heartbeat = now
+                self.heartbeat()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        """Let running jobs end briefly, then let go of QEMU processes without stopping them."""
+        if self._job_tasks:
+            await asyncio.wait(list(self._job_tasks.values()), timeout=5.0)
+        for task in self._job_tasks.values():
+            task.cancel()
+        for running in list(self.vms.values()):
+            for task in running.tasks:
+                task.cancel()
+            await running.proc.close()
+        self.vms.clear()
+
+    def register(self) -> None:
+        self.inventory = read_inventory(self.layout.pool(), self.settings.accel, self.settings.qemu_binary)
+        with self.store.session() as session:
+            host = session.scalars(select(Host).where(Host.name == self.host_name)).first()
+            if host is None:
+                host = Host(name=self.host_name)
+                session.add(host)
+            for key, value in self.inventory.model_dump().items():
+                setattr(host, key, value)
+            host.cpu_overcommit = self.settings.cpu_overcommit
+            host.memory_overcommit = self.settings.memory_overcommit
+            host.reserved_memory = self.settings.reserved_host_memory
+            host.state = "online"
+            host.heartbeat_at = utcnow()
+
+    def heartbeat(self) -> None:
+        self.register()
+
+    def _dispatch_jobs(self) -> None:
+        while True:
+            job = jobs.claim(self.store, self.host_name, exclude=set(self._job_tasks))
+            if job is None:
+                return
+            task = asyncio.get_running_loop().create_task(self._run_job(job))
+            self._job_tasks[job.id] = task
+
+    async def _run_job(self, job: Job) -> None:
+        ctx = JobContext(self, job.id, job.kind, job.target_id, job.target_name, dict(job.params), job.project)
+        handler = self.handlers.get(job.kind)
+        try:
+            if handler is None:
+                raise CorralError(f"this agent cannot run {job.kind} jobs", "upgrade the agent")
+            result = await handler(ctx)
+        except asyncio.CancelledError:
+            jobs.finish(self.store, job.id, error=CorralError("the agent stopped while this job ran"))
+            raise
+        except Exception as exc:
+            if not isinstance(exc, CorralError):
+                log.exception("job %s (%s) failed", job.id, job.kind)
+            jobs.finish(self.store, job.id, error=exc)
+        else:
+            jobs.finish(self.store, job.id, result=result)
+        finally:
+            self._job_tasks.pop(job.id, None)
+
+    # -- VMs --------------------------------------------------------------------------------------------------
+
+    async def adopt_all(self) -> None:
+        from corral.host import vm_lifecycle
+
+        with self.store.session() as session:
+            vm_ids = list(session.scalars(select(VM.id).where(VM.host == self.host_name)))
+        for vm_id in vm_ids:
+            await vm_lifecycle.adopt(self, vm_id)
+
+    async def reconcile(self) -> None:
+        """Drift repair and slow observations: interface addresses of ready guests."""
+        from corral.host import vm_lifecycle
+
+        await vm_lifecycle.reconcile(self)

@@ -1,0 +1,52 @@
+"""What this host has to give: CPUs, memory, storage, the accelerator and the QEMU it runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from corral.engine.accel import choose_accel
+
+
+class Inventory(BaseModel):
+    cpus: int
+    memory: int
+    storage_total: int
+    storage_free: int
+    accel: str
+    qemu_version: str | None
+
+
+def total_memory(meminfo: Path = Path("/proc/meminfo")) -> int:
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("MemTotal missing from /proc/meminfo")
+
+
+def qemu_version(binary: str) -> str | None:
+    """QEMU's version string, or None when the binary is missing (reported, not fatal: VMs just cannot start)."""
+    if shutil.which(binary) is None:
+        return None
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = out.splitlines()[0] if out else ""
+    return first.split("version", 1)[-1].strip().split()[0] if "version" in first else None
+
+
+def read_inventory(pool_dir: Path, accel_setting: str, qemu_binary: str) -> Inventory:
+    usage = shutil.disk_usage(pool_dir)
+    return Inventory(
+        cpus=len(os.sched_getaffinity(0)),
+        memory=total_memory(),
+        storage_total=usage.total,
+        storage_free=usage.free,
+        accel=choose_accel(accel_setting),
+        qemu_version=qemu_version(qemu_binary),
+    )

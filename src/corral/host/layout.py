@@ -1,0 +1,43 @@
+"""Where a host keeps things under CORRAL_HOME, and the guard that keeps user paths inside a pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from corral.errors import InvalidInput
+
+
+class HostLayout:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    @property
+    def images(self) -> Path:
+        return self.home / "images"
+
+    def image_dir(self, image_id: str) -> Path:
+        return self.images / image_id
+
+    def pool(self, name: str = "default") -> Path:
+        return self.home / "pools" / name
+
+    def vm_run_dir(self, vm_id: str) -> Path:
+        # Short on purpose: unix socket paths are limited to 107 bytes.
+        return self.home / "run" / vm_id[:12]
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    def ensure(self) -> None:
+        for path in (self.images, self.pool(), self.home / "run", self.logs):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def inside_pool(pool_dir: Path, relative: str) -> Path:
+    """Resolve ``relative`` under the pool and refuse anything that would land outside it."""
+    root = pool_dir.resolve()
+    candidate = (root / relative).resolve()
+    if candidate == root or not candidate.is_relative_to(root):
+        raise InvalidInput(f"path {relative!r} escapes its storage pool", "use a plain file name inside the pool")
+    return candidate

@@ -1,0 +1,40 @@
+"""Volumes on this host's directory pool: creating, resizing and removing their qcow2 files."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from corral.engine import qemu_img
+from corral.errors import NotFound
+from corral.host.layout import inside_pool
+from corral.store.models import Image, Volume
+
+if TYPE_CHECKING:
+    from corral.host.agent import Agent
+
+
+def volume_path(agent: Agent, volume: Volume):  # type: ignore[no-untyped-def]
+    return inside_pool(agent.layout.pool(volume.pool), volume.path)
+
+
+async def materialize(agent: Agent, volume: Volume, image: Image | None) -> None:
+    """Make the volume's file: an overlay on its image (instant, linked) or a blank qcow2."""
+    path = volume_path(agent, volume)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    binary = agent.settings.qemu_img_binary
+    if volume.backing_image is not None:
+        if image is None or not image.disk_file:
+            raise NotFound("the volume's image is missing", "import or build the image again")
+        base = agent.layout.image_dir(image.id) / image.disk_file
+        await asyncio.to_thread(qemu_img.check, base, binary)
+        size = max(volume.size, image.virtual_size) if volume.size else None
+        await asyncio.to_thread(qemu_img.create_overlay, path, base, image.disk_format, size, binary)
+    else:
+        await asyncio.to_thread(qemu_img.create_blank, path, volume.size, binary)
+
+
+def remove(agent: Agent, volume: Volume) -> None:
+    volume_path(agent, volume).unlink(missing_ok=True)

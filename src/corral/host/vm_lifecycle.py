@@ -1,0 +1,417 @@
+"""Starting, stopping and watching VM processes on this host, and what happens when one dies.
+
+Every transition writes the VM's observed state to the store. An exit nobody asked for is a crash or a guest
+power-off; the restart policy decides what follows, with a growing back-off so a VM that dies at boot does not
+spin the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from corral.engine.guest_agent import GuestAgent, wait_until_ready
+from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan
+from corral.engine.process import ExitInfo, QemuProcess
+from corral.errors import Conflict, EngineError, GuestAgentError, NotFound
+from corral.host.layout import inside_pool
+from corral.spec.vm import PowerState, RestartPolicy, VMSpec
+from corral.store.models import VM, Image, utcnow
+
+if TYPE_CHECKING:
+    from corral.host.agent import Agent, RunningVM
+
+log = logging.getLogger("corral.agent")
+
+READY_TIMEOUT = 300.0
+MAX_BACKOFF = 60.0
+ADDRESS_REFRESH = 15.0
+STABLE_RUN = 60.0  # a VM that ran this long before dying starts its back-off afresh
+_background: set[asyncio.Task[None]] = set()
+
+
+def update_vm(agent: Agent, vm_id: str, **values: Any) -> None:
+    with agent.store.session() as session:
+        vm = session.get(VM, vm_id)
+        if vm is None:
+            return
+        for key, value in values.items():
+            setattr(vm, key, value)
+    agent.store.notifier.notify()
+
+
+def load_vm(agent: Agent, vm_id: str) -> VM:
+    with agent.store.session() as session:
+        vm = session.get(VM, vm_id)
+        if vm is None:
+            raise NotFound(f"VM {vm_id} no longer exists")
+        vm.volumes  # noqa: B018 - load the relationship before the session closes
+        return vm
+
+
+def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
+    """Resolve a VM row into a launch plan: image files, disk paths inside the pool, NIC MACs."""
+    spec = VMSpec.model_validate(vm.spec)
+    with agent.store.session() as session:
+        image = session.scalars(select(Image).where(Image.name == spec.image)).first()
+        if image is None or image.state != "ready":
+            raise NotFound(f"image {spec.image!r} of VM {vm.name} is missing", "import or build it again")
+        image_dir = agent.layout.image_dir(image.id)
+        kernel_boot = None
+        if image.kind == "kernel" and image.kernel_file:
+            cmdline = " ".join(
+                part
+                for part in (
+                    image.cmdline,
+                    f"corral.hostname={vm.name}",
+                    f"corral.machine_id={vm.id}",
+                    spec.kernel_args,
+                )
+                if part
+            )
+            kernel_boot = KernelBoot(
+                kernel=image_dir / image.kernel_file,
+                initrd=image_dir / image.initrd_file if image.initrd_file else None,
+                cmdline=cmdline,
+            )
+    disks = tuple(
+        DiskPlan(
+            node=f"disk{index}", path=inside_pool(agent.layout.pool(volume.pool), volume.path), format=volume.format
+        )
+        for index, volume in enumerate(sorted(vm.volumes, key=lambda v: v.device_index))
+    )
+    nics = tuple(NicPlan(id=f"net{index}", mac=nic.mac or "", mode="user") for index, nic in enumerate(spec.nics))
+    assert agent.inventory is not None
+    return LaunchPlan(
+        name=vm.name,
+        uuid=f"{vm.id[:8]}-{vm.id[8:12]}-{vm.id[12:16]}-{vm.id[16:20]}-{vm.id[20:32]}",
+        run_dir=agent.layout.vm_run_dir(vm.id),
+        accel=agent.inventory.accel,
+        machine=agent.settings.machine,
+        cpus=spec.cpus,
+        memory_mib=spec.memory >> 20,
+        kernel_boot=kernel_boot,
+        disks=disks,
+        nics=nics,
+        qemu_binary=agent.settings.qemu_binary,
+    )
+
+
+def _event_handler(agent: Agent, vm_id: str) -> Any:
+    def on_event(name: str, _data: dict[str, Any]) -> None:
+        if name == "STOP":
+            update_vm(agent, vm_id, observed_state=PowerState.PAUSED)
+        elif name == "RESUME":
+            update_vm(agent, vm_id, observed_state=PowerState.RUNNING)
+
+    return on_event
+
+
+def _track(agent: Agent, vm_id: str, proc: QemuProcess) -> RunningVM:
+    from corral.host.agent import RunningVM
+
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception was never retrieved"
+    running = RunningVM(vm_id=vm_id, proc=proc, ready=ready)
+    agent.vms[vm_id] = running
+    loop = asyncio.get_running_loop()
+    running.tasks.append(loop.create_task(_watch_ready(agent, running)))
+    running.tasks.append(loop.create_task(_watch_exit(agent, running)))
+    return running
+
+
+async def start(agent: Agent, vm_id: str, wait: bool = False, progress: Any = None) -> dict[str, Any]:
+    """Launch the VM's QEMU (idempotent: a running VM is left as it is) and optionally wait for its agent."""
+    running = agent.vms.get(vm_id)
+    if running is None or running.proc.exited:
+        vm = load_vm(agent, vm_id)
+        plan = build_plan(agent, vm)
+        update_vm(
+            agent,
+            vm_id,
+            desired_state=PowerState.RUNNING,
+            observed_state=PowerState.STARTING,
+            status_message="starting QEMU",
+        )
+        try:
+            proc = await QemuProcess.launch(plan, on_event=_event_handler(agent, vm_id))
+        except Exception as exc:
+            update_vm(
+                agent,
+                vm_id,
+                desired_state=PowerState.STOPPED,
+                observed_state=PowerState.STOPPED,
+                status_message=f"start failed: {exc}",
+                pid=None,
+            )
+            raise
+        running = _track(agent, vm_id, proc)
+        update_vm(
+            agent,
+            vm_id,
+            observed_state=PowerState.RUNNING,
+            pid=proc.pid,
+            started_at=utcnow(),
+            ready=False,
+            interfaces=[],
+            status_message="booting",
+        )
+    elif await running.proc.run_state() == "paused":
+        await running.proc.resume()
+    if wait:
+        if progress is not None:
+            progress(0.5, "waiting for the guest agent")
+        await asyncio.shield(running.ready)
+    return {"pid": running.proc.pid}
+
+
+async def stop(
+    agent: Agent, vm_id: str, force: bool = False, timeout: float | None = None, progress: Any = None
+) -> dict[str, Any]:
+    """ACPI power-down, then force after ``timeout``; the VM's desired state becomes stopped either way."""
+    update_vm(agent, vm_id, desired_state=PowerState.STOPPED)
+    running = agent.vms.get(vm_id)
+    if running is None or running.proc.exited:
+        update_vm(agent, vm_id, observed_state=PowerState.STOPPED, pid=None, ready=False)
+        return {"forced": False, "was_running": False}
+    running.expected_exit = True
+    update_vm(agent, vm_id, observed_state=PowerState.STOPPING, status_message="stopping")
+    forced = force
+    if force:
+        info = await running.proc.quit()
+    else:
+        timeout = timeout if timeout is not None else agent.settings.stop_timeout
+        with contextlib.suppress(EngineError):
+            if await running.proc.run_state() == "paused":
+                await running.proc.resume()
+        if progress is not None:
+            progress(0.3, "ACPI power-down sent; waiting for the guest")
+        try:
+            await running.proc.powerdown()
+            info = await running.proc.wait(timeout)
+        except (TimeoutError, EngineError):
+            forced = True
+            if progress is not None:
+                progress(0.8, f"the guest did not power off within {timeout:.0f} s; forcing")
+            info = await running.proc.quit()
+    await _forget(agent, running)
+    update_vm(
+        agent,
+        vm_id,
+        observed_state=PowerState.STOPPED,
+        pid=None,
+        ready=False,
+        interfaces=[],
+        status_message="forced off" if forced else "",
+        last_exit=info.model_dump(),
+    )
+    return {"forced": forced, "was_running": True}
+
+
+async def _forget(agent: Agent, running: RunningVM) -> None:
+    """Drop the process from the agent, letting its watcher tasks end."""
+    for task in running.tasks:
+        if task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if agent.vms.get(running.vm_id) is running:
+        del agent.vms[running.vm_id]
+    running.proc.record.qmp_socket.parent.joinpath("runtime.json").unlink(missing_ok=True)
+
+
+async def pause(agent: Agent, vm_id: str) -> None:
+    running = _require_running(agent, vm_id)
+    await running.proc.pause()
+    update_vm(agent, vm_id, desired_state=PowerState.PAUSED, observed_state=PowerState.PAUSED)
+
+
+async def resume(agent: Agent, vm_id: str) -> None:
+    running = _require_running(agent, vm_id)
+    await running.proc.resume()
+    update_vm(agent, vm_id, desired_state=PowerState.RUNNING, observed_state=PowerState.RUNNING)
+
+
+def _require_running(agent: Agent, vm_id: str) -> RunningVM:
+    running = agent.vms.get(vm_id)
+    if running is None or running.proc.exited:
+        raise Conflict("the VM is not running", "start it with `corral vm start`")
+    return running
+
+
+def remove_run_dir(agent: Agent, vm_id: str) -> None:
+    shutil.rmtree(agent.layout.vm_run_dir(vm_id), ignore_errors=True)
+
+
+# -- watchers ---------------------------------------------------------------------------------------------------
+
+
+async def _watch_ready(agent: Agent, running: RunningVM) -> None:
+    socket_path = running.proc.record.guest_agent_socket
+    try:
+        if socket_path is None:
+            raise GuestAgentError("this VM has no guest agent channel")
+        await wait_until_ready(socket_path, READY_TIMEOUT, is_alive=lambda: not running.proc.exited)
+        interfaces = await _interfaces(agent, running)
+        update_vm(agent, running.vm_id, ready=True, interfaces=interfaces, status_message="")
+        if not running.ready.done():
+            running.ready.set_result(None)
+    except asyncio.CancelledError:
+        if not running.ready.done():
+            running.ready.set_exception(GuestAgentError("the VM stopped before its guest agent answered"))
+        raise
+    except Exception as exc:
+        if not running.ready.done():
+            running.ready.set_exception(exc)
+
+
+async def _interfaces(agent: Agent, running: RunningVM) -> list[dict[str, Any]]:
+    socket_path = running.proc.record.guest_agent_socket
+    if socket_path is None:
+        return []
+    async with agent.guest_locks[running.vm_id]:
+        try:
+            async with GuestAgent(socket_path) as guest:
+                return await guest.addresses()
+        except (GuestAgentError, TimeoutError, OSError):
+            return []
+
+
+async def _watch_exit(agent: Agent, running: RunningVM) -> None:
+    info = await running.proc.wait()
+    if not running.ready.done():
+        running.ready.set_exception(GuestAgentError(f"{info.describe()} before the guest agent answered"))
+    if running.expected_exit:
+        return
+    await _on_unexpected_exit(agent, running, info)
+
+
+async def _on_unexpected_exit(agent: Agent, running: RunningVM, info: ExitInfo) -> None:
+    async with agent.vm_locks[running.vm_id]:
+        if agent.vms.get(running.vm_id) is running:
+            del agent.vms[running.vm_id]
+        running.proc.record.qmp_socket.parent.joinpath("runtime.json").unlink(missing_ok=True)
+        await _after_exit(agent, running.vm_id, info)
+
+
+async def _after_exit(agent: Agent, vm_id: str, info: ExitInfo) -> None:
+    """Record why a VM ended on its own and apply its restart policy."""
+    with agent.store.session() as session:
+        vm = session.get(VM, vm_id)
+        if vm is None:
+            return
+        policy = RestartPolicy(VMSpec.model_validate(vm.spec).restart_policy)
+        ran_for = (utcnow() - vm.started_at).total_seconds() if vm.started_at else 0.0
+        restart_count = vm.restart_count
+        desired = vm.desired_state
+    crashed = info.crashed
+    state = PowerState.CRASHED if crashed else PowerState.STOPPED
+    message = info.describe() if crashed else "the guest powered off"
+    restart = desired != PowerState.STOPPED and (
+        policy == RestartPolicy.ALWAYS or (policy == RestartPolicy.ON_FAILURE and crashed)
+    )
+    update_vm(
+        agent,
+        vm_id,
+        observed_state=state,
+        pid=None,
+        ready=False,
+        interfaces=[],
+        status_message=message,
+        last_exit=info.model_dump(),
+        desired_state=PowerState.RUNNING if restart else PowerState.STOPPED,
+    )
+    log.warning("VM %s: %s", vm_id, message)
+    if not restart:
+        return
+    attempts = 0 if ran_for >= STABLE_RUN else restart_count
+    delay = min(MAX_BACKOFF, 0.5 * (2**attempts)) if attempts else 0.0
+    task = asyncio.get_running_loop().create_task(_restart_later(agent, vm_id, delay, restart_count + 1, message))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _restart_later(agent: Agent, vm_id: str, delay: float, count: int, reason: str) -> None:
+    await asyncio.sleep(delay)
+    async with agent.vm_locks[vm_id]:
+        with agent.store.session() as session:
+            vm = session.get(VM, vm_id)
+            if vm is None or vm.desired_state == PowerState.STOPPED or vm_id in agent.vms:
+                return
+        update_vm(agent, vm_id, restart_count=count)
+        try:
+            await start(agent, vm_id)
+            update_vm(agent, vm_id, status_message=f"restarted by policy after: {reason}")
+        except Exception as exc:
+            log.error("VM %s: restart failed: %s", vm_id, exc)
+
+
+# -- adoption and reconcile -------------------------------------------------------------------------------------
+
+
+async def adopt(agent: Agent, vm_id: str) -> None:
+    """Re-attach to a VM's QEMU after an agent restart, or record that it died while no one watched."""
+    record_path = agent.layout.vm_run_dir(vm_id) / "runtime.json"
+    async with agent.vm_locks[vm_id]:
+        proc = None
+        if record_path.exists():
+            try:
+                proc = await QemuProcess.adopt(record_path, on_event=_event_handler(agent, vm_id))
+            except EngineError as exc:
+                log.error("VM %s: cannot adopt its QEMU: %s", vm_id, exc)
+        if proc is not None:
+            state = await proc.run_state()
+            _track(agent, vm_id, proc)
+            update_vm(
+                agent,
+                vm_id,
+                pid=proc.pid,
+                observed_state=PowerState.PAUSED if state == "paused" else PowerState.RUNNING,
+            )
+            return
+        vm = load_vm(agent, vm_id)
+        if vm.observed_state in (PowerState.RUNNING, PowerState.PAUSED, PowerState.STARTING, PowerState.STOPPING):
+            await _after_exit_unseen(agent, vm_id, vm)
+
+
+async def _after_exit_unseen(agent: Agent, vm_id: str, vm: VM) -> None:
+    if vm.observed_state == PowerState.STOPPING:
+        update_vm(agent, vm_id, observed_state=PowerState.STOPPED, pid=None, ready=False)
+        return
+    info = ExitInfo(returncode=None, shutdown_reason="host-error")
+    await _after_exit(agent, vm_id, info)
+    update_vm(agent, vm_id, status_message="QEMU ended while the agent was not running")
+
+
+async def reconcile(agent: Agent) -> None:
+    """Refresh the addresses of ready guests now and then: DHCP may change them."""
+    now = time.monotonic()
+    for vm_id, running in list(agent.vms.items()):
+        if running.proc.exited or not running.ready.done() or running.ready.exception() is not None:
+            continue
+        if agent.guest_locks[vm_id].locked() or now - running.interfaces_checked < ADDRESS_REFRESH:
+            continue
+        running.interfaces_checked = now
+        interfaces = await _interfaces(agent, running)
+        if interfaces:
+            with agent.store.session() as session:
+                vm = session.get(VM, vm_id)
+                changed = vm is not None and vm.interfaces != interfaces
+                if changed:
+                    vm.interfaces = interfaces
+            if changed:
+                agent.store.notifier.notify()
+
+
+async def wait_ready(running: RunningVM, timeout: float) -> None:
+    """Wait until the guest agent has answered once (an exec right after start must not race the boot)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(running.ready), timeout)
+    except TimeoutError as exc:
+        raise GuestAgentError(f"the guest agent did not answer within {timeout:.0f} s") from exc

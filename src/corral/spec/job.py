@@ -1,0 +1,34 @@
+"""Jobs: every long operation is one, so the CLI, the API and later the web UI can show and wait on it."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobKind(StrEnum):
+    VM_CREATE = "vm.create"
+    VM_START = "vm.start"
+    VM_STOP = "vm.stop"
+    VM_RESTART = "vm.restart"
+    VM_PAUSE = "vm.pause"
+    VM_RESUME = "vm.resume"
+    VM_DELETE = "vm.delete"
+    VM_EXEC = "vm.exec"
+    IMAGE_BUILD = "image.build"
+    IMAGE_IMPORT = "image.import"
+    IMAGE_DELETE = "image.delete"
+    VOLUME_CREATE = "volume.create"
+    VOLUME_RESIZE = "volume.resize"
+    VOLUME_DELETE = "volume.delete"

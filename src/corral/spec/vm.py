@@ -1,0 +1,174 @@
+"""What a user asks of a VM, and the states it can be in."""
+
+from __future__ import annotations
+
+import random
+import re
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from corral.errors import InvalidInput
+from corral.spec.names import validate_name
+from corral.spec.sizes import parse_size
+
+MIN_MEMORY = 32 << 20
+MAX_CPUS = 255
+MAX_DISKS = 16
+MAX_NICS = 8
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+def _size(value: object) -> int:
+    if isinstance(value, (str, int)):
+        return parse_size(value)
+    raise InvalidInput(f"invalid size {value!r}", "write a size such as 256M, 1G or 10GiB")
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+
+
+class RestartPolicy(StrEnum):
+    NEVER = "never"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+class PowerState(StrEnum):
+    """What a VM is doing. Desired state uses the three stable values; observed state uses all."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    CRASHED = "crashed"
+
+
+class DiskSpec(BaseModel):
+    """An extra disk: a new blank volume of ``size``, or an existing volume by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: Size | None = None
+    volume: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DiskSpec:
+        if (self.size is None) == (self.volume is None):
+            raise InvalidInput("a disk needs either a size or an existing volume", "pass --disk 2G or --volume NAME")
+        if self.volume is not None:
+            validate_name(self.volume, "volume name")
+        return self
+
+
+class NicSpec(BaseModel):
+    """A network interface. ``network="user"`` is QEMU's user-mode network (NAT, no bridge, no root)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    network: str = "user"
+    mac: str | None = None
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        mac = value.lower()
+        if not _MAC.match(mac):
+            raise InvalidInput(f"invalid MAC address {value!r}", "write six hex pairs such as 52:54:00:12:34:56")
+        if int(mac[:2], 16) & 1:
+            raise InvalidInput(f"invalid MAC address {value!r}: multicast", "the first octet must be even")
+        return mac
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: str) -> str:
+        if value != "user":
+            raise InvalidInput(f"unknown network {value!r}", "only the built-in 'user' network exists on this version")
+        return value
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC in QEMU's 52:54:00 range, as libvirt and QEMU users expect."""
+    tail = [random.randint(0, 255) for _ in range(3)]
+    return "52:54:00:" + ":".join(f"{octet:02x}" for octet in tail)
+
+
+class VMSpec(BaseModel):
+    """A VM as the user asked for it. Stored as JSON; the agent turns it into a QEMU command line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    image: str
+    cpus: int = Field(default=1)
+    memory: Size = 256 << 20
+    disks: list[DiskSpec] = Field(default_factory=list)
+    nics: list[NicSpec] = Field(default_factory=lambda: [NicSpec()])
+    restart_policy: RestartPolicy = RestartPolicy.NEVER
+    kernel_args: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_name(value, "VM name")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        return validate_name(value, "image name")
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, value: int) -> int:
+        if not 1 <= value <= MAX_CPUS:
+            raise InvalidInput(f"invalid CPU count {value}", f"use 1 to {MAX_CPUS}")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: int) -> int:
+        if value < MIN_MEMORY:
+            raise InvalidInput(f"memory {value} bytes is too small", "give a VM at least 32M")
+        if value % (1 << 20):
+            raise InvalidInput("memory must be a whole number of MiB", "write it as 256M or 1G")
+        return value
+
+    @field_validator("disks")
+    @classmethod
+    def _disks(cls, value: list[DiskSpec]) -> list[DiskSpec]:
+        if len(value) > MAX_DISKS:
+            raise InvalidInput(f"too many disks ({len(value)})", f"attach at most {MAX_DISKS}")
+        return value
+
+    @field_validator("nics")
+    @classmethod
+    def _nics(cls, value: list[NicSpec]) -> list[NicSpec]:
+        if len(value) > MAX_NICS:
+            raise InvalidInput(f"too many NICs ({len(value)})", f"attach at most {MAX_NICS}")
+        macs = [nic.mac for nic in value if nic.mac]
+        if len(macs) != len(set(macs)):
+            raise InvalidInput("two NICs share a MAC address", "give each NIC its own MAC")
+        return value
+
+    @field_validator("kernel_args")
+    @classmethod
+    def _kernel_args(cls, value: str) -> str:
+        if len(value) > 1024 or "\n" in value:
+            raise InvalidInput("kernel arguments are too long or span lines", "keep them on one line")
+        return value
+
+    def with_macs(self) -> VMSpec:
+        """A copy where every NIC has a MAC, so the guest sees the same MACs on every boot."""
+        taken = {nic.mac for nic in self.nics if nic.mac}
+        nics = []
+        for nic in self.nics:
+            mac = nic.mac
+            while mac is None or (mac in taken and nic.mac is None):
+                mac = random_mac()
+            taken.add(mac)
+            nics.append(nic.model_copy(update={"mac": mac}))
+        return self.model_copy(update={"nics": nics})

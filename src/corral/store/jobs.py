@@ -1,0 +1,152 @@
+"""The job queue: rows that the control plane writes and an agent claims, runs and reports on.
+
+Claiming is a conditional UPDATE (queued -> running) so two agents can never run the same job; on PostgreSQL
+the same query gains FOR UPDATE SKIP LOCKED. Every change bumps ``version`` and wakes waiters, which is how the
+CLI follows progress without polling fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from corral.errors import CorralError, NotFound
+from corral.spec.job import JobState
+from corral.store.db import Store
+from corral.store.models import Job, utcnow
+
+MAX_LOG_LINES = 200
+
+
+def submit(
+    session: Session,
+    kind: str,
+    target_kind: str,
+    target_name: str,
+    *,
+    target_id: str | None = None,
+    host: str | None = None,
+    project: str = "default",
+    params: dict[str, Any] | None = None,
+) -> Job:
+    job = Job(
+        kind=kind,
+        target_kind=target_kind,
+        target_name=target_name,
+        target_id=target_id,
+        host=host,
+        project=project,
+        params=params or {},
+        message="queued",
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found", "list jobs with `corral job list`")
+    return job
+
+
+def active_for(session: Session, target_kind: str, target_id: str) -> list[Job]:
+    """Jobs on a resource that have not finished: the control plane refuses a conflicting second one."""
+    rows = session.scalars(
+        select(Job).where(
+            Job.target_kind == target_kind,
+            Job.target_id == target_id,
+            Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+        )
+    )
+    return list(rows)
+
+
+def claim(store: Store, host: str, exclude: set[str] | frozenset[str] = frozenset()) -> Job | None:
+    """Take the oldest queued job for ``host``; None when there is none (or another agent won the race)."""
+    with store.session() as session:
+        query = select(Job.id).where(Job.state == JobState.QUEUED, Job.host == host).order_by(Job.created_at)
+        if exclude:
+            query = query.where(Job.id.not_in(exclude))
+        if store.engine.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        job_id = session.scalars(query.limit(1)).first()
+        if job_id is None:
+            return None
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
+            .values(state=JobState.RUNNING, started_at=utcnow(), message="running", version=Job.version + 1)
+        ).rowcount
+        job = session.get(Job, job_id) if claimed else None
+    store.notifier.notify()
+    return job
+
+
+def report(store: Store, job_id: str, progress: float | None = None, message: str | None = None) -> bool:
+    """Record progress; returns True when cancellation was requested, so long work can stop early."""
+    with store.session() as session:
+        job = get(session, job_id)
+        if progress is not None:
+            job.progress = max(0.0, min(1.0, progress))
+        if message is not None:
+            job.message = message
+            job.log = [*job.log, {"at": utcnow().isoformat(), "message": message}][-MAX_LOG_LINES:]
+        job.version += 1
+        cancel = job.cancel_requested
+    store.notifier.notify()
+    return cancel
+
+
+def finish(store: Store, job_id: str, result: dict[str, Any] | None = None, error: BaseException | None = None) -> None:
+    with store.session() as session:
+        job = get(session, job_id)
+        job.finished_at = utcnow()
+        job.version += 1
+        if error is None:
+            job.state = JobState.SUCCEEDED
+            job.progress = 1.0
+            job.message = "done"
+            job.result = result
+        else:
+            job.state = JobState.CANCELLED if job.cancel_requested else JobState.FAILED
+            job.error = error.message if isinstance(error, CorralError) else f"{type(error).__name__}: {error}"
+            job.error_code = error.code if isinstance(error, CorralError) else "internal"
+            job.error_hint = error.hint if isinstance(error, CorralError) else None
+            job.message = job.error
+            job.log = [*job.log, {"at": utcnow().isoformat(), "message": f"error: {job.error}"}][-MAX_LOG_LINES:]
+    store.notifier.notify()
+
+
+def request_cancel(store: Store, job_id: str) -> Job:
+    with store.session() as session:
+        job = get(session, job_id)
+        if job.state == JobState.QUEUED:
+            job.state = JobState.CANCELLED
+            job.finished_at = utcnow()
+            job.message = "cancelled before it started"
+        elif job.state == JobState.RUNNING:
+            job.cancel_requested = True
+        job.version += 1
+    store.notifier.notify()
+    return job
+
+
+def fail_orphans(store: Store, host: str) -> int:
+    """Jobs left running by a daemon that died cannot be resumed safely; mark them failed with the reason."""
+    with store.session() as session:
+        count = session.execute(
+            update(Job)
+            .where(Job.host == host, Job.state == JobState.RUNNING)
+            .values(
+                state=JobState.FAILED,
+                error="the agent restarted while this job ran",
+                error_code="internal",
+                finished_at=utcnow(),
+                version=Job.version + 1,
+            )
+        ).rowcount
+    return count

@@ -1,0 +1,147 @@
+"""SQLAlchemy 2 tables. JSON columns hold the typed specs from corral.spec, validated on the way in and out."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    address: Mapped[str | None] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16), default="online")
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    storage_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    storage_free: Mapped[int] = mapped_column(BigInteger, default=0)
+    accel: Mapped[str] = mapped_column(String(8), default="tcg")
+    qemu_version: Mapped[str | None] = mapped_column(String(64))
+    cpu_overcommit: Mapped[float] = mapped_column(Float, default=16.0)
+    memory_overcommit: Mapped[float] = mapped_column(Float, default=1.0)
+    reserved_memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("project", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    project: Mapped[str] = mapped_column(String(63), default="default")
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, ready, error
+    kind: Mapped[str] = mapped_column(String(16), default="kernel")  # kernel (direct boot) or disk
+    source: Mapped[str | None] = mapped_column(Text)
+    directory: Mapped[str | None] = mapped_column(Text)
+    disk_file: Mapped[str | None] = mapped_column(String(255))
+    disk_format: Mapped[str] = mapped_column(String(16), default="qcow2")
+    kernel_file: Mapped[str | None] = mapped_column(String(255))
+    initrd_file: Mapped[str | None] = mapped_column(String(255))
+    cmdline: Mapped[str] = mapped_column(Text, default="")
+    virtual_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    size_on_disk: Mapped[int] = mapped_column(BigInteger, default=0)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VM(Base):
+    __tablename__ = "vms"
+    __table_args__ = (UniqueConstraint("project", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    project: Mapped[str] = mapped_column(String(63), default="default")
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    host: Mapped[str | None] = mapped_column(String(63))
+    desired_state: Mapped[str] = mapped_column(String(16), default="stopped")
+    observed_state: Mapped[str] = mapped_column(String(16), default="stopped")
+    status_message: Mapped[str] = mapped_column(Text, default="")
+    pid: Mapped[int | None] = mapped_column(Integer)
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    interfaces: Mapped[list[Any]] = mapped_column(default=list)
+    restart_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_exit: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    started_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    volumes: Mapped[list[Volume]] = relationship(back_populates="vm", order_by="Volume.device_index")
+
+
+class Volume(Base):
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("project", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    project: Mapped[str] = mapped_column(String(63), default="default")
+    pool: Mapped[str] = mapped_column(String(63), default="default")
+    host: Mapped[str | None] = mapped_column(String(63))
+    path: Mapped[str] = mapped_column(Text)  # relative to the pool's directory
+    size: Mapped[int] = mapped_column(BigInteger)
+    format: Mapped[str] = mapped_column(String(16), default="qcow2")
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, ready, error
+    role: Mapped[str] = mapped_column(String(16), default="data")  # root or data
+    backing_image: Mapped[str | None] = mapped_column(String(32), ForeignKey("images.id"))
+    vm_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("vms.id"))
+    device_index: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    vm: Mapped[VM | None] = relationship(back_populates="volumes")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    project: Mapped[str] = mapped_column(String(63), default="default")
+    target_kind: Mapped[str] = mapped_column(String(16))
+    target_name: Mapped[str] = mapped_column(String(63))
+    target_id: Mapped[str | None] = mapped_column(String(32))
+    host: Mapped[str | None] = mapped_column(String(63))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    log: Mapped[list[Any]] = mapped_column(default=list)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    error_hint: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()

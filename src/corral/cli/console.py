@@ -8,11 +8,13 @@ import os
 import select
 import sys
 import termios
+import time
 import tty
 
 from corral.errors import Conflict, DaemonNotRunning
 
 DETACH = b"\x1d"  # Ctrl-]
+PIPE_IDLE_EXIT = 1.5  # seconds of guest silence after piped input ends
 
 
 def _connect(name: str):  # type: ignore[no-untyped-def]
@@ -60,6 +62,7 @@ def _pump(ws) -> None:  # type: ignore[no-untyped-def]
 
     stdin = sys.stdin.fileno()
     stdin_open = True
+    last_output = time.monotonic()
     while True:
         with contextlib.suppress(TimeoutError):
             try:
@@ -67,15 +70,20 @@ def _pump(ws) -> None:  # type: ignore[no-untyped-def]
             except ConnectionClosed:
                 return
             os.write(sys.stdout.fileno(), data if isinstance(data, bytes) else data.encode())
+            last_output = time.monotonic()
             continue
         if not stdin_open:
+            # Piped input has ended: leave once the guest has been quiet for a moment (scripting use).
+            if time.monotonic() - last_output > PIPE_IDLE_EXIT:
+                return
             continue
         ready, _, _ = select.select([stdin], [], [], 0.05)
         if not ready:
             continue
         chunk = os.read(stdin, 1024)
         if not chunk:
-            stdin_open = False  # piped input ended: keep showing output until the socket closes or Ctrl-C
+            stdin_open = False
+            last_output = time.monotonic()
             continue
         if DETACH in chunk:
             before = chunk.split(DETACH, 1)[0]

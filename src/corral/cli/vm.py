@@ -124,11 +124,11 @@ def run_vm(
     _create(name, image, cpus, memory, disk, volume, restart, kernel_args, True, wait, as_json, timeout)
 
 
-def _verb(name: str, what: str, call: str, as_json: bool, timeout: float | None = None, **kwargs: Any) -> None:
+def _verb(name: str, what: str, call: str, as_json: bool, wait_timeout: float | None = None, **kwargs: Any) -> None:
     def action() -> None:
         with client() as corral:
             accepted = getattr(corral, call)(name, **kwargs)
-            job = follow_job(corral, accepted, f"{what} {name}", quiet=as_json, timeout=timeout)
+            job = follow_job(corral, accepted, f"{what} {name}", quiet=as_json, timeout=wait_timeout)
             vm = corral.vm(name)
         if as_json:
             print_json({"vm": vm, "job": job})
@@ -272,7 +272,7 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
     run(action)
 
 
-@app.command("exec", context_settings={"allow_interspersed_args": False})
+@app.command("exec")
 def exec_cmd(
     name: str = typer.Argument(..., help="VM name."),
     command: list[str] = typer.Argument(..., help="Command and arguments, after --."),
@@ -281,9 +281,11 @@ def exec_cmd(
 ) -> None:
     """Run a command in the guest through its guest agent; exits with the command's exit code."""
 
+    argv = command[1:] if command[:1] == ["--"] else command
+
     def action() -> int:
         with client() as corral:
-            result = corral.exec_vm(name, command, timeout=timeout)
+            result = corral.exec_vm(name, argv, timeout=timeout)
         if as_json:
             print_json(result)
         else:

@@ -25,8 +25,9 @@ class BenchDaemon:
 
     def __enter__(self) -> BenchDaemon:
         log = (self.home / "daemon.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "corral", "serve"], env=self.env, stdout=log,
-                                     stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "corral", "serve"], env=self.env, stdout=log, stderr=log, start_new_session=True
+        )
         deadline = time.monotonic() + 30
         while self.cli("host", "list", check=False).returncode != 0:
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -44,8 +45,7 @@ class BenchDaemon:
         shutil.rmtree(self.home, ignore_errors=True)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "corral", *args], env=self.env, capture_output=True,
-                                text=True)
+        result = subprocess.run([sys.executable, "-m", "corral", *args], env=self.env, capture_output=True, text=True)
         if check and result.returncode != 0:
             raise RuntimeError(f"corral {' '.join(args)}: {result.stderr}")
         return result
@@ -60,16 +60,21 @@ class BenchDaemon:
         images = self.client_call("images")
         tiny = next(i for i in images if i["name"] == "tiny")  # type: ignore[union-attr]
         directory = self.home / "images" / tiny["id"]
-        return {"kernel": directory / "vmlinuz", "initrd": directory / "initrd.img",
-                "rootfs": directory / "rootfs.qcow2", "cmdline": tiny["cmdline"]}  # type: ignore[dict-item]
+        return {
+            "kernel": directory / "vmlinuz",
+            "initrd": directory / "initrd.img",
+            "rootfs": directory / "rootfs.qcow2",
+            "cmdline": tiny["cmdline"],
+        }  # type: ignore[dict-item]
 
 
 def plain_qemu_boot(files: dict[str, Path], machine: str = "q35", extra_append: str = "") -> float:
     """Seconds from starting QEMU by hand to the guest's ready line on the serial console."""
     work = Path(tempfile.mkdtemp(prefix="corral-p-", dir="/tmp"))
     disk = work / "root.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(files["rootfs"]), "-F", "qcow2",
-                    str(disk)], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(files["rootfs"]), "-F", "qcow2", str(disk)], check=True
+    )
     machine_opt = {"q35": "q35,accel=tcg,hpet=off", "pc": "pc,accel=tcg,hpet=off", "q35-hpet": "q35,accel=tcg"}[machine]
     argv = [
         "qemu-system-x86_64", "-machine", machine_opt, "-cpu", "max", "-smp", "1", "-m", "256M",

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BenchDaemon, median, plain_qemu_boot, print_table  # noqa: E402
+from _common import BenchDaemon, median, plain_qemu_boot, print_table
 
 
 def corral_boot(daemon: BenchDaemon) -> tuple[float, float]:
@@ -55,17 +55,36 @@ def main() -> None:
             plain_times.append(plain_qemu_boot(files))
             cli_times.append(cli_overhead(daemon))
         rows = [
-            ["corral vm run --wait", f"{median(corral_times):.3f}", f"{min(corral_times):.3f}",
-             f"{max(corral_times):.3f}"],
-            ["plain QEMU to ready line", f"{median(plain_times):.3f}", f"{min(plain_times):.3f}",
-             f"{max(plain_times):.3f}"],
-            ["corral vm delete --force", f"{median(delete_times):.3f}", f"{min(delete_times):.3f}",
-             f"{max(delete_times):.3f}"],
-            ["corral vm list (CLI start-up + 1 call)", f"{median(cli_times):.3f}", f"{min(cli_times):.3f}",
-             f"{max(cli_times):.3f}"],
+            [
+                "corral vm run --wait",
+                f"{median(corral_times):.3f}",
+                f"{min(corral_times):.3f}",
+                f"{max(corral_times):.3f}",
+            ],
+            [
+                "plain QEMU to ready line",
+                f"{median(plain_times):.3f}",
+                f"{min(plain_times):.3f}",
+                f"{max(plain_times):.3f}",
+            ],
+            [
+                "corral vm delete --force",
+                f"{median(delete_times):.3f}",
+                f"{min(delete_times):.3f}",
+                f"{max(delete_times):.3f}",
+            ],
+            [
+                "corral vm list (CLI start-up + 1 call)",
+                f"{median(cli_times):.3f}",
+                f"{min(cli_times):.3f}",
+                f"{max(cli_times):.3f}",
+            ],
         ]
-        print_table(f"Boot of the tiny guest under TCG, {args.runs} interleaved runs (seconds)",
-                    ["what", "median", "min", "max"], rows)
+        print_table(
+            f"Boot of the tiny guest under TCG, {args.runs} interleaved runs (seconds)",
+            ["what", "median", "min", "max"],
+            rows,
+        )
         ratio = median(corral_times) / median(plain_times)
         print(f"\nratio corral / plain QEMU (medians): {ratio:.3f}  (goal <= 1.05)")
 
@@ -74,8 +93,11 @@ def main() -> None:
             for _ in range(args.runs):
                 for machine in times:
                     times[machine].append(plain_qemu_boot(files, machine))
-            print_table("Plain QEMU boot to the ready line by machine type (seconds)", ["machine", "median", "min"],
-                        [[m, f"{median(t):.3f}", f"{min(t):.3f}"] for m, t in times.items()])
+            print_table(
+                "Plain QEMU boot to the ready line by machine type (seconds)",
+                ["machine", "median", "min"],
+                [[m, f"{median(t):.3f}", f"{min(t):.3f}"] for m, t in times.items()],
+            )
 
 
 if __name__ == "__main__":

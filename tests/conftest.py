@@ -3,6 +3,7 @@ image, and the CLI run as a user would run it. Everything a test run starts is e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,15 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
+def alive(pid: int) -> bool:
+    """True while the process runs; a zombie waiting for a (slow) PID 1 to reap it counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def qemu_pids_under(home: Path) -> list[int]:
     """QEMU processes whose command line mentions ``home`` (what a test run may have left behind)."""
     pids = []
@@ -42,7 +52,7 @@ def qemu_pids_under(home: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "qemu-system" in cmdline and str(home) in cmdline:
+        if "qemu-system" in cmdline and str(home) in cmdline and alive(int(entry.name)):
             pids.append(int(entry.name))
     return pids
 
@@ -60,8 +70,13 @@ class Daemon:
     def start(self, timeout: float = 30) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "corral", "serve", "--log-level", "info"],
-                                         env=self.env, stdout=log, stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "corral", "serve", "--log-level", "info"],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -82,16 +97,26 @@ class Daemon:
 
         return Client(home=self.home, timeout=60)
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 300, input: str | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "corral", *args], env=self.env, capture_output=True,
-                                text=True, timeout=timeout, input=input)
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 300, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "corral", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"corral {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
         return result
 
     def cli_json(self, *args: str) -> object:
-        return json.loads(self.cli(*args, "--json").stdout)
+        """Run a command with --json (placed before any `--`, after which words belong to the guest)."""
+        words = list(args)
+        at = words.index("--") if "--" in words else len(words)
+        return json.loads(self.cli(*words[:at], "--json", *words[at:]).stdout)
 
     def cleanup(self) -> None:
         """Stop every VM, the daemon, and anything QEMU left, even after a failed test."""
@@ -99,18 +124,14 @@ class Daemon:
             try:
                 with self.client() as corral:
                     for vm in corral.vms():
-                        try:
+                        with contextlib.suppress(Exception):
                             corral.wait_job(corral.delete_vm(vm["name"], force=True)["job"]["id"], timeout=30)
-                        except Exception:
-                            pass
             except Exception:
                 pass
             self.kill(signal.SIGTERM)
         for pid in qemu_pids_under(self.home):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def new_home(prefix: str = "corral-t-") -> Path:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import unique
+from tests.conftest import alive, unique
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ def test_daemon_killed_and_restarted_adopts_running_vms(fresh_daemon, tiny):
     pids = {name: corral.cli_json("vm", "run", name)["pid"] for name in names}
     corral.cli("vm", "pause", names[1])
     corral.kill(signal.SIGKILL)
-    assert all(os.path.exists(f"/proc/{pid}") for pid in pids.values()), "QEMU must outlive the daemon"
+    assert all(alive(pid) for pid in pids.values()), "QEMU must outlive the daemon"
     corral.start()
     shown = {name: corral.cli_json("vm", "show", name) for name in names}
     assert {name: vm["pid"] for name, vm in shown.items()} == pids
@@ -95,7 +95,7 @@ def test_daemon_killed_and_restarted_adopts_running_vms(fresh_daemon, tiny):
     assert corral.cli("vm", "exec", names[0], "--", "hostname").stdout.strip() == names[0]
     for name in names:
         assert corral.cli_json("vm", "stop", name)["vm"]["state"] == "stopped"
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids.values())
+    assert not any(alive(pid) for pid in pids.values())
 
 
 def test_vm_that_died_while_the_daemon_was_down_is_recorded(fresh_daemon, tiny):
@@ -117,8 +117,9 @@ def test_ten_vms_at_once(daemon, tiny):
     names = [unique(f"ten{index}") for index in range(10)]
     with daemon.client() as corral:
         try:
-            accepted = [corral.create_vm({"name": n, "image": "tiny", "memory": "128M"}, start=True, wait=True)
-                        for n in names]
+            accepted = [
+                corral.create_vm({"name": n, "image": "tiny", "memory": "128M"}, start=True, wait=True) for n in names
+            ]
             with ThreadPoolExecutor(10) as pool:
                 list(pool.map(lambda a: corral.wait_job(a["job"]["id"], timeout=240), accepted))
             vms = {vm["name"]: vm for vm in corral.vms() if vm["name"] in names}

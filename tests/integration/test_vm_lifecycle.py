@@ -3,12 +3,11 @@ test picks up where the previous one left it, as a user's session would."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from tests.conftest import unique
+from tests.conftest import alive, unique
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +24,7 @@ def _show(daemon, name):  # type: ignore[no-untyped-def]
 
 
 def test_run_returns_once_the_guest_agent_answers(daemon, vm):
-    shown = daemon.cli_json("vm", "run", vm, "--image", "tiny", "--cpus", "1", "--memory", "256M",
-                            "--disk", "64M")
+    shown = daemon.cli_json("vm", "run", vm, "--image", "tiny", "--cpus", "1", "--memory", "256M", "--disk", "64M")
     assert shown["state"] == "running"
     assert shown["ready"] is True
     # Ready means the agent answers: exec works at once, without retries.
@@ -38,7 +36,7 @@ def test_show_and_list_describe_the_vm(daemon, vm):
     shown = _show(daemon, vm)
     assert shown["cpus"] == 1 and shown["memory"] == 256 << 20
     assert [d["role"] for d in shown["disks"]] == ["root", "data"]
-    assert shown["pid"] and os.path.exists(f"/proc/{shown['pid']}")
+    assert shown["pid"] and alive(shown["pid"])
     assert any("10.0.2.15/24" in iface["addresses"] for iface in shown["interfaces"])
     listed = {v["name"]: v for v in daemon.cli_json("vm", "list")}
     assert listed[vm]["state"] == "running"
@@ -97,9 +95,9 @@ def test_stop_is_a_clean_acpi_power_down(daemon, vm):
     assert stopped["job"]["result"] == {"forced": False, "was_running": True}
     assert stopped["vm"]["last_exit"]["returncode"] == 0
     deadline = time.monotonic() + 5
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{pid}")
+    assert not alive(pid)
     # Stopping a stopped VM is not an error.
     assert daemon.cli_json("vm", "stop", vm)["job"]["result"]["was_running"] is False
 

@@ -15,6 +15,17 @@ def store(tmp_path):
 @pytest.fixture
 def host(store):
     with store.session() as session:
-        session.add(Host(name="h1", cpus=2, memory=4 << 30, storage_total=100 << 30, storage_free=50 << 30,
-                         qemu_version="7.2.22", cpu_overcommit=2.0, memory_overcommit=1.0, reserved_memory=0))
+        session.add(
+            Host(
+                name="h1",
+                cpus=2,
+                memory=4 << 30,
+                storage_total=100 << 30,
+                storage_free=50 << 30,
+                qemu_version="7.2.22",
+                cpu_overcommit=2.0,
+                memory_overcommit=1.0,
+                reserved_memory=0,
+            )
+        )
     return "h1"

@@ -55,8 +55,9 @@ def test_bad_create_is_a_problem_and_changes_nothing(api, store, spec, status, w
 
 def test_capacity_is_checked_only_for_vms_that_will_run(api, store):
     with store.session() as session:
-        session.add(VM(name="big", spec={"name": "big", "image": "tiny", "memory": 3 << 30}, host="h1",
-                       desired_state="running"))
+        session.add(
+            VM(name="big", spec={"name": "big", "image": "tiny", "memory": 3 << 30}, host="h1", desired_state="running")
+        )
     assert _create(api, memory="2G").status_code == 202
     response = api.post("/vms", json={"spec": {"name": "other", "image": "tiny", "memory": "2G"}, "start": True})
     assert response.status_code == 409 and "left" in response.json()["detail"]

@@ -65,6 +65,9 @@ def test_boot_disk_gets_bootindex_only_without_a_kernel():
 
 
 def test_kvm_uses_host_cpu_and_tcg_uses_max():
-    assert build_argv(PLANS["disk_boot_kvm_two_nics"])[build_argv(PLANS["disk_boot_kvm_two_nics"]).index("-cpu") + 1] == "host"
+    assert (
+        build_argv(PLANS["disk_boot_kvm_two_nics"])[build_argv(PLANS["disk_boot_kvm_two_nics"]).index("-cpu") + 1]
+        == "host"
+    )
     argv = build_argv(PLANS["tiny_kernel_boot"])
     assert argv[argv.index("-cpu") + 1] == "max"

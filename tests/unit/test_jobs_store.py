@@ -9,7 +9,9 @@ from corral.store.models import Job
 def test_migrations_create_every_table(store):
     from sqlalchemy import inspect
 
-    assert {"hosts", "images", "vms", "volumes", "jobs", "alembic_version"} <= set(inspect(store.engine).get_table_names())
+    assert {"hosts", "images", "vms", "volumes", "jobs", "alembic_version"} <= set(
+        inspect(store.engine).get_table_names()
+    )
 
 
 def test_claim_takes_each_job_once_in_order(store):

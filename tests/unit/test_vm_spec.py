@@ -17,8 +17,15 @@ def test_memory_accepts_human_sizes():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("memory", "-1"), ("memory", "12Q"), ("memory", "16M"), ("cpus", 0), ("cpus", 1000), ("name", "Bad"),
-     ("image", "../etc")],
+    [
+        ("memory", "-1"),
+        ("memory", "12Q"),
+        ("memory", "16M"),
+        ("cpus", 0),
+        ("cpus", 1000),
+        ("name", "Bad"),
+        ("image", "../etc"),
+    ],
 )
 def test_bad_fields_are_invalid_input(field, value):
     with pytest.raises(InvalidInput):

@@ -84,13 +84,7 @@ def check_fits(session: Session, host: Host, spec: VMSpec, exclude_vm: str | Non
 def online_hosts(session: Session) -> list[Host]:
     cutoff = utcnow() - HOST_TIMEOUT
     hosts = session.scalars(select(Host).order_by(Host.name)).all()
-    return [h for h in hosts if h.state == "online" and _aware(h.heartbeat_at) >= cutoff]
-
-
-def _aware(value):  # type: ignore[no-untyped-def]
-    from datetime import UTC
-
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return [h for h in hosts if h.state == "online" and h.heartbeat_at >= cutoff]
 
 
 def pick_host(session: Session, spec: VMSpec, wanted: str | None = None, will_run: bool = True) -> Host:

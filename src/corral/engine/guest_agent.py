@@ -52,13 +52,19 @@ class GuestAgent:
 
     async def _send(self, message: dict[str, Any]) -> None:
         assert self._writer is not None
-        self._writer.write(json.dumps(message).encode() + b"\n")
-        await self._writer.drain()
+        try:
+            self._writer.write(json.dumps(message).encode() + b"\n")
+            await self._writer.drain()
+        except OSError as exc:
+            raise GuestAgentError(f"the guest agent connection broke: {exc}") from exc
 
     async def _read_message(self) -> dict[str, Any]:
         assert self._reader is not None
         while True:
-            line = await self._reader.readline()
+            try:
+                line = await self._reader.readline()
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                raise GuestAgentError(f"the guest agent connection broke: {exc}") from exc
             if not line:
                 raise GuestAgentError("the guest agent closed the connection")
             line = line.strip(b"\xff \r\n")
@@ -77,7 +83,13 @@ class GuestAgent:
 
         async def wait_token() -> None:
             while True:
-                await self._reader.readuntil(b"\xff")
+                try:
+                    await self._reader.readuntil(b"\xff")
+                except asyncio.LimitOverrunError:
+                    await self._reader.read(65536)  # skip a long stale reply
+                    continue
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    raise GuestAgentError("the guest agent connection closed (did the VM stop?)") from exc
                 message = await self._read_message()
                 if message.get("return") == token:
                     return

@@ -40,6 +40,27 @@ def info(path: Path, binary: str = QEMU_IMG) -> dict[str, Any]:
     return json.loads(out)
 
 
+QCOW_MAGIC = b"QFI\xfb"
+MIN_RAW_SIZE = 1 << 20
+
+
+def check_importable(path: Path, binary: str = QEMU_IMG) -> dict[str, Any]:
+    """A user's file must be a sound disk image: qemu-img calls anything raw, so a raw file must at least look
+    like a disk (whole sectors, at least 1 MiB) and must not be a qcow2 whose header qemu-img rejected."""
+    facts = info(path, binary)
+    if facts.get("format") == "raw":
+        with path.open("rb") as handle:
+            if handle.read(4) == QCOW_MAGIC:
+                raise InvalidInput(f"{path} is a corrupt qcow2 image (its header is unreadable)", "check the file")
+        size = path.stat().st_size
+        if size < MIN_RAW_SIZE or size % 512:
+            raise InvalidInput(
+                f"{path} is not a disk image ({size} bytes of raw data)", "give a qcow2 image or a raw disk image"
+            )
+    check(path, binary)
+    return facts
+
+
 def check(path: Path, binary: str = QEMU_IMG) -> None:
     """Raise unless qemu-img finds the image consistent; only qcow2 has metadata to check."""
     if info(path, binary).get("format") == "qcow2":

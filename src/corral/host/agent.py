@@ -41,6 +41,15 @@ def default_host_name() -> str:
     return name if NAME_PATTERN.match(name) else "localhost"
 
 
+def _quiet_qmp_teardown(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """qemu.qmp leaves an unretrieved EOFError behind when QEMU vanished under an open session; that is an
+    expected end, not an error worth a traceback in the log."""
+    if isinstance(context.get("exception"), EOFError):
+        log.debug("QMP session ended: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
+
+
 @dataclass
 class JobContext:
     """What a job handler gets: the job's identity and parameters, and a way to report progress."""
@@ -115,7 +124,8 @@ class Agent:
 
     def stop_thread(self, timeout: float = 15.0) -> None:
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -129,6 +139,7 @@ class Agent:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(_quiet_qmp_teardown)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self.layout.ensure()
@@ -141,14 +152,18 @@ class Agent:
         self._started.set()
         last_heartbeat = last_reconcile = time.monotonic()
         while not self._stop.is_set():
-            self._dispatch_jobs()
             now = time.monotonic()
-            if now - last_reconcile >= RECONCILE_INTERVAL:
-                last_reconcile = now
-                await self.reconcile()
-            if now - last_heartbeat >= HEARTBEAT_INTERVAL:
-                last_heartbeat = now
-                self.heartbeat()
+            # One failing pass (a database hiccup, a guest that vanished mid-call) must not end the agent.
+            try:
+                self._dispatch_jobs()
+                if now - last_reconcile >= RECONCILE_INTERVAL:
+                    last_reconcile = now
+                    await self.reconcile()
+                if now - last_heartbeat >= HEARTBEAT_INTERVAL:
+                    last_heartbeat = now
+                    self.heartbeat()
+            except Exception:
+                log.exception("agent pass failed; carrying on")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
@@ -219,7 +234,10 @@ class Agent:
         with self.store.session() as session:
             vm_ids = list(session.scalars(select(VM.id).where(VM.host == self.host_name)))
         for vm_id in vm_ids:
-            await vm_lifecycle.adopt(self, vm_id)
+            try:
+                await vm_lifecycle.adopt(self, vm_id)
+            except Exception:  # one VM's trouble must not keep the agent from serving the others
+                log.exception("cannot adopt VM %s", vm_id)
 
     async def reconcile(self) -> None:
         """Drift repair and slow observations: interface addresses of ready guests."""

@@ -87,7 +87,7 @@ async def import_image(ctx: JobContext) -> dict[str, Any]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         ctx.progress(0.05, f"checking {source}")
-        await asyncio.to_thread(qemu_img.check, source, binary)
+        await asyncio.to_thread(qemu_img.check_importable, source, binary)
         ctx.progress(0.1, "copying the disk")
         disk = directory / "disk.qcow2"
         await asyncio.to_thread(qemu_img.convert, source, disk, "qcow2", binary)

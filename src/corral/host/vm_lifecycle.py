@@ -121,9 +121,17 @@ def _track(agent: Agent, vm_id: str, proc: QemuProcess) -> RunningVM:
     running = RunningVM(vm_id=vm_id, proc=proc, ready=ready)
     agent.vms[vm_id] = running
     loop = asyncio.get_running_loop()
-    running.tasks.append(loop.create_task(_watch_ready(agent, running)))
-    running.tasks.append(loop.create_task(_watch_exit(agent, running)))
+    for watcher in (_watch_ready(agent, running), _watch_exit(agent, running)):
+        task = loop.create_task(watcher)
+        task.add_done_callback(_log_failure)
+        running.tasks.append(task)
     return running
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """Background tasks have no caller to raise to: their errors go to the log, never silently away."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
 async def start(agent: Agent, vm_id: str, wait: bool = False, progress: Any = None) -> dict[str, Any]:
@@ -335,6 +343,7 @@ async def _after_exit(agent: Agent, vm_id: str, info: ExitInfo) -> None:
     task = asyncio.get_running_loop().create_task(_restart_later(agent, vm_id, delay, restart_count + 1, message))
     _background.add(task)
     task.add_done_callback(_background.discard)
+    task.add_done_callback(_log_failure)
 
 
 async def _restart_later(agent: Agent, vm_id: str, delay: float, count: int, reason: str) -> None:

@@ -1,0 +1,1 @@
+"""Guest image builders: turn Debian packages into bootable Corral guest images."""

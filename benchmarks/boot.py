@@ -32,6 +32,19 @@ def corral_boot(daemon: BenchDaemon) -> tuple[float, float]:
     return booted, time.monotonic() - started
 
 
+def sdk_boot(daemon: BenchDaemon) -> float:
+    """The same boot through the Python SDK in this process: management cost without CLI start-up."""
+    from corral.client import Client
+
+    name = f"s-{uuid.uuid4().hex[:6]}"
+    with Client(home=daemon.home) as corral:
+        started = time.monotonic()
+        corral.wait_job(corral.create_vm({"name": name, "image": "tiny"}, start=True, wait=True)["job"]["id"])
+        booted = time.monotonic() - started
+        corral.wait_job(corral.delete_vm(name, force=True)["job"]["id"])
+    return booted
+
+
 def cli_overhead(daemon: BenchDaemon) -> float:
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "corral", "vm", "list"], env=daemon.env, capture_output=True, check=True)
@@ -46,13 +59,14 @@ def main() -> None:
 
     with BenchDaemon() as daemon:
         files = daemon.image_files()
-        corral_times, plain_times, delete_times, cli_times = [], [], [], []
+        corral_times, plain_times, delete_times, cli_times, sdk_times = [], [], [], [], []
         corral_boot(daemon)  # warm caches once; not counted
         for _ in range(args.runs):
             booted, deleted = corral_boot(daemon)
             corral_times.append(booted)
             delete_times.append(deleted)
             plain_times.append(plain_qemu_boot(files))
+            sdk_times.append(sdk_boot(daemon))
             cli_times.append(cli_overhead(daemon))
         rows = [
             [
@@ -66,6 +80,12 @@ def main() -> None:
                 f"{median(plain_times):.3f}",
                 f"{min(plain_times):.3f}",
                 f"{max(plain_times):.3f}",
+            ],
+            [
+                "SDK create(start, wait) + job wait",
+                f"{median(sdk_times):.3f}",
+                f"{min(sdk_times):.3f}",
+                f"{max(sdk_times):.3f}",
             ],
             [
                 "corral vm delete --force",
@@ -86,7 +106,8 @@ def main() -> None:
             rows,
         )
         ratio = median(corral_times) / median(plain_times)
-        print(f"\nratio corral / plain QEMU (medians): {ratio:.3f}  (goal <= 1.05)")
+        print(f"\nratio corral CLI / plain QEMU (medians): {ratio:.3f}  (goal <= 1.05)")
+        print(f"ratio corral SDK / plain QEMU (medians): {median(sdk_times) / median(plain_times):.3f}")
 
         if args.machines:
             times: dict[str, list[float]] = {"q35": [], "q35-hpet": [], "pc": []}

@@ -14,24 +14,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from corral.errors import InvalidInput
+from corral.paths import default_cache, default_home
 
 
 class Accel(StrEnum):
     AUTO = "auto"
     KVM = "kvm"
     TCG = "tcg"
-
-
-def default_home() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/corral")
-    return Path.home() / ".local/share/corral"
-
-
-def default_cache() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/cache/corral")
-    return Path.home() / ".cache/corral"
 
 
 class Settings(BaseModel):

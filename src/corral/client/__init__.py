@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from corral.config import default_home
+from corral.paths import default_home
 from corral.errors import CorralError, DaemonNotRunning, JobFailed, Timeout, error_from_problem
 
 Progress = Callable[[dict[str, Any]], None]

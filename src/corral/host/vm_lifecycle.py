@@ -266,10 +266,12 @@ async def _watch_ready(agent: Agent, running: RunningVM) -> None:
         if socket_path is None:
             raise GuestAgentError("this VM has no guest agent channel")
         await wait_until_ready(socket_path, READY_TIMEOUT, is_alive=lambda: not running.proc.exited)
-        interfaces = await _interfaces(agent, running)
-        update_vm(agent, running.vm_id, ready=True, interfaces=interfaces, status_message="")
+        update_vm(agent, running.vm_id, ready=True, status_message="")
         if not running.ready.done():
             running.ready.set_result(None)
+        # Addresses come right after: a caller waiting for readiness should not also wait for this round trip.
+        running.interfaces_checked = time.monotonic()
+        update_vm(agent, running.vm_id, interfaces=await _interfaces(agent, running))
     except asyncio.CancelledError:
         if not running.ready.done():
             running.ready.set_exception(GuestAgentError("the VM stopped before its guest agent answered"))

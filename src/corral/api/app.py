@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from corral import __version__
-from corral.api import routes_console, routes_jobs, routes_storage, routes_vms
+from corral.api import routes_console, routes_jobs, routes_snapshots, routes_storage, routes_vms
 from corral.api.state import AppState, db_session
 from corral.api.views import HostView
 from corral.cluster import placement
@@ -18,6 +20,7 @@ from corral.store.db import Store
 from corral.store.models import Host
 
 PROBLEM = "application/problem+json"
+log = logging.getLogger("corral.api")
 
 
 def _problem(error: CorralError) -> JSONResponse:
@@ -37,6 +40,12 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
     return _problem(InvalidInput(f"invalid request: {message}", "see the API schema at /docs"))
 
 
+async def unexpected_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """A bug still answers in the API's own format, and leaves a traceback in the daemon's log."""
+    log.error("unhandled error", exc_info=exc)
+    return _problem(CorralError(f"internal error: {type(exc).__name__}: {exc}", "see the daemon's log"))
+
+
 def create_app(settings: Settings, store: Store) -> FastAPI:
     app = FastAPI(
         title="corral",
@@ -46,8 +55,10 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.state.corral = AppState(settings=settings, store=store)
     app.add_exception_handler(CorralError, corral_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
     app.include_router(routes_vms.router)
     app.include_router(routes_console.router)
+    app.include_router(routes_snapshots.router)
     app.include_router(routes_storage.router)
     app.include_router(routes_jobs.router)
 

@@ -58,13 +58,25 @@ def _create(
                 volumes=volumes or [],
             )
             follow_job(corral, accepted, f"vm {name}", quiet=as_json, timeout=timeout + 60 if wait else None)
-            vm = corral.vm(name)
+            vm = _with_addresses(corral, name)
         if as_json:
             print_json(vm)
         else:
             _summary(vm)
 
     run(action)
+
+
+def _with_addresses(corral: Any, name: str, patience: float = 1.0) -> dict[str, Any]:
+    """The VM, giving a just-ready guest a moment to report its addresses (queried right after readiness)."""
+    import time
+
+    deadline = time.monotonic() + patience
+    vm = corral.vm(name)
+    while vm["ready"] and not vm["interfaces"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        vm = corral.vm(name)
+    return vm
 
 
 def _summary(vm: dict[str, Any]) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from corral.paths import default_home
 from corral.errors import CorralError, DaemonNotRunning, JobFailed, Timeout, error_from_problem
+from corral.paths import default_home
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -183,6 +183,21 @@ class Client:
 
     def vm_logs(self, name: str, lines: int = 200, follow: bool = False) -> Iterator[bytes]:
         return self.stream(f"/vms/{name}/logs", {"lines": lines, "follow": follow})
+
+    # -- snapshots --------------------------------------------------------------------------------------------
+
+    def snapshots(self, vm: str) -> list[dict[str, Any]]:
+        return self.request("GET", f"/vms/{vm}/snapshots")
+
+    def create_snapshot(self, vm: str, name: str, memory: bool | None = None, description: str = "") -> dict[str, Any]:
+        body = {"name": name, "memory": memory, "description": description}
+        return self.request("POST", f"/vms/{vm}/snapshots", json=body)
+
+    def revert_snapshot(self, vm: str, name: str, wait: bool = False) -> dict[str, Any]:
+        return self.request("POST", f"/vms/{vm}/snapshots/{name}/revert", json={"wait": wait})
+
+    def delete_snapshot(self, vm: str, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/vms/{vm}/snapshots/{name}")
 
     # -- images and volumes -----------------------------------------------------------------------------------
 

@@ -104,4 +104,6 @@ def build_argv(plan: LaunchPlan) -> list[str]:
     for nic in plan.nics:
         argv += nic_args(nic)
     argv += serial_args(plan) + guest_agent_args(plan) + monitor_args(plan)
+    if plan.loadvm:
+        argv += ["-loadvm", plan.loadvm]
     return argv

@@ -53,6 +53,7 @@ class LaunchPlan(BaseModel):
     nics: tuple[NicPlan, ...] = ()
     guest_agent: bool = True
     qemu_binary: str = "qemu-system-x86_64"
+    loadvm: str | None = None  # start from this internal snapshot (disks, RAM and devices)
 
     @property
     def qmp_socket(self) -> Path:

@@ -16,7 +16,7 @@ from corral.errors import EngineError, InvalidInput
 QEMU_IMG = "qemu-img"
 
 
-def _run(args: list[str], binary: str = QEMU_IMG, timeout: float = 600) -> str:
+def run(args: list[str], binary: str = QEMU_IMG, timeout: float = 600) -> str:
     try:
         proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError as exc:
@@ -34,7 +34,7 @@ def info(path: Path, binary: str = QEMU_IMG) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidInput(f"{path} does not exist or is not a file", "check the path")
     try:
-        out = _run(["info", "--output=json", "-U", str(path)], binary)
+        out = run(["info", "--output=json", "-U", str(path)], binary)
     except EngineError as exc:
         raise InvalidInput(f"{path} is not a readable disk image: {exc.message}", "check the file") from exc
     return json.loads(out)
@@ -65,7 +65,7 @@ def check(path: Path, binary: str = QEMU_IMG) -> None:
     """Raise unless qemu-img finds the image consistent; only qcow2 has metadata to check."""
     if info(path, binary).get("format") == "qcow2":
         try:
-            _run(["check", "-q", str(path)], binary)
+            run(["check", "-q", str(path)], binary)
         except EngineError as exc:
             raise InvalidInput(f"{path} is corrupt: {exc.message}", "rebuild or re-import the image") from exc
 
@@ -77,11 +77,11 @@ def create_overlay(
     args = ["create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format, str(path)]
     if size is not None:
         args.append(str(size))
-    _run(args, binary)
+    run(args, binary)
 
 
 def create_blank(path: Path, size: int, binary: str = QEMU_IMG) -> None:
-    _run(["create", "-q", "-f", "qcow2", str(path), str(size)], binary)
+    run(["create", "-q", "-f", "qcow2", str(path), str(size)], binary)
 
 
 def resize(path: Path, size: int, binary: str = QEMU_IMG) -> None:
@@ -92,9 +92,9 @@ def resize(path: Path, size: int, binary: str = QEMU_IMG) -> None:
             f"cannot shrink {path.name} from {current} to {size} bytes", "give a size larger than the current one"
         )
     if size > current:
-        _run(["resize", "-q", str(path), str(size)], binary)
+        run(["resize", "-q", str(path), str(size)], binary)
 
 
 def convert(source: Path, dest: Path, dest_format: str = "qcow2", binary: str = QEMU_IMG) -> None:
     """A full, independent copy (used by image import and, later, full clones)."""
-    _run(["convert", "-q", "-O", dest_format, str(source), str(dest)], binary, timeout=3600)
+    run(["convert", "-q", "-O", dest_format, str(source), str(dest)], binary, timeout=3600)

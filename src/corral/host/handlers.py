@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import qemu_img
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, NotFound
-from corral.host import image_jobs, storage, vm_lifecycle
+from corral.host import image_jobs, snapshot_jobs, storage, vm_lifecycle
 from corral.spec.job import JobKind
 from corral.spec.vm import PowerState
-from corral.store.models import VM, Image, Volume
+from corral.store.models import VM, Image, Snapshot, Volume
 
 if TYPE_CHECKING:
     from corral.host.agent import Handler, JobContext
@@ -71,6 +71,7 @@ async def _discard_vm(ctx: JobContext, vm_id: str, made_ids: set[str]) -> None:
                 session.delete(volume)
             else:
                 volume.vm_id = None
+        session.query(Snapshot).filter(Snapshot.vm_id == vm.id).delete()
         session.delete(vm)
     vm_lifecycle.remove_run_dir(agent, vm_id)
     agent.store.notifier.notify()
@@ -138,6 +139,7 @@ async def vm_delete(ctx: JobContext) -> dict[str, Any]:
                     storage.remove(agent, volume)
                     session.delete(volume)
                     removed.append(volume.name)
+            session.query(Snapshot).filter(Snapshot.vm_id == vm.id).delete()
             session.delete(vm)
         vm_lifecycle.remove_run_dir(agent, vm_id)
     agent.vm_locks.pop(vm_id, None)
@@ -241,4 +243,7 @@ def build_handlers() -> dict[str, Handler]:
         JobKind.IMAGE_BUILD: image_jobs.build,
         JobKind.IMAGE_IMPORT: image_jobs.import_image,
         JobKind.IMAGE_DELETE: image_jobs.delete,
+        JobKind.SNAPSHOT_CREATE: snapshot_jobs.create,
+        JobKind.SNAPSHOT_REVERT: snapshot_jobs.revert,
+        JobKind.SNAPSHOT_DELETE: snapshot_jobs.delete,
     }

@@ -134,12 +134,17 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
-async def start(agent: Agent, vm_id: str, wait: bool = False, progress: Any = None) -> dict[str, Any]:
-    """Launch the VM's QEMU (idempotent: a running VM is left as it is) and optionally wait for its agent."""
+async def start(
+    agent: Agent, vm_id: str, wait: bool = False, progress: Any = None, loadvm: str | None = None
+) -> dict[str, Any]:
+    """Launch the VM's QEMU (idempotent: a running VM is left as it is) and optionally wait for its agent.
+    ``loadvm`` starts it from an internal snapshot instead of booting."""
     running = agent.vms.get(vm_id)
     if running is None or running.proc.exited:
         vm = load_vm(agent, vm_id)
         plan = build_plan(agent, vm)
+        if loadvm:
+            plan = plan.model_copy(update={"loadvm": loadvm})
         update_vm(
             agent,
             vm_id,

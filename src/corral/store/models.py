@@ -114,8 +114,47 @@ class VM(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    current_snapshot: Mapped[str | None] = mapped_column(String(32))
+    template: Mapped[str | None] = mapped_column(String(32), ForeignKey("templates.id"))
 
     volumes: Mapped[list[Volume]] = relationship(back_populates="vm", order_by="Volume.device_index")
+
+
+class Snapshot(Base):
+    """A point in a VM's history. The tree lives here; the data lives inside the VM's qcow2 disks (internal
+    snapshots), so deleting any node never disturbs another."""
+
+    __tablename__ = "snapshots"
+    __table_args__ = (UniqueConstraint("vm_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    vm_id: Mapped[str] = mapped_column(String(32), ForeignKey("vms.id"))
+    parent_id: Mapped[str | None] = mapped_column(String(32))
+    tag: Mapped[str] = mapped_column(String(64))  # the internal snapshot's name inside the qcow2 files
+    memory: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, ready, error
+    description: Mapped[str] = mapped_column(Text, default="")
+    vm_state_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Template(Base):
+    """A read-only base made from a VM's disks; VMs made from it are linked clones (qcow2 overlays)."""
+
+    __tablename__ = "templates"
+    __table_args__ = (UniqueConstraint("project", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    project: Mapped[str] = mapped_column(String(63), default="default")
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    host: Mapped[str | None] = mapped_column(String(63))
+    source_vm: Mapped[str] = mapped_column(String(63))
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    disks: Mapped[list[Any]] = mapped_column(default=list)  # [{"path": ..., "size": ...}] relative to the pool
+    forkable: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Volume(Base):
@@ -133,6 +172,9 @@ class Volume(Base):
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, ready, error
     role: Mapped[str] = mapped_column(String(16), default="data")  # root or data
     backing_image: Mapped[str | None] = mapped_column(String(32), ForeignKey("images.id"))
+    # A linked clone's disk is an overlay on another file in the pool (a template's or a frozen base);
+    # the base stays until no volume names it.
+    backing_path: Mapped[str | None] = mapped_column(Text)
     vm_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("vms.id"))
     device_index: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,155 @@
+"""Snapshot jobs on this host: create, revert and delete, live (QMP) or offline (qemu-img)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from corral.engine import snapshots as engine_snapshots
+from corral.engine.guest_agent import GuestAgent
+from corral.errors import CorralError, NotFound
+from corral.host import storage, vm_lifecycle
+from corral.spec.vm import PowerState
+from corral.store.models import VM, Snapshot
+
+if TYPE_CHECKING:
+    from corral.host.agent import Agent, JobContext
+
+
+def _disks(agent: Agent, vm: VM) -> tuple[list[str], list[Path]]:
+    """QMP node names and files of the disks a snapshot covers: every writable qcow2 disk of the VM."""
+    nodes, paths = [], []
+    for index, volume in enumerate(sorted(vm.volumes, key=lambda v: v.device_index)):
+        if volume.format == "qcow2":
+            nodes.append(f"disk{index}")
+            paths.append(storage.volume_path(agent, volume))
+    return nodes, paths
+
+
+def _load(ctx: JobContext) -> tuple[VM, Snapshot]:
+    with ctx.agent.store.session() as session:
+        vm = session.get(VM, ctx.target_id)
+        snapshot = session.get(Snapshot, ctx.params["snapshot_id"])
+        if vm is None or snapshot is None or snapshot.vm_id != vm.id:
+            raise NotFound(f"snapshot of VM {ctx.target_name} not found")
+        vm.volumes  # noqa: B018 - load before the session closes
+        return vm, snapshot
+
+
+def _running(agent: Agent, vm_id: str):  # type: ignore[no-untyped-def]
+    running = agent.vms.get(vm_id)
+    return running if running is not None and not running.proc.exited else None
+
+
+@contextlib.asynccontextmanager
+async def _frozen(agent: Agent, running: Any):  # type: ignore[no-untyped-def]
+    """Freeze guest filesystems around a disk-only snapshot when the guest agent answers; carry on without."""
+    frozen = False
+    socket_path = running.proc.record.guest_agent_socket
+    if socket_path is not None and running.ready.done() and not running.ready.exception():
+        with contextlib.suppress(CorralError, TimeoutError, OSError):
+            async with GuestAgent(socket_path) as guest:
+                await guest.call("guest-fsfreeze-freeze", timeout=10)
+                frozen = True
+    try:
+        yield frozen
+    finally:
+        if frozen:
+            with contextlib.suppress(CorralError, TimeoutError, OSError):
+                async with GuestAgent(socket_path) as guest:
+                    await guest.call("guest-fsfreeze-thaw", timeout=10)
+
+
+async def create(ctx: JobContext) -> dict[str, Any]:
+    agent = ctx.agent
+    async with agent.vm_locks[ctx.target_id]:
+        vm, snapshot = _load(ctx)
+        nodes, paths = _disks(agent, vm)
+        running = _running(agent, vm.id)
+        binary = agent.settings.qemu_img_binary
+        try:
+            if running is not None and snapshot.memory:
+                ctx.progress(0.2, "saving disks, memory and device state (the guest is paused meanwhile)")
+                await engine_snapshots.save_live(running.proc, snapshot.tag, nodes)
+            elif running is not None:
+                async with _frozen(agent, running) as frozen:
+                    ctx.progress(0.2, "saving disks" + (" (filesystems frozen)" if frozen else ""))
+                    await engine_snapshots.save_disks_live(running.proc, snapshot.tag, nodes)
+            else:
+                ctx.progress(0.2, "saving disks")
+                await asyncio.to_thread(engine_snapshots.save_offline, paths, snapshot.tag, binary)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if running is not None and not running.proc.exited:
+                    await engine_snapshots.delete_live(running.proc, snapshot.tag, nodes)
+                else:
+                    await asyncio.to_thread(engine_snapshots.delete_offline, paths, snapshot.tag, binary)
+            with agent.store.session() as session:
+                row = session.get(Snapshot, snapshot.id)
+                if row is not None:
+                    session.delete(row)
+            raise
+        size = await asyncio.to_thread(engine_snapshots.vm_state_size, paths[0], snapshot.tag, binary)
+        with agent.store.session() as session:
+            row = session.get(Snapshot, snapshot.id)
+            row.state = "ready"
+            row.vm_state_size = size
+            session.get(VM, vm.id).current_snapshot = snapshot.id
+    return {"snapshot": snapshot.name, "memory": snapshot.memory, "vm_state_size": size}
+
+
+async def revert(ctx: JobContext) -> dict[str, Any]:
+    """Back to the snapshot. With memory the VM runs on from that instant; disk-only keeps the power state
+    (a running VM is restarted on the old disks)."""
+    agent = ctx.agent
+    async with agent.vm_locks[ctx.target_id]:
+        vm, snapshot = _load(ctx)
+        nodes, paths = _disks(agent, vm)
+        running = _running(agent, vm.id)
+        binary = agent.settings.qemu_img_binary
+        if running is not None and snapshot.memory:
+            ctx.progress(0.2, "loading disks, memory and device state")
+            await engine_snapshots.load_live(running.proc, snapshot.tag, nodes)
+            vm_lifecycle.update_vm(agent, vm.id, observed_state=PowerState.RUNNING, desired_state=PowerState.RUNNING)
+        elif snapshot.memory:
+            ctx.progress(0.2, "starting from the snapshot")
+            await asyncio.to_thread(engine_snapshots.load_offline, paths, snapshot.tag, binary)
+            await vm_lifecycle.start(agent, vm.id, loadvm=snapshot.tag)
+        else:
+            was_running = running is not None
+            if was_running:
+                ctx.progress(0.1, "stopping")
+                await vm_lifecycle.stop(agent, vm.id, force=True)
+            ctx.progress(0.4, "restoring disks")
+            await asyncio.to_thread(engine_snapshots.load_offline, paths, snapshot.tag, binary)
+            if was_running:
+                ctx.progress(0.6, "starting")
+                await vm_lifecycle.start(agent, vm.id, wait=bool(ctx.params.get("wait")), progress=ctx.progress)
+        with agent.store.session() as session:
+            session.get(VM, vm.id).current_snapshot = snapshot.id
+    return {"snapshot": snapshot.name, "memory": snapshot.memory}
+
+
+async def delete(ctx: JobContext) -> dict[str, Any]:
+    """Drop one snapshot: its children hang from its parent afterwards, and no other snapshot changes."""
+    agent = ctx.agent
+    async with agent.vm_locks[ctx.target_id]:
+        vm, snapshot = _load(ctx)
+        nodes, paths = _disks(agent, vm)
+        running = _running(agent, vm.id)
+        if running is not None:
+            await engine_snapshots.delete_live(running.proc, snapshot.tag, nodes)
+        else:
+            await asyncio.to_thread(
+                engine_snapshots.delete_offline, paths, snapshot.tag, agent.settings.qemu_img_binary
+            )
+        with agent.store.session() as session:
+            for child in session.query(Snapshot).filter(Snapshot.parent_id == snapshot.id):
+                child.parent_id = snapshot.parent_id
+            row = session.get(VM, vm.id)
+            if row.current_snapshot == snapshot.id:
+                row.current_snapshot = snapshot.parent_id
+            session.delete(session.get(Snapshot, snapshot.id))
+    return {"snapshot": snapshot.name}

@@ -1,0 +1,654 @@
+"""The "debian" guest image: a minimal but complete Debian with systemd, cloud-init and qemu-guest-agent.
+
+Unlike the tiny image it is a real distribution a user can log in to and `apt install` into. It is built with
+debootstrap from the Debian mirror the host's apt already uses, and booted directly (`-kernel/-initrd/-append`)
+with the kernel and initrd taken out of the image, so no bootloader or partition table is needed:
+
+* `vmlinuz`, `initrd.img` - Debian's cloud kernel and an initramfs-tools initrd with the virtio drivers;
+* `rootfs.qcow2` - ext4 labelled `corral-root` filling the whole disk (made with `mkfs.ext4 -d`, so no loop
+  mounts), with systemd, udev, openssh-server, qemu-guest-agent, cloud-init (NoCloud), sudo and C.UTF-8;
+* `image.json` - what the host needs to boot it (`kind: kernel`, file names, cmdline), the recipe and the
+  exact package versions installed.
+
+A guest configures itself on first boot from a NoCloud seed (see `corral.images.cloudinit`): the image holds no
+SSH host keys, no machine id and no users besides root (locked). Builds are cached under
+`<cache>/debian/<recipe_hash>/`, where the hash covers the release, the mirror, the package lists, the disk size
+and this builder's source; a build happens in a temporary directory renamed into place at the end.
+Downloaded packages are kept in `<cache>/debian/debs/`, so a rebuild with another package list is much faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.errors import InvalidInput
+from corral.images.tiny import ImageBuildError
+
+#: Bump when the builder's output changes for the same inputs (it is part of the recipe hash).
+BUILDER_VERSION = "debian-1"
+
+#: Installed by debootstrap itself (its resolver follows Depends only, never Recommends).
+BASE_PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "qemu-guest-agent",
+    "cloud-init",
+    "sudo",
+    "locales",
+    "iproute2",
+    "procps",
+    "ca-certificates",
+    "e2fsprogs",
+    "initramfs-tools",
+)
+
+#: Installed with apt inside the new system, after the initramfs configuration is in place.
+#: systemd-resolved is here because its postinst replaces /etc/resolv.conf, which the build still needs.
+LATE_PACKAGES = ("linux-image-cloud-amd64", "systemd-resolved")
+
+#: Modules the initramfs loads to find the root disk (ext4 is built into the cloud kernel; listing it is harmless).
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "ext4")
+
+#: Units that only cost boot time or background CPU in a short-lived VM under TCG.
+DISABLED_UNITS = (
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "man-db.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+)
+
+ROOT_LABEL = "corral-root"
+
+#: `mitigations=off`: the guest's Spectre workarounds protect nothing under TCG and cost time;
+#: `net.ifnames=0`: the NIC is eth0 as in the tiny image.
+CMDLINE = f"console=ttyS0 root=LABEL={ROOT_LABEL} rw panic=-1 mitigations=off net.ifnames=0"
+
+DEFAULT_RELEASE = "bookworm"
+DEFAULT_SIZE = 4 << 30
+MIN_SIZE = 2 << 30
+MAX_SIZE = 2 << 40
+FALLBACK_MIRROR = "http://deb.debian.org/debian"
+ARTIFACTS = ("vmlinuz", "initrd.img", "rootfs.qcow2", "image.json")
+
+_RELEASE = re.compile(r"[a-z][a-z0-9-]{1,30}")
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+_DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
+_CHROOT_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C",
+    "DEBIAN_FRONTEND": "noninteractive",
+    "HOME": "/root",
+}
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class DebianImage:
+    """Paths of a built Debian image in its destination directory, and how to boot it."""
+
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    cmdline: str
+    recipe_hash: str
+
+
+# --- public entry point -------------------------------------------------------------------------------------
+
+
+def build_debian_image(
+    dest: Path,
+    cache: Path,
+    release: str = DEFAULT_RELEASE,
+    packages: Sequence[str] = (),
+    size: int = DEFAULT_SIZE,
+    progress: Progress | None = None,
+) -> DebianImage:
+    """Build (or reuse from `cache`) a Debian `release` image with extra `packages` and place it in `dest`.
+
+    `size` is the root disk's size in bytes. Cached artifacts are hard-linked into `dest` and are read-only:
+    boot from a qcow2 overlay, never from `rootfs.qcow2` itself. Raises InvalidInput for bad arguments and
+    ImageBuildError (with a hint) when the build fails, e.g. when the mirror cannot be reached.
+    """
+    report = progress or (lambda _f, _m: None)
+    dest, cache = Path(dest), Path(cache)
+    extra = validate_packages(packages)
+    validate_release(release)
+    validate_size(size)
+    mirror = host_mirror()
+    image_recipe = recipe(release, mirror, extra, size)
+    recipe_hash = _hash(image_recipe)
+    built = cache / "debian" / recipe_hash
+    try:
+        if not (built / "image.json").is_file():
+            _build(built, image_recipe, cache, report)
+        report(0.98, "installing image files")
+        _install(built, dest)
+    except OSError as exc:
+        raise ImageBuildError(
+            f"cannot write the Debian image ({exc})", f"check free space and permissions of {cache} and {dest}"
+        ) from exc
+    report(1.0, "Debian image ready")
+    return DebianImage(
+        kernel=dest / "vmlinuz",
+        initrd=dest / "initrd.img",
+        rootfs=dest / "rootfs.qcow2",
+        cmdline=CMDLINE,
+        recipe_hash=recipe_hash,
+    )
+
+
+# --- inputs and recipe --------------------------------------------------------------------------------------
+
+
+def validate_release(release: str) -> str:
+    """A Debian release name debootstrap knows (`bookworm`, `trixie`, `sid`, ...)."""
+    if not isinstance(release, str) or not _RELEASE.fullmatch(release):
+        raise InvalidInput(f"invalid Debian release {release!r}", "use a release code name such as 'bookworm'")
+    if _DEBOOTSTRAP_SCRIPTS.is_dir() and not (_DEBOOTSTRAP_SCRIPTS / release).exists():
+        raise InvalidInput(f"debootstrap does not know the release {release!r}", "use e.g. 'bookworm' or 'trixie'")
+    return release
+
+
+def validate_packages(packages: Sequence[str]) -> list[str]:
+    """Extra package names, checked against Debian's naming rule, de-duplicated and sorted (for the hash)."""
+    if isinstance(packages, str):
+        packages = [p for p in packages.split(",") if p.strip()]
+    names = sorted({p.strip() for p in packages})
+    bad = [n for n in names if not _PACKAGE.fullmatch(n)]
+    if bad:
+        raise InvalidInput(
+            f"invalid package name{'s' if len(bad) > 1 else ''}: {', '.join(repr(b) for b in bad)}",
+            "Debian package names are lowercase letters, digits, '+', '-' and '.', e.g. 'vim,curl'",
+        )
+    return names
+
+
+def validate_size(size: int) -> int:
+    """The root disk size in bytes: room for the system plus some space to work in."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidInput(f"invalid image size {size!r}", "give a size in bytes, e.g. 4G")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise InvalidInput(
+            f"image size {size >> 20} MiB is out of range",
+            f"use between {MIN_SIZE >> 30} GiB and {MAX_SIZE >> 40} TiB (the guest can grow it later)",
+        )
+    if size % (1 << 20):
+        raise InvalidInput(f"image size {size} is not a whole number of MiB", "use e.g. 4G or 4096M")
+    return size
+
+
+def host_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
+    """The Debian archive URL the host's apt uses (not debian-security), or deb.debian.org.
+
+    Reads one-line `deb URL suite ...` entries and deb822 `.sources` stanzas; a source counts as a Debian
+    archive when its URL ends in `/debian`, which skips security, backports-style and third-party repositories.
+    """
+    for url in _apt_source_urls(apt_dir):
+        if url.rstrip("/").endswith("/debian"):
+            return url.rstrip("/")
+    return FALLBACK_MIRROR
+
+
+def _apt_source_urls(apt_dir: Path) -> Iterator[str]:
+    files = [apt_dir / "sources.list"]
+    with contextlib.suppress(OSError):
+        files += sorted((apt_dir / "sources.list.d").iterdir())
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if path.name.endswith(".list"):
+            yield from _one_line_urls(text)
+        elif path.name.endswith(".sources"):
+            yield from _deb822_urls(text)
+
+
+def _one_line_urls(text: str) -> Iterator[str]:
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line.startswith("deb "):
+            continue
+        rest = line[4:].strip()
+        if rest.startswith("["):  # options such as [arch=amd64 signed-by=...]
+            rest = rest.split("]", 1)[1] if "]" in rest else ""
+        words = rest.split()
+        if words and "://" in words[0]:
+            yield words[0]
+
+
+def _deb822_urls(text: str) -> Iterator[str]:
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line.startswith("#") or ":" not in line or line[:1].isspace():
+                continue
+            key, value = line.split(":", 1)
+            fields[key.strip().lower()] = value.strip()
+        if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes").lower() != "no":
+            yield from fields.get("uris", "").split()
+
+
+def recipe(release: str, mirror: str, packages: list[str], size: int) -> dict[str, object]:
+    """Everything that determines the image's content; its hash names the cache entry.
+
+    Package *versions* are not in it: they are whatever the mirror serves at build time, and are recorded in
+    image.json. A new cache entry (e.g. after a point release) needs a changed input or a removed entry.
+    """
+    return {
+        "builder": BUILDER_VERSION,
+        "builder_source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "release": release,
+        "mirror": mirror,
+        "base_packages": list(BASE_PACKAGES),
+        "late_packages": list(LATE_PACKAGES),
+        "packages": packages,
+        "size": size,
+        "cmdline": CMDLINE,
+    }
+
+
+def _hash(image_recipe: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(image_recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- building -----------------------------------------------------------------------------------------------
+
+
+def _build(final: Path, image_recipe: dict[str, object], cache: Path, report: Progress) -> None:
+    """Build every artifact in a private temporary directory, then rename it to `final` in one step."""
+    release, mirror = str(image_recipe["release"]), str(image_recipe["mirror"])
+    report(0.0, f"checking the Debian mirror {mirror}")
+    check_mirror(mirror, release)
+    _ensure_debootstrap(report)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{final.name}-", dir=final.parent))
+    root = tmp / "root"
+    try:
+        debs = cache / "debian" / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        _debootstrap(root, release, mirror, debs, report)
+        report(0.55, "configuring the system")
+        _configure(root)
+        extra = [str(p) for p in image_recipe["packages"]]  # type: ignore[attr-defined]
+        report(0.6, f"installing {', '.join([*LATE_PACKAGES, *extra])}")
+        _apt_install(root, [*LATE_PACKAGES, *extra], report)
+        report(0.75, "cleaning up")
+        _finalize(root)
+        _make_artifacts(tmp, root, image_recipe, report)
+        shutil.rmtree(root)
+        for name in ARTIFACTS:
+            (tmp / name).chmod(0o444)
+        tmp.chmod(0o755)
+        if final.exists() and not (final / "image.json").is_file():
+            shutil.rmtree(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / "image.json").is_file():
+                raise
+    finally:
+        _unmount_below(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Delete temporary build directories of builds whose process is gone (interrupted or killed)."""
+    for entry in parent.glob(".tmp-*"):
+        pid = entry.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            _unmount_below(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_mirror(mirror: str, release: str, timeout: float = 15.0) -> None:
+    """Fail early and clearly when the mirror is unreachable or lacks `release` (debootstrap fails obscurely)."""
+    url = f"{mirror}/dists/{release}/Release"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read(1)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise ImageBuildError(
+                f"the Debian mirror {mirror} has no release {release!r}",
+                "check the release name (e.g. bookworm, trixie)",
+            ) from exc
+        raise ImageBuildError(f"the Debian mirror {mirror} answered HTTP {exc.code} for {url}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ImageBuildError(
+            f"cannot reach the Debian mirror {mirror} ({reason})",
+            "check the network (and proxy settings), or the mirror in /etc/apt/sources.list*",
+        ) from exc
+
+
+def _ensure_debootstrap(report: Progress) -> None:
+    if shutil.which("debootstrap"):
+        return
+    report(0.01, "installing debootstrap on the host")
+    _run(
+        ["apt-get", "install", "-y", "--no-install-recommends", "debootstrap"],
+        "install debootstrap",
+        "install it by hand: apt-get install debootstrap (needs root)",
+    )
+
+
+def _debootstrap(root: Path, release: str, mirror: str, debs: Path, report: Progress) -> None:
+    """Run debootstrap, turning its `I: Retrieving/Extracting/...` lines into progress between 5% and 55%."""
+    argv = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(BASE_PACKAGES)}",
+        f"--cache-dir={debs.resolve()}",
+        release,
+        str(root),
+        mirror,
+    ]
+    expected_lines = 700.0  # measured: ~680 lines of output for bookworm with BASE_PACKAGES
+    lines: list[str] = []
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **_CHROOT_ENV},
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith(("I: ", "W: ", "E: ")):
+                report(0.05 + 0.5 * min(1.0, len(lines) / expected_lines), f"debootstrap: {line[3:].strip()}")
+    if proc.returncode != 0:
+        errors = [ln for ln in lines if ln.startswith("E:")] or lines[-3:]
+        log = root / "debootstrap" / "debootstrap.log"
+        with contextlib.suppress(OSError):
+            errors += [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-2:]
+        raise ImageBuildError(
+            f"debootstrap failed ({' / '.join(errors[-4:]) or f'exit code {proc.returncode}'})",
+            f"is {mirror} reachable and complete, and does it carry {release}?",
+        )
+
+
+def _configure(root: Path) -> None:
+    """Write the image's own configuration before the kernel and the extra packages are installed."""
+    files = {
+        # Services must never start inside the build chroot.
+        "usr/sbin/policy-rc.d": "#!/bin/sh\nexit 101\n",
+        "etc/initramfs-tools/conf.d/corral.conf": "# Corral: only the listed modules keep the initrd small\n"
+        "MODULES=list\n",
+        "etc/initramfs-tools/modules": "".join(f"{m}\n" for m in INITRAMFS_MODULES),
+        "etc/fstab": f"LABEL={ROOT_LABEL} / ext4 defaults,errors=remount-ro 0 1\n",
+        "etc/hostname": "debian\n",
+        "etc/hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+        "etc/default/locale": "LANG=C.UTF-8\n",
+        "etc/cloud/cloud.cfg.d/90-corral.cfg": CLOUD_CFG,
+        "etc/systemd/network/99-corral-dhcp.network": FALLBACK_NETWORK,
+        "etc/systemd/system/ssh.service.d/corral.conf": SSH_DROPIN,
+        "etc/systemd/system/systemd-networkd-wait-online.service.d/corral.conf": WAIT_ONLINE_DROPIN,
+        "etc/apt/apt.conf.d/90corral": 'APT::Install-Recommends "false";\n',
+    }
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755 if text.startswith("#!") else 0o644)
+
+
+#: cloud-init: NoCloud only (no network probing of cloud metadata services, which costs minutes), the
+#: networkd renderer, and the Corral default user for cloud-configs that say `users: [default]`.
+CLOUD_CFG = """\
+# Corral: look only for a NoCloud seed (then fall back to no datasource); render networks for networkd.
+datasource_list: [NoCloud, None]
+system_info:
+  default_user:
+    name: corral
+    gecos: Corral default user
+    groups: [sudo]
+    sudo: ["ALL=(ALL) NOPASSWD:ALL"]
+    shell: /bin/bash
+    lock_passwd: true
+  network:
+    renderers: [networkd]
+"""
+
+#: DHCP on any NIC cloud-init did not configure (cloud-init's own 10-cloud-init-*.network files sort first).
+FALLBACK_NETWORK = """\
+[Match]
+Name=eth* en*
+
+[Network]
+DHCP=yes
+"""
+
+#: sshd starts after cloud-init wrote the host keys, and generates any still missing so it can never fail.
+SSH_DROPIN = """\
+[Unit]
+After=cloud-init.service
+
+[Service]
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+"""
+
+#: One configured link is enough to be "online"; do not hold up boot for 2 minutes on a VM without a NIC.
+WAIT_ONLINE_DROPIN = """\
+[Service]
+ExecStart=
+ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=30
+"""
+
+
+def _apt_install(root: Path, packages: list[str], report: Progress) -> None:
+    """apt-get install inside the new system (kernel and extra packages); a missing package is named."""
+    with _chroot_mounts(root):
+        _chroot(root, ["apt-get", "update"], "update the package lists in the image")
+        proc = _chroot_proc(root, ["apt-get", "install", "-y", "--no-install-recommends", *packages])
+        if proc.returncode != 0:
+            errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("E:")]
+            detail = " / ".join(errors[-3:]) or proc.stdout.strip().splitlines()[-1:]
+            raise ImageBuildError(
+                f"cannot install {', '.join(packages)} in the image ({detail})",
+                "check the package names exist in this Debian release (apt-cache policy NAME)",
+            )
+        report(0.7, "enabling services")
+        _chroot(root, ["systemctl", "enable", "systemd-networkd.service"], "enable systemd-networkd")
+        _chroot(root, ["systemctl", "disable", *_existing_units(root, DISABLED_UNITS)], "disable slow units")
+
+
+def _existing_units(root: Path, units: Sequence[str]) -> list[str]:
+    dirs = [root / "lib/systemd/system", root / "usr/lib/systemd/system", root / "etc/systemd/system"]
+    return [u for u in units if any((d / u).exists() for d in dirs)]
+
+
+def _finalize(root: Path) -> None:
+    """Remove what must be unique per VM or is only build debris, so every first boot is a clean one."""
+    for pattern in ("etc/ssh/ssh_host_*", "var/lib/apt/lists/*_*", "var/cache/apt/archives/*.deb", "var/log/*.log"):
+        for path in root.glob(pattern):
+            path.unlink()
+    for rel in ("usr/sbin/policy-rc.d", "var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin"):
+        (root / rel).unlink(missing_ok=True)
+    # An empty machine-id makes systemd generate one at first boot; clones must not share it.
+    (root / "etc/machine-id").write_text("")
+    dbus_id = root / "var/lib/dbus/machine-id"
+    if dbus_id.exists() or dbus_id.is_symlink():
+        dbus_id.unlink()
+        dbus_id.symlink_to("/etc/machine-id")
+    # The build host's resolver config is no business of the guest (systemd-resolved's stub link replaces it).
+    resolv = root / "etc/resolv.conf"
+    if not resolv.is_symlink():
+        resolv.unlink(missing_ok=True)
+        resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    shutil.rmtree(root / "debootstrap", ignore_errors=True)
+    shutil.rmtree(root / "var/lib/cloud", ignore_errors=True)
+
+
+def _make_artifacts(out: Path, root: Path, image_recipe: dict[str, object], report: Progress) -> None:
+    """Copy out the kernel and initrd, make the ext4 disk and qcow2, and write image.json."""
+    kernel_version = _kernel_version(root)
+    shutil.copyfile(root / "boot" / f"vmlinuz-{kernel_version}", out / "vmlinuz")
+    shutil.copyfile(root / "boot" / f"initrd.img-{kernel_version}", out / "initrd.img")
+    installed = _installed_packages(root)
+    _unmount_below(root)  # mkfs -d must never copy a mounted /proc or /dev
+    report(0.8, "making the ext4 root filesystem")
+    raw = out / "rootfs.raw"
+    size = int(image_recipe["size"])  # type: ignore[call-overload]
+    mkfs_options = ["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-L", ROOT_LABEL]
+    mkfs_options += ["-E", "lazy_itable_init=0,lazy_journal_init=0"]
+    _run(
+        ["mkfs.ext4", *mkfs_options, "-d", str(root), str(raw), f"{size >> 10}k"],
+        "make the ext4 root filesystem",
+        "is e2fsprogs >= 1.43 installed (mkfs.ext4 -d), and is the image size big enough for the packages?",
+    )
+    report(0.9, "converting the root filesystem to qcow2")
+    _run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out / "rootfs.qcow2")],
+        "convert the root filesystem to qcow2",
+        "is qemu-utils installed?",
+    )
+    raw.unlink()
+    manifest = {
+        "kind": "kernel",
+        "name": "debian",
+        "kernel": "vmlinuz",
+        "initrd": "initrd.img",
+        "rootfs": "rootfs.qcow2",
+        "rootfs_format": "qcow2",
+        "cmdline": CMDLINE,
+        "recipe_hash": _hash(image_recipe),
+        "recipe": image_recipe,
+        "kernel_version": kernel_version,
+        "cloud_init": True,
+        "default_user": "corral",
+        "packages": installed,
+        "builder": BUILDER_VERSION,
+        "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    (out / "image.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _kernel_version(root: Path) -> str:
+    kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (root / "boot").glob("vmlinuz-*"))
+    if not kernels or not (root / "boot" / f"initrd.img-{kernels[-1]}").is_file():
+        raise ImageBuildError("the image has no kernel and initrd in /boot", "did the kernel package install?")
+    return kernels[-1]
+
+
+def _installed_packages(root: Path) -> dict[str, str]:
+    out = _run(
+        ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package}\t${Version}\n"],
+        "list the installed packages",
+        "is dpkg installed on the host?",
+    )
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+# --- running tools ------------------------------------------------------------------------------------------
+
+
+def _run(argv: list[str], what: str, hint: str) -> str:
+    """Run a host tool; a failure becomes an ImageBuildError quoting the tool's own complaint."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, env={**os.environ, "LC_ALL": "C"})
+    except FileNotFoundError as exc:
+        raise ImageBuildError(f"cannot {what}: {argv[0]} not found", hint) from exc
+    if proc.returncode != 0:
+        detail = " / ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:]) or f"exit {proc.returncode}"
+        raise ImageBuildError(f"cannot {what} ({argv[0]}: {detail})", hint)
+    return proc.stdout
+
+
+def _chroot_proc(root: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["chroot", str(root), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+        env=_CHROOT_ENV,
+    )
+
+
+def _chroot(root: Path, argv: list[str], what: str) -> None:
+    proc = _chroot_proc(root, argv)
+    if proc.returncode != 0:
+        detail = " / ".join(proc.stdout.strip().splitlines()[-3:]) or f"exit code {proc.returncode}"
+        raise ImageBuildError(f"cannot {what} ({argv[0]}: {detail})", "is the Debian mirror reachable?")
+
+
+@contextlib.contextmanager
+def _chroot_mounts(root: Path) -> Iterator[None]:
+    """/proc, /sys and /dev inside the build chroot, which package scripts (kernel, initramfs) expect.
+
+    These are plain kernel filesystem and bind mounts, released in all cases; the disk image itself is never
+    mounted.
+    """
+    mounts = [
+        (["-t", "proc", "proc"], root / "proc"),
+        (["-t", "sysfs", "sysfs"], root / "sys"),
+        (["--bind", "/dev"], root / "dev"),
+        (["--bind", "/dev/pts"], root / "dev/pts"),
+    ]
+    try:
+        for options, target in mounts:
+            target.mkdir(parents=True, exist_ok=True)
+            _run(["mount", *options, str(target)], f"mount {target.name} in the build chroot", "are you root?")
+        yield
+    finally:
+        _unmount_below(root)
+
+
+def _unmount_below(root: Path) -> None:
+    """Unmount everything mounted at or below `root`, deepest first (debootstrap or we may have left some)."""
+    prefix = str(root.resolve())
+    try:
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return
+    for target in sorted((m for m in mounts if m == prefix or m.startswith(prefix + "/")), reverse=True):
+        if subprocess.run(["umount", target], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
+# --- installing into dest -----------------------------------------------------------------------------------
+
+
+def _install(built: Path, dest: Path) -> None:
+    """Hard-link the cached artifacts into `dest` (copy when linking fails, e.g. across filesystems)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ARTIFACTS:
+        src, dst = built / name, dest / name
+        with contextlib.suppress(OSError):
+            if os.path.samefile(src, dst):
+                continue
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)

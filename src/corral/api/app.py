@@ -10,7 +10,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from corral import __version__
-from corral.api import routes_console, routes_jobs, routes_snapshots, routes_storage, routes_vms
+from corral.api import (
+    routes_clones,
+    routes_console,
+    routes_jobs,
+    routes_snapshots,
+    routes_storage,
+    routes_vms,
+)
 from corral.api.state import AppState, db_session
 from corral.api.views import HostView
 from corral.cluster import placement
@@ -59,6 +66,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(routes_vms.router)
     app.include_router(routes_console.router)
     app.include_router(routes_snapshots.router)
+    app.include_router(routes_clones.router)
     app.include_router(routes_storage.router)
     app.include_router(routes_jobs.router)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from corral import __version__
-from corral.cli import host, image, job, serve, snapshot, vm, volume
+from corral.cli import host, image, job, serve, snapshot, template, vm, volume
 
 app = typer.Typer(
     name="corral",
@@ -19,6 +19,7 @@ app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")
 app.add_typer(volume.app, name="volume")
 app.add_typer(snapshot.app, name="snapshot")
+app.add_typer(template.app, name="template")
 app.add_typer(job.app, name="job")
 app.add_typer(host.app, name="host")
 serve.register(app)

@@ -48,6 +48,7 @@ def _create(
     wait: bool,
     as_json: bool,
     timeout: float,
+    template: str | None = None,
 ) -> None:
     def action() -> None:
         with client() as corral:
@@ -56,6 +57,7 @@ def _create(
                 start=start,
                 wait=wait,
                 volumes=volumes or [],
+                template=template,
             )
             follow_job(corral, accepted, f"vm {name}", quiet=as_json, timeout=timeout + 60 if wait else None)
             vm = _with_addresses(corral, name)
@@ -111,11 +113,14 @@ def create(
     kernel_args: str = KERNEL_ARGS,
     start: bool = typer.Option(False, "--start", help="Start it once created."),
     wait: bool = typer.Option(False, "--wait", help="With --start: wait until the guest agent answers."),
+    template: str = typer.Option(None, "--template", "-t", help="Make a linked clone of this template."),
     timeout: float = TIMEOUT,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Define a VM: its disks are made (a linked overlay of the image, plus blank ones)."""
-    _create(name, image, cpus, memory, disk, volume, restart, kernel_args, start, wait and start, as_json, timeout)
+    """Define a VM: its disks are made (a linked overlay of the image or template, plus blank ones)."""
+    _create(
+        name, image, cpus, memory, disk, volume, restart, kernel_args, start, wait and start, as_json, timeout, template
+    )
 
 
 @app.command("run")
@@ -334,3 +339,50 @@ def console(name: str) -> None:
     from corral.cli.console import attach
 
     run(lambda: attach(name))
+
+
+@app.command()
+def clone(
+    source: str = typer.Argument(..., help="VM to clone."),
+    name: str = typer.Argument(..., help="Name of the new VM."),
+    linked: bool = typer.Option(False, "--linked/--full", help="Linked (instant, shares a frozen base) or full copy."),
+    from_snapshot: str = typer.Option(None, "--from-snapshot", help="Copy the disks as they were at a snapshot."),
+    start: bool = typer.Option(False, "--start", help="Start the clone."),
+    wait: bool = typer.Option(False, "--wait", help="With --start: wait until its guest agent answers."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Clone a VM with a new identity (name, hostname, MACs, machine id)."""
+
+    def action() -> None:
+        with client() as corral:
+            accepted = corral.clone_vm(source, name, linked, from_snapshot, start, wait and start)
+            follow_job(corral, accepted, f"clone {source} -> {name}", quiet=as_json)
+            vm = _with_addresses(corral, name)
+        print_json(vm) if as_json else _summary(vm)
+
+    run(action)
+
+
+@app.command()
+def fork(
+    source: str = typer.Argument(..., help="A running, forkable VM."),
+    name: str = typer.Argument(..., help="Name of the child (with --count N: NAME-1 ... NAME-N)."),
+    count: int = typer.Option(1, "--count", "-n", help="How many children."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Instant clone of a running VM: children resume from its current memory and CPU state."""
+
+    def action() -> None:
+        with client() as corral:
+            job = follow_job(corral, corral.fork_vm(source, name, count), f"fork {source}", quiet=as_json)
+            children = [corral.vm(child) for child in job["result"]["children"]]
+        if as_json:
+            print_json({"job": job, "children": children})
+        else:
+            result = job["result"]
+            print(
+                f"forked {source} into {', '.join(result['children'])}: parent paused "
+                f"{result['parent_pause_ms']:.0f} ms, children running after {result['child_ready_ms']:.0f} ms"
+            )
+
+    run(action)

@@ -151,8 +151,16 @@ class Client:
         wait: bool = False,
         volumes: list[str] | None = None,
         host: str | None = None,
+        template: str | None = None,
     ) -> dict[str, Any]:
-        body = {"spec": spec, "start": start, "wait": wait, "volumes": volumes or [], "host": host}
+        body = {
+            "spec": spec,
+            "start": start,
+            "wait": wait,
+            "volumes": volumes or [],
+            "host": host,
+            "template": template,
+        }
         return self.request("POST", "/vms", json=body)
 
     def start_vm(self, name: str, wait: bool = False) -> dict[str, Any]:
@@ -198,6 +206,32 @@ class Client:
 
     def delete_snapshot(self, vm: str, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/vms/{vm}/snapshots/{name}")
+
+    # -- clones and templates ---------------------------------------------------------------------------------
+
+    def clone_vm(
+        self,
+        source: str,
+        name: str,
+        linked: bool = False,
+        from_snapshot: str | None = None,
+        start: bool = False,
+        wait: bool = False,
+    ) -> dict[str, Any]:
+        body = {"name": name, "linked": linked, "from_snapshot": from_snapshot, "start": start, "wait": wait}
+        return self.request("POST", f"/vms/{source}/clone", json=body)
+
+    def fork_vm(self, source: str, name: str, count: int = 1) -> dict[str, Any]:
+        return self.request("POST", f"/vms/{source}/fork", json={"name": name, "count": count})
+
+    def templates(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/templates")
+
+    def create_template(self, name: str, source: str) -> dict[str, Any]:
+        return self.request("POST", "/templates", json={"name": name, "source": source})
+
+    def delete_template(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/templates/{name}")
 
     # -- images and volumes -----------------------------------------------------------------------------------
 

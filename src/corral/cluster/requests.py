@@ -26,6 +26,7 @@ class VMCreate(BaseModel):
     start: bool = False
     wait: bool = False
     host: str | None = None
+    template: str | None = None
 
     @field_validator("volumes")
     @classmethod
@@ -107,3 +108,18 @@ class VolumeCreate(BaseModel):
 class VolumeResize(BaseModel):
     model_config = ConfigDict(extra="forbid")
     size: Annotated[int, BeforeValidator(_size)]
+
+
+class VMClone(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    linked: bool = False
+    from_snapshot: str | None = None
+    start: bool = False
+    wait: bool = False
+
+
+class TemplateCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    source: str

@@ -52,6 +52,10 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
     spec = request.spec.with_macs()
     if session.scalars(select(VM.id).where(VM.project == project, VM.name == spec.name)).first():
         raise AlreadyExists(f"VM {spec.name!r} already exists", "choose another name or delete it first")
+    if request.template is not None:
+        from corral.cluster.clones import create_from_template
+
+        return create_from_template(session, request.template, spec, request.start, request.wait, project)
     image = session.scalars(select(Image).where(Image.name == spec.image)).first()
     if image is None:
         raise NotFound(

@@ -7,13 +7,16 @@ and the problem better than anything we could paraphrase.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from corral.errors import EngineError, InvalidInput
 
 QEMU_IMG = "qemu-img"
+_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
 def run(args: list[str], binary: str = QEMU_IMG, timeout: float = 600) -> str:
@@ -98,3 +101,36 @@ def resize(path: Path, size: int, binary: str = QEMU_IMG) -> None:
 def convert(source: Path, dest: Path, dest_format: str = "qcow2", binary: str = QEMU_IMG) -> None:
     """A full, independent copy (used by image import and, later, full clones)."""
     run(["convert", "-q", "-O", dest_format, str(source), str(dest)], binary, timeout=3600)
+
+
+def copy_with_progress(
+    source: Path,
+    dest: Path,
+    snapshot: str | None = None,
+    force_share: bool = False,
+    progress: Callable[[float], None] | None = None,
+    binary: str = QEMU_IMG,
+) -> None:
+    """A full, flattened qcow2 copy (optionally of an internal snapshot), reporting qemu-img's own progress."""
+    args = [binary, "convert", "-p", "-O", "qcow2"]
+    if force_share:
+        args.append("-U")
+    if snapshot:
+        args += ["-l", f"snapshot.name={snapshot}"]
+    args += [str(source), str(dest)]
+    try:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError as exc:
+        raise EngineError(f"{binary} not found", "install qemu-utils (apt-get install qemu-utils)") from exc
+    assert proc.stdout is not None
+    buffer = b""
+    while chunk := proc.stdout.read1(256) if hasattr(proc.stdout, "read1") else proc.stdout.read(256):
+        buffer = (buffer + chunk)[-256:]
+        for match in _PERCENT.findall(buffer.decode(errors="replace"))[-1:]:
+            if progress is not None:
+                progress(float(match) / 100)
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.wait() != 0:
+        dest.unlink(missing_ok=True)
+        lines = stderr.strip().splitlines()
+        raise EngineError(f"copying {source.name} failed: {lines[-1] if lines else 'qemu-img convert failed'}")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import qemu_img
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, NotFound
-from corral.host import image_jobs, snapshot_jobs, storage, vm_lifecycle
+from corral.host import clone_jobs, image_jobs, snapshot_jobs, storage, vm_lifecycle
 from corral.spec.job import JobKind
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Image, Snapshot, Volume
@@ -48,12 +48,12 @@ async def vm_create(ctx: JobContext) -> dict[str, Any]:
                 ctx.progress(0.4, "starting")
                 await vm_lifecycle.start(agent, vm_id, wait=bool(ctx.params.get("wait")), progress=ctx.progress)
         except BaseException:
-            await _discard_vm(ctx, vm_id, {v.id for v in made})
+            await discard_vm(ctx, vm_id, {v.id for v in made})
             raise
     return {"vm": ctx.target_name}
 
 
-async def _discard_vm(ctx: JobContext, vm_id: str, made_ids: set[str]) -> None:
+async def discard_vm(ctx: JobContext, vm_id: str, made_ids: set[str]) -> None:
     agent = ctx.agent
     running = agent.vms.get(vm_id)
     if running is not None:
@@ -141,6 +141,8 @@ async def vm_delete(ctx: JobContext) -> dict[str, Any]:
                     removed.append(volume.name)
             session.query(Snapshot).filter(Snapshot.vm_id == vm.id).delete()
             session.delete(vm)
+            session.flush()
+            storage.collect_bases(agent, session)
         vm_lifecycle.remove_run_dir(agent, vm_id)
     agent.vm_locks.pop(vm_id, None)
     agent.guest_locks.pop(vm_id, None)
@@ -224,6 +226,8 @@ async def volume_delete(ctx: JobContext) -> dict[str, Any]:
             raise Conflict(f"volume {volume.name} is attached to a VM", "delete or detach the VM first")
         storage.remove(agent, volume)
         session.delete(volume)
+        session.flush()
+        storage.collect_bases(agent, session)
     return {"volume": ctx.target_name}
 
 
@@ -243,6 +247,9 @@ def build_handlers() -> dict[str, Handler]:
         JobKind.IMAGE_BUILD: image_jobs.build,
         JobKind.IMAGE_IMPORT: image_jobs.import_image,
         JobKind.IMAGE_DELETE: image_jobs.delete,
+        JobKind.VM_CLONE: clone_jobs.vm_clone,
+        JobKind.TEMPLATE_CREATE: clone_jobs.template_create,
+        JobKind.TEMPLATE_DELETE: clone_jobs.template_delete,
         JobKind.SNAPSHOT_CREATE: snapshot_jobs.create,
         JobKind.SNAPSHOT_REVERT: snapshot_jobs.revert,
         JobKind.SNAPSHOT_DELETE: snapshot_jobs.delete,

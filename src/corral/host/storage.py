@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from corral.engine import qemu_img
 from corral.errors import NotFound
 from corral.host.layout import inside_pool
 from corral.store.models import Image, Volume
+
+BASES = "bases"
+TEMPLATES = "templates"
 
 if TYPE_CHECKING:
     from corral.host.agent import Agent
@@ -25,7 +31,10 @@ async def materialize(agent: Agent, volume: Volume, image: Image | None) -> None
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     binary = agent.settings.qemu_img_binary
-    if volume.backing_image is not None:
+    if volume.backing_path is not None:
+        base = inside_pool(agent.layout.pool(volume.pool), volume.backing_path)
+        await asyncio.to_thread(qemu_img.create_overlay, path, base, "qcow2", None, binary)
+    elif volume.backing_image is not None:
         if image is None or not image.disk_file:
             raise NotFound("the volume's image is missing", "import or build the image again")
         base = agent.layout.image_dir(image.id) / image.disk_file
@@ -38,3 +47,19 @@ async def materialize(agent: Agent, volume: Volume, image: Image | None) -> None
 
 def remove(agent: Agent, volume: Volume) -> None:
     volume_path(agent, volume).unlink(missing_ok=True)
+
+
+def collect_bases(agent: Agent, session: Session, pool: str = "default") -> list[str]:
+    """Delete frozen bases (made by linked clones) that no volume is an overlay of any more.
+
+    Reference counts come from the store, not from luck: a base stays while any volume row names it."""
+    bases = agent.layout.pool(pool) / BASES
+    if not bases.is_dir():
+        return []
+    used = set(session.scalars(select(Volume.backing_path).where(Volume.backing_path.is_not(None))))
+    removed = []
+    for path in bases.glob("*.qcow2"):
+        if f"{BASES}/{path.name}" not in used:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed

@@ -40,12 +40,14 @@ from corral.images.tiny import ImageBuildError
 #: Bump when the builder's output changes for the same inputs (it is part of the recipe hash).
 BUILDER_VERSION = "debian-1"
 
-#: Installed by debootstrap itself (its resolver follows Depends only, never Recommends).
-BASE_PACKAGES = (
-    "systemd",
-    "systemd-sysv",
-    "udev",
-    "dbus",
+#: Installed by debootstrap itself. Kept to packages with plain dependencies: debootstrap's resolver follows
+#: Depends only and cannot pick providers of virtual packages (cloud-init's python3-cryptography fails there).
+BASE_PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus")
+
+#: Installed with apt inside the new system, after the initramfs configuration is in place (so the kernel's
+#: initrd is built with it). systemd-resolved comes last because its postinst replaces /etc/resolv.conf.
+LATE_PACKAGES = (
+    "linux-image-cloud-amd64",
     "openssh-server",
     "qemu-guest-agent",
     "cloud-init",
@@ -55,12 +57,8 @@ BASE_PACKAGES = (
     "procps",
     "ca-certificates",
     "e2fsprogs",
-    "initramfs-tools",
+    "systemd-resolved",
 )
-
-#: Installed with apt inside the new system, after the initramfs configuration is in place.
-#: systemd-resolved is here because its postinst replaces /etc/resolv.conf, which the build still needs.
-LATE_PACKAGES = ("linux-image-cloud-amd64", "systemd-resolved")
 
 #: Modules the initramfs loads to find the root disk (ext4 is built into the cloud kernel; listing it is harmless).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "ext4")
@@ -85,7 +83,7 @@ DEFAULT_RELEASE = "bookworm"
 DEFAULT_SIZE = 4 << 30
 MIN_SIZE = 2 << 30
 MAX_SIZE = 2 << 40
-FALLBACK_MIRROR = "http://deb.debian.org/debian"
+_ROLLING_RELEASES = ("sid", "unstable", "experimental")
 ARTIFACTS = ("vmlinuz", "initrd.img", "rootfs.qcow2", "image.json")
 
 _RELEASE = re.compile(r"[a-z][a-z0-9-]{1,30}")
@@ -135,7 +133,7 @@ def build_debian_image(
     validate_release(release)
     validate_size(size)
     mirror = host_mirror()
-    image_recipe = recipe(release, mirror, extra, size)
+    image_recipe = recipe(release, mirror, host_mirror(archive="debian-security"), extra, size)
     recipe_hash = _hash(image_recipe)
     built = cache / "debian" / recipe_hash
     try:
@@ -197,16 +195,24 @@ def validate_size(size: int) -> int:
     return size
 
 
-def host_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
-    """The Debian archive URL the host's apt uses (not debian-security), or deb.debian.org.
+def host_mirror(apt_dir: Path = Path("/etc/apt"), archive: str = "debian") -> str:
+    """The URL of Debian's `archive` (`debian` or `debian-security`) the host's apt uses, or deb.debian.org's.
 
-    Reads one-line `deb URL suite ...` entries and deb822 `.sources` stanzas; a source counts as a Debian
-    archive when its URL ends in `/debian`, which skips security, backports-style and third-party repositories.
+    Reads one-line `deb URL suite ...` entries and deb822 `.sources` stanzas; a source counts when its URL's
+    last path component is `archive`, which skips third-party repositories.
     """
     for url in _apt_source_urls(apt_dir):
-        if url.rstrip("/").endswith("/debian"):
+        if url.rstrip("/").rsplit("/", 1)[-1] == archive:
             return url.rstrip("/")
-    return FALLBACK_MIRROR
+    return f"http://deb.debian.org/{archive}"
+
+
+def apt_sources(release: str, mirror: str, security_mirror: str) -> str:
+    """The guest's sources.list: the release, and for stable releases its -updates and -security suites."""
+    lines = [f"deb {mirror} {release} main"]
+    if release not in _ROLLING_RELEASES:
+        lines += [f"deb {mirror} {release}-updates main", f"deb {security_mirror} {release}-security main"]
+    return "\n".join(lines) + "\n"
 
 
 def _apt_source_urls(apt_dir: Path) -> Iterator[str]:
@@ -249,7 +255,7 @@ def _deb822_urls(text: str) -> Iterator[str]:
             yield from fields.get("uris", "").split()
 
 
-def recipe(release: str, mirror: str, packages: list[str], size: int) -> dict[str, object]:
+def recipe(release: str, mirror: str, security_mirror: str, packages: list[str], size: int) -> dict[str, object]:
     """Everything that determines the image's content; its hash names the cache entry.
 
     Package *versions* are not in it: they are whatever the mirror serves at build time, and are recorded in
@@ -260,6 +266,7 @@ def recipe(release: str, mirror: str, packages: list[str], size: int) -> dict[st
         "builder_source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "release": release,
         "mirror": mirror,
+        "security_mirror": security_mirror,
         "base_packages": list(BASE_PACKAGES),
         "late_packages": list(LATE_PACKAGES),
         "packages": packages,
@@ -290,10 +297,10 @@ def _build(final: Path, image_recipe: dict[str, object], cache: Path, report: Pr
         debs.mkdir(parents=True, exist_ok=True)
         _debootstrap(root, release, mirror, debs, report)
         report(0.55, "configuring the system")
-        _configure(root)
+        _configure(root, release, mirror, str(image_recipe["security_mirror"]))
         extra = [str(p) for p in image_recipe["packages"]]  # type: ignore[attr-defined]
         report(0.6, f"installing {', '.join([*LATE_PACKAGES, *extra])}")
-        _apt_install(root, [*LATE_PACKAGES, *extra], report)
+        _apt_install(root, [*LATE_PACKAGES, *extra], debs, report)
         report(0.75, "cleaning up")
         _finalize(root)
         _make_artifacts(tmp, root, image_recipe, report)
@@ -365,7 +372,7 @@ def _debootstrap(root: Path, release: str, mirror: str, debs: Path, report: Prog
         str(root),
         mirror,
     ]
-    expected_lines = 700.0  # measured: ~680 lines of output for bookworm with BASE_PACKAGES
+    expected_lines = 450.0  # measured: lines of output for bookworm with BASE_PACKAGES
     lines: list[str] = []
     with subprocess.Popen(
         argv,
@@ -390,7 +397,7 @@ def _debootstrap(root: Path, release: str, mirror: str, debs: Path, report: Prog
         )
 
 
-def _configure(root: Path) -> None:
+def _configure(root: Path, release: str, mirror: str, security_mirror: str) -> None:
     """Write the image's own configuration before the kernel and the extra packages are installed."""
     files = {
         # Services must never start inside the build chroot.
@@ -407,6 +414,7 @@ def _configure(root: Path) -> None:
         "etc/systemd/system/ssh.service.d/corral.conf": SSH_DROPIN,
         "etc/systemd/system/systemd-networkd-wait-online.service.d/corral.conf": WAIT_ONLINE_DROPIN,
         "etc/apt/apt.conf.d/90corral": 'APT::Install-Recommends "false";\n',
+        "etc/apt/sources.list": apt_sources(release, mirror, security_mirror),
     }
     for rel, text in files.items():
         path = root / rel
@@ -460,17 +468,24 @@ ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=30
 """
 
 
-def _apt_install(root: Path, packages: list[str], report: Progress) -> None:
-    """apt-get install inside the new system (kernel and extra packages); a missing package is named."""
-    with _chroot_mounts(root):
+def _apt_install(root: Path, packages: list[str], debs: Path, report: Progress) -> None:
+    """apt-get install inside the new system; a missing package is named. `debs` is apt's (shared) cache."""
+    with _chroot_mounts(root, debs):
         _chroot(root, ["apt-get", "update"], "update the package lists in the image")
-        proc = _chroot_proc(root, ["apt-get", "install", "-y", "--no-install-recommends", *packages])
-        if proc.returncode != 0:
-            errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("E:")]
-            detail = " / ".join(errors[-3:]) or proc.stdout.strip().splitlines()[-1:]
+        count = 0
+
+        def on_line(line: str) -> None:
+            nonlocal count
+            count += 1
+            if line.startswith(("Get:", "Unpacking", "Setting up")):
+                report(0.6 + 0.1 * min(1.0, count / 1500), f"apt: {line.strip()}")
+
+        code, lines = _chroot_stream(root, ["apt-get", "install", "-y", "--no-install-recommends", *packages], on_line)
+        if code != 0:
+            errors = [ln for ln in lines if ln.startswith("E:")] or lines[-2:]
             raise ImageBuildError(
-                f"cannot install {', '.join(packages)} in the image ({detail})",
-                "check the package names exist in this Debian release (apt-cache policy NAME)",
+                f"cannot install {', '.join(packages)} in the image ({' / '.join(errors[-3:])})",
+                "check that the package names exist in this Debian release (apt-cache policy NAME)",
             )
         report(0.7, "enabling services")
         _chroot(root, ["systemctl", "enable", "systemd-networkd.service"], "enable systemd-networkd")
@@ -579,27 +594,30 @@ def _run(argv: list[str], what: str, hint: str) -> str:
     return proc.stdout
 
 
-def _chroot_proc(root: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["chroot", str(root), *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        check=False,
-        env=_CHROOT_ENV,
-    )
+def _chroot_stream(root: Path, argv: list[str], on_line: Callable[[str], None]) -> tuple[int, list[str]]:
+    """Run `argv` in the chroot, feeding each output line to `on_line`; (exit code, all lines)."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        ["chroot", str(root), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_CHROOT_ENV
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            on_line(line)
+    return proc.returncode, lines
 
 
 def _chroot(root: Path, argv: list[str], what: str) -> None:
-    proc = _chroot_proc(root, argv)
-    if proc.returncode != 0:
-        detail = " / ".join(proc.stdout.strip().splitlines()[-3:]) or f"exit code {proc.returncode}"
+    code, lines = _chroot_stream(root, argv, lambda _line: None)
+    if code != 0:
+        detail = " / ".join(lines[-3:]) or f"exit code {code}"
         raise ImageBuildError(f"cannot {what} ({argv[0]}: {detail})", "is the Debian mirror reachable?")
 
 
 @contextlib.contextmanager
-def _chroot_mounts(root: Path) -> Iterator[None]:
-    """/proc, /sys and /dev inside the build chroot, which package scripts (kernel, initramfs) expect.
+def _chroot_mounts(root: Path, debs: Path) -> Iterator[None]:
+    """/proc, /sys and /dev inside the build chroot, which package scripts (kernel, initramfs) expect, and the
+    shared package cache as apt's archive directory so later builds download nothing twice.
 
     These are plain kernel filesystem and bind mounts, released in all cases; the disk image itself is never
     mounted.
@@ -609,6 +627,7 @@ def _chroot_mounts(root: Path) -> Iterator[None]:
         (["-t", "sysfs", "sysfs"], root / "sys"),
         (["--bind", "/dev"], root / "dev"),
         (["--bind", "/dev/pts"], root / "dev/pts"),
+        (["--bind", str(debs.resolve())], root / "var/cache/apt/archives"),
     ]
     try:
         for options, target in mounts:

@@ -1,0 +1,185 @@
+"""Clones and templates on this host.
+
+- Full clone: every disk copied and flattened (``qemu-img convert``), from the VM's current state or from one of
+  its snapshots. A running source is read through a temporary internal snapshot, so the copy is consistent
+  without stopping it.
+- Linked clone: the source's disks are frozen into read-only bases and both VMs get qcow2 overlays on them:
+  instant, and the bases live as long as any volume names them.
+- Template: a flattened read-only copy of a VM's disks; VMs made from it are overlays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from corral.engine import qemu_img
+from corral.engine import snapshots as engine_snapshots
+from corral.errors import Conflict, NotFound
+from corral.host import storage, vm_lifecycle
+from corral.host.layout import inside_pool
+from corral.store.models import VM, Snapshot, Template, Volume, new_id
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from corral.host.agent import Agent, JobContext
+
+
+def _volumes(agent: Agent, vm_id: str) -> list[Volume]:
+    with agent.store.session() as session:
+        vm = session.get(VM, vm_id)
+        if vm is None:
+            raise NotFound("the source VM no longer exists")
+        return sorted(vm.volumes, key=lambda v: v.device_index)
+
+
+@contextlib.asynccontextmanager
+async def _consistent_source(agent: Agent, source_id: str, snapshot_tag: str | None):  # type: ignore[no-untyped-def]
+    """Yield the snapshot tag to copy from: the one asked for, or a temporary one of a running source."""
+    running = agent.vms.get(source_id)
+    if snapshot_tag is not None or running is None or running.proc.exited:
+        yield snapshot_tag, running is not None
+        return
+    volumes = _volumes(agent, source_id)
+    nodes = [f"disk{i}" for i, v in enumerate(volumes) if v.format == "qcow2"]
+    tag = f"corral-copy-{new_id()[:8]}"
+    await engine_snapshots.save_disks_live(running.proc, tag, nodes)
+    try:
+        yield tag, True
+    finally:
+        with contextlib.suppress(Exception):
+            await engine_snapshots.delete_live(running.proc, tag, nodes)
+
+
+async def _copy_disks(ctx: JobContext, sources: list[Path], targets: list[Path], tag: str | None, share: bool) -> None:
+    binary = ctx.agent.settings.qemu_img_binary
+    loop = asyncio.get_running_loop()
+    span = 0.8 / len(sources)
+    for index, (source, target) in enumerate(zip(sources, targets, strict=True)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        last = [-1.0]
+
+        def report(fraction: float, index: int = index, name: str = source.name, last: list[float] = last) -> None:
+            if fraction - last[0] >= 0.02 or fraction >= 1.0:  # qemu-img reports often; the store needn't hear all
+                last[0] = fraction
+                loop.call_soon_threadsafe(ctx.progress, 0.1 + span * (index + fraction), f"copying {name}")
+
+        await asyncio.to_thread(qemu_img.copy_with_progress, source, target, tag, share, report, binary)
+
+
+async def vm_clone(ctx: JobContext) -> dict[str, Any]:
+    """Make the new VM's disks from the source's, then optionally start it; on failure nothing remains."""
+    from corral.host.handlers import discard_vm
+
+    agent, new_id_ = ctx.agent, ctx.target_id
+    source_id = ctx.params["source_id"]
+    linked = bool(ctx.params.get("linked"))
+    made: set[str] = set()
+    try:
+        async with agent.vm_locks[source_id]:
+            sources = _volumes(agent, source_id)
+            targets = _volumes(agent, new_id_)
+            if linked:
+                await _link(ctx, sources, targets)
+            else:
+                async with _consistent_source(agent, source_id, ctx.params.get("snapshot_tag")) as (tag, share):
+                    await _copy_disks(
+                        ctx,
+                        [storage.volume_path(agent, v) for v in sources],
+                        [storage.volume_path(agent, v) for v in targets],
+                        tag,
+                        share,
+                    )
+            made = {v.id for v in targets}
+        with agent.store.session() as session:
+            for volume in targets:
+                session.get(Volume, volume.id).state = "ready"
+        if ctx.params.get("start"):
+            async with agent.vm_locks[new_id_]:
+                await vm_lifecycle.start(agent, new_id_, wait=bool(ctx.params.get("wait")), progress=ctx.progress)
+    except BaseException:
+        await discard_vm(ctx, new_id_, made | {v.id for v in _volumes(agent, new_id_) if v.state == "pending"})
+        raise
+    return {"vm": ctx.target_name, "linked": linked}
+
+
+async def _link(ctx: JobContext, sources: list[Volume], targets: list[Volume]) -> None:
+    """Freeze each source disk into a read-only base (same data, new name) and put overlays on it for both VMs.
+    The source keeps its volume path, so nothing else about it changes."""
+    agent = ctx.agent
+    binary = agent.settings.qemu_img_binary
+    for source, target in zip(sources, targets, strict=True):
+        pool = agent.layout.pool(source.pool)
+        base_rel = f"{storage.BASES}/{source.id}-{new_id()[:8]}.qcow2"
+        base = inside_pool(pool, base_rel)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        source_path = storage.volume_path(agent, source)
+        os.rename(source_path, base)
+        try:
+            os.chmod(base, 0o444)
+            qemu_img.create_overlay(source_path, base, "qcow2", None, binary)
+        except BaseException:
+            source_path.unlink(missing_ok=True)
+            os.rename(base, source_path)
+            raise
+        with agent.store.session() as session:
+            session.get(Volume, source.id).backing_path = base_rel
+            session.get(Volume, target.id).backing_path = base_rel
+        qemu_img.create_overlay(storage.volume_path(agent, target), base, "qcow2", None, binary)
+
+
+async def template_create(ctx: JobContext) -> dict[str, Any]:
+    agent = ctx.agent
+    with agent.store.session() as session:
+        template = session.get(Template, ctx.target_id)
+        if template is None:
+            raise NotFound(f"template {ctx.target_name} not found")
+        source_id = ctx.params["source_id"]
+    directory_rel = f"{storage.TEMPLATES}/{template.id}"
+    pool = agent.layout.pool()
+    try:
+        async with agent.vm_locks[source_id]:
+            sources = _volumes(agent, source_id)
+            targets = [inside_pool(pool, f"{directory_rel}/disk{i}.qcow2") for i in range(len(sources))]
+            async with _consistent_source(agent, source_id, None) as (tag, share):
+                await _copy_disks(ctx, [storage.volume_path(agent, v) for v in sources], targets, tag, share)
+        for target in targets:
+            os.chmod(target, 0o444)
+        with agent.store.session() as session:
+            row = session.get(Template, template.id)
+            row.disks = [{"path": f"{directory_rel}/disk{i}.qcow2", "size": v.size} for i, v in enumerate(sources)]
+            row.state = "ready"
+    except BaseException:
+        shutil.rmtree(inside_pool(pool, directory_rel), ignore_errors=True)
+        with agent.store.session() as session:
+            row = session.get(Template, template.id)
+            if row is not None:
+                session.delete(row)
+        raise
+    return {"template": ctx.target_name}
+
+
+async def template_delete(ctx: JobContext) -> dict[str, Any]:
+    agent = ctx.agent
+    with agent.store.session() as session:
+        template = session.get(Template, ctx.target_id)
+        if template is None:
+            raise NotFound(f"template {ctx.target_name} not found")
+        prefix = f"{storage.TEMPLATES}/{template.id}/"
+        users = session.query(Volume).filter(Volume.backing_path.startswith(prefix)).count()
+        if users:
+            raise Conflict(f"template {ctx.target_name} still has linked clones")
+        shutil.rmtree(inside_pool(agent.layout.pool(), prefix.rstrip("/")), ignore_errors=True)
+        session.delete(template)
+    return {"template": ctx.target_name}
+
+
+def snapshot_tag(session: Any, vm_id: str, name: str) -> str:
+    snapshot = session.query(Snapshot).filter(Snapshot.vm_id == vm_id, Snapshot.name == name).first()
+    if snapshot is None:
+        raise NotFound(f"snapshot {name} not found")
+    return snapshot.tag

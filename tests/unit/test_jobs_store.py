@@ -84,3 +84,36 @@ def test_a_commit_wakes_waiters(store):
     with store.session() as session:
         jobs.submit(session, "vm.start", "vm", "a", host="h1")
     assert store.notifier.wait(generation, 1.0) != generation
+
+
+def test_a_store_with_data_upgrades_in_place(tmp_path):
+    """Migrations run on a database that already holds rows (SQLite rebuilds altered tables)."""
+    from alembic import command
+    from alembic.config import Config
+
+    from corral.store.db import MIGRATIONS, Store
+    from corral.store.models import VM, Volume
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "0001")
+    store = Store(url)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO vms (id, name, project, spec, desired_state, observed_state, status_message, ready, "
+            "interfaces, restart_count, created_at, updated_at) VALUES ('v1', 'old', 'default', '{}', 'stopped', "
+            "'stopped', '', 0, '[]', 0, '2026-01-01', '2026-01-01')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO volumes (id, name, project, pool, path, size, format, state, role, vm_id, device_index, "
+            "created_at) VALUES ('o1', 'old-root', 'default', 'default', 'old-root.qcow2', 1, 'qcow2', 'ready', "
+            "'root', 'v1', 0, '2026-01-01')"
+        )
+    store.migrate()
+    with store.session() as session:
+        assert session.get(VM, "v1").name == "old"
+        assert session.get(Volume, "o1").vm_id == "v1"
+        assert session.get(VM, "v1").current_snapshot is None
+    store.close()

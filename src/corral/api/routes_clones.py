@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from corral.api.state import AppState, app_state, db_session
 from corral.api.views import Accepted, JobView, VMView
-from corral.cluster import clones, vms
-from corral.cluster.requests import TemplateCreate, VMClone
+from corral.cluster import clones, forks, vms
+from corral.cluster.requests import TemplateCreate, VMClone, VMFork
 
 router = APIRouter(tags=["clones"])
 ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
@@ -38,6 +38,12 @@ def clone_vm(name: str, request: VMClone, state: AppState = Depends(app_state)) 
         )
         session.flush()
         return Accepted(job=JobView.of(job), vm=VMView.of(vms.get_vm(session, request.name)))
+
+
+@router.post("/vms/{name}/fork", **ACCEPTED)
+def fork_vm(name: str, request: VMFork, state: AppState = Depends(app_state)) -> Accepted:
+    with state.store.session() as session:
+        return Accepted(job=JobView.of(forks.fork(session, name, request.name, request.count)))
 
 
 @router.get("/templates", response_model=list[TemplateView])

@@ -18,13 +18,22 @@ DISKS = typer.Option(None, "--disk", help="Add a blank disk of this size (repeat
 VOLUMES = typer.Option(None, "--volume", help="Attach an existing volume (repeatable).")
 RESTART = typer.Option("never", "--restart", help="Restart policy: never, on-failure or always.")
 KERNEL_ARGS = typer.Option("", "--kernel-args", help="Extra kernel command line for direct-boot images.")
+FORKABLE = typer.Option(False, "--forkable", help="Keep RAM in a shared file so the VM can be forked.")
 TIMEOUT = typer.Option(300.0, "--timeout", help="Seconds to wait for the guest to become ready.")
 
 
 def _spec(
-    name: str, image: str, cpus: int, memory: str, disks: list[str] | None, restart: str, kernel_args: str
+    name: str,
+    image: str,
+    cpus: int,
+    memory: str,
+    disks: list[str] | None,
+    restart: str,
+    kernel_args: str,
+    forkable: bool = False,
 ) -> dict[str, Any]:
     return {
+        "forkable": forkable,
         "name": name,
         "image": image,
         "cpus": cpus,
@@ -49,11 +58,12 @@ def _create(
     as_json: bool,
     timeout: float,
     template: str | None = None,
+    forkable: bool = False,
 ) -> None:
     def action() -> None:
         with client() as corral:
             accepted = corral.create_vm(
-                _spec(name, image, cpus, memory, disks, restart, kernel_args),
+                _spec(name, image, cpus, memory, disks, restart, kernel_args, forkable),
                 start=start,
                 wait=wait,
                 volumes=volumes or [],
@@ -114,12 +124,14 @@ def create(
     start: bool = typer.Option(False, "--start", help="Start it once created."),
     wait: bool = typer.Option(False, "--wait", help="With --start: wait until the guest agent answers."),
     template: str = typer.Option(None, "--template", "-t", help="Make a linked clone of this template."),
+    forkable: bool = FORKABLE,
     timeout: float = TIMEOUT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Define a VM: its disks are made (a linked overlay of the image or template, plus blank ones)."""
+    wait = wait and start
     _create(
-        name, image, cpus, memory, disk, volume, restart, kernel_args, start, wait and start, as_json, timeout, template
+        name, image, cpus, memory, disk, volume, restart, kernel_args, start, wait, as_json, timeout, template, forkable
     )
 
 
@@ -134,11 +146,15 @@ def run_vm(
     restart: str = RESTART,
     kernel_args: str = KERNEL_ARGS,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the guest agent answers."),
+    template: str = typer.Option(None, "--template", "-t", help="Make a linked clone of this template."),
+    forkable: bool = FORKABLE,
     timeout: float = TIMEOUT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create and start a VM, and wait until its guest is ready."""
-    _create(name, image, cpus, memory, disk, volume, restart, kernel_args, True, wait, as_json, timeout)
+    _create(
+        name, image, cpus, memory, disk, volume, restart, kernel_args, True, wait, as_json, timeout, template, forkable
+    )
 
 
 def _verb(name: str, what: str, call: str, as_json: bool, wait_timeout: float | None = None, **kwargs: Any) -> None:

@@ -123,3 +123,9 @@ class TemplateCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     source: str
+
+
+class VMFork(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    count: int = 1

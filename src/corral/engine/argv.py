@@ -19,12 +19,23 @@ def _opts(**options: object) -> str:
     return ",".join(parts)
 
 
+def memory_backend_args(plan: LaunchPlan) -> list[str]:
+    if plan.ram_file is None:
+        return []
+    backend = _opts(qom_type="memory-backend-file", id="ram0", size=f"{plan.memory_mib}M", mem_path=plan.ram_file,
+                    share=plan.ram_shared)
+    return ["-object", backend]
+
+
 def machine_args(plan: LaunchPlan) -> list[str]:
     cpu = "host" if plan.accel == "kvm" else "max"
     machine = _opts(type=plan.machine, accel=plan.accel)
     if plan.machine in ("q35", "pc"):
         machine += ",hpet=off"
+    if plan.ram_file is not None:
+        machine += ",memory-backend=ram0"
     return [
+        *memory_backend_args(plan),
         "-machine", machine,
         "-cpu", cpu,
         "-smp", str(plan.cpus),
@@ -106,4 +117,6 @@ def build_argv(plan: LaunchPlan) -> list[str]:
     argv += serial_args(plan) + guest_agent_args(plan) + monitor_args(plan)
     if plan.loadvm:
         argv += ["-loadvm", plan.loadvm]
+    if plan.incoming:
+        argv += ["-incoming", "defer"]
     return argv

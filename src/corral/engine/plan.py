@@ -54,6 +54,10 @@ class LaunchPlan(BaseModel):
     guest_agent: bool = True
     qemu_binary: str = "qemu-system-x86_64"
     loadvm: str | None = None  # start from this internal snapshot (disks, RAM and devices)
+    # Guest RAM in a file: shared (a forkable parent) or a private copy-on-write mapping (a fork's child).
+    ram_file: Path | None = None
+    ram_shared: bool = True
+    incoming: bool = False  # wait for a migration stream (a fork's child) instead of booting
 
     @property
     def qmp_socket(self) -> Path:

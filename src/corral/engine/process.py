@@ -252,6 +252,13 @@ class QemuProcess:
         except QMPError as exc:
             raise EngineError(f"QMP {command} failed: {exc}") from exc
 
+    async def pass_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU an open file descriptor (SCM_RIGHTS over the monitor socket) under ``name``."""
+        if self._qmp is None:
+            raise EngineError("QEMU's monitor is not connected")
+        self._qmp.send_fd_scm(fd)
+        await self.execute("getfd", {"fdname": name})
+
     def listener(self, names: str | tuple[str, ...]) -> Any:
         """A QMP event listener context (see qemu.qmp's EventListener)."""
         if self._qmp is None:

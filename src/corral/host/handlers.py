@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import qemu_img
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, NotFound
-from corral.host import clone_jobs, image_jobs, snapshot_jobs, storage, vm_lifecycle
+from corral.host import clone_jobs, fork_jobs, image_jobs, snapshot_jobs, storage, vm_lifecycle
 from corral.spec.job import JobKind
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Image, Snapshot, Volume
@@ -248,6 +248,7 @@ def build_handlers() -> dict[str, Handler]:
         JobKind.IMAGE_IMPORT: image_jobs.import_image,
         JobKind.IMAGE_DELETE: image_jobs.delete,
         JobKind.VM_CLONE: clone_jobs.vm_clone,
+        JobKind.VM_FORK: fork_jobs.fork,
         JobKind.TEMPLATE_CREATE: clone_jobs.template_create,
         JobKind.TEMPLATE_DELETE: clone_jobs.template_delete,
         JobKind.SNAPSHOT_CREATE: snapshot_jobs.create,

@@ -25,6 +25,13 @@ class HostLayout:
         # Short on purpose: unix socket paths are limited to 107 bytes.
         return self.home / "run" / vm_id[:12]
 
+    def ram_file(self, vm_id: str) -> Path:
+        """Guest RAM of a forkable VM: in /dev/shm (tmpfs) so it never costs disk writes."""
+        shm = Path("/dev/shm")
+        if shm.is_dir():
+            return shm / f"corral-{vm_id[:16]}.ram"
+        return self.vm_run_dir(vm_id) / "ram"
+
     @property
     def logs(self) -> Path:
         return self.home / "logs"

@@ -88,7 +88,9 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
     )
     nics = tuple(NicPlan(id=f"net{index}", mac=nic.mac or "", mode="user") for index, nic in enumerate(spec.nics))
     assert agent.inventory is not None
+    ram_file = agent.layout.ram_file(vm.id) if spec.forkable else None
     return LaunchPlan(
+        ram_file=ram_file,
         name=vm.name,
         uuid=f"{vm.id[:8]}-{vm.id[8:12]}-{vm.id[12:16]}-{vm.id[16:20]}-{vm.id[20:32]}",
         run_dir=agent.layout.vm_run_dir(vm.id),
@@ -134,6 +136,29 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
+async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any = None) -> RunningVM:
+    """Start QEMU for a plan and watch it. ``after_launch(proc)`` runs before the watchers start (a fork's
+    child takes its state there); if it fails, the process is killed and the VM left stopped."""
+    update_vm(agent, vm_id, desired_state=PowerState.RUNNING, observed_state=PowerState.STARTING,
+              status_message="starting QEMU")
+    try:
+        proc = await QemuProcess.launch(plan, on_event=_event_handler(agent, vm_id))
+        if after_launch is not None:
+            try:
+                await after_launch(proc)
+            except BaseException:
+                await proc.kill()
+                raise
+    except Exception as exc:
+        update_vm(agent, vm_id, desired_state=PowerState.STOPPED, observed_state=PowerState.STOPPED,
+                  status_message=f"start failed: {exc}", pid=None)
+        raise
+    running = _track(agent, vm_id, proc)
+    update_vm(agent, vm_id, observed_state=PowerState.RUNNING, pid=proc.pid, started_at=utcnow(), ready=False,
+              interfaces=[], status_message="booting")
+    return running
+
+
 async def start(
     agent: Agent, vm_id: str, wait: bool = False, progress: Any = None, loadvm: str | None = None
 ) -> dict[str, Any]:
@@ -145,36 +170,7 @@ async def start(
         plan = build_plan(agent, vm)
         if loadvm:
             plan = plan.model_copy(update={"loadvm": loadvm})
-        update_vm(
-            agent,
-            vm_id,
-            desired_state=PowerState.RUNNING,
-            observed_state=PowerState.STARTING,
-            status_message="starting QEMU",
-        )
-        try:
-            proc = await QemuProcess.launch(plan, on_event=_event_handler(agent, vm_id))
-        except Exception as exc:
-            update_vm(
-                agent,
-                vm_id,
-                desired_state=PowerState.STOPPED,
-                observed_state=PowerState.STOPPED,
-                status_message=f"start failed: {exc}",
-                pid=None,
-            )
-            raise
-        running = _track(agent, vm_id, proc)
-        update_vm(
-            agent,
-            vm_id,
-            observed_state=PowerState.RUNNING,
-            pid=proc.pid,
-            started_at=utcnow(),
-            ready=False,
-            interfaces=[],
-            status_message="booting",
-        )
+        running = await launch(agent, vm_id, plan)
     elif await running.proc.run_state() == "paused":
         await running.proc.resume()
     if wait:
@@ -237,6 +233,7 @@ async def _forget(agent: Agent, running: RunningVM) -> None:
     if agent.vms.get(running.vm_id) is running:
         del agent.vms[running.vm_id]
     running.proc.record.qmp_socket.parent.joinpath("runtime.json").unlink(missing_ok=True)
+    agent.layout.ram_file(running.vm_id).unlink(missing_ok=True)
 
 
 async def pause(agent: Agent, vm_id: str) -> None:
@@ -260,6 +257,7 @@ def _require_running(agent: Agent, vm_id: str) -> RunningVM:
 
 def remove_run_dir(agent: Agent, vm_id: str) -> None:
     shutil.rmtree(agent.layout.vm_run_dir(vm_id), ignore_errors=True)
+    agent.layout.ram_file(vm_id).unlink(missing_ok=True)
 
 
 # -- watchers ---------------------------------------------------------------------------------------------------
@@ -312,6 +310,7 @@ async def _on_unexpected_exit(agent: Agent, running: RunningVM, info: ExitInfo) 
         if agent.vms.get(running.vm_id) is running:
             del agent.vms[running.vm_id]
         running.proc.record.qmp_socket.parent.joinpath("runtime.json").unlink(missing_ok=True)
+        agent.layout.ram_file(running.vm_id).unlink(missing_ok=True)
         await _after_exit(agent, running.vm_id, info)
 
 

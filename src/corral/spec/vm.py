@@ -110,6 +110,9 @@ class VMSpec(BaseModel):
     nics: list[NicSpec] = Field(default_factory=lambda: [NicSpec()])
     restart_policy: RestartPolicy = RestartPolicy.NEVER
     kernel_args: str = ""
+    # Run with guest RAM in a shared file so the VM can be forked (instant clones). Opt-in: children share
+    # memory pages with the parent, which matters for side channels between tenants.
+    forkable: bool = False
 
     @field_validator("name")
     @classmethod

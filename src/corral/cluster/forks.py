@@ -1,0 +1,53 @@
+"""The fork verb of the control plane: children are new VMs on the parent's host."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from corral.cluster import placement
+from corral.cluster.clones import _new_vm, _volume_name, fresh_identity
+from corral.cluster.vms import _busy, get_vm
+from corral.errors import AlreadyExists, Conflict, InvalidInput
+from corral.spec.job import JobKind
+from corral.spec.vm import PowerState, VMSpec
+from corral.store import jobs
+from corral.store.models import Job, Volume
+
+MAX_CHILDREN = 64
+
+
+def child_names(name: str, count: int) -> list[str]:
+    if not 1 <= count <= MAX_CHILDREN:
+        raise InvalidInput(f"invalid --count {count}", f"fork 1 to {MAX_CHILDREN} children at a time")
+    return [name] if count == 1 else [f"{name}-{index}" for index in range(1, count + 1)]
+
+
+def fork(session: Session, source_name: str, name: str, count: int = 1, project: str = "default") -> Job:
+    parent = get_vm(session, source_name, project)
+    spec = VMSpec.model_validate(parent.spec)
+    if not spec.forkable:
+        raise Conflict(f"VM {source_name} is not forkable", "create it with --forkable (its RAM goes in a shared file)")
+    if parent.observed_state != PowerState.RUNNING:
+        raise Conflict(f"VM {source_name} is {parent.observed_state}", "a fork copies a running VM; start it first")
+    _busy(session, parent)
+    names = child_names(name, count)
+    child_ids = []
+    with placement.placement_lock:
+        for child_name in names:
+            child_spec = fresh_identity(spec, child_name).model_copy(update={"forkable": False})
+            vm = _new_vm(session, child_spec, parent.host, project, start=True)
+            vm.status_message = f"forking from {source_name}"
+            for index, source in enumerate(sorted(parent.volumes, key=lambda v: v.device_index)):
+                volume_name = _volume_name(child_name, index)
+                if session.scalars(select(Volume.id).where(Volume.project == project, Volume.name == volume_name)
+                                   ).first():
+                    raise AlreadyExists(f"volume {volume_name!r} already exists", "choose another name")
+                session.add(Volume(name=volume_name, project=project, pool=source.pool, host=parent.host,
+                                   path=f"{volume_name}.qcow2", size=source.size, role=source.role,
+                                   backing_image=source.backing_image, backing_path=source.backing_path,
+                                   vm_id=vm.id, device_index=index))
+            session.flush()
+            child_ids.append(vm.id)
+        return jobs.submit(session, JobKind.VM_FORK, "vm", parent.name, target_id=parent.id, host=parent.host,
+                           project=project, params={"child_ids": child_ids, "names": names})

@@ -22,8 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from corral.errors import InvalidInput
+from corral.images import debian
 from corral.images.cloudinit import make_seed
-from corral.images.debian import DebianImage, build_debian_image
+from corral.images.debian import DebianImage, build_debian_image, host_mirror
+from corral.images.tiny import ImageBuildError
 from tests.integration.test_tiny_image import Qga, Qmp
 
 pytestmark = [
@@ -292,9 +295,11 @@ def test_no_failed_units(booted: DebianVm) -> None:
 def test_guest_shutdown_exits_qemu_and_second_boot_is_healthy(booted: DebianVm) -> None:
     code, host_key, _ = booted.guest("cat", "/etc/ssh/ssh_host_ed25519_key.pub")
     assert code == 0 and host_key.startswith("ssh-ed25519 ")
+    stopping = time.monotonic()
     booted.qga.send_no_reply("guest-shutdown", {"mode": "powerdown"})
     assert booted.proc is not None
     assert booted.proc.wait(90) == 0
+    TIMINGS["guest-shutdown to QEMU exit"] = time.monotonic() - stopping
 
     booted.start()
     TIMINGS["second boot: guest agent"] = booted.wait_agent(BOOT_TIMEOUT)
@@ -304,3 +309,45 @@ def test_guest_shutdown_exits_qemu_and_second_boot_is_healthy(booted: DebianVm) 
     assert (code, again) == (0, host_key), "the SSH host keys must survive a clean shutdown"
     assert _wait_boot_finished(booted) == "running"
     assert _failed_units(booted) == ""
+
+
+# --- input checks (no VM; here because they exercise the same builder) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"release": "Bookworm!"}, "invalid Debian release"),
+        ({"release": "notarelease"}, "does not know the release"),
+        ({"packages": ["vim", "Bad_Name"]}, "invalid package name"),
+        ({"packages": ["-rf"]}, "invalid package name"),
+        ({"size": 1 << 20}, "out of range"),
+        ({"size": (4 << 30) + 1}, "whole number of MiB"),
+    ],
+)
+def test_bad_arguments_are_rejected_before_building(tmp_path: Path, kwargs: dict, fragment: str) -> None:
+    with pytest.raises(InvalidInput, match=fragment):
+        build_debian_image(tmp_path / "img", tmp_path / "cache", **kwargs)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unreachable_mirror_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(debian, "host_mirror", lambda archive="debian": f"http://127.0.0.1:{port}/{archive}")
+    with pytest.raises(ImageBuildError, match=r"cannot reach the Debian mirror http://127\.0\.0\.1:\d+/debian"):
+        build_debian_image(tmp_path / "img", tmp_path / "cache", packages=["vim"])
+
+
+def test_mirror_is_read_from_the_host_apt_sources(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text("# deb http://commented.example/debian bookworm main\n")
+    (tmp_path / "sources.list.d" / "a.list").write_text("deb [arch=amd64] https://other.example/repo stable main\n")
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm\nComponents: main\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n"
+    )
+    assert host_mirror(tmp_path) == "http://mirror.example/debian"
+    assert host_mirror(tmp_path, archive="debian-security") == "http://mirror.example/debian-security"
+    assert host_mirror(tmp_path / "missing") == "http://deb.debian.org/debian"

@@ -220,11 +220,22 @@ class Agent:
         except Exception as exc:
             if not isinstance(exc, CorralError):
                 log.exception("job %s (%s) failed", job.id, job.kind)
-            jobs.finish(self.store, job.id, error=exc)
+            await self._record_finish(job.id, error=exc)
         else:
-            jobs.finish(self.store, job.id, result=result)
+            await self._record_finish(job.id, result=result)
         finally:
             self._job_tasks.pop(job.id, None)
+
+    async def _record_finish(self, job_id: str, **outcome: Any) -> None:
+        """A job's end must reach the store even if it is briefly unwritable (a full disk, a locked database):
+        a job left "running" forever would block its VM."""
+        for attempt in range(30):
+            try:
+                jobs.finish(self.store, job_id, **outcome)
+                return
+            except Exception:
+                log.exception("cannot record the end of job %s (attempt %d)", job_id, attempt + 1)
+                await asyncio.sleep(min(10.0, 0.5 * (attempt + 1)))
 
     # -- VMs --------------------------------------------------------------------------------------------------
 

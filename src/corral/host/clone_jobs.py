@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.engine import qemu_img
 from corral.engine import snapshots as engine_snapshots
-from corral.errors import Conflict, NotFound
+from corral.errors import Conflict, InsufficientResources, NotFound
 from corral.host import storage, vm_lifecycle
 from corral.host.layout import inside_pool
 from corral.store.models import VM, Snapshot, Template, Volume, new_id
@@ -101,8 +101,14 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
         if ctx.params.get("start"):
             async with agent.vm_locks[new_id_]:
                 await vm_lifecycle.start(agent, new_id_, wait=bool(ctx.params.get("wait")), progress=ctx.progress)
-    except BaseException:
+    except BaseException as exc:
+        from corral.host.snapshot_jobs import out_of_space
+
+        pool_full = out_of_space([storage.volume_path(agent, v) for v in _volumes(agent, new_id_)])
         await discard_vm(ctx, new_id_, made | {v.id for v in _volumes(agent, new_id_) if v.state == "pending"})
+        if pool_full and isinstance(exc, Exception):
+            raise InsufficientResources(f"the storage pool ran out of space while cloning into {ctx.target_name}; "
+                                        "the partial copy was removed", "free space in the pool") from exc
         raise
     return {"vm": ctx.target_name, "linked": linked}
 

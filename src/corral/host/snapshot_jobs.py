@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.engine import snapshots as engine_snapshots
 from corral.engine.guest_agent import GuestAgent
-from corral.errors import CorralError, NotFound
+from corral.errors import CorralError, InsufficientResources, NotFound
 from corral.host import storage, vm_lifecycle
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Snapshot
@@ -62,6 +63,25 @@ async def _frozen(agent: Agent, running: Any):  # type: ignore[no-untyped-def]
                     await guest.call("guest-fsfreeze-thaw", timeout=10)
 
 
+def out_of_space(paths: list[Path], margin: int = 16 << 20) -> bool:
+    """QEMU reports a full disk as a plain I/O error; the free space tells what really happened."""
+    return any(shutil.disk_usage(path.parent).free < margin for path in paths if path.parent.exists())
+
+
+async def _undo_partial(agent: Agent, running: Any, tag: str, nodes: list[str], paths: list[Path]) -> None:
+    """After a failed save (a full pool, say): the guest runs again first, then whatever was written of the
+    snapshot is dropped, which also gives the space back."""
+    if running is not None and not running.proc.exited:
+        with contextlib.suppress(Exception):
+            if await running.proc.run_state() in ("paused", "io-error", "postmigrate"):
+                await running.proc.resume()
+        with contextlib.suppress(Exception):
+            await engine_snapshots.delete_live(running.proc, tag, nodes)
+    else:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(engine_snapshots.delete_offline, paths, tag, agent.settings.qemu_img_binary)
+
+
 async def create(ctx: JobContext) -> dict[str, Any]:
     agent = ctx.agent
     async with agent.vm_locks[ctx.target_id]:
@@ -80,16 +100,18 @@ async def create(ctx: JobContext) -> dict[str, Any]:
             else:
                 ctx.progress(0.2, "saving disks")
                 await asyncio.to_thread(engine_snapshots.save_offline, paths, snapshot.tag, binary)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                if running is not None and not running.proc.exited:
-                    await engine_snapshots.delete_live(running.proc, snapshot.tag, nodes)
-                else:
-                    await asyncio.to_thread(engine_snapshots.delete_offline, paths, snapshot.tag, binary)
+        except BaseException as exc:
+            pool_full = out_of_space(paths)
+            await _undo_partial(agent, running, snapshot.tag, nodes, paths)
             with agent.store.session() as session:
                 row = session.get(Snapshot, snapshot.id)
                 if row is not None:
                     session.delete(row)
+            if pool_full and isinstance(exc, Exception):
+                raise InsufficientResources(
+                    f"the storage pool ran out of space while saving snapshot {snapshot.name}; nothing was kept",
+                    "free space in the pool, or take a --disk-only snapshot",
+                ) from exc
             raise
         size = await asyncio.to_thread(engine_snapshots.vm_state_size, paths[0], snapshot.tag, binary)
         with agent.store.session() as session:

@@ -13,7 +13,7 @@ from corral.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name
 from corral.store import jobs
-from corral.store.models import VM, Image, Job, Volume
+from corral.store.models import VM, Image, Job, Template, Volume
 
 RECIPES = ("tiny",)
 
@@ -111,8 +111,9 @@ def delete(session: Session, name: str, project: str = "default") -> Job:
         select(VM.name).join(Volume, Volume.vm_id == VM.id).where(Volume.backing_image == image.id)
     ).all()
     orphans = session.scalars(select(Volume.name).where(Volume.backing_image == image.id, Volume.vm_id.is_(None))).all()
-    if users or orphans:
-        names = ", ".join(sorted({*users, *(f"volume {v}" for v in orphans)}))
+    templates = [t.name for t in session.scalars(select(Template)) if t.spec.get("image") == name]
+    if users or orphans or templates:
+        names = ", ".join(sorted({*users, *(f"volume {v}" for v in orphans), *(f"template {t}" for t in templates)}))
         raise Conflict(f"image {name!r} is used by {names}", "delete those first")
     if jobs.active_for(session, "image", image.id):
         raise Conflict(f"image {name!r} is busy", "wait for its job to finish")

@@ -440,6 +440,8 @@ def _configure(root: Path, release: str, mirror: str, security_mirror: str) -> N
 CLOUD_CFG = """\
 # Corral: look only for a NoCloud seed (then fall back to no datasource); render networks for networkd.
 datasource_list: [NoCloud, None]
+# No RSA (or DSA) host key: generating one takes ~25 s under TCG; seeds without their own list get these.
+ssh_genkeytypes: [ed25519, ecdsa]
 system_info:
   default_user:
     name: corral

@@ -27,7 +27,7 @@ from corral.images import debian
 from corral.images.cloudinit import make_seed
 from corral.images.debian import DebianImage, build_debian_image, host_mirror
 from corral.images.tiny import ImageBuildError
-from tests.integration.test_tiny_image import Qga, Qmp
+from tests.integration.test_tiny_image import Qga
 
 pytestmark = [
     pytest.mark.integration,
@@ -86,7 +86,6 @@ class DebianVm:
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self._qga: Qga | None = None
-        self._qmp: Qmp | None = None
         subprocess.run(
             [
                 "qemu-img",
@@ -177,18 +176,11 @@ class DebianVm:
             self._qga = Qga(self.vmdir / "qga.sock")
         return self._qga
 
-    @property
-    def qmp(self) -> Qmp:
-        if self._qmp is None:
-            self._qmp = Qmp(self.vmdir / "qmp.sock")
-        return self._qmp
-
     def close_clients(self) -> None:
-        for client in (self._qga, self._qmp):
-            if client is not None:
-                with contextlib.suppress(OSError):
-                    client.close()
-        self._qga = self._qmp = None
+        if self._qga is not None:
+            with contextlib.suppress(OSError):
+                self._qga.close()
+        self._qga = None
 
     def kill(self) -> None:
         """Stop QEMU for good (safe to call twice, and after it exited by itself)."""

@@ -243,3 +243,24 @@ def test_a_full_pool_fails_cleanly_and_the_vm_keeps_running(fresh_daemon, tmp_pa
     finally:
         corral.cleanup()
         subprocess.run(["umount", "-l", str(pool)], check=False)
+
+
+def test_linked_clones_keep_their_bases_alive_and_the_last_one_out_removes_them(daemon, tiny):
+    source = unique("src")
+    bases = daemon.home / "pools" / "default" / "bases"
+    before = set(bases.glob("*.qcow2")) if bases.exists() else set()
+    try:
+        daemon.cli("vm", "run", source)
+        _exec(daemon, source, "echo kept > /root/marker; sync")
+        daemon.cli("vm", "stop", source)
+        for _ in range(2):  # the second clone freezes an overlay that already sits on a base: a chain
+            clone = unique("lk")
+            daemon.cli("vm", "clone", source, clone, "--linked", "--start", "--wait")
+            assert _exec(daemon, clone, "cat /root/marker") == "kept\n"
+            daemon.cli("vm", "delete", clone, "--force")
+        daemon.cli("vm", "start", source, "--wait")
+        assert _exec(daemon, source, "cat /root/marker") == "kept\n"
+        _disks_intact(daemon, source)
+    finally:
+        daemon.cli("vm", "delete", source, "--force", check=False)
+    assert set(bases.glob("*.qcow2")) == before

@@ -77,6 +77,7 @@ class VMView(BaseModel):
     status: str
     pid: int | None
     interfaces: list[Any]
+    ports: dict[str, Any]
     restart_policy: str
     restart_count: int
     last_exit: dict[str, Any] | None
@@ -102,6 +103,7 @@ class VMView(BaseModel):
             status=vm.status_message,
             pid=vm.pid,
             interfaces=vm.interfaces,
+            ports=vm.ports or {},
             restart_policy=spec.restart_policy,
             restart_count=vm.restart_count,
             last_exit=vm.last_exit,

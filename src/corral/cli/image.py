@@ -13,15 +13,19 @@ app = typer.Typer(help="Build, import and remove images.", no_args_is_help=True)
 
 @app.command()
 def build(
-    recipe: str = typer.Argument("tiny", help="Recipe: tiny (busybox + the QEMU guest agent)."),
+    recipe: str = typer.Argument("tiny", help="tiny (busybox + guest agent) or debian (cloud-init, SSH)."),
     name: str = typer.Option(None, "--name", help="Image name (default: the recipe's name)."),
+    release: str = typer.Option(None, "--release", help="debian: the release (default bookworm)."),
+    packages: str = typer.Option("", "--packages", help="debian: extra packages, comma-separated."),
+    size: str = typer.Option(None, "--size", help="debian: root disk size (default 4G)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Build an image from a recipe (cached: a second build is instant)."""
+    extra = [p.strip() for p in packages.split(",") if p.strip()]
 
     def action() -> None:
         with client() as corral:
-            accepted = corral.build_image(recipe, name)
+            accepted = corral.build_image(recipe, name, release=release, packages=extra, size=size)
             job = follow_job(corral, accepted, f"build {recipe}", quiet=as_json, timeout=3600)
             image = next(i for i in corral.images() if i["name"] == accepted["image"]["name"])
         if as_json:
@@ -40,6 +44,7 @@ def import_image(
     kernel: Path = typer.Option(None, "--kernel", help="Boot this kernel directly."),
     initrd: Path = typer.Option(None, "--initrd", help="Initrd for --kernel."),
     cmdline: str = typer.Option(None, "--cmdline", help="Kernel command line for --kernel."),
+    cloud_init: bool = typer.Option(False, "--cloud-init", help="A cloud image: give its VMs a NoCloud seed."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Import a disk image (and optionally a kernel and initrd) from a file."""
@@ -52,6 +57,7 @@ def import_image(
                 str(kernel.absolute()) if kernel else None,
                 str(initrd.absolute()) if initrd else None,
                 cmdline,
+                cloud_init,
             )
             follow_job(corral, accepted, f"import {name}", quiet=as_json, timeout=3600)
             image = next(i for i in corral.images() if i["name"] == name)

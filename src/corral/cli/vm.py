@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
 
-from corral.cli.common import JSON_OPTION, client, follow_job, human_size, print_json, run, table
+from corral.cli.common import JSON_OPTION, client, fail, follow_job, human_size, print_json, run, table
 
 app = typer.Typer(help="Create, run and manage VMs.", no_args_is_help=True)
 
@@ -22,6 +23,20 @@ FORKABLE = typer.Option(False, "--forkable", help="Keep RAM in a shared file so 
 TIMEOUT = typer.Option(300.0, "--timeout", help="Seconds to wait for the guest to become ready.")
 
 
+def _read_text(path: Path, what: str, limit: int = 64 << 10) -> str:
+    """A user's file, read here so a bad path is one clear line before anything is asked of the daemon."""
+    try:
+        data = path.expanduser().read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {what} {path}: {exc.strerror}", "check the path and its permissions", 2)
+    if len(data) > limit:
+        fail(f"{what} {path} is larger than {limit >> 10} KiB", "is it the right file?", 2)
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        fail(f"{what} {path} is not text", "give a text file", 2)
+
+
 def _spec(
     name: str,
     image: str,
@@ -30,10 +45,12 @@ def _spec(
     disks: list[str] | None,
     restart: str,
     kernel_args: str,
-    forkable: bool = False,
+    forkable: bool,
+    ssh_keys: list[Path] | None,
+    user_data: Path | None,
+    password_login: bool,
 ) -> dict[str, Any]:
     return {
-        "forkable": forkable,
         "name": name,
         "image": image,
         "cpus": cpus,
@@ -41,34 +58,27 @@ def _spec(
         "disks": [{"size": size} for size in disks or []],
         "restart_policy": restart,
         "kernel_args": kernel_args,
+        "forkable": forkable,
+        "ssh_keys": [_read_text(path, "SSH key file").strip() for path in ssh_keys or []],
+        "user_data": _read_text(user_data, "user-data file") if user_data else None,
+        "password_login": password_login,
     }
 
 
 def _create(
-    name: str,
-    image: str,
-    cpus: int,
-    memory: str,
-    disks: list[str] | None,
+    spec: dict[str, Any],
     volumes: list[str] | None,
-    restart: str,
-    kernel_args: str,
     start: bool,
     wait: bool,
     as_json: bool,
     timeout: float,
-    template: str | None = None,
-    forkable: bool = False,
+    template: str | None,
 ) -> None:
+    name = spec["name"]
+
     def action() -> None:
         with client() as corral:
-            accepted = corral.create_vm(
-                _spec(name, image, cpus, memory, disks, restart, kernel_args, forkable),
-                start=start,
-                wait=wait,
-                volumes=volumes or [],
-                template=template,
-            )
+            accepted = corral.create_vm(spec, start=start, wait=wait, volumes=volumes or [], template=template)
             follow_job(corral, accepted, f"vm {name}", quiet=as_json, timeout=timeout + 60 if wait else None)
             vm = _with_addresses(corral, name)
         if as_json:
@@ -111,6 +121,11 @@ def _addresses(vm: dict[str, Any]) -> str:
     )
 
 
+SSH_KEYS = typer.Option(None, "--ssh-key", help="Public key file for the default user (repeatable; cloud-init).")
+USER_DATA = typer.Option(None, "--user-data", help="cloud-config or script to merge into the first boot.")
+PASSWORD_LOGIN = typer.Option(False, "--password-login", help="Allow SSH password logins (off by default).")
+
+
 @app.command()
 def create(
     name: str = typer.Argument(..., help="VM name: lowercase letters, digits and '-'."),
@@ -125,14 +140,15 @@ def create(
     wait: bool = typer.Option(False, "--wait", help="With --start: wait until the guest agent answers."),
     template: str = typer.Option(None, "--template", "-t", help="Make a linked clone of this template."),
     forkable: bool = FORKABLE,
+    ssh_key: list[Path] = SSH_KEYS,
+    user_data: Path = USER_DATA,
+    password_login: bool = PASSWORD_LOGIN,
     timeout: float = TIMEOUT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Define a VM: its disks are made (a linked overlay of the image or template, plus blank ones)."""
-    wait = wait and start
-    _create(
-        name, image, cpus, memory, disk, volume, restart, kernel_args, start, wait, as_json, timeout, template, forkable
-    )
+    spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
+    _create(spec, volume, start, wait and start, as_json, timeout, template)
 
 
 @app.command("run")
@@ -148,13 +164,15 @@ def run_vm(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the guest agent answers."),
     template: str = typer.Option(None, "--template", "-t", help="Make a linked clone of this template."),
     forkable: bool = FORKABLE,
+    ssh_key: list[Path] = SSH_KEYS,
+    user_data: Path = USER_DATA,
+    password_login: bool = PASSWORD_LOGIN,
     timeout: float = TIMEOUT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create and start a VM, and wait until its guest is ready."""
-    _create(
-        name, image, cpus, memory, disk, volume, restart, kernel_args, True, wait, as_json, timeout, template, forkable
-    )
+    spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
+    _create(spec, volume, True, wait, as_json, timeout, template)
 
 
 def _verb(name: str, what: str, call: str, as_json: bool, wait_timeout: float | None = None, **kwargs: Any) -> None:
@@ -402,3 +420,65 @@ def fork(
             )
 
     run(action)
+
+
+def _identity_for(keys: list[str]) -> Path | None:
+    """The user's private key whose public half was given to the VM, found among the usual names."""
+    wanted = {" ".join(key.split()[:2]) for key in keys}
+    for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+        private = Path.home() / ".ssh" / name
+        public = private.with_suffix(".pub")
+        if private.exists() and public.exists() and " ".join(public.read_text().split()[:2]) in wanted:
+            return private
+    return None
+
+
+def _wait_for_sshd(port: int, timeout: float) -> bool:
+    """Until the guest's sshd sends its banner: user-mode networking accepts connections before it listens."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                if conn.recv(4).startswith(b"SSH-"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+@app.command()
+def ssh(
+    name: str = typer.Argument(..., help="VM name."),
+    command: list[str] = typer.Argument(None, help="Command to run instead of a login shell, after --."),
+    user: str = typer.Option("corral", "--user", "-u", help="Guest user (the image's default user)."),
+    identity: Path = typer.Option(None, "--identity", "-i", help="Private key (default: the one matching the VM)."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for the guest's SSH server."),
+) -> None:
+    """SSH into a VM: finds its forwarded port, the user and your key (like `multipass shell`)."""
+    import os
+
+    def action() -> dict[str, Any]:
+        with client() as corral:
+            return corral.vm(name)
+
+    vm = run(action)
+    port = vm.get("ports", {}).get("ssh")
+    if vm["state"] != "running" or not port:
+        fail(f"VM {name} has no SSH port", "its image must support SSH (e.g. debian) and the VM must be running")
+    key = identity or _identity_for(vm["spec"].get("ssh_keys", []))
+    if not _wait_for_sshd(port, timeout):
+        fail(f"VM {name}'s SSH server did not answer within {timeout:.0f} s", f"see `corral vm logs {name}`")
+    argv = ["ssh", "-p", str(port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR"]
+    if key is not None:
+        argv += ["-i", str(key), "-o", "IdentitiesOnly=yes"]
+    argv.append(f"{user}@127.0.0.1")
+    words = command[1:] if command and command[0] == "--" else (command or [])
+    try:
+        os.execvp("ssh", argv + words)
+    except FileNotFoundError:
+        fail("ssh is not installed", "apt-get install openssh-client")

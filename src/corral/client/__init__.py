@@ -238,13 +238,17 @@ class Client:
     def images(self) -> list[dict[str, Any]]:
         return self.request("GET", "/images")
 
-    def build_image(self, recipe: str = "tiny", name: str | None = None) -> dict[str, Any]:
-        return self.request("POST", "/images/build", json={"recipe": recipe, "name": name})
+    def build_image(self, recipe: str = "tiny", name: str | None = None, release: str | None = None,
+                    packages: list[str] | None = None, size: str | int | None = None) -> dict[str, Any]:
+        body = {"recipe": recipe, "name": name, "release": release, "packages": packages or [], "size": size}
+        return self.request("POST", "/images/build", json=body)
 
     def import_image(
-        self, name: str, file: str, kernel: str | None = None, initrd: str | None = None, cmdline: str | None = None
+        self, name: str, file: str, kernel: str | None = None, initrd: str | None = None, cmdline: str | None = None,
+        cloud_init: bool = False,
     ) -> dict[str, Any]:
-        body = {"name": name, "file": file, "kernel": kernel, "initrd": initrd, "cmdline": cmdline}
+        body = {"name": name, "file": file, "kernel": kernel, "initrd": initrd, "cmdline": cmdline,
+                "cloud_init": cloud_init}
         return self.request("POST", "/images/import", json=body)
 
     def delete_image(self, name: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from corral.spec.names import validate_name
 from corral.store import jobs
 from corral.store.models import VM, Image, Job, Template, Volume
 
-RECIPES = ("tiny",)
+RECIPES = ("tiny", "debian")
 
 
 def get_image(session: Session, name: str) -> Image:
@@ -49,18 +49,23 @@ def build(session: Session, request: ImageBuild, project: str = "default") -> tu
         if active:
             return existing, active[0]
         raise AlreadyExists(f"image {name!r} already exists", "remove it first with `corral image rm`")
+    params: dict[str, object] = {"recipe": request.recipe}
+    if request.recipe == "debian":
+        from corral.images.debian import validate_packages, validate_release, validate_size
+
+        params.update(
+            release=validate_release(request.release or "bookworm"),
+            packages=validate_packages(request.packages),
+            size=validate_size(request.size or (4 << 30)),
+        )
+    elif request.release or request.packages or request.size:
+        raise InvalidInput("--release, --packages and --size are for the debian recipe", "drop them for tiny")
     image = Image(name=name, project=project, state="pending", source=f"recipe:{request.recipe}")
     session.add(image)
     session.flush()
     job = jobs.submit(
-        session,
-        JobKind.IMAGE_BUILD,
-        "image",
-        name,
-        target_id=image.id,
-        host=_host(session),
-        project=project,
-        params={"recipe": request.recipe},
+        session, JobKind.IMAGE_BUILD, "image", name, target_id=image.id, host=_host(session), project=project,
+        params=params,
     )
     return image, job
 
@@ -82,7 +87,8 @@ def _readable_file(path_text: str, what: str) -> str:
 def import_(session: Session, request: ImageImport, project: str = "default") -> tuple[Image, Job]:
     if session.scalars(select(Image.id).where(Image.name == request.name)).first():
         raise AlreadyExists(f"image {request.name!r} already exists", "choose another name or remove it first")
-    params = {"file": _readable_file(request.file, "image file"), "cmdline": request.cmdline}
+    params = {"file": _readable_file(request.file, "image file"), "cmdline": request.cmdline,
+              "cloud_init": request.cloud_init}
     if request.initrd and not request.kernel:
         raise InvalidInput("--initrd needs --kernel", "pass the kernel the initrd belongs to")
     if request.kernel:

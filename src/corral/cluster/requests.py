@@ -77,6 +77,9 @@ class ImageBuild(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recipe: str = "tiny"
     name: str | None = None
+    release: str | None = None  # debian
+    packages: list[str] = Field(default_factory=list)  # debian
+    size: Annotated[int, BeforeValidator(_size)] | None = None  # debian root disk
 
 
 class ImageImport(BaseModel):
@@ -86,6 +89,7 @@ class ImageImport(BaseModel):
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str | None = None
+    cloud_init: bool = False
 
     @field_validator("name")
     @classmethod

@@ -74,8 +74,9 @@ def disk_args(disk: DiskPlan, boot_index: int | None) -> list[str]:
 
 
 def nic_args(nic: NicPlan) -> list[str]:
+    netdev = _opts(type=nic.mode, id=nic.id) + "".join(f",hostfwd={forward}" for forward in nic.forwards)
     return [
-        "-netdev", _opts(type=nic.mode, id=nic.id),
+        "-netdev", netdev,
         "-device", _opts(driver="virtio-net-pci", netdev=nic.id, mac=nic.mac, id=f"{nic.id}-dev"),
     ]  # fmt: skip
 

@@ -26,6 +26,8 @@ class NicPlan(BaseModel):
     id: str  # net0, net1...
     mac: str
     mode: str = "user"
+    # user-mode port forwards, QEMU's hostfwd syntax: "tcp:127.0.0.1:40123-:22"
+    forwards: tuple[str, ...] = ()
 
 
 class KernelBoot(BaseModel):

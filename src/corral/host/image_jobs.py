@@ -14,7 +14,7 @@ from corral.store.models import Image
 if TYPE_CHECKING:
     from corral.host.agent import JobContext
 
-BUILDERS = ("tiny",)
+BUILDERS = ("tiny", "debian")
 
 
 def _image(ctx: JobContext) -> Image:
@@ -52,10 +52,24 @@ async def build(ctx: JobContext) -> dict[str, Any]:
         raise InvalidInput(f"unknown image recipe {recipe!r}", f"choose one of: {', '.join(BUILDERS)}")
     image = _image(ctx)
     directory = ctx.agent.layout.image_dir(image.id)
+    loop = asyncio.get_running_loop()
+
+    def progress(fraction: float, message: str) -> None:  # called from the builder's thread
+        loop.call_soon_threadsafe(ctx.progress, 0.95 * fraction, message)
+
+    details: dict[str, Any] = {"recipe": recipe}
     try:
-        built = await asyncio.to_thread(
-            build_tiny_image, directory, ctx.agent.settings.cache, lambda f, m: ctx.progress(0.95 * f, m)
-        )
+        if recipe == "debian":
+            from corral.images.debian import build_debian_image
+
+            built = await asyncio.to_thread(
+                build_debian_image, directory, ctx.agent.settings.cache, ctx.params.get("release", "bookworm"),
+                ctx.params.get("packages", []), ctx.params.get("size", 4 << 30), progress,
+            )
+            details.update(cloud_init=True, ssh=True, default_user="corral", min_memory=512 << 20,
+                           release=ctx.params.get("release"), packages=ctx.params.get("packages", []))
+        else:
+            built = await asyncio.to_thread(build_tiny_image, directory, ctx.agent.settings.cache, progress)
         info = qemu_img.info(built.rootfs, ctx.agent.settings.qemu_img_binary)
         _mark_ready(
             ctx,
@@ -68,7 +82,7 @@ async def build(ctx: JobContext) -> dict[str, Any]:
             cmdline=built.cmdline,
             virtual_size=int(info["virtual-size"]),
             size_on_disk=sum(p.stat().st_size for p in directory.iterdir()),
-            details={"recipe": recipe, "recipe_hash": built.recipe_hash},
+            details={**details, "recipe_hash": built.recipe_hash},
         )
     except BaseException:
         _discard(ctx, directory)
@@ -92,6 +106,8 @@ async def import_image(ctx: JobContext) -> dict[str, Any]:
         disk = directory / "disk.qcow2"
         await asyncio.to_thread(qemu_img.convert, source, disk, "qcow2", binary)
         values: dict[str, Any] = {"kind": "disk", "disk_file": disk.name, "disk_format": "qcow2"}
+        if ctx.params.get("cloud_init"):
+            values["details"] = {"cloud_init": True, "ssh": True, "default_user": "corral"}
         if kernel is not None:
             shutil.copyfile(kernel, directory / "vmlinuz")
             values.update(

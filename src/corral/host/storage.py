@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -57,6 +58,16 @@ def collect_bases(agent: Agent, session: Session, pool: str = "default") -> list
     if not bases.is_dir():
         return []
     used = set(session.scalars(select(Volume.backing_path).where(Volume.backing_path.is_not(None))))
+    # A base may itself sit on an older base (a source cloned twice): keep whole chains.
+    pending = [p for p in used if p.startswith(f"{BASES}/")]
+    while pending:
+        facts = qemu_img.info(agent.layout.pool(pool) / pending.pop(), agent.settings.qemu_img_binary)
+        backing = facts.get("full-backing-filename") or facts.get("backing-filename")
+        if backing and Path(backing).parent == bases:
+            relative = f"{BASES}/{Path(backing).name}"
+            if relative not in used:
+                used.add(relative)
+                pending.append(relative)
     removed = []
     for path in bases.glob("*.qcow2"):
         if f"{BASES}/{path.name}" not in used:

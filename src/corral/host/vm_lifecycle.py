@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
         if image is None or image.state != "ready":
             raise NotFound(f"image {spec.image!r} of VM {vm.name} is missing", "import or build it again")
         image_dir = agent.layout.image_dir(image.id)
+        details = dict(image.details or {})
         kernel_boot = None
         if image.kind == "kernel" and image.kernel_file:
             cmdline = " ".join(
@@ -86,7 +88,11 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
         )
         for index, volume in enumerate(sorted(vm.volumes, key=lambda v: v.device_index))
     )
-    nics = tuple(NicPlan(id=f"net{index}", mac=nic.mac or "", mode="user") for index, nic in enumerate(spec.nics))
+    nics = [NicPlan(id=f"net{index}", mac=nic.mac or "", mode="user") for index, nic in enumerate(spec.nics)]
+    if details.get("ssh") and nics and vm.ports.get("ssh"):
+        nics[0] = nics[0].model_copy(update={"forwards": (f"tcp:127.0.0.1:{vm.ports['ssh']}-:22",)})
+    if details.get("cloud_init") or spec.ssh_keys or spec.user_data:
+        disks += (_seed_disk(agent, vm, spec, details),)
     assert agent.inventory is not None
     ram_file = agent.layout.ram_file(vm.id) if spec.forkable else None
     return LaunchPlan(
@@ -100,9 +106,34 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
         memory_mib=spec.memory >> 20,
         kernel_boot=kernel_boot,
         disks=disks,
-        nics=nics,
+        nics=tuple(nics),
         qemu_binary=agent.settings.qemu_binary,
     )
+
+
+def _seed_disk(agent: Agent, vm: VM, spec: VMSpec, details: dict[str, Any]) -> DiskPlan:
+    """A NoCloud seed, made afresh at each start: the VM id is the instance id, so a clone (a new VM)
+    re-runs cloud-init's per-instance steps and gets its own host keys."""
+    from corral.images.cloudinit import make_seed
+
+    run_dir = agent.layout.vm_run_dir(vm.id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed = run_dir / "seed.iso"
+    make_seed(seed, instance_id=vm.id, hostname=vm.name, ssh_keys=list(spec.ssh_keys), user_data=spec.user_data,
+              password_login=spec.password_login, default_user=details.get("default_user", "corral"))
+    return DiskPlan(node="seed", path=seed, format="raw", read_only=True)
+
+
+def _image_details(agent: Agent, vm: VM) -> dict[str, Any]:
+    with agent.store.session() as session:
+        image = session.scalars(select(Image).where(Image.name == vm.spec.get("image"))).first()
+        return dict(image.details or {}) if image else {}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _event_handler(agent: Agent, vm_id: str) -> Any:
@@ -167,6 +198,9 @@ async def start(
     running = agent.vms.get(vm_id)
     if running is None or running.proc.exited:
         vm = load_vm(agent, vm_id)
+        if _image_details(agent, vm).get("ssh"):
+            vm.ports = {**vm.ports, "ssh": free_port()}
+            update_vm(agent, vm_id, ports=vm.ports)
         plan = build_plan(agent, vm)
         if loadvm:
             plan = plan.model_copy(update={"loadvm": loadvm})
@@ -199,10 +233,10 @@ async def stop(
         with contextlib.suppress(EngineError):
             if await running.proc.run_state() == "paused":
                 await running.proc.resume()
-        if progress is not None:
-            progress(0.3, "ACPI power-down sent; waiting for the guest")
         try:
-            await running.proc.powerdown()
+            how = await _ask_guest_to_power_off(agent, running)
+            if progress is not None:
+                progress(0.3, f"{how}; waiting for the guest")
             info = await running.proc.wait(timeout)
         except (TimeoutError, EngineError):
             forced = True
@@ -221,6 +255,21 @@ async def stop(
         last_exit=info.model_dump(),
     )
     return {"forced": forced, "was_running": True}
+
+
+async def _ask_guest_to_power_off(agent: Agent, running: RunningVM) -> str:
+    """Through the guest agent when it answers (a clean OS shutdown that keeps, e.g., fresh SSH host keys),
+    else the ACPI power button."""
+    socket_path = running.proc.record.guest_agent_socket
+    if socket_path is not None and running.ready.done() and running.ready.exception() is None:
+        try:
+            async with agent.guest_locks[running.vm_id], GuestAgent(socket_path) as guest:
+                await guest.shutdown("powerdown")
+            return "shutdown asked of the guest agent"
+        except (GuestAgentError, TimeoutError, OSError):
+            pass
+    await running.proc.powerdown()
+    return "ACPI power-down sent"
 
 
 async def _forget(agent: Agent, running: RunningVM) -> None:

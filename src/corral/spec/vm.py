@@ -113,6 +113,26 @@ class VMSpec(BaseModel):
     # Run with guest RAM in a shared file so the VM can be forked (instant clones). Opt-in: children share
     # memory pages with the parent, which matters for side channels between tenants.
     forkable: bool = False
+    # First boot through cloud-init (images that use it): public keys for the default user, extra user-data.
+    ssh_keys: list[str] = Field(default_factory=list)
+    user_data: str | None = None
+    password_login: bool = False
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _ssh_keys(cls, value: list[str]) -> list[str]:
+        from corral.images.cloudinit import validate_ssh_key
+
+        return [validate_ssh_key(key) for key in value]
+
+    @field_validator("user_data")
+    @classmethod
+    def _user_data(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from corral.images.cloudinit import validate_user_data
+
+        return validate_user_data(value)
 
     @field_validator("name")
     @classmethod

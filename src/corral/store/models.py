@@ -115,6 +115,8 @@ class VM(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     current_snapshot: Mapped[str | None] = mapped_column(String(32))
+    # Host ports forwarded to the guest while it runs (user-mode networking), e.g. {"ssh": 40123}.
+    ports: Mapped[dict[str, Any]] = mapped_column(default=dict)
     template: Mapped[str | None] = mapped_column(String(32), ForeignKey("templates.id"))
 
     volumes: Mapped[list[Volume]] = relationship(back_populates="vm", order_by="Volume.device_index")

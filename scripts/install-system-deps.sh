@@ -11,6 +11,8 @@ packages=(
   python3-venv      # the project's virtualenv
   libglib2.0-0 libudev1 libnuma1 liburing2   # libraries the guest agent binary is shipped with
   iproute2 procps
+  debootstrap       # the Debian image builder
+  openssh-client    # corral vm ssh, and the SSH tests
 )
 
 missing=()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.host.cgroups import MiB, CgroupDriver, Limits, VMCgroup, detect
+from corral.host.cgroups import CgroupDriver, Limits, MiB, VMCgroup, detect
 from corral.host.sandbox import ensure_qemu_user, prepare_paths, sandbox_args, uid_for_vm
 from corral.images.tiny import TinyImage, build_tiny_image
 from tests.conftest import require

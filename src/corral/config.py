@@ -38,6 +38,10 @@ class Settings(BaseModel):
     reserved_host_memory: int = Field(default=512 << 20, ge=0)
     host_name: str | None = None
     stop_timeout: float = Field(default=30.0, gt=0)
+    # cgroup limits, a uid of its own and seccomp for each VM's QEMU (needs root; see docs/isolation.md).
+    isolation: bool = True
+    # TCG's translated-code cache per VM; QEMU 7.2's default (1 GiB) would make memory limits meaningless.
+    tcg_tb_size_mib: int = Field(default=64, ge=8, le=4096)
 
     @property
     def socket_path(self) -> Path:
@@ -57,6 +61,7 @@ _ENV = {
     "CORRAL_CPU_OVERCOMMIT": "cpu_overcommit",
     "CORRAL_MEMORY_OVERCOMMIT": "memory_overcommit",
     "CORRAL_HOST_NAME": "host_name",
+    "CORRAL_ISOLATION": "isolation",
 }
 
 

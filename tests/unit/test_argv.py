@@ -21,6 +21,7 @@ PLANS = {
         accel="tcg",
         cpus=1,
         memory_mib=256,
+        tb_size_mib=64,
         kernel_boot=KernelBoot(
             kernel=Path("/var/lib/corral/images/i1/vmlinuz"),
             initrd=Path("/var/lib/corral/images/i1/initrd.img"),
@@ -43,6 +44,7 @@ PLANS = {
         disks=(DiskPlan(node="disk0", path=Path("/srv/pool/web-root.qcow2")),),
         nics=(NicPlan(id="net0", mac="52:54:00:00:00:01"), NicPlan(id="net1", mac="52:54:00:00:00:02")),
         guest_agent=False,
+        extra_args=("-sandbox", "on,obsolete=deny", "-runas", "1879048192:995"),
     ),
 }
 

@@ -29,7 +29,8 @@ def memory_backend_args(plan: LaunchPlan) -> list[str]:
 
 def machine_args(plan: LaunchPlan) -> list[str]:
     cpu = "host" if plan.accel == "kvm" else "max"
-    machine = _opts(type=plan.machine, accel=plan.accel)
+    machine = _opts(type=plan.machine)
+    accel = plan.accel if plan.accel != "tcg" or not plan.tb_size_mib else f"tcg,tb-size={plan.tb_size_mib}"
     if plan.machine in ("q35", "pc"):
         machine += ",hpet=off"
     if plan.ram_file is not None:
@@ -37,6 +38,7 @@ def machine_args(plan: LaunchPlan) -> list[str]:
     return [
         *memory_backend_args(plan),
         "-machine", machine,
+        "-accel", accel,
         "-cpu", cpu,
         "-smp", str(plan.cpus),
         "-m", f"{plan.memory_mib}M",
@@ -120,4 +122,4 @@ def build_argv(plan: LaunchPlan) -> list[str]:
         argv += ["-loadvm", plan.loadvm]
     if plan.incoming:
         argv += ["-incoming", "defer"]
-    return argv
+    return argv + list(plan.extra_args)

@@ -60,6 +60,8 @@ class LaunchPlan(BaseModel):
     ram_file: Path | None = None
     ram_shared: bool = True
     incoming: bool = False  # wait for a migration stream (a fork's child) instead of booting
+    tb_size_mib: int | None = None  # TCG translation cache size
+    extra_args: tuple[str, ...] = ()  # e.g. the sandbox options, decided by the host
 
     @property
     def qmp_socket(self) -> Path:

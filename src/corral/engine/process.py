@@ -99,7 +99,8 @@ class QemuProcess:
     # -- life -------------------------------------------------------------------------------------------------
 
     @classmethod
-    async def launch(cls, plan: LaunchPlan, on_event: EventCallback | None = None) -> QemuProcess:
+    async def launch(cls, plan: LaunchPlan, on_event: EventCallback | None = None,
+                     preexec: Callable[[], None] | None = None) -> QemuProcess:
         """Start QEMU detached and return once QMP answers; on failure nothing is left running."""
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (plan.qmp_socket, plan.console_socket, plan.guest_agent_socket):
@@ -110,7 +111,8 @@ class QemuProcess:
             log.flush()
             try:
                 popen = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+                    preexec_fn=preexec,
                 )
             except FileNotFoundError as exc:
                 raise EngineError(

@@ -89,6 +89,9 @@ class Agent:
         self.host_name = host_name or settings.host_name or default_host_name()
         self.layout = HostLayout(settings.home)
         self.inventory: Inventory | None = None
+        from corral.host.isolation import Isolation
+
+        self.isolation = Isolation(settings, store)
         self.vms: dict[str, RunningVM] = {}
         self.vm_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.guest_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)

@@ -39,6 +39,10 @@ class HostLayout:
     def ensure(self) -> None:
         for path in (self.images, self.pool(), self.home / "run", self.logs):
             path.mkdir(parents=True, exist_ok=True)
+        # Sandboxed QEMUs (their own uids) must be able to pass through the home to their run dirs and disks.
+        mode = self.home.stat().st_mode & 0o777
+        if mode & 0o001 == 0:
+            self.home.chmod(mode | 0o711)
 
 
 def inside_pool(pool_dir: Path, relative: str) -> Path:

@@ -97,6 +97,7 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
     ram_file = agent.layout.ram_file(vm.id) if spec.forkable else None
     return LaunchPlan(
         ram_file=ram_file,
+        tb_size_mib=agent.settings.tcg_tb_size_mib if agent.inventory.accel == "tcg" else None,
         name=vm.name,
         uuid=f"{vm.id[:8]}-{vm.id[8:12]}-{vm.id[12:16]}-{vm.id[16:20]}-{vm.id[20:32]}",
         run_dir=agent.layout.vm_run_dir(vm.id),
@@ -173,7 +174,10 @@ async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any =
     update_vm(agent, vm_id, desired_state=PowerState.RUNNING, observed_state=PowerState.STARTING,
               status_message="starting QEMU")
     try:
-        proc = await QemuProcess.launch(plan, on_event=_event_handler(agent, vm_id))
+        box = await asyncio.to_thread(agent.isolation.prepare, vm_id, plan)
+        if box.extra_args:
+            plan = plan.model_copy(update={"extra_args": (*plan.extra_args, *box.extra_args)})
+        proc = await QemuProcess.launch(plan, on_event=_event_handler(agent, vm_id), preexec=box.preexec)
         if after_launch is not None:
             try:
                 await after_launch(proc)
@@ -183,6 +187,7 @@ async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any =
     except Exception as exc:
         update_vm(agent, vm_id, desired_state=PowerState.STOPPED, observed_state=PowerState.STOPPED,
                   status_message=f"start failed: {exc}", pid=None)
+        agent.isolation.release(vm_id)
         raise
     running = _track(agent, vm_id, proc)
     update_vm(agent, vm_id, observed_state=PowerState.RUNNING, pid=proc.pid, started_at=utcnow(), ready=False,
@@ -283,6 +288,7 @@ async def _forget(agent: Agent, running: RunningVM) -> None:
         del agent.vms[running.vm_id]
     running.proc.record.qmp_socket.parent.joinpath("runtime.json").unlink(missing_ok=True)
     agent.layout.ram_file(running.vm_id).unlink(missing_ok=True)
+    agent.isolation.release(running.vm_id)
 
 
 async def pause(agent: Agent, vm_id: str) -> None:
@@ -360,6 +366,7 @@ async def _on_unexpected_exit(agent: Agent, running: RunningVM, info: ExitInfo) 
             del agent.vms[running.vm_id]
         running.proc.record.qmp_socket.parent.joinpath("runtime.json").unlink(missing_ok=True)
         agent.layout.ram_file(running.vm_id).unlink(missing_ok=True)
+        agent.isolation.release(running.vm_id)
         await _after_exit(agent, running.vm_id, info)
 
 

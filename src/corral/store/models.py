@@ -117,6 +117,8 @@ class VM(Base):
     current_snapshot: Mapped[str | None] = mapped_column(String(32))
     # Host ports forwarded to the guest while it runs (user-mode networking), e.g. {"ssh": 40123}.
     ports: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Host-local slot of the VM's own uid (sandboxed QEMU); kept while its files exist, since they are owned by it.
+    uid_slot: Mapped[int | None] = mapped_column(Integer)
     template: Mapped[str | None] = mapped_column(String(32), ForeignKey("templates.id"))
 
     volumes: Mapped[list[Volume]] = relationship(back_populates="vm", order_by="Volume.device_index")

@@ -110,6 +110,26 @@ def test_start_again_and_force_stop(daemon, vm):
     assert forced["vm"]["state"] == "stopped" and forced["job"]["result"]["forced"] is True
 
 
+def test_metrics_report_the_running_vm(daemon, vm):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    daemon.cli("vm", "start", vm, "--wait")
+    deadline = time.monotonic() + 20
+    with daemon.client() as corral:
+        while True:
+            families = {f.name: f for f in text_string_to_metric_families(corral.metrics())}
+            used = [s for s in families["corral_vm_memory_used_bytes"].samples if s.labels["vm"] == vm]
+            if used or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert used and used[0].value > 16 << 20, "the agent samples the QEMU's memory"
+    running = [s for s in families["corral_vm_running"].samples if s.labels["vm"] == vm]
+    assert running[0].value == 1
+    reads = [s for s in families["corral_vm_disk_read_bytes"].samples if s.labels["vm"] == vm]
+    assert reads and max(s.value for s in reads) > 0, "the guest read its root disk while booting"
+    daemon.cli("vm", "stop", vm, "--force")
+
+
 def test_delete_removes_the_vm_and_its_disks(daemon, vm):
     pool = daemon.home / "pools" / "default"
     disks = [d["path"] for d in _show(daemon, vm)["disks"]]
@@ -119,3 +139,4 @@ def test_delete_removes_the_vm_and_its_disks(daemon, vm):
     assert not any((pool / path).exists() for path in disks)
     missing = daemon.cli("vm", "show", vm, check=False)
     assert missing.returncode != 0 and "not found" in missing.stderr
+

@@ -122,3 +122,17 @@ def test_image_in_use_cannot_be_removed(api):
 def test_openapi_schema_is_served(api):
     schema = api.get("/openapi.json").json()
     assert "/vms" in schema["paths"] and "/jobs/{job_ref}" in schema["paths"]
+
+
+def test_metrics_parse_and_describe_hosts_and_jobs(api):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _create(api, memory="512M")
+    api.get("/vms")
+    families = {f.name: f for f in text_string_to_metric_families(api.get("/metrics").text)}
+    host_memory = families["corral_host_memory_bytes"].samples[0]
+    assert host_memory.labels == {"host": "h1"} and host_memory.value == 4 << 30
+    assert families["corral_vm_memory_bytes"].samples[0].value == 512 << 20
+    assert any(s.labels == {"kind": "vm.create", "state": "queued"} for s in families["corral_jobs"].samples)
+    latency = families["corral_api_request_duration_seconds"]
+    assert any(s.labels.get("route") == "/vms" for s in latency.samples)

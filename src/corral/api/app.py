@@ -63,6 +63,9 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.add_exception_handler(CorralError, corral_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+    from corral.api import metrics
+
+    metrics.install(app, store)
     app.include_router(routes_vms.router)
     app.include_router(routes_console.router)
     app.include_router(routes_snapshots.router)

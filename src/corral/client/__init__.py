@@ -88,6 +88,10 @@ class Client:
     def hosts(self) -> list[dict[str, Any]]:
         return self.request("GET", "/hosts")
 
+    def metrics(self) -> str:
+        """The Prometheus exposition text of /metrics."""
+        return self.request("GET", "/metrics")
+
     # -- jobs -------------------------------------------------------------------------------------------------
 
     def job(self, job_id: str) -> dict[str, Any]:

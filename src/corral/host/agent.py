@@ -79,6 +79,7 @@ class RunningVM:
     ready: asyncio.Future[None]
     expected_exit: bool = False
     interfaces_checked: float = 0.0
+    stats_sampled: float = 0.0
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
@@ -255,6 +256,7 @@ class Agent:
 
     async def reconcile(self) -> None:
         """Drift repair and slow observations: interface addresses of ready guests."""
-        from corral.host import vm_lifecycle
+        from corral.host import observe, vm_lifecycle
 
         await vm_lifecycle.reconcile(self)
+        await observe.sample_all(self)

@@ -119,6 +119,8 @@ class VM(Base):
     ports: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Host-local slot of the VM's own uid (sandboxed QEMU); kept while its files exist, since they are owned by it.
     uid_slot: Mapped[int | None] = mapped_column(Integer)
+    # Usage the agent observed last (cgroup and QMP counters), for metrics: cpu_seconds, memory_bytes, disk io.
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     template: Mapped[str | None] = mapped_column(String(32), ForeignKey("templates.id"))
 
     volumes: Mapped[list[Volume]] = relationship(back_populates="vm", order_by="Volume.device_index")

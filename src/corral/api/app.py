@@ -22,7 +22,7 @@ from corral.api.state import AppState, db_session
 from corral.api.views import HostView
 from corral.cluster import placement
 from corral.config import Settings
-from corral.errors import CorralError, InvalidInput
+from corral.errors import AlreadyExists, CorralError, InvalidInput, Timeout
 from corral.store.db import Store
 from corral.store.models import Host
 
@@ -48,7 +48,19 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
 
 
 async def unexpected_error_handler(_request: Request, exc: Exception) -> JSONResponse:
-    """A bug still answers in the API's own format, and leaves a traceback in the daemon's log."""
+    """A bug still answers in the API's own format, and leaves a traceback in the daemon's log. Two database
+    outcomes are not bugs: a store too busy to answer in time, and a concurrent request that made the same
+    thing first."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    if isinstance(exc, IntegrityError):
+        return _problem(AlreadyExists("another request made the same resource at the same moment",
+                                      "list it, or choose another name"))
+    if isinstance(exc, OperationalError):
+        log.warning("store error: %s", exc)
+        busy = Timeout("the store is busy; nothing was changed", "try again in a moment")
+        busy.http_status = 503
+        return _problem(busy)
     log.error("unhandled error", exc_info=exc)
     return _problem(CorralError(f"internal error: {type(exc).__name__}: {exc}", "see the daemon's log"))
 

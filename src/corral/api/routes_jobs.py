@@ -49,7 +49,7 @@ def get_job(
     deadline = time.monotonic() + wait
     while True:
         generation = state.store.notifier.generation
-        with state.store.session() as session:
+        with state.store.reading() as session:
             job = resolve_job(session, job_ref)
             view = JobView.of(job)
         remaining = deadline - time.monotonic()

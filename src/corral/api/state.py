@@ -28,5 +28,5 @@ def app_state(request: Request) -> AppState:
 
 
 def db_session(request: Request) -> Iterator[Session]:
-    with app_state(request).store.session() as session:
+    with app_state(request).store.reading() as session:
         yield session

@@ -78,7 +78,9 @@ def _create(
 
     def action() -> None:
         with client() as corral:
-            accepted = corral.create_vm(spec, start=start, wait=wait, volumes=volumes or [], template=template)
+            accepted = corral.create_vm(
+                spec, start=start, wait=wait, volumes=volumes or [], template=template, ready_timeout=timeout
+            )
             follow_job(corral, accepted, f"vm {name}", quiet=as_json, timeout=timeout + 60 if wait else None)
             vm = _with_addresses(corral, name)
         if as_json:
@@ -197,7 +199,7 @@ def start(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Start a stopped VM."""
-    _verb(name, "start", "start_vm", as_json, timeout + 60 if wait else None, wait=wait)
+    _verb(name, "start", "start_vm", as_json, timeout + 60 if wait else None, wait=wait, ready_timeout=timeout)
 
 
 @app.command()

@@ -156,19 +156,21 @@ class Client:
         volumes: list[str] | None = None,
         host: str | None = None,
         template: str | None = None,
+        ready_timeout: float | None = None,
     ) -> dict[str, Any]:
         body = {
             "spec": spec,
             "start": start,
             "wait": wait,
+            "ready_timeout": ready_timeout,
             "volumes": volumes or [],
             "host": host,
             "template": template,
         }
         return self.request("POST", "/vms", json=body)
 
-    def start_vm(self, name: str, wait: bool = False) -> dict[str, Any]:
-        return self.request("POST", f"/vms/{name}/start", json={"wait": wait})
+    def start_vm(self, name: str, wait: bool = False, ready_timeout: float | None = None) -> dict[str, Any]:
+        return self.request("POST", f"/vms/{name}/start", json={"wait": wait, "ready_timeout": ready_timeout})
 
     def stop_vm(self, name: str, force: bool = False, timeout: float | None = None) -> dict[str, Any]:
         return self.request("POST", f"/vms/{name}/stop", json={"force": force, "timeout": timeout})

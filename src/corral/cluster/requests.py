@@ -25,6 +25,7 @@ class VMCreate(BaseModel):
     volumes: list[str] = Field(default_factory=list, description="existing volumes to attach, in order")
     start: bool = False
     wait: bool = False
+    ready_timeout: float | None = Field(default=None, gt=0, le=86400)
     host: str | None = None
     template: str | None = None
 
@@ -41,6 +42,7 @@ class VMCreate(BaseModel):
 class VMStart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     wait: bool = False
+    ready_timeout: float | None = Field(default=None, gt=0, le=86400)
 
 
 class VMStop(BaseModel):

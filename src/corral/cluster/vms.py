@@ -107,7 +107,7 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
             target_id=vm.id,
             host=host.name,
             project=project,
-            params={"start": request.start, "wait": request.wait},
+            params={"start": request.start, "wait": request.wait, "ready_timeout": request.ready_timeout},
         )
     return job
 

@@ -103,6 +103,11 @@ class QemuProcess:
                      preexec: Callable[[], None] | None = None) -> QemuProcess:
         """Start QEMU detached and return once QMP answers; on failure nothing is left running."""
         plan.run_dir.mkdir(parents=True, exist_ok=True)
+        previous = RuntimeRecord.load(plan.runtime_record)
+        if previous is not None and is_same_process(previous):
+            # Its sockets are live: removing them would orphan that QEMU for good.
+            raise EngineError(f"a QEMU of this VM is still running (pid {previous.pid})",
+                              "it will be adopted again; stop it with `corral vm stop --force` if it hangs")
         for stale in (plan.qmp_socket, plan.console_socket, plan.guest_agent_socket):
             stale.unlink(missing_ok=True)
         argv = build_argv(plan)
@@ -157,6 +162,7 @@ class QemuProcess:
             if proc.exited:
                 record_path.unlink(missing_ok=True)
                 return None
+            await proc.close()  # alive but not answering: let go for now, the caller retries
             raise
         return proc
 
@@ -189,6 +195,11 @@ class QemuProcess:
         info.stderr_tail = [line for line in tail_lines(self.record.stderr_log) if not line.startswith("---")]
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(info)
+
+    async def until_exit(self) -> ExitInfo:
+        """Resolves when QEMU exits; lets long QMP waits give up as soon as there is no QEMU left."""
+        assert self._exited is not None
+        return await asyncio.shield(self._exited)
 
     @property
     def exited(self) -> bool:

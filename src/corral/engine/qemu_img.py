@@ -51,6 +51,13 @@ def check_importable(path: Path, binary: str = QEMU_IMG) -> dict[str, Any]:
     """A user's file must be a sound disk image: qemu-img calls anything raw, so a raw file must at least look
     like a disk (whole sectors, at least 1 MiB) and must not be a qcow2 whose header qemu-img rejected."""
     facts = info(path, binary)
+    # A backing file or an external data file would make the copy read another file on this host (anything,
+    # /etc/shadow included): an image to import must stand alone.
+    if facts.get("backing-filename") or facts.get("full-backing-filename"):
+        raise InvalidInput(f"{path} has a backing file ({facts.get('backing-filename')})",
+                           "import a standalone image: qemu-img convert -O qcow2 it first")
+    if (facts.get("format-specific") or {}).get("data", {}).get("data-file"):
+        raise InvalidInput(f"{path} uses an external data file", "import a standalone image")
     if facts.get("format") == "raw":
         with path.open("rb") as handle:
             if handle.read(4) == QCOW_MAGIC:
@@ -98,9 +105,12 @@ def resize(path: Path, size: int, binary: str = QEMU_IMG) -> None:
         run(["resize", "-q", str(path), str(size)], binary)
 
 
-def convert(source: Path, dest: Path, dest_format: str = "qcow2", binary: str = QEMU_IMG) -> None:
-    """A full, independent copy (used by image import and, later, full clones)."""
-    run(["convert", "-q", "-O", dest_format, str(source), str(dest)], binary, timeout=3600)
+def convert(source: Path, dest: Path, dest_format: str = "qcow2", binary: str = QEMU_IMG,
+            source_format: str | None = None) -> None:
+    """A full, independent copy (image import). Give ``source_format`` when known: probing a user's file again
+    here could read it differently from the check that accepted it."""
+    fmt = ["-f", source_format] if source_format else []
+    run(["convert", "-q", *fmt, "-O", dest_format, str(source), str(dest)], binary, timeout=3600)
 
 
 def copy_with_progress(

@@ -32,10 +32,16 @@ async def _run_job(proc: QemuProcess, command: str, arguments: dict[str, Any], t
                 if event["data"].get("id") == job_id and event["data"].get("status") == "concluded":
                     return
 
-        try:
-            await asyncio.wait_for(concluded(), timeout)
-        except TimeoutError as exc:
-            raise EngineError(f"{command} did not finish within {timeout:.0f} s") from exc
+        waiter = asyncio.ensure_future(concluded())
+        death = asyncio.ensure_future(proc.until_exit())
+        done, _ = await asyncio.wait({waiter, death}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiter, death):
+            if task not in done:
+                task.cancel()
+        if death in done:
+            raise EngineError(f"QEMU exited during {command}: {death.result().describe()}")
+        if waiter not in done:
+            raise EngineError(f"{command} did not finish within {timeout:.0f} s")
     jobs = await proc.execute("query-jobs")
     job = next((j for j in jobs if j["id"] == job_id), None)
     await proc.execute("job-dismiss", {"id": job_id})

@@ -94,6 +94,10 @@ class Agent:
 
         self.isolation = Isolation(settings, store)
         self.vms: dict[str, RunningVM] = {}
+        self.unadopted: set[str] = set()  # VMs whose QEMU lives but did not answer at adoption: retried
+        from corral.host.reaper import Reaper
+
+        self.reaper = Reaper()
         self.vm_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.guest_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._job_tasks: dict[str, asyncio.Task[None]] = {}
@@ -260,3 +264,4 @@ class Agent:
 
         await vm_lifecycle.reconcile(self)
         await observe.sample_all(self)
+        self.reaper.reap(keep={running.proc.pid for running in self.vms.values()})

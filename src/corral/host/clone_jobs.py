@@ -100,7 +100,7 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
                 session.get(Volume, volume.id).state = "ready"
         if ctx.params.get("start"):
             async with agent.vm_locks[new_id_]:
-                await vm_lifecycle.start(agent, new_id_, wait=bool(ctx.params.get("wait")), progress=ctx.progress)
+                await vm_lifecycle.start(agent, new_id_)
     except BaseException as exc:
         from corral.host.snapshot_jobs import out_of_space
 
@@ -110,6 +110,10 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
             raise InsufficientResources(f"the storage pool ran out of space while cloning into {ctx.target_name}; "
                                         "the partial copy was removed", "free space in the pool") from exc
         raise
+    if ctx.params.get("start") and ctx.params.get("wait"):
+        from corral.host.handlers import wait_for_guest
+
+        await wait_for_guest(ctx, new_id_)
     return {"vm": ctx.target_name, "linked": linked}
 
 

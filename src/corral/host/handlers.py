@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.engine import qemu_img
@@ -46,11 +48,24 @@ async def vm_create(ctx: JobContext) -> dict[str, Any]:
                         row.state = "ready"
             if ctx.params.get("start"):
                 ctx.progress(0.4, "starting")
-                await vm_lifecycle.start(agent, vm_id, wait=bool(ctx.params.get("wait")), progress=ctx.progress)
+                await vm_lifecycle.start(agent, vm_id)
         except BaseException:
             await discard_vm(ctx, vm_id, {v.id for v in made})
             raise
+    # The VM exists from here on: a guest that is slow to answer fails the wait, not the VM.
+    if ctx.params.get("start") and ctx.params.get("wait"):
+        await wait_for_guest(ctx, vm_id)
     return {"vm": ctx.target_name}
+
+
+async def wait_for_guest(ctx: JobContext, vm_id: str) -> None:
+    """Wait for the guest agent outside the VM's lock, so a `vm stop` can still end a boot that hangs."""
+    running = ctx.agent.vms.get(vm_id)
+    if running is None or running.proc.exited:
+        raise Conflict(f"VM {ctx.target_name} stopped before its guest agent answered",
+                       f"see `corral vm show {ctx.target_name}` and `corral vm logs {ctx.target_name}`")
+    ctx.progress(0.5, "waiting for the guest agent")
+    await vm_lifecycle.wait_ready(running, float(ctx.params.get("ready_timeout") or vm_lifecycle.READY_TIMEOUT))
 
 
 async def discard_vm(ctx: JobContext, vm_id: str, made_ids: set[str]) -> None:
@@ -80,7 +95,10 @@ async def discard_vm(ctx: JobContext, vm_id: str, made_ids: set[str]) -> None:
 async def vm_start(ctx: JobContext) -> dict[str, Any]:
     vm_id = _vm_id(ctx)
     async with ctx.agent.vm_locks[vm_id]:
-        return await vm_lifecycle.start(ctx.agent, vm_id, wait=bool(ctx.params.get("wait")), progress=ctx.progress)
+        result = await vm_lifecycle.start(ctx.agent, vm_id)
+    if ctx.params.get("wait"):
+        await wait_for_guest(ctx, vm_id)
+    return result
 
 
 async def vm_stop(ctx: JobContext) -> dict[str, Any]:
@@ -103,7 +121,9 @@ async def vm_restart(ctx: JobContext) -> dict[str, Any]:
             ctx.agent, vm_id, force=bool(ctx.params.get("force")), timeout=ctx.params.get("timeout")
         )
         ctx.progress(0.4, "starting")
-        started = await vm_lifecycle.start(ctx.agent, vm_id, wait=bool(ctx.params.get("wait")), progress=ctx.progress)
+        started = await vm_lifecycle.start(ctx.agent, vm_id)
+    if ctx.params.get("wait"):
+        await wait_for_guest(ctx, vm_id)
     return {**stopped, **started}
 
 
@@ -135,6 +155,7 @@ async def vm_delete(ctx: JobContext) -> dict[str, Any]:
                 if keep:
                     volume.vm_id = None
                     kept.append(volume.name)
+                    _return_to_root(storage.volume_path(agent, volume))
                 else:
                     storage.remove(agent, volume)
                     session.delete(volume)
@@ -147,6 +168,13 @@ async def vm_delete(ctx: JobContext) -> dict[str, Any]:
     agent.vm_locks.pop(vm_id, None)
     agent.guest_locks.pop(vm_id, None)
     return {"kept_volumes": kept, "removed_volumes": removed}
+
+
+def _return_to_root(path: Path) -> None:
+    """A kept disk was owned by the deleted VM's uid, which a future VM may get: give it back to root."""
+    with contextlib.suppress(OSError):
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o600)
 
 
 async def vm_exec(ctx: JobContext) -> dict[str, Any]:

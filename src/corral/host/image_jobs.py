@@ -101,10 +101,10 @@ async def import_image(ctx: JobContext) -> dict[str, Any]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         ctx.progress(0.05, f"checking {source}")
-        await asyncio.to_thread(qemu_img.check_importable, source, binary)
+        facts = await asyncio.to_thread(qemu_img.check_importable, source, binary)
         ctx.progress(0.1, "copying the disk")
         disk = directory / "disk.qcow2"
-        await asyncio.to_thread(qemu_img.convert, source, disk, "qcow2", binary)
+        await asyncio.to_thread(qemu_img.convert, source, disk, "qcow2", binary, facts.get("format"))
         values: dict[str, Any] = {"kind": "disk", "disk_file": disk.name, "disk_format": "qcow2"}
         if ctx.params.get("cloud_init"):
             values["details"] = {"cloud_init": True, "ssh": True, "default_user": "corral"}

@@ -148,7 +148,7 @@ async def revert(ctx: JobContext) -> dict[str, Any]:
             await asyncio.to_thread(engine_snapshots.load_offline, paths, snapshot.tag, binary)
             if was_running:
                 ctx.progress(0.6, "starting")
-                await vm_lifecycle.start(agent, vm.id, wait=bool(ctx.params.get("wait")), progress=ctx.progress)
+                await vm_lifecycle.start(agent, vm.id)
         with agent.store.session() as session:
             session.get(VM, vm.id).current_snapshot = snapshot.id
     return {"snapshot": snapshot.name, "memory": snapshot.memory}

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
+import signal
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,8 @@ from sqlalchemy import select
 from corral.engine.guest_agent import GuestAgent, wait_until_ready
 from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan
 from corral.engine.process import ExitInfo, QemuProcess
-from corral.errors import Conflict, EngineError, GuestAgentError, NotFound
+from corral.engine.runtime import RuntimeRecord, is_same_process
+from corral.errors import Conflict, CorralError, EngineError, GuestAgentError, NotFound
 from corral.host.layout import inside_pool
 from corral.spec.vm import PowerState, RestartPolicy, VMSpec
 from corral.store.models import VM, Image, utcnow
@@ -225,6 +228,10 @@ async def stop(
     """ACPI power-down, then force after ``timeout``; the VM's desired state becomes stopped either way."""
     update_vm(agent, vm_id, desired_state=PowerState.STOPPED)
     running = agent.vms.get(vm_id)
+    if running is None and vm_id in agent.unadopted:
+        if not force:
+            raise Conflict("this VM's QEMU runs but its monitor does not answer", "stop it with --force")
+        _kill_unadopted(agent, vm_id)
     if running is None or running.proc.exited:
         update_vm(agent, vm_id, observed_state=PowerState.STOPPED, pid=None, ready=False)
         return {"forced": False, "was_running": False}
@@ -262,11 +269,23 @@ async def stop(
     return {"forced": forced, "was_running": True}
 
 
+def _kill_unadopted(agent: Agent, vm_id: str) -> None:
+    """The last resort for a QEMU that runs but never answered: SIGKILL the recorded process."""
+    record_path = agent.layout.vm_run_dir(vm_id) / "runtime.json"
+    record = RuntimeRecord.load(record_path)
+    if record is not None and is_same_process(record):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.pid, signal.SIGKILL)
+    record_path.unlink(missing_ok=True)
+    agent.unadopted.discard(vm_id)
+
+
 async def _ask_guest_to_power_off(agent: Agent, running: RunningVM) -> str:
     """Through the guest agent when it answers (a clean OS shutdown that keeps, e.g., fresh SSH host keys),
     else the ACPI power button."""
     socket_path = running.proc.record.guest_agent_socket
-    if socket_path is not None and running.ready.done() and running.ready.exception() is None:
+    busy = agent.guest_locks[running.vm_id].locked()  # a long `vm exec` must not hold up a stop
+    if socket_path is not None and not busy and running.ready.done() and running.ready.exception() is None:
         try:
             async with agent.guest_locks[running.vm_id], GuestAgent(socket_path) as guest:
                 await guest.shutdown("powerdown")
@@ -284,11 +303,19 @@ async def _forget(agent: Agent, running: RunningVM) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-    if agent.vms.get(running.vm_id) is running:
-        del agent.vms[running.vm_id]
+    await _clean_up_after(agent, running)
+
+
+async def _clean_up_after(agent: Agent, running: RunningVM) -> bool:
+    """Remove what belonged to this process (record, RAM file, cgroup) — unless a newer QEMU of the same VM has
+    taken its place meanwhile, whose things these now are. Returns whether it was still the current one."""
+    if agent.vms.get(running.vm_id) is not running:
+        return False
+    del agent.vms[running.vm_id]
     running.proc.record.qmp_socket.parent.joinpath("runtime.json").unlink(missing_ok=True)
     agent.layout.ram_file(running.vm_id).unlink(missing_ok=True)
-    agent.isolation.release(running.vm_id)
+    await asyncio.to_thread(agent.isolation.release, running.vm_id)
+    return True
 
 
 async def pause(agent: Agent, vm_id: str) -> None:
@@ -347,7 +374,7 @@ async def _interfaces(agent: Agent, running: RunningVM) -> list[dict[str, Any]]:
         try:
             async with GuestAgent(socket_path) as guest:
                 return await guest.addresses()
-        except (GuestAgentError, TimeoutError, OSError):
+        except (CorralError, TimeoutError, OSError):
             return []
 
 
@@ -362,12 +389,8 @@ async def _watch_exit(agent: Agent, running: RunningVM) -> None:
 
 async def _on_unexpected_exit(agent: Agent, running: RunningVM, info: ExitInfo) -> None:
     async with agent.vm_locks[running.vm_id]:
-        if agent.vms.get(running.vm_id) is running:
-            del agent.vms[running.vm_id]
-        running.proc.record.qmp_socket.parent.joinpath("runtime.json").unlink(missing_ok=True)
-        agent.layout.ram_file(running.vm_id).unlink(missing_ok=True)
-        agent.isolation.release(running.vm_id)
-        await _after_exit(agent, running.vm_id, info)
+        if await _clean_up_after(agent, running):
+            await _after_exit(agent, running.vm_id, info)
 
 
 async def _after_exit(agent: Agent, vm_id: str, info: ExitInfo) -> None:
@@ -434,10 +457,17 @@ async def adopt(agent: Agent, vm_id: str) -> None:
         if record_path.exists():
             try:
                 proc = await QemuProcess.adopt(record_path, on_event=_event_handler(agent, vm_id))
+                state = await proc.run_state() if proc is not None else None
             except EngineError as exc:
-                log.error("VM %s: cannot adopt its QEMU: %s", vm_id, exc)
+                # Alive but not answering (a busy host, a stuck QEMU): never mistake it for dead.
+                log.error("VM %s: cannot adopt its QEMU yet: %s", vm_id, exc)
+                if proc is not None:
+                    await proc.close()
+                agent.unadopted.add(vm_id)
+                update_vm(agent, vm_id, status_message=f"QEMU runs but does not answer; retrying: {exc.message}")
+                return
+        agent.unadopted.discard(vm_id)
         if proc is not None:
-            state = await proc.run_state()
             _track(agent, vm_id, proc)
             update_vm(
                 agent,
@@ -461,7 +491,13 @@ async def _after_exit_unseen(agent: Agent, vm_id: str, vm: VM) -> None:
 
 
 async def reconcile(agent: Agent) -> None:
-    """Refresh the addresses of ready guests now and then: DHCP may change them."""
+    """Retry adopting QEMUs that did not answer; refresh the addresses of ready guests (DHCP may change them)."""
+    for vm_id in list(agent.unadopted):
+        if not agent.vm_locks[vm_id].locked():
+            try:
+                await adopt(agent, vm_id)
+            except NotFound:
+                agent.unadopted.discard(vm_id)
     now = time.monotonic()
     for vm_id, running in list(agent.vms.items()):
         if running.proc.exited or not running.ready.done() or running.ready.exception() is not None:

@@ -15,7 +15,7 @@ def validate_name(name: str, kind: str = "name") -> str:
     The same rule serves as hostname, file name and URL segment, which is why it is strict: lowercase letters,
     digits and dashes, starting with a letter or digit, at most 63 characters.
     """
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidInput(
             f"invalid {kind} {name!r}",
             "use 1-63 lowercase letters, digits or '-', starting with a letter or digit",

@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from corral.errors import InvalidInput
+from corral.spec.firstboot import validate_ssh_key, validate_user_data
 from corral.spec.names import validate_name
 from corral.spec.sizes import parse_size
 
@@ -17,6 +18,7 @@ MIN_MEMORY = 32 << 20
 MAX_CPUS = 255
 MAX_DISKS = 16
 MAX_NICS = 8
+MAX_VM_NAME = 56  # so derived names (NAME-disk16, NAME-root) stay within 63
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 
@@ -121,8 +123,6 @@ class VMSpec(BaseModel):
     @field_validator("ssh_keys")
     @classmethod
     def _ssh_keys(cls, value: list[str]) -> list[str]:
-        from corral.images.cloudinit import validate_ssh_key
-
         return [validate_ssh_key(key) for key in value]
 
     @field_validator("user_data")
@@ -130,14 +130,16 @@ class VMSpec(BaseModel):
     def _user_data(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        from corral.images.cloudinit import validate_user_data
-
         return validate_user_data(value)
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return validate_name(value, "VM name")
+        validate_name(value, "VM name")
+        if len(value) > MAX_VM_NAME:
+            raise InvalidInput(f"VM name {value!r} is longer than {MAX_VM_NAME} characters",
+                               "its disks are named after it (NAME-root, NAME-disk16): use a shorter name")
+        return value
 
     @field_validator("image")
     @classmethod

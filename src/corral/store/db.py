@@ -64,8 +64,10 @@ def _sqlite_begin(connection: Connection) -> None:
     """An explicit BEGIN: the sqlite3 module would otherwise commit before every DDL statement, and a
     migration that fails halfway would leave half a schema behind. IMMEDIATE takes the write lock up front
     (waiting up to busy_timeout), because a deferred transaction that later needs to write fails at once with
-    "database is locked" when another thread writes; with WAL, readers are never blocked by it."""
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    "database is locked" when another thread writes. Sessions that only read ask for DEFERRED: with WAL they
+    never wait for a writer."""
+    mode = "DEFERRED" if connection.get_execution_options().get("corral_readonly") else "IMMEDIATE"
+    connection.exec_driver_sql(f"BEGIN {mode}")
 
 
 def make_engine(url: str) -> Engine:
@@ -82,6 +84,9 @@ class Store:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(corral_readonly=True), expire_on_commit=False
+        )
         self.notifier = Notifier()
         event.listen(self._sessions, "after_flush", _mark_changed)
 
@@ -106,6 +111,15 @@ class Store:
             finally:
                 if sqlite:
                     raw.execute("PRAGMA foreign_keys=ON")
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session that only reads: it never takes SQLite's write lock, so it never waits for the agent."""
+        with self._read_sessions() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
 
     @contextmanager
     def session(self) -> Iterator[Session]:

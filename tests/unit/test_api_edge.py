@@ -136,3 +136,13 @@ def test_metrics_parse_and_describe_hosts_and_jobs(api):
     assert any(s.labels == {"kind": "vm.create", "state": "queued"} for s in families["corral_jobs"].samples)
     latency = families["corral_api_request_duration_seconds"]
     assert any(s.labels.get("route") == "/vms" for s in latency.samples)
+
+
+def test_cancelling_a_queued_create_removes_what_it_was_to_make(api, store):
+    before = _counts(store)
+    job = _create(api, disks=[{"size": "1G"}]).json()["job"]
+    cancelled = api.post(f"/jobs/{job['id'][:12]}/cancel").json()
+    assert cancelled["state"] == "cancelled"
+    with store.session() as session:
+        assert session.query(VM).count() == before[0] and session.query(Volume).count() == before[1]
+    assert api.get("/vms/demo").status_code == 404

@@ -50,6 +50,11 @@ def _quiet_qmp_teardown(loop: asyncio.AbstractEventLoop, context: dict[str, Any]
     loop.default_exception_handler(context)
 
 
+class JobCancelled(CorralError):
+    code = "cancelled"
+    http_status = 409
+
+
 @dataclass
 class JobContext:
     """What a job handler gets: the job's identity and parameters, and a way to report progress."""
@@ -61,10 +66,24 @@ class JobContext:
     target_name: str
     params: dict[str, Any]
     project: str
+    cancelled: bool = False
 
-    def progress(self, fraction: float | None, message: str | None = None) -> bool:
-        """Report progress; True when the user asked to cancel."""
-        return jobs.report(self.agent.store, self.job_id, fraction, message)
+    def progress(self, fraction: float | None, message: str | None = None) -> None:
+        """Report progress. If the user asked to cancel, this raises JobCancelled: the handler's failure path
+        then undoes what it made, as for any other error."""
+        if jobs.report(self.agent.store, self.job_id, fraction, message):
+            self.cancelled = True
+            raise JobCancelled(f"{self.kind} of {self.target_name} was cancelled")
+
+    def note(self, fraction: float | None, message: str | None = None) -> None:
+        """Report progress where stopping halfway would do harm (a stop, a copy in a thread): a cancel request
+        is remembered and honoured at the next safe point, ``check_cancelled``."""
+        with contextlib.suppress(JobCancelled):
+            self.progress(fraction, message)
+
+    def check_cancelled(self) -> None:
+        if self.cancelled:
+            raise JobCancelled(f"{self.kind} of {self.target_name} was cancelled")
 
 
 Handler = Callable[[JobContext], Awaitable[dict[str, Any] | None]]
@@ -190,7 +209,10 @@ class Agent:
         self.vms.clear()
 
     def register(self) -> None:
-        self.inventory = read_inventory(self.layout.pool(), self.settings.accel, self.settings.qemu_binary)
+        """Record this host's inventory; QEMU's version is asked once (a subprocess), storage every time."""
+        inventory = read_inventory(self.layout.pool(), self.settings.accel, self.settings.qemu_binary,
+                                   qemu=self.inventory.qemu_version if self.inventory else None)
+        self.inventory = inventory
         with self.store.session() as session:
             host = session.scalars(select(Host).where(Host.name == self.host_name)).first()
             if host is None:

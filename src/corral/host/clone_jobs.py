@@ -66,9 +66,10 @@ async def _copy_disks(ctx: JobContext, sources: list[Path], targets: list[Path],
         def report(fraction: float, index: int = index, name: str = source.name, last: list[float] = last) -> None:
             if fraction - last[0] >= 0.02 or fraction >= 1.0:  # qemu-img reports often; the store needn't hear all
                 last[0] = fraction
-                loop.call_soon_threadsafe(ctx.progress, 0.1 + span * (index + fraction), f"copying {name}")
+                loop.call_soon_threadsafe(ctx.note, 0.1 + span * (index + fraction), f"copying {name}")
 
         await asyncio.to_thread(qemu_img.copy_with_progress, source, target, tag, share, report, binary)
+        ctx.check_cancelled()
 
 
 async def vm_clone(ctx: JobContext) -> dict[str, Any]:
@@ -131,7 +132,7 @@ async def _link(ctx: JobContext, sources: list[Volume], targets: list[Volume]) -
         os.rename(source_path, base)
         try:
             os.chmod(base, 0o444)
-            qemu_img.create_overlay(source_path, base, "qcow2", None, binary)
+            await asyncio.to_thread(qemu_img.create_overlay, source_path, base, "qcow2", None, binary)
         except BaseException:
             source_path.unlink(missing_ok=True)
             os.rename(base, source_path)
@@ -139,7 +140,8 @@ async def _link(ctx: JobContext, sources: list[Volume], targets: list[Volume]) -
         with agent.store.session() as session:
             session.get(Volume, source.id).backing_path = base_rel
             session.get(Volume, target.id).backing_path = base_rel
-        qemu_img.create_overlay(storage.volume_path(agent, target), base, "qcow2", None, binary)
+        await asyncio.to_thread(qemu_img.create_overlay, storage.volume_path(agent, target), base, "qcow2", None,
+                                binary)
 
 
 async def template_create(ctx: JobContext) -> dict[str, Any]:

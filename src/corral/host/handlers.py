@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from pathlib import Path
@@ -109,7 +110,7 @@ async def vm_stop(ctx: JobContext) -> dict[str, Any]:
             vm_id,
             force=bool(ctx.params.get("force")),
             timeout=ctx.params.get("timeout"),
-            progress=ctx.progress,
+            progress=ctx.note,
         )
 
 
@@ -236,7 +237,7 @@ async def volume_resize(ctx: JobContext) -> dict[str, Any]:
         await running.proc.execute("block_resize", {"node-name": f"disk{index}", "size": size})
     else:
         path = storage.volume_path(agent, volume)
-        qemu_img.resize(path, size, agent.settings.qemu_img_binary)
+        await asyncio.to_thread(qemu_img.resize, path, size, agent.settings.qemu_img_binary)
     with agent.store.session() as session:
         row = session.get(Volume, volume.id)
         if row is not None:

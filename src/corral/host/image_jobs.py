@@ -55,7 +55,7 @@ async def build(ctx: JobContext) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
 
     def progress(fraction: float, message: str) -> None:  # called from the builder's thread
-        loop.call_soon_threadsafe(ctx.progress, 0.95 * fraction, message)
+        loop.call_soon_threadsafe(ctx.note, 0.95 * fraction, message)
 
     details: dict[str, Any] = {"recipe": recipe}
     try:
@@ -70,6 +70,7 @@ async def build(ctx: JobContext) -> dict[str, Any]:
                            release=ctx.params.get("release"), packages=ctx.params.get("packages", []))
         else:
             built = await asyncio.to_thread(build_tiny_image, directory, ctx.agent.settings.cache, progress)
+        ctx.check_cancelled()
         info = qemu_img.info(built.rootfs, ctx.agent.settings.qemu_img_binary)
         _mark_ready(
             ctx,

@@ -40,7 +40,8 @@ def qemu_version(binary: str) -> str | None:
     return first.split("version", 1)[-1].strip().split()[0] if "version" in first else None
 
 
-def read_inventory(pool_dir: Path, accel_setting: str, qemu_binary: str) -> Inventory:
+def read_inventory(pool_dir: Path, accel_setting: str, qemu_binary: str, qemu: str | None = None) -> Inventory:
+    """``qemu``: the version found before, to skip running the binary again."""
     usage = shutil.disk_usage(pool_dir)
     return Inventory(
         cpus=len(os.sched_getaffinity(0)),
@@ -48,5 +49,5 @@ def read_inventory(pool_dir: Path, accel_setting: str, qemu_binary: str) -> Inve
         storage_total=usage.total,
         storage_free=usage.free,
         accel=choose_accel(accel_setting),
-        qemu_version=qemu_version(qemu_binary),
+        qemu_version=qemu or qemu_version(qemu_binary),
     )

@@ -132,22 +132,22 @@ async def revert(ctx: JobContext) -> dict[str, Any]:
         running = _running(agent, vm.id)
         binary = agent.settings.qemu_img_binary
         if running is not None and snapshot.memory:
-            ctx.progress(0.2, "loading disks, memory and device state")
+            ctx.note(0.2, "loading disks, memory and device state")
             await engine_snapshots.load_live(running.proc, snapshot.tag, nodes)
             vm_lifecycle.update_vm(agent, vm.id, observed_state=PowerState.RUNNING, desired_state=PowerState.RUNNING)
         elif snapshot.memory:
-            ctx.progress(0.2, "starting from the snapshot")
+            ctx.note(0.2, "starting from the snapshot")
             await asyncio.to_thread(engine_snapshots.load_offline, paths, snapshot.tag, binary)
             await vm_lifecycle.start(agent, vm.id, loadvm=snapshot.tag)
         else:
             was_running = running is not None
             if was_running:
-                ctx.progress(0.1, "stopping")
+                ctx.note(0.1, "stopping")
                 await vm_lifecycle.stop(agent, vm.id, force=True)
-            ctx.progress(0.4, "restoring disks")
+            ctx.note(0.4, "restoring disks")
             await asyncio.to_thread(engine_snapshots.load_offline, paths, snapshot.tag, binary)
             if was_running:
-                ctx.progress(0.6, "starting")
+                ctx.note(0.6, "starting")
                 await vm_lifecycle.start(agent, vm.id)
         with agent.store.session() as session:
             session.get(VM, vm.id).current_snapshot = snapshot.id

@@ -122,17 +122,52 @@ def finish(store: Store, job_id: str, result: dict[str, Any] | None = None, erro
 
 
 def request_cancel(store: Store, job_id: str) -> Job:
+    """A queued job ends at once (and what the control plane made for it goes); a running one is asked to stop
+    at its next progress report, and its own failure path undoes what it made."""
     with store.session() as session:
         job = get(session, job_id)
         if job.state == JobState.QUEUED:
             job.state = JobState.CANCELLED
             job.finished_at = utcnow()
             job.message = "cancelled before it started"
+            discard_pending(session, job)
         elif job.state == JobState.RUNNING:
             job.cancel_requested = True
         job.version += 1
     store.notifier.notify()
     return job
+
+
+def discard_pending(session: Session, job: Job) -> None:
+    """Remove the rows a never-run job was to make real: nothing exists on a host for them yet."""
+    from corral.store.models import VM, Image, Snapshot, Template, Volume
+
+    def drop_vm(vm_id: str | None) -> None:
+        vm = session.get(VM, vm_id) if vm_id else None
+        if vm is None:
+            return
+        for volume in list(vm.volumes):
+            if volume.state == "pending":
+                session.delete(volume)
+            else:
+                volume.vm_id = None  # an existing volume that was to be attached
+        session.delete(vm)
+
+    if job.kind in ("vm.create", "vm.clone"):
+        drop_vm(job.target_id)
+    elif job.kind == "vm.fork":
+        for child_id in job.params.get("child_ids", []):
+            drop_vm(child_id)
+    elif job.kind == "snapshot.create":
+        snapshot = session.get(Snapshot, job.params.get("snapshot_id"))
+        if snapshot is not None:
+            session.delete(snapshot)
+    else:
+        model = {"template.create": Template, "image.build": Image, "image.import": Image,
+                 "volume.create": Volume}.get(job.kind)
+        row = session.get(model, job.target_id) if model is not None and job.target_id else None
+        if row is not None:
+            session.delete(row)
 
 
 def fail_orphans(store: Store, host: str) -> int:

@@ -40,8 +40,9 @@ class Settings(BaseModel):
     stop_timeout: float = Field(default=30.0, gt=0)
     # cgroup limits, a uid of its own and seccomp for each VM's QEMU (needs root; see docs/isolation.md).
     isolation: bool = True
-    # TCG's translated-code cache per VM; QEMU 7.2's default (1 GiB) would make memory limits meaningless.
-    tcg_tb_size_mib: int = Field(default=64, ge=8, le=4096)
+    # TCG's translated-code cache per VM. QEMU 7.2's default (1 GiB) would make memory limits meaningless;
+    # 64 MiB cost a Debian boot 4-6 s of retranslation (docs/images.md), 256 MiB keeps boots at full speed.
+    tcg_tb_size_mib: int = Field(default=256, ge=8, le=4096)
 
     @property
     def socket_path(self) -> Path:

@@ -24,17 +24,27 @@ import datetime as dt
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.errors import InvalidInput
+from corral.images import debian_guest
+from corral.images.debian_guest import AGENT_DROPIN, CLOUD_CFG, FALLBACK_NETWORK, SSH_DROPIN, WAIT_ONLINE_DROPIN
+from corral.images.debian_recipe import (  # noqa: F401 - part of this module's interface
+    _ROLLING_RELEASES,
+    DEFAULT_RELEASE,
+    DEFAULT_SIZE,
+    MAX_SIZE,
+    MIN_SIZE,
+    check_mirror,
+    host_mirror,
+    validate_packages,
+    validate_release,
+    validate_size,
+)
 from corral.images.tiny import ImageBuildError
 
 #: Bump when the builder's output changes for the same inputs (it is part of the recipe hash).
@@ -79,16 +89,8 @@ ROOT_LABEL = "corral-root"
 #: `net.ifnames=0`: the NIC is eth0 as in the tiny image.
 CMDLINE = f"console=ttyS0 root=LABEL={ROOT_LABEL} rw panic=-1 mitigations=off net.ifnames=0"
 
-DEFAULT_RELEASE = "bookworm"
-DEFAULT_SIZE = 4 << 30
-MIN_SIZE = 2 << 30
-MAX_SIZE = 2 << 40
-_ROLLING_RELEASES = ("sid", "unstable", "experimental")
 ARTIFACTS = ("vmlinuz", "initrd.img", "rootfs.qcow2", "image.json")
 
-_RELEASE = re.compile(r"[a-z][a-z0-9-]{1,30}")
-_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
-_DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 _CHROOT_ENV = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
     "LC_ALL": "C",
@@ -156,101 +158,12 @@ def build_debian_image(
 # --- inputs and recipe --------------------------------------------------------------------------------------
 
 
-def validate_release(release: str) -> str:
-    """A Debian release name debootstrap knows (`bookworm`, `trixie`, `sid`, ...)."""
-    if not isinstance(release, str) or not _RELEASE.fullmatch(release):
-        raise InvalidInput(f"invalid Debian release {release!r}", "use a release code name such as 'bookworm'")
-    if _DEBOOTSTRAP_SCRIPTS.is_dir() and not (_DEBOOTSTRAP_SCRIPTS / release).exists():
-        raise InvalidInput(f"debootstrap does not know the release {release!r}", "use e.g. 'bookworm' or 'trixie'")
-    return release
-
-
-def validate_packages(packages: Sequence[str]) -> list[str]:
-    """Extra package names, checked against Debian's naming rule, de-duplicated and sorted (for the hash)."""
-    if isinstance(packages, str):
-        packages = [p for p in packages.split(",") if p.strip()]
-    names = sorted({p.strip() for p in packages})
-    bad = [n for n in names if not _PACKAGE.fullmatch(n)]
-    if bad:
-        raise InvalidInput(
-            f"invalid package name{'s' if len(bad) > 1 else ''}: {', '.join(repr(b) for b in bad)}",
-            "Debian package names are lowercase letters, digits, '+', '-' and '.', e.g. 'vim,curl'",
-        )
-    return names
-
-
-def validate_size(size: int) -> int:
-    """The root disk size in bytes: room for the system plus some space to work in."""
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise InvalidInput(f"invalid image size {size!r}", "give a size in bytes, e.g. 4G")
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise InvalidInput(
-            f"image size {size >> 20} MiB is out of range",
-            f"use between {MIN_SIZE >> 30} GiB and {MAX_SIZE >> 40} TiB (the guest can grow it later)",
-        )
-    if size % (1 << 20):
-        raise InvalidInput(f"image size {size} is not a whole number of MiB", "use e.g. 4G or 4096M")
-    return size
-
-
-def host_mirror(apt_dir: Path = Path("/etc/apt"), archive: str = "debian") -> str:
-    """The URL of Debian's `archive` (`debian` or `debian-security`) the host's apt uses, or deb.debian.org's.
-
-    Reads one-line `deb URL suite ...` entries and deb822 `.sources` stanzas; a source counts when its URL's
-    last path component is `archive`, which skips third-party repositories.
-    """
-    for url in _apt_source_urls(apt_dir):
-        if url.rstrip("/").rsplit("/", 1)[-1] == archive:
-            return url.rstrip("/")
-    return f"http://deb.debian.org/{archive}"
-
-
 def apt_sources(release: str, mirror: str, security_mirror: str) -> str:
     """The guest's sources.list: the release, and for stable releases its -updates and -security suites."""
     lines = [f"deb {mirror} {release} main"]
     if release not in _ROLLING_RELEASES:
         lines += [f"deb {mirror} {release}-updates main", f"deb {security_mirror} {release}-security main"]
     return "\n".join(lines) + "\n"
-
-
-def _apt_source_urls(apt_dir: Path) -> Iterator[str]:
-    files = [apt_dir / "sources.list"]
-    with contextlib.suppress(OSError):
-        files += sorted((apt_dir / "sources.list.d").iterdir())
-    for path in files:
-        try:
-            text = path.read_text()
-        except OSError:
-            continue
-        if path.name.endswith(".list"):
-            yield from _one_line_urls(text)
-        elif path.name.endswith(".sources"):
-            yield from _deb822_urls(text)
-
-
-def _one_line_urls(text: str) -> Iterator[str]:
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line.startswith("deb "):
-            continue
-        rest = line[4:].strip()
-        if rest.startswith("["):  # options such as [arch=amd64 signed-by=...]
-            rest = rest.split("]", 1)[1] if "]" in rest else ""
-        words = rest.split()
-        if words and "://" in words[0]:
-            yield words[0]
-
-
-def _deb822_urls(text: str) -> Iterator[str]:
-    for stanza in re.split(r"\n\s*\n", text):
-        fields: dict[str, str] = {}
-        for line in stanza.splitlines():
-            if line.startswith("#") or ":" not in line or line[:1].isspace():
-                continue
-            key, value = line.split(":", 1)
-            fields[key.strip().lower()] = value.strip()
-        if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes").lower() != "no":
-            yield from fields.get("uris", "").split()
 
 
 @dataclass(frozen=True)
@@ -272,7 +185,9 @@ class Recipe:
         return {
             "builder": BUILDER_VERSION,
             # The builder's own code too, so an edit is never served a cache entry built by older code.
-            "builder_source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+            "builder_source": hashlib.sha256(
+                Path(__file__).read_bytes() + Path(debian_guest.__file__).read_bytes()
+            ).hexdigest(),
             "release": self.release,
             "mirror": self.mirror,
             "security_mirror": self.security_mirror,
@@ -338,27 +253,6 @@ def _remove_abandoned(parent: Path) -> None:
         pid = entry.name.split("-")[1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             _remove_tree(entry)
-
-
-def check_mirror(mirror: str, release: str, timeout: float = 15.0) -> None:
-    """Fail early and clearly when the mirror is unreachable or lacks `release` (debootstrap fails obscurely)."""
-    url = f"{mirror}/dists/{release}/Release"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            response.read(1)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            raise ImageBuildError(
-                f"the Debian mirror {mirror} has no release {release!r}",
-                "check the release name (e.g. bookworm, trixie)",
-            ) from exc
-        raise ImageBuildError(f"the Debian mirror {mirror} answered HTTP {exc.code} for {url}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ImageBuildError(
-            f"cannot reach the Debian mirror {mirror} ({reason})",
-            "check the network (and proxy settings), or the mirror in /etc/apt/sources.list*",
-        ) from exc
 
 
 def _ensure_debootstrap(report: Progress) -> None:
@@ -433,66 +327,6 @@ def _configure(root: Path, release: str, mirror: str, security_mirror: str) -> N
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         path.chmod(0o755 if text.startswith("#!") else 0o644)
-
-
-#: cloud-init: NoCloud only (no network probing of cloud metadata services, which costs minutes), the
-#: networkd renderer, and the Corral default user for cloud-configs that say `users: [default]`.
-CLOUD_CFG = """\
-# Corral: look only for a NoCloud seed (then fall back to no datasource); render networks for networkd.
-datasource_list: [NoCloud, None]
-# No RSA (or DSA) host key: generating one takes ~25 s under TCG; seeds without their own list get these.
-ssh_genkeytypes: [ed25519, ecdsa]
-system_info:
-  default_user:
-    name: corral
-    gecos: Corral default user
-    groups: [sudo]
-    sudo: ["ALL=(ALL) NOPASSWD:ALL"]
-    shell: /bin/bash
-    lock_passwd: true
-  network:
-    renderers: [networkd]
-"""
-
-#: DHCP on any NIC cloud-init did not configure (cloud-init's own 10-cloud-init-*.network files sort first).
-FALLBACK_NETWORK = """\
-[Match]
-Name=eth* en*
-
-[Network]
-DHCP=yes
-"""
-
-#: sshd starts after cloud-init wrote the host keys; if there are none (cloud-init disabled or broken) it makes
-#: an ed25519 key so sshd cannot fail. Not `ssh-keygen -A`: its RSA key alone takes ~25 s under TCG.
-SSH_DROPIN = """\
-[Unit]
-After=cloud-init.service
-
-[Service]
-ExecStartPre=
-ExecStartPre=/bin/sh -c 'ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || \
-  ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key'
-ExecStartPre=/usr/sbin/sshd -t
-"""
-
-#: Start the guest agent as soon as udev has made its virtio-serial port (~5 s into boot) instead of after
-#: basic.target, which waits for cloud-init's network stages (~20 s more under TCG). The host can then see the
-#: guest, run commands and shut it down cleanly while the rest of the boot continues.
-AGENT_DROPIN = """\
-[Unit]
-DefaultDependencies=no
-After=systemd-remount-fs.service systemd-journald.socket
-Conflicts=shutdown.target
-Before=shutdown.target
-"""
-
-#: One configured link is enough to be "online"; do not hold up boot for 2 minutes on a VM without a NIC.
-WAIT_ONLINE_DROPIN = """\
-[Service]
-ExecStart=
-ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=30
-"""
 
 
 def _apt_install(root: Path, packages: list[str], debs: Path, report: Progress) -> None:

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from corral.cluster import placement
 from corral.cluster.snapshots import get_snapshot
-from corral.cluster.vms import _busy, get_vm
+from corral.cluster.vms import _busy, get_vm, new_volume
 from corral.errors import AlreadyExists, Conflict, NotFound
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name
@@ -84,22 +84,15 @@ def clone(
     with placement.placement_lock:
         vm = _new_vm(session, spec, source.host, project, start)
         for index, src in enumerate(sorted(source.volumes, key=lambda v: v.device_index)):
-            name = _volume_name(new_name, index)
-            if session.scalars(select(Volume.id).where(Volume.project == project, Volume.name == name)).first():
-                raise AlreadyExists(f"volume {name!r} already exists", "delete it or choose another VM name")
-            session.add(
-                Volume(
-                    name=name,
-                    project=project,
-                    pool=src.pool,
-                    host=source.host,
-                    path=f"{name}.qcow2",
-                    size=src.size,
-                    role=src.role,
-                    backing_image=src.backing_image,
-                    vm_id=vm.id,
-                    device_index=index,
-                )
+            new_volume(
+                session,
+                vm,
+                _volume_name(new_name, index),
+                src.size,
+                index,
+                src.role,
+                pool=src.pool,
+                backing_image=src.backing_image,
             )
         return jobs.submit(
             session,
@@ -188,21 +181,14 @@ def create_from_template(
         vm = _new_vm(session, spec, template.host, project, start)
         vm.template = template.id
         for index, disk in enumerate(template.disks):
-            name = _volume_name(spec.name, index)
-            if session.scalars(select(Volume.id).where(Volume.project == project, Volume.name == name)).first():
-                raise AlreadyExists(f"volume {name!r} already exists", "choose another VM name")
-            session.add(
-                Volume(
-                    name=name,
-                    project=project,
-                    host=template.host,
-                    path=f"{name}.qcow2",
-                    size=disk["size"],
-                    role="root" if index == 0 else "data",
-                    backing_path=disk["path"],
-                    vm_id=vm.id,
-                    device_index=index,
-                )
+            new_volume(
+                session,
+                vm,
+                _volume_name(spec.name, index),
+                disk["size"],
+                index,
+                "root" if index == 0 else "data",
+                backing_path=disk["path"],
             )
         return jobs.submit(
             session,

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement
 from corral.cluster.clones import _new_vm, _volume_name, fresh_identity
-from corral.cluster.vms import _busy, get_vm
-from corral.errors import AlreadyExists, Conflict, InvalidInput
+from corral.cluster.vms import _busy, get_vm, new_volume
+from corral.errors import Conflict, InvalidInput
 from corral.spec.job import JobKind
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
-from corral.store.models import Job, Volume
+from corral.store.models import Job
 
 MAX_CHILDREN = 64
 
@@ -39,15 +38,26 @@ def fork(session: Session, source_name: str, name: str, count: int = 1, project:
             vm = _new_vm(session, child_spec, parent.host, project, start=True)
             vm.status_message = f"forking from {source_name}"
             for index, source in enumerate(sorted(parent.volumes, key=lambda v: v.device_index)):
-                volume_name = _volume_name(child_name, index)
-                if session.scalars(select(Volume.id).where(Volume.project == project, Volume.name == volume_name)
-                                   ).first():
-                    raise AlreadyExists(f"volume {volume_name!r} already exists", "choose another name")
-                session.add(Volume(name=volume_name, project=project, pool=source.pool, host=parent.host,
-                                   path=f"{volume_name}.qcow2", size=source.size, role=source.role,
-                                   backing_image=source.backing_image, backing_path=source.backing_path,
-                                   vm_id=vm.id, device_index=index))
+                new_volume(
+                    session,
+                    vm,
+                    _volume_name(child_name, index),
+                    source.size,
+                    index,
+                    source.role,
+                    pool=source.pool,
+                    backing_image=source.backing_image,
+                    backing_path=source.backing_path,
+                )
             session.flush()
             child_ids.append(vm.id)
-        return jobs.submit(session, JobKind.VM_FORK, "vm", parent.name, target_id=parent.id, host=parent.host,
-                           project=project, params={"child_ids": child_ids, "names": names})
+        return jobs.submit(
+            session,
+            JobKind.VM_FORK,
+            "vm",
+            parent.name,
+            target_id=parent.id,
+            host=parent.host,
+            project=project,
+            params={"child_ids": child_ids, "names": names},
+        )

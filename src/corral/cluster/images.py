@@ -64,7 +64,13 @@ def build(session: Session, request: ImageBuild, project: str = "default") -> tu
     session.add(image)
     session.flush()
     job = jobs.submit(
-        session, JobKind.IMAGE_BUILD, "image", name, target_id=image.id, host=_host(session), project=project,
+        session,
+        JobKind.IMAGE_BUILD,
+        "image",
+        name,
+        target_id=image.id,
+        host=_host(session),
+        project=project,
         params=params,
     )
     return image, job
@@ -87,8 +93,11 @@ def _readable_file(path_text: str, what: str) -> str:
 def import_(session: Session, request: ImageImport, project: str = "default") -> tuple[Image, Job]:
     if session.scalars(select(Image.id).where(Image.name == request.name)).first():
         raise AlreadyExists(f"image {request.name!r} already exists", "choose another name or remove it first")
-    params = {"file": _readable_file(request.file, "image file"), "cmdline": request.cmdline,
-              "cloud_init": request.cloud_init}
+    params = {
+        "file": _readable_file(request.file, "image file"),
+        "cmdline": request.cmdline,
+        "cloud_init": request.cloud_init,
+    }
     if request.initrd and not request.kernel:
         raise InvalidInput("--initrd needs --kernel", "pass the kernel the initrd belongs to")
     if request.kernel:

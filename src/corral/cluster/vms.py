@@ -88,11 +88,11 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
         session.add(vm)
         session.flush()
         index = 0
-        _new_volume(session, vm, f"{spec.name}-root", image.virtual_size, index, role="root", image=image)
+        new_volume(session, vm, f"{spec.name}-root", image.virtual_size, index, role="root", backing_image=image.id)
         for disk in spec.disks:
             if disk.size is not None:
                 index += 1
-                _new_volume(
+                new_volume(
                     session, vm, _free_volume_name(session, project, f"{spec.name}-disk{index}"), disk.size, index
                 )
         for volume in attached:
@@ -120,19 +120,31 @@ def _free_volume_name(session: Session, project: str, wanted: str) -> str:
     return name
 
 
-def _new_volume(
-    session: Session, vm: VM, name: str, size: int, index: int, role: str = "data", image: Image | None = None
+def new_volume(
+    session: Session,
+    vm: VM,
+    name: str,
+    size: int,
+    index: int,
+    role: str = "data",
+    *,
+    pool: str = "default",
+    backing_image: str | None = None,
+    backing_path: str | None = None,
 ) -> Volume:
+    """A disk row for ``vm`` (its file is made by the agent's job), refused if the name is taken."""
     if session.scalars(select(Volume.id).where(Volume.project == vm.project, Volume.name == name)).first():
         raise AlreadyExists(f"volume {name!r} already exists", "delete it or choose another VM name")
     volume = Volume(
         name=name,
         project=vm.project,
+        pool=pool,
         host=vm.host,
         path=f"{name}.qcow2",
         size=size,
         role=role,
-        backing_image=image.id if image else None,
+        backing_image=backing_image,
+        backing_path=backing_path,
         vm_id=vm.id,
         device_index=index,
     )

@@ -212,3 +212,61 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Network(Base):
+    """A virtual network: a Linux bridge on every host that has VMs on it, with DHCP/DNS (dnsmasq) and, in NAT
+    mode, masquerade and port forwards (nftables). Rows are desired state; agents reconcile bridges to them."""
+
+    __tablename__ = "networks"
+    __table_args__ = (UniqueConstraint("project", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    project: Mapped[str] = mapped_column(String(63), default="default")
+    mode: Mapped[str] = mapped_column(String(16))  # nat, isolated or bridge
+    subnet: Mapped[str | None] = mapped_column(String(64))  # CIDR; None for bridge mode (the LAN's own)
+    gateway: Mapped[str | None] = mapped_column(String(64))  # the host's address on the bridge
+    dhcp: Mapped[bool] = mapped_column(Boolean, default=True)
+    uplink: Mapped[str | None] = mapped_column(String(15))  # bridge mode: the existing host bridge to join
+    bridge: Mapped[str] = mapped_column(String(15))  # Linux interface name of the bridge
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, ready, error, deleting
+    status_message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class NetworkPort(Base):
+    """One VM NIC on one network: its TAP, MAC and the address corral reserves for it in DHCP, so the address is
+    known before the guest boots (port forwards and anti-spoofing rules need it) and stable across restarts."""
+
+    __tablename__ = "network_ports"
+    __table_args__ = (
+        UniqueConstraint("network_id", "mac"),
+        UniqueConstraint("network_id", "ip"),
+        UniqueConstraint("vm_id", "nic_index"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    network_id: Mapped[str] = mapped_column(String(32), ForeignKey("networks.id"))
+    vm_id: Mapped[str] = mapped_column(String(32), ForeignKey("vms.id"))
+    nic_index: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(17))
+    ip: Mapped[str | None] = mapped_column(String(64))
+    tap: Mapped[str] = mapped_column(String(15))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PortForward(Base):
+    """A host port forwarded to a guest port: nftables DNAT on a NAT network, QEMU hostfwd on user-mode NICs."""
+
+    __tablename__ = "port_forwards"
+    __table_args__ = (UniqueConstraint("host", "protocol", "host_port"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    vm_id: Mapped[str] = mapped_column(String(32), ForeignKey("vms.id"))
+    host: Mapped[str | None] = mapped_column(String(63))
+    nic_index: Mapped[int] = mapped_column(Integer, default=0)
+    protocol: Mapped[str] = mapped_column(String(3), default="tcp")
+    host_port: Mapped[int] = mapped_column(Integer)
+    guest_port: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -270,3 +270,83 @@ class PortForward(Base):
     host_port: Mapped[int] = mapped_column(Integer)
     guest_port: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Project(Base):
+    """A tenant: it owns VMs, volumes, networks, templates and the images it imports, under its quotas.
+
+    A quota of None means unlimited. The ``default`` project always exists (migration 0007 makes it), because every
+    resource made before projects existed already names it.
+    """
+
+    __tablename__ = "projects"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    max_vcpus: Mapped[int | None] = mapped_column(Integer)
+    max_memory: Mapped[int | None] = mapped_column(BigInteger)
+    max_disk: Mapped[int | None] = mapped_column(BigInteger)
+    max_vms: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    """Someone who holds API tokens. ``cluster_admin`` users' tokens carry their role into every project and
+    (with the admin role) manage projects, users and tokens."""
+
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    cluster_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Token(Base):
+    """An API token: the secret is shown once at creation and only its SHA-256 is kept (see corral.api.auth)."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user: Mapped[str] = mapped_column(String(63), ForeignKey("users.name"))
+    project: Mapped[str] = mapped_column(String(63), ForeignKey("projects.name"))
+    role: Mapped[str] = mapped_column(String(16))  # admin, operator or viewer
+    description: Mapped[str] = mapped_column(Text, default="")
+    expires_at: Mapped[datetime | None] = mapped_column()
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """One change asked of the API: who, what, when, and how it ended (the HTTP status and the error, if any)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    user: Mapped[str] = mapped_column(String(63))
+    token_id: Mapped[str | None] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(64), default="")  # "unix socket" or the client's address
+    project: Mapped[str | None] = mapped_column(String(63), index=True)
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(String(128))  # the route, e.g. "POST /vms/{name}/start"
+    status: Mapped[int] = mapped_column(Integer)
+    result: Mapped[str] = mapped_column(Text, default="")  # "ok" or the problem's detail
+    job_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class Event(Base):
+    """A state change or a job step. The id only grows, so a follower resumes with ``id > last seen`` on SQLite
+    and on PostgreSQL alike (no LISTEN/NOTIFY needed for correctness, only for promptness)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    project: Mapped[str | None] = mapped_column(String(63), index=True)
+    type: Mapped[str] = mapped_column(String(64))  # e.g. vm.state, job.progress
+    resource_kind: Mapped[str] = mapped_column(String(16))
+    resource_name: Mapped[str] = mapped_column(String(63))
+    resource_id: Mapped[str | None] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Dialect,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -68,6 +69,12 @@ class Host(Base):
     cpu_overcommit: Mapped[float] = mapped_column(Float, default=16.0)
     memory_overcommit: Mapped[float] = mapped_column(Float, default=1.0)
     reserved_memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Thin qcow2 overlays start at a few hundred KiB, so disks may promise more than the pool holds.
+    storage_overcommit: Mapped[float] = mapped_column(Float, default=4.0)
+    # An operator's "no new VMs here": kept apart from ``state``, which the agent's heartbeat owns.
+    drained: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What the agent measured at its last heartbeat: memory_used, load1, storage_used (bytes).
+    usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -96,13 +103,16 @@ class Image(Base):
 
 class VM(Base):
     __tablename__ = "vms"
-    __table_args__ = (UniqueConstraint("project", "name"),)
+    __table_args__ = (
+        UniqueConstraint("project", "name"),
+        Index("ix_vms_placement_group", "project", "placement_group"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(63))
     project: Mapped[str] = mapped_column(String(63), default="default")
     spec: Mapped[dict[str, Any]] = mapped_column()
-    host: Mapped[str | None] = mapped_column(String(63))
+    host: Mapped[str | None] = mapped_column(String(63), index=True)
     desired_state: Mapped[str] = mapped_column(String(16), default="stopped")
     observed_state: Mapped[str] = mapped_column(String(16), default="stopped")
     status_message: Mapped[str] = mapped_column(Text, default="")
@@ -122,6 +132,9 @@ class VM(Base):
     # Usage the agent observed last (cgroup and QMP counters), for metrics: cpu_seconds, memory_bytes, disk io.
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     template: Mapped[str | None] = mapped_column(String(32), ForeignKey("templates.id"))
+    # Affinity group: VMs of one group run on one host (affinity) or each on a different one (anti-affinity).
+    placement_group: Mapped[str | None] = mapped_column(String(63))
+    placement_policy: Mapped[str | None] = mapped_column(String(16))
 
     volumes: Mapped[list[Volume]] = relationship(back_populates="vm", order_by="Volume.device_index")
 
@@ -171,7 +184,7 @@ class Volume(Base):
     name: Mapped[str] = mapped_column(String(63))
     project: Mapped[str] = mapped_column(String(63), default="default")
     pool: Mapped[str] = mapped_column(String(63), default="default")
-    host: Mapped[str | None] = mapped_column(String(63))
+    host: Mapped[str | None] = mapped_column(String(63), index=True)
     path: Mapped[str] = mapped_column(Text)  # relative to the pool's directory
     size: Mapped[int] = mapped_column(BigInteger)
     format: Mapped[str] = mapped_column(String(16), default="qcow2")
@@ -190,6 +203,7 @@ class Volume(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_host_state", "host", "state"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(32))

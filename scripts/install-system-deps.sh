@@ -13,6 +13,7 @@ packages=(
   iproute2 procps
   debootstrap       # the Debian image builder
   openssh-client    # corral vm ssh, and the SSH tests
+  postgresql        # a pool's shared store; the tests start throw-away servers from its initdb/pg_ctl
 )
 
 missing=()

@@ -178,3 +178,18 @@ def fresh_daemon(qemu_available, request):  # type: ignore[no-untyped-def]
     for corral in daemons:
         corral.cleanup()
         shutil.rmtree(corral.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():  # type: ignore[no-untyped-def]
+    """A real, throw-away PostgreSQL server for the whole run (initdb in a temp dir, a free port), stopped and
+    removed at the end even when tests fail. Tests take databases of their own from it (``create_database``)."""
+    from corral.store.pgserver import PgServer, find_bin_dir
+
+    require(find_bin_dir() is not None, "PostgreSQL is not installed (make setup installs it)")
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -43,6 +43,8 @@ class Settings(BaseModel):
     # TCG's translated-code cache per VM. QEMU 7.2's default (1 GiB) would make memory limits meaningless;
     # 64 MiB cost a Debian boot 4-6 s of retranslation (docs/images.md), 256 MiB keeps boots at full speed.
     tcg_tb_size_mib: int = Field(default=256, ge=8, le=4096)
+    # The store: None is SQLite under the home (one host); a postgresql:// URL is a pool's shared store.
+    database: str | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -50,7 +52,7 @@ class Settings(BaseModel):
 
     @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.home / 'corral.db'}"
+        return self.database or f"sqlite:///{self.home / 'corral.db'}"
 
 
 _ENV = {
@@ -63,6 +65,7 @@ _ENV = {
     "CORRAL_MEMORY_OVERCOMMIT": "memory_overcommit",
     "CORRAL_HOST_NAME": "host_name",
     "CORRAL_ISOLATION": "isolation",
+    "CORRAL_DB": "database",
 }
 
 

@@ -97,8 +97,11 @@ def _tcp_socket(listen: str) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings, listen: str | None = None, log_level: str = "warning") -> None:
-    """Run until SIGINT/SIGTERM. VMs keep running after it returns."""
+def serve(settings: Settings, listen: str | None = None, log_level: str = "warning", with_agent: bool = True) -> None:
+    """Run until SIGINT/SIGTERM. VMs keep running after it returns.
+
+    ``with_agent`` (the default) also runs this host's agent, so one command gives a working single host; a pool's
+    control plane on a machine that runs no VMs passes False (``corral serve --no-agent``)."""
     import uvicorn
 
     from corral.api.app import create_app
@@ -116,8 +119,9 @@ def serve(settings: Settings, listen: str | None = None, log_level: str = "warni
         sockets.append(_unix_socket(settings.socket_path))
         if listen:
             sockets.append(_tcp_socket(listen))
-        agent = Agent(settings, store)
-        agent.start_in_thread()
+        if with_agent:
+            agent = Agent(settings, store)
+            agent.start_in_thread()
         app = create_app(settings, store)
         config = uvicorn.Config(
             app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=3, ws_ping_interval=None

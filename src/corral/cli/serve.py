@@ -18,8 +18,17 @@ def register(app: typer.Typer) -> None:
     app.command()(shutdown)
 
 
+DB_OPTION = typer.Option(
+    None, "--db", help="The store: a postgresql://USER@HOST/DB URL shared by a pool (env CORRAL_DB; default: SQLite)."
+)
+
+
 def serve(
     listen: str = typer.Option(None, "--listen", help="Also serve the API on HOST:PORT (TCP)."),
+    db: str = DB_OPTION,
+    agent: bool = typer.Option(
+        True, "--agent/--no-agent", help="Also run this host's agent (--no-agent: control plane only, for a pool)."
+    ),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; return once it answers."),
     log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning or error."),
 ) -> None:
@@ -27,18 +36,20 @@ def serve(
     from corral.config import load_settings
 
     settings = run(load_settings)
+    if db:
+        settings = settings.model_copy(update={"database": db})
     if detach:
-        run(lambda: _detach(settings, listen, log_level))
+        run(lambda: _detach(settings, listen, log_level, agent))
         return
     import logging
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from corral.daemon import serve as serve_forever
 
-    run(lambda: serve_forever(settings, listen=listen, log_level=log_level))
+    run(lambda: serve_forever(settings, listen=listen, log_level=log_level, with_agent=agent))
 
 
-def _detach(settings, listen: str | None, log_level: str) -> None:  # type: ignore[no-untyped-def]
+def _detach(settings, listen: str | None, log_level: str, agent: bool = True) -> None:  # type: ignore[no-untyped-def]
     from corral.client import Client
     from corral.daemon import running_daemon_pid
     from corral.errors import CorralError
@@ -52,6 +63,8 @@ def _detach(settings, listen: str | None, log_level: str) -> None:  # type: igno
     argv = [sys.executable, "-m", "corral", "serve", "--log-level", log_level]
     if listen:
         argv += ["--listen", listen]
+    if not agent:
+        argv.append("--no-agent")
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             argv,
@@ -59,7 +72,8 @@ def _detach(settings, listen: str | None, log_level: str) -> None:  # type: igno
             stdout=log,
             stderr=log,
             start_new_session=True,
-            env={**os.environ, "CORRAL_HOME": str(settings.home)},
+            env={**os.environ, "CORRAL_HOME": str(settings.home), **({"CORRAL_DB": settings.database}
+                                                                       if settings.database else {})},
         )
     deadline = time.monotonic() + 30
     with Client(home=settings.home) as corral:

@@ -1,20 +1,63 @@
 """Opening the database, migrating it, and waking whoever waits for a change.
 
 SQLite is the single-host default: WAL mode and a busy timeout let the API threads and the agent write side by
-side. Every schema change goes through Alembic, from the first table on, so a store made today upgrades in place.
+side. PostgreSQL (through psycopg 3) holds a pool's store: the control planes and every host's agent share it, and
+LISTEN/NOTIFY carries the wake-ups between their processes. Every schema change goes through Alembic, from the
+first table on, so a store made today upgrades in place, on either database.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from corral.errors import CorralError, InvalidInput
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+NOTIFY_CHANNEL = "corral"
+# Any constant shared by every process of a pool: migrations take this advisory lock so that a control plane and
+# agents starting together do not all create the same tables.
+MIGRATION_LOCK = 0x636F7272616C
+log = logging.getLogger("corral.store")
+
+
+class StoreUnavailable(CorralError):
+    """The database cannot be reached (or refused us): nothing was changed."""
+
+    code = "store-unavailable"
+    http_status = 503
+
+
+def normalize_url(url: str) -> str:
+    """The SQLAlchemy URL for what a user may write: ``postgresql://`` and ``postgres://`` mean psycopg 3 (the
+    driver corral ships with), SQLite URLs pass through. Anything else is refused with the forms we accept."""
+    hint = "write sqlite:////path/to/corral.db or postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InvalidInput(f"invalid database URL {url!r}", hint) from None
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        if not parsed.database:
+            raise InvalidInput(f"the database URL {parsed.render_as_string()!r} names no database", hint)
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        return url
+    raise InvalidInput(f"unsupported database {parsed.drivername!r} in {parsed.render_as_string()!r}", hint)
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 class Notifier:
@@ -43,6 +86,92 @@ class Notifier:
 
     def subscribe(self, callback: object) -> None:
         self._callbacks.append(callback)
+
+    def close(self) -> None:
+        """Nothing to release in one process."""
+
+
+class PgNotifier(Notifier):
+    """The same wake-ups across processes and hosts: ``notify`` wakes local waiters at once and sends a
+    PostgreSQL NOTIFY; a listener thread turns every other process's NOTIFY into a local wake-up.
+
+    Losing the connection loses no work, only promptness: waiters time out and poll (the agent looks for jobs
+    every second anyway), and the listener wakes everyone once it is back, since it may have missed something.
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        super().__init__()
+        self._conninfo = conninfo
+        self._token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # our own NOTIFYs come back to us: skip them
+        self._send_lock = threading.Lock()
+        self._send_conn: object | None = None
+        self._closed = threading.Event()
+        self.listening = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="corral-store-listen", daemon=True)
+
+    def start(self) -> None:
+        """Begin listening (once the store is known to answer, so a wrong URL is one error, not a retry loop)."""
+        if not self._thread.is_alive() and not self._closed.is_set():
+            self._thread.start()
+
+    def _wake_local(self) -> None:
+        super().notify()
+
+    def notify(self) -> None:
+        self._wake_local()
+        self._publish()
+
+    def _publish(self) -> None:
+        import psycopg
+
+        with self._send_lock:
+            try:
+                if self._send_conn is None or self._send_conn.closed:  # type: ignore[attr-defined]
+                    self._send_conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+                self._send_conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, self._token))  # type: ignore[attr-defined]
+            except psycopg.Error as exc:
+                log.debug("cannot send a store notification (waiters will poll): %s", exc)
+                self._drop_sender()
+
+    def _drop_sender(self) -> None:
+        if self._send_conn is not None:
+            with contextlib.suppress(Exception):
+                self._send_conn.close()  # type: ignore[attr-defined]
+            self._send_conn = None
+
+    def _listen(self) -> None:
+        import psycopg
+
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.listening.set()
+                    self._wake_local()
+                    while not self._closed.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            if note.payload == f"{self._token}:close":
+                                return
+                            if note.payload != self._token:
+                                self._wake_local()
+            except psycopg.Error as exc:
+                self.listening.clear()
+                if not self._closed.is_set():
+                    log.warning("store notifications lost (%s); retrying in 1 s", exc)
+                    self._closed.wait(1.0)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self.listening.is_set():  # end the listener's wait now rather than at its next timeout
+            with self._send_lock, contextlib.suppress(Exception):
+                if self._send_conn is not None:
+                    self._send_conn.execute(  # type: ignore[attr-defined]
+                        "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{self._token}:close")
+                    )
+        if self._thread.is_alive():
+            self._thread.join(3.0)
+        with self._send_lock:
+            self._drop_sender()
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
@@ -76,25 +205,53 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # pre_ping: a pooled connection that a PostgreSQL restart closed is replaced instead of failing a request.
+    # The API serves from a thread pool, so the pool is larger than SQLAlchemy's default of 5 + 10.
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10, connect_args={"connect_timeout": 10}
+    )
 
 
 class Store:
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.engine = make_engine(url)
+        self.url = normalize_url(url)
+        self.engine = make_engine(self.url)
+        self.dialect = self.engine.dialect.name
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(
             self.engine.execution_options(corral_readonly=True), expire_on_commit=False
         )
-        self.notifier = Notifier()
+        self.notifier: Notifier = Notifier()
+        if self.dialect == "postgresql":
+            conninfo = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+            self.notifier = PgNotifier(conninfo)
         event.listen(self._sessions, "after_flush", _mark_changed)
+
+    @property
+    def shared(self) -> bool:
+        """True when other hosts' agents may use this store too (PostgreSQL)."""
+        return self.dialect == "postgresql"
+
+    def check(self) -> None:
+        """Connect once, so a wrong URL or a server that is down is one clear error at start, not a traceback."""
+        try:
+            with self.engine.connect():
+                pass
+        except DBAPIError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            raise StoreUnavailable(
+                f"cannot open the store at {redact(self.url)}: {reason}",
+                "check the URL, that the server runs and accepts this user" if self.shared else "check the path",
+            ) from None
+        if isinstance(self.notifier, PgNotifier):
+            self.notifier.start()
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
         from alembic import command
         from alembic.config import Config
 
+        self.check()
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         sqlite = self.engine.dialect.name == "sqlite"
@@ -106,6 +263,10 @@ class Store:
                 raw.execute("PRAGMA foreign_keys=OFF")
             try:
                 with connection.begin():
+                    if not sqlite:
+                        # PostgreSQL runs DDL in the transaction; the lock makes concurrent starters take turns,
+                        # and the second one finds the schema current.
+                        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                     config.attributes["connection"] = connection
                     command.upgrade(config, "head")
             finally:
@@ -136,4 +297,5 @@ class Store:
             self.notifier.notify()
 
     def close(self) -> None:
+        self.notifier.close()
         self.engine.dispose()

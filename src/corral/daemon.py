@@ -77,7 +77,7 @@ def _unix_socket(path: Path) -> socket.socket:
     path.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
-    os.chmod(path, 0o660)
+    os.chmod(path, 0o600)  # root only: whoever opens it acts as cluster admin, with no token
     return sock
 
 
@@ -97,13 +97,18 @@ def _tcp_socket(listen: str) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings, listen: str | None = None, log_level: str = "warning", with_agent: bool = True) -> None:
+def serve(
+    settings: Settings,
+    listen: str | None = None,
+    log_level: str = "warning",
+    with_agent: bool = True,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> None:
     """Run until SIGINT/SIGTERM. VMs keep running after it returns.
 
     ``with_agent`` (the default) also runs this host's agent, so one command gives a working single host; a pool's
     control plane on a machine that runs no VMs passes False (``corral serve --no-agent``)."""
-    import uvicorn
-
     from corral.api.app import create_app
     from corral.host.agent import Agent
     from corral.store.db import Store
@@ -116,6 +121,11 @@ def serve(settings: Settings, listen: str | None = None, log_level: str = "warni
     agent: Agent | None = None
     try:
         store.migrate()
+        tls = None
+        if listen:
+            from corral.api import tls as tls_files
+
+            tls = tls_files.ensure(settings.home, cert, key, listen.rpartition(":")[0].strip("[]"))
         sockets.append(_unix_socket(settings.socket_path))
         if listen:
             sockets.append(_tcp_socket(listen))
@@ -123,16 +133,19 @@ def serve(settings: Settings, listen: str | None = None, log_level: str = "warni
             agent = Agent(settings, store)
             agent.start_in_thread()
         app = create_app(settings, store)
-        config = uvicorn.Config(
-            app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=3, ws_ping_interval=None
-        )
-        server = uvicorn.Server(config)
         print(
-            f"corral: serving on {settings.socket_path}" + (f" and {listen}" if listen else ""),
+            f"corral: serving on {settings.socket_path}" + (f" and https://{listen}" if listen else ""),
             file=sys.stderr,
             flush=True,
         )
-        server.run(sockets=sockets)
+        if tls is not None:
+            made = " (self-signed, made now)" if tls.generated else ""
+            print(f"corral: TLS certificate {tls.cert}{made}", file=sys.stderr, flush=True)
+            print(f"corral: TLS certificate SHA-256 fingerprint {tls.fingerprint}", file=sys.stderr, flush=True)
+            log.info("TLS certificate %s fingerprint %s", tls.cert, tls.fingerprint)
+        from corral.api import serving
+
+        serving.run(app, sockets[0], sockets[1] if listen else None, tls, log_level)
     finally:
         if agent is not None:
             agent.stop_thread()

@@ -64,6 +64,29 @@ class InsufficientResources(CorralError):
     code = "insufficient-resources"
 
 
+class Unauthorized(CorralError):
+    """No credentials, or credentials that are unknown, expired or revoked."""
+
+    http_status = 401
+    code = "unauthorized"
+    exit_code = 4
+
+
+class Forbidden(CorralError):
+    """The caller is known but its role in the project does not allow the verb."""
+
+    http_status = 403
+    code = "forbidden"
+    exit_code = 4
+
+
+class QuotaExceeded(CorralError):
+    """The request would take a project over one of its quotas; nothing was made."""
+
+    http_status = 409
+    code = "quota-exceeded"
+
+
 class DaemonNotRunning(CorralError):
     http_status = 503
     code = "daemon-not-running"
@@ -101,6 +124,9 @@ ERRORS_BY_CODE: dict[str, type[CorralError]] = {
         AlreadyExists,
         Conflict,
         InsufficientResources,
+        Unauthorized,
+        Forbidden,
+        QuotaExceeded,
         DaemonNotRunning,
         EngineError,
         GuestAgentError,

@@ -5,6 +5,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from corral.api.app import create_app
+from corral.api.auth import trusted
 from corral.config import Settings
 from corral.store.models import VM, Image, Job, Volume
 
@@ -15,7 +16,8 @@ def api(store, host, tmp_path):
         session.add(Image(name="tiny", state="ready", kind="kernel", virtual_size=64 << 20))
     settings = Settings(home=tmp_path / "home")
     (tmp_path / "home" / "pools" / "default").mkdir(parents=True)
-    with TestClient(create_app(settings, store)) as client:
+    # Trusted as the unix socket is: these tests are about input, tests/e2e/test_access.py about tokens.
+    with TestClient(trusted(create_app(settings, store))) as client:
         yield client
 
 

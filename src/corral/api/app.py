@@ -11,13 +11,17 @@ from sqlalchemy.orm import Session
 
 from corral import __version__
 from corral.api import (
+    routes_admin,
     routes_clones,
     routes_console,
+    routes_events,
     routes_jobs,
     routes_snapshots,
     routes_storage,
     routes_vms,
 )
+from corral.api.audit import note_problem
+from corral.api.auth import authenticated
 from corral.api.state import AppState, db_session
 from corral.api.views import HostView
 from corral.cluster import placement
@@ -34,16 +38,18 @@ def _problem(error: CorralError) -> JSONResponse:
     return JSONResponse(error.to_problem(), status_code=error.http_status, media_type=PROBLEM)
 
 
-async def corral_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def corral_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CorralError)
+    note_problem(request, exc.message)
     return _problem(exc)
 
 
-async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    note_problem(request, f"invalid request: {message}")
     return _problem(InvalidInput(f"invalid request: {message}", "see the API schema at /docs"))
 
 
@@ -78,18 +84,23 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     from corral.api import metrics
 
     metrics.install(app, store)
+    from corral.api import audit
+
+    audit.install(app, store)
     app.include_router(routes_vms.router)
     app.include_router(routes_console.router)
     app.include_router(routes_snapshots.router)
     app.include_router(routes_clones.router)
     app.include_router(routes_storage.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_admin.router)
+    app.include_router(routes_events.router)
 
     @app.get("/health", tags=["host"])
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    @app.get("/hosts", response_model=list[HostView], tags=["host"])
+    @app.get("/hosts", response_model=list[HostView], tags=["host"], dependencies=[Depends(authenticated)])
     def list_hosts(session: Session = Depends(db_session)) -> list[HostView]:
         views = []
         for host in session.query(Host).order_by(Host.name):

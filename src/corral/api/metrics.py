@@ -137,6 +137,11 @@ def install(app: FastAPI, store: Store) -> None:
         latency.labels(request.method, path, str(response.status_code)).observe(time.perf_counter() - started)
         return response
 
-    @app.get("/metrics", include_in_schema=False)
+    from fastapi import Depends
+
+    from corral.api.auth import cluster_viewer
+
+    # The numbers name every project's VMs, so scraping needs a cluster-wide role (or the unix socket).
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(cluster_viewer)])
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
+from corral.api.auth import Caller, admin, viewer
 from corral.api.state import AppState, app_state, db_session
 from corral.api.views import Accepted, JobView, VMView
 from corral.cluster import clones, forks, vms
@@ -31,23 +32,28 @@ class TemplateView(BaseModel):
 
 
 @router.post("/vms/{name}/clone", **ACCEPTED)
-def clone_vm(name: str, request: VMClone, state: AppState = Depends(app_state)) -> Accepted:
+def clone_vm(
+    name: str, request: VMClone, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
         job = clones.clone(
-            session, name, request.name, request.linked, request.from_snapshot, request.start, request.wait
+            session, name, request.name, request.linked, request.from_snapshot, request.start, request.wait,
+            caller.project,
         )
         session.flush()
-        return Accepted(job=JobView.of(job), vm=VMView.of(vms.get_vm(session, request.name)))
+        return Accepted(job=JobView.of(job), vm=VMView.of(vms.get_vm(session, request.name, caller.project)))
 
 
 @router.post("/vms/{name}/fork", **ACCEPTED)
-def fork_vm(name: str, request: VMFork, state: AppState = Depends(app_state)) -> Accepted:
+def fork_vm(
+    name: str, request: VMFork, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
-        return Accepted(job=JobView.of(forks.fork(session, name, request.name, request.count)))
+        return Accepted(job=JobView.of(forks.fork(session, name, request.name, request.count, caller.project)))
 
 
 @router.get("/templates", response_model=list[TemplateView])
-def list_templates(session: Session = Depends(db_session)) -> list[TemplateView]:
+def list_templates(caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> list[TemplateView]:
     return [
         TemplateView(
             name=t.name,
@@ -60,17 +66,19 @@ def list_templates(session: Session = Depends(db_session)) -> list[TemplateView]
             used_by=clones.template_users(session, t),
             created_at=t.created_at,
         )
-        for t in clones.list_templates(session)
+        for t in clones.list_templates(session, caller.project)
     ]
 
 
 @router.post("/templates", **ACCEPTED)
-def create_template(request: TemplateCreate, state: AppState = Depends(app_state)) -> Accepted:
+def create_template(
+    request: TemplateCreate, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
-        return Accepted(job=JobView.of(clones.create_template(session, request.name, request.source)))
+        return Accepted(job=JobView.of(clones.create_template(session, request.name, request.source, caller.project)))
 
 
 @router.delete("/templates/{name}", **ACCEPTED)
-def delete_template(name: str, state: AppState = Depends(app_state)) -> Accepted:
+def delete_template(name: str, caller: Caller = Depends(admin), state: AppState = Depends(app_state)) -> Accepted:
     with state.store.session() as session:
-        return Accepted(job=JobView.of(clones.delete_template(session, name)))
+        return Accepted(job=JobView.of(clones.delete_template(session, name, caller.project)))

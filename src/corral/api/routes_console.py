@@ -14,16 +14,18 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
+from corral.api.auth import PROJECT_QUERY, Caller, resolve, viewer
 from corral.api.state import AppState, app_state
 from corral.cluster import vms
+from corral.cluster.identity import Role
 from corral.errors import Conflict
 
 router = APIRouter(prefix="/vms", tags=["console"])
 
 
-def _vm_paths(state: AppState, name: str) -> tuple[str, Path]:
-    with state.store.session() as session:
-        vm = vms.get_vm(session, name)
+def _vm_paths(state: AppState, name: str, project: str) -> tuple[str, Path]:
+    with state.store.reading() as session:
+        vm = vms.get_vm(session, name, project)
         return vm.id, state.layout.vm_run_dir(vm.id)
 
 
@@ -49,9 +51,13 @@ def _tail(path: Path, lines: int) -> tuple[bytes, int]:
 
 @router.get("/{name}/logs")
 async def vm_logs(
-    name: str, lines: int = Query(200, ge=0, le=100000), follow: bool = False, state: AppState = Depends(app_state)
+    name: str,
+    lines: int = Query(200, ge=0, le=100000),
+    follow: bool = False,
+    caller: Caller = Depends(viewer),
+    state: AppState = Depends(app_state),
 ) -> StreamingResponse:
-    vm_id, run_dir = await asyncio.to_thread(_vm_paths, state, name)
+    vm_id, run_dir = await asyncio.to_thread(_vm_paths, state, name, caller.project)
     log_path = run_dir / "serial.log"
 
     async def stream() -> AsyncIterator[bytes]:
@@ -78,11 +84,14 @@ async def vm_logs(
 
 
 @router.websocket("/{name}/console")
-async def vm_console(websocket: WebSocket, name: str) -> None:
+async def vm_console(websocket: WebSocket, name: str, project: str | None = PROJECT_QUERY) -> None:
+    """The console is a lifecycle verb: it needs the operator role (checked after accepting, so that the refusal
+    reaches the client as a message rather than a bare failed handshake)."""
     state: AppState = websocket.app.state.corral
     await websocket.accept()
     try:
-        _, run_dir = await asyncio.to_thread(_vm_paths, state, name)
+        caller = await asyncio.to_thread(resolve, websocket, project, Role.OPERATOR)
+        _, run_dir = await asyncio.to_thread(_vm_paths, state, name, caller.project)
         try:
             reader, writer = await asyncio.open_unix_connection(str(run_dir / "console.sock"))
         except OSError as exc:

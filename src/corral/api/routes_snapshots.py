@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
+from corral.api.auth import Caller, operator, viewer
 from corral.api.state import AppState, app_state, db_session
 from corral.api.views import Accepted, JobView
 from corral.cluster import snapshots, vms
@@ -41,8 +42,10 @@ class SnapshotView(BaseModel):
 
 
 @router.get("", response_model=list[SnapshotView])
-def list_snapshots(vm_name: str, session: Session = Depends(db_session)) -> list[SnapshotView]:
-    vm = vms.get_vm(session, vm_name)
+def list_snapshots(
+    vm_name: str, caller: Caller = Depends(viewer), session: Session = Depends(db_session)
+) -> list[SnapshotView]:
+    vm = vms.get_vm(session, vm_name, caller.project)
     rows = snapshots.list_snapshots(session, vm)
     names = {row.id: row.name for row in rows}
     return [
@@ -62,22 +65,30 @@ def list_snapshots(vm_name: str, session: Session = Depends(db_session)) -> list
 
 
 @router.post("", **ACCEPTED)
-def create_snapshot(vm_name: str, request: SnapshotCreate, state: AppState = Depends(app_state)) -> Accepted:
+def create_snapshot(
+    vm_name: str, request: SnapshotCreate, caller: Caller = Depends(operator), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
-        job = snapshots.create(session, vm_name, request.name, request.memory, request.description)
+        job = snapshots.create(session, vm_name, request.name, request.memory, request.description, caller.project)
         return Accepted(job=JobView.of(job))
 
 
 @router.post("/{name}/revert", **ACCEPTED)
 def revert_snapshot(
-    vm_name: str, name: str, request: SnapshotRevert | None = None, state: AppState = Depends(app_state)
+    vm_name: str,
+    name: str,
+    request: SnapshotRevert | None = None,
+    caller: Caller = Depends(operator),
+    state: AppState = Depends(app_state),
 ) -> Accepted:
     with state.store.session() as session:
-        job = snapshots.revert(session, vm_name, name, wait=(request or SnapshotRevert()).wait)
+        job = snapshots.revert(session, vm_name, name, wait=(request or SnapshotRevert()).wait, project=caller.project)
         return Accepted(job=JobView.of(job))
 
 
 @router.delete("/{name}", **ACCEPTED)
-def delete_snapshot(vm_name: str, name: str, state: AppState = Depends(app_state)) -> Accepted:
+def delete_snapshot(
+    vm_name: str, name: str, caller: Caller = Depends(operator), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
-        return Accepted(job=JobView.of(snapshots.delete(session, vm_name, name)))
+        return Accepted(job=JobView.of(snapshots.delete(session, vm_name, name, caller.project)))

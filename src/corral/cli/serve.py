@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import typer
 
@@ -24,7 +25,11 @@ DB_OPTION = typer.Option(
 
 
 def serve(
-    listen: str = typer.Option(None, "--listen", help="Also serve the API on HOST:PORT (TCP)."),
+    listen: str = typer.Option(
+        None, "--listen", help="Also serve the API over HTTPS on HOST:PORT (e.g. 0.0.0.0:8443); callers need a token."
+    ),
+    cert: Path = typer.Option(None, "--cert", help="PEM certificate for --listen (default: self-signed, made once)."),
+    key: Path = typer.Option(None, "--key", help="PEM private key of --cert."),
     db: str = DB_OPTION,
     agent: bool = typer.Option(
         True, "--agent/--no-agent", help="Also run this host's agent (--no-agent: control plane only, for a pool)."
@@ -39,17 +44,19 @@ def serve(
     if db:
         settings = settings.model_copy(update={"database": db})
     if detach:
-        run(lambda: _detach(settings, listen, log_level, agent))
+        run(lambda: _detach(settings, listen, log_level, agent, cert, key))
         return
-    import logging
+    from corral import logs
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(log_level)  # JSON lines unless stderr is a terminal
     from corral.daemon import serve as serve_forever
 
-    run(lambda: serve_forever(settings, listen=listen, log_level=log_level, with_agent=agent))
+    run(lambda: serve_forever(settings, listen=listen, log_level=log_level, with_agent=agent, cert=cert, key=key))
 
 
-def _detach(settings, listen: str | None, log_level: str, agent: bool = True) -> None:  # type: ignore[no-untyped-def]
+def _detach(  # type: ignore[no-untyped-def]
+    settings, listen: str | None, log_level: str, agent: bool = True, cert: Path | None = None, key: Path | None = None
+) -> None:
     from corral.client import Client
     from corral.daemon import running_daemon_pid
     from corral.errors import CorralError
@@ -65,6 +72,8 @@ def _detach(settings, listen: str | None, log_level: str, agent: bool = True) ->
         argv += ["--listen", listen]
     if not agent:
         argv.append("--no-agent")
+    if cert is not None and key is not None:
+        argv += ["--cert", str(cert.absolute()), "--key", str(key.absolute())]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             argv,

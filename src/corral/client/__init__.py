@@ -18,22 +18,68 @@ from typing import Any
 
 import httpx
 
-from corral.errors import CorralError, DaemonNotRunning, JobFailed, Timeout, error_from_problem
+from corral.errors import CorralError, DaemonNotRunning, JobFailed, Timeout, Unauthorized, error_from_problem
 from corral.paths import default_home
 
 Progress = Callable[[dict[str, Any]], None]
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 class Client:
-    def __init__(self, url: str | None = None, home: Path | str | None = None, timeout: float = 30.0) -> None:
-        self.url = url or os.environ.get("CORRAL_URL")
+    """A connection to one daemon: its unix socket (as local root), or a URL with a token.
+
+    Where to connect: ``url``, else CORRAL_URL, else the remote chosen with `corral remote switch`, else the unix
+    socket under ``home``. An explicit ``home`` always means that home's socket. The token comes from ``token``,
+    CORRAL_TOKEN or the remote; the project (sent with every request) from ``project``, CORRAL_PROJECT or the
+    remote. HTTPS certificates are checked against the remote's pinned certificate when the URL is a configured
+    remote, against the system's CAs otherwise, or not at all with ``insecure`` (CORRAL_INSECURE=1).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        home: Path | str | None = None,
+        timeout: float = 30.0,
+        *,
+        token: str | None = None,
+        project: str | None = None,
+        insecure: bool | None = None,
+    ) -> None:
+        from corral.client import remotes
+
+        remote = None
+        if url is None and home is None:
+            url = os.environ.get("CORRAL_URL") or None
+            remote = remotes.for_url(url) if url else remotes.current()
+            if remote is not None and url is None:
+                url = remote["url"]
+        elif url is not None:
+            remote = remotes.for_url(url)
+        self.url = url
         self.home = Path(home or os.environ.get("CORRAL_HOME") or default_home())
         self.socket_path = self.home / "corral.sock"
+        self.token = token or os.environ.get("CORRAL_TOKEN") or (remote or {}).get("token")
+        self.project = project or os.environ.get("CORRAL_PROJECT") or (remote or {}).get("project")
+        insecure = _truthy(os.environ.get("CORRAL_INSECURE")) if insecure is None else insecure
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token and self.url else {}
+        params = {"project": self.project} if self.project else {}
         if self.url:
-            self._http = httpx.Client(base_url=self.url, timeout=timeout)
+            verify: bool | object = True
+            if insecure:
+                verify = False
+            elif remote is not None and remote.get("certificate"):
+                verify = remotes.pinned_context(remote["certificate"])
+            self._http = httpx.Client(
+                base_url=self.url, timeout=timeout, headers=headers, params=params, verify=verify  # type: ignore[arg-type]
+            )
         else:
             transport = httpx.HTTPTransport(uds=str(self.socket_path))
-            self._http = httpx.Client(base_url="http://corral", transport=transport, timeout=timeout)
+            self._http = httpx.Client(
+                base_url="http://corral", transport=transport, timeout=timeout, headers=headers, params=params
+            )
 
     def __enter__(self) -> Client:
         return self
@@ -57,6 +103,11 @@ class Client:
         try:
             response = self._http.request(method, path, **kwargs)
         except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise Unauthorized(
+                    f"the certificate of {self.url} is not trusted: {exc}",
+                    "pin it with `corral remote add NAME URL`, or set CORRAL_INSECURE=1 to skip the check",
+                ) from exc
             raise self._not_running() from exc
         except httpx.TimeoutException as exc:
             raise Timeout(f"the daemon did not answer {method} {path} in time") from exc
@@ -271,3 +322,73 @@ class Client:
 
     def delete_volume(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/volumes/{name}")
+
+    # -- projects, users, tokens, audit, events ---------------------------------------------------------------
+
+    def projects(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/projects")
+
+    def project_info(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/projects/{name}")
+
+    def create_project(self, name: str, description: str = "", **quotas: int | str | None) -> dict[str, Any]:
+        return self.request("POST", "/projects", json={"name": name, "description": description, **quotas})
+
+    def update_project(self, name: str, **changes: int | str | None) -> dict[str, Any]:
+        """Only the fields given change; a quota given as None is removed."""
+        return self.request("PATCH", f"/projects/{name}", json=changes)
+
+    def delete_project(self, name: str) -> None:
+        self.request("DELETE", f"/projects/{name}")
+
+    def users(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/users")
+
+    def create_user(self, name: str, cluster_admin: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/users", json={"name": name, "cluster_admin": cluster_admin})
+
+    def delete_user(self, name: str) -> None:
+        self.request("DELETE", f"/users/{name}")
+
+    def tokens(self, user: str | None = None, project: str | None = None) -> list[dict[str, Any]]:
+        params = {key: value for key, value in (("user", user), ("of-project", project)) if value}
+        return self.request("GET", "/tokens", params=params)
+
+    def create_token(
+        self, user: str, project: str, role: str, expires: str | None = None, description: str = ""
+    ) -> dict[str, Any]:
+        """A new token; its ``secret`` is in this answer only."""
+        body = {"user": user, "project": project, "role": role, "expires": expires, "description": description}
+        return self.request("POST", "/tokens", json=body)
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/tokens/{token_id}/revoke")
+
+    def audit(self, limit: int = 100, all_projects: bool = False) -> list[dict[str, Any]]:
+        return self.request("GET", "/audit", params={"limit": limit, "all_projects": all_projects})
+
+    def events(
+        self,
+        follow: bool = False,
+        kind: str | None = None,
+        resource: str | None = None,
+        types: list[str] | None = None,
+        after: int | None = None,
+        limit: int = 100,
+        all_projects: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Events as dicts, from GET /events (server-sent events); with ``follow``, until the caller stops."""
+        import json
+
+        params: dict[str, Any] = {"follow": follow, "limit": limit, "all_projects": all_projects}
+        for key, value in (("kind", kind), ("resource", resource), ("after", after), ("type", types)):
+            if value is not None:
+                params[key] = value
+        buffer = b""
+        for chunk in self.stream("/events", params):
+            buffer += chunk
+            while b"\n\n" in buffer:
+                frame, buffer = buffer.split(b"\n\n", 1)
+                data = [line[5:].strip() for line in frame.split(b"\n") if line.startswith(b"data:")]
+                if data:
+                    yield json.loads(b"\n".join(data))

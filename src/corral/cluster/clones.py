@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.cluster import placement
+from corral.cluster import placement, quotas
 from corral.cluster.snapshots import get_snapshot
 from corral.cluster.vms import _busy, get_vm, new_volume
 from corral.errors import AlreadyExists, Conflict, NotFound
@@ -82,6 +82,8 @@ def clone(
             )
     spec = fresh_identity(VMSpec.model_validate(source.spec), new_name)
     with placement.placement_lock:
+        quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory, disk=sum(v.size for v in source.volumes),
+                     vms=1)
         vm = _new_vm(session, spec, source.host, project, start)
         for index, src in enumerate(sorted(source.volumes, key=lambda v: v.device_index)):
             new_volume(
@@ -178,6 +180,8 @@ def create_from_template(
         spec.name,
     )
     with placement.placement_lock:
+        quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory,
+                     disk=sum(int(disk["size"]) for disk in template.disks), vms=1)
         vm = _new_vm(session, spec, template.host, project, start)
         vm.template = template.id
         for index, disk in enumerate(template.disks):

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from corral.cluster import placement
 from corral.cluster.requests import ImageBuild, ImageImport
-from corral.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name
 from corral.store import jobs
@@ -18,15 +18,20 @@ from corral.store.models import VM, Image, Job, Template, Volume
 RECIPES = ("tiny", "debian")
 
 
-def get_image(session: Session, name: str) -> Image:
-    image = session.scalars(select(Image).where(Image.name == name)).first()
+def _visible(project: str | None):  # type: ignore[no-untyped-def]
+    """Images a project sees: its own and the default project's, which serve as the shared catalog."""
+    return Image.project.in_([project, "default"]) if project else Image.id.is_not(None)
+
+
+def get_image(session: Session, name: str, project: str | None = None) -> Image:
+    image = session.scalars(select(Image).where(Image.name == name, _visible(project))).first()
     if image is None:
         raise NotFound(f"image {name!r} not found", "list images with `corral image list`")
     return image
 
 
-def list_images(session: Session) -> list[Image]:
-    return list(session.scalars(select(Image).order_by(Image.name)))
+def list_images(session: Session, project: str | None = None) -> list[Image]:
+    return list(session.scalars(select(Image).where(_visible(project)).order_by(Image.name)))
 
 
 def _host(session: Session) -> str:
@@ -121,7 +126,9 @@ def import_(session: Session, request: ImageImport, project: str = "default") ->
 
 
 def delete(session: Session, name: str, project: str = "default") -> Job:
-    image = get_image(session, name)
+    image = get_image(session, name, project)
+    if image.project != project:
+        raise Forbidden(f"image {name!r} belongs to project {image.project!r}", f"delete it from {image.project!r}")
     users = session.scalars(
         select(VM.name).join(Volume, Volume.vm_id == VM.id).where(Volume.backing_image == image.id)
     ).all()

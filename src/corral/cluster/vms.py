@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.cluster import placement
+from corral.cluster import placement, quotas
 from corral.cluster.requests import VMCreate, VMDelete, VMExec, VMRestart, VMStart, VMStop
 from corral.errors import AlreadyExists, Conflict, InsufficientResources, NotFound
 from corral.spec.job import JobKind
@@ -56,7 +56,9 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
         from corral.cluster.clones import create_from_template
 
         return create_from_template(session, request.template, spec, request.start, request.wait, project)
-    image = session.scalars(select(Image).where(Image.name == spec.image)).first()
+    image = session.scalars(
+        select(Image).where(Image.name == spec.image, Image.project.in_([project, "default"]))
+    ).first()
     if image is None:
         raise NotFound(
             f"image {spec.image!r} not found", "build the default one with `corral image build tiny`, or import one"
@@ -74,7 +76,9 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
         if volume.vm_id is not None or volume.state != "ready":
             raise Conflict(f"volume {volume_name!r} is in use or not ready", "pick a free volume")
         attached.append(volume)
+    new_disk = image.virtual_size + sum(disk.size for disk in spec.disks if disk.size is not None)
     with placement.placement_lock:
+        quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory, disk=new_disk, vms=1)
         host = placement.pick_host(session, spec, request.host, will_run=request.start)
         vm = VM(
             name=spec.name,

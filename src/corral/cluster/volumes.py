@@ -7,7 +7,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.cluster import placement
+from corral.cluster import placement, quotas
 from corral.cluster.requests import VolumeCreate, VolumeResize
 from corral.cluster.vms import _check_pool_space
 from corral.errors import AlreadyExists, Conflict, InvalidInput, NotFound
@@ -34,6 +34,7 @@ def create(session: Session, request: VolumeCreate, pool_dir: Path, project: str
     if session.scalars(select(Volume.id).where(Volume.project == project, Volume.name == request.name)).first():
         raise AlreadyExists(f"volume {request.name!r} already exists", "choose another name")
     _check_pool_space(pool_dir, request.size, "a volume")
+    quotas.check(session, project, disk=request.size)
     hosts = placement.online_hosts(session)
     if not hosts:
         raise Conflict("no host agent is online", "start the daemon with `corral serve`")
@@ -60,6 +61,7 @@ def resize(session: Session, name: str, request: VolumeResize, pool_dir: Path, p
             "shrinking would cut the filesystem inside; give a larger size",
         )
     _check_pool_space(pool_dir, request.size, "a volume")
+    quotas.check(session, project, disk=request.size - volume.size)
     if jobs.active_for(session, "volume", volume.id):
         raise Conflict(f"volume {name} is busy", "wait for its job to finish")
     return jobs.submit(

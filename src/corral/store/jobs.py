@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from corral.errors import CorralError, NotFound
 from corral.spec.job import JobState
+from corral.store import events
 from corral.store.db import Store
 from corral.store.models import Job, utcnow
 
@@ -82,6 +83,8 @@ def claim(store: Store, host: str, exclude: set[str] | frozenset[str] = frozense
             .values(state=JobState.RUNNING, started_at=utcnow(), message="running", version=Job.version + 1)
         ).rowcount
         job = session.get(Job, job_id) if claimed else None
+        if job is not None:
+            events.record(session, job)  # the UPDATE above bypassed the ORM's event hook
     store.notifier.notify()
     return job
 

@@ -1,0 +1,164 @@
+"""Who is calling, in which project, with which role: one FastAPI dependency per permission level.
+
+Every route declares exactly one of :func:`viewer`, :func:`operator`, :func:`admin` (project-scoped) or
+:func:`cluster_viewer`, :func:`cluster_admin` (cluster-wide), or is listed in :data:`PUBLIC`. The RBAC matrix test
+reads those declarations from the app's routes, so a new route without one fails the tests instead of being open.
+
+Two kinds of callers exist. Requests on the daemon's unix socket come from local root (the socket is mode 0600)
+and act as cluster admin with no token: :func:`trusted` marks them, in the ASGI scope, where no client can forge
+it. Everything else (the HTTPS listener, a test client) must present ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Query, Request
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from corral.cluster import identity
+from corral.cluster.identity import ROOT, Principal, Role
+from corral.errors import Forbidden, NotFound, Unauthorized
+
+LOCAL = "corral.local"
+PUBLIC = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+def trusted(app: ASGIApp) -> ASGIApp:
+    """Wrap ``app`` for the unix-socket listener: its callers are local root, trusted as cluster admin."""
+
+    async def local(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[LOCAL] = True
+        await app(scope, receive, send)
+
+    return local
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The resolved caller of a project-scoped route: who, the project the request acts in, and the role there."""
+
+    principal: Principal
+    project: str
+    role: Role
+
+    @property
+    def user(self) -> str:
+        return self.principal.user
+
+
+def principal(connection: HTTPConnection) -> Principal:
+    """The caller, resolved once per request (and remembered for the audit log)."""
+    cached = connection.scope.get("corral.principal")
+    if cached is not None:
+        return cached
+    if connection.scope.get(LOCAL):
+        who = ROOT
+    else:
+        header = connection.headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise Unauthorized(
+                "this API needs a token", "send `Authorization: Bearer <token>` (CORRAL_TOKEN for the CLI and SDK)"
+            )
+        state = connection.app.state.corral
+        with state.store.reading() as session:
+            who = identity.authenticate(session, secret.strip())
+    connection.scope["corral.principal"] = who
+    return who
+
+
+def resolve(connection: HTTPConnection, project: str | None, need: Role) -> Caller:
+    who = principal(connection)
+    name = project or who.project
+    role = who.role_in(name)
+    if role is None:
+        raise Forbidden(f"{who.user} has no access to project {name!r}", "use a token made for that project")
+    if role < need:
+        raise Forbidden(
+            f"this needs the {need.label} role in project {name!r}; {who.user} is {role.label}",
+            "ask a project admin for a token with that role",
+        )
+    if name != who.project:
+        state = connection.app.state.corral
+        with state.store.reading() as session:
+            if session.get(identity.Project, name) is None:
+                raise NotFound(f"project {name!r} not found", "list projects with `corral project list`")
+    connection.scope["corral.project"] = name
+    return Caller(principal=who, project=name, role=role)
+
+
+PROJECT_QUERY = Query(
+    None,
+    description="The project to act in (default: the token's project; `default` on the unix socket).",
+    pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+)
+
+
+def _mark(function: Any, scope: str, role: Role) -> Any:
+    function.corral_permission = (scope, role)
+    return function
+
+
+def viewer(connection: HTTPConnection, project: str | None = PROJECT_QUERY) -> Caller:
+    """Read anything in the project."""
+    return resolve(connection, project, Role.VIEWER)
+
+
+def operator(connection: HTTPConnection, project: str | None = PROJECT_QUERY) -> Caller:
+    """Lifecycle verbs (start, stop, pause, console, snapshots, cancel) on the project's resources."""
+    return resolve(connection, project, Role.OPERATOR)
+
+
+def admin(connection: HTTPConnection, project: str | None = PROJECT_QUERY) -> Caller:
+    """Everything in the project, creating and deleting resources included."""
+    return resolve(connection, project, Role.ADMIN)
+
+
+def _cluster(connection: HTTPConnection, need: Role) -> Principal:
+    who = principal(connection)
+    if not who.cluster:
+        raise Forbidden(
+            f"this needs a cluster-wide role; {who.user} is not a cluster admin",
+            "use a token of a user made with `corral user create NAME --cluster-admin`",
+        )
+    if who.role < need:
+        raise Forbidden(
+            f"this needs the cluster {need.label} role; this token of {who.user} is {who.role.label}",
+            "use an admin token",
+        )
+    return who
+
+
+def cluster_viewer(connection: HTTPConnection) -> Principal:
+    """Read cluster-wide state (every project, the audit log, metrics)."""
+    return _cluster(connection, Role.VIEWER)
+
+
+def cluster_admin(connection: HTTPConnection) -> Principal:
+    """Manage projects, users and tokens."""
+    return _cluster(connection, Role.ADMIN)
+
+
+def authenticated(connection: HTTPConnection) -> Principal:
+    """Any valid caller (what the caller may see is then filtered by the route)."""
+    return principal(connection)
+
+
+_mark(viewer, "project", Role.VIEWER)
+_mark(operator, "project", Role.OPERATOR)
+_mark(admin, "project", Role.ADMIN)
+_mark(cluster_viewer, "cluster", Role.VIEWER)
+_mark(cluster_admin, "cluster", Role.ADMIN)
+_mark(authenticated, "any", Role.VIEWER)
+
+
+def audit_identity(request: Request) -> tuple[str, str | None, str | None]:
+    """(user, token id, project) of a finished request, for the audit log; 'anonymous' when none was resolved."""
+    who: Principal | None = request.scope.get("corral.principal")
+    project = request.scope.get("corral.project") or request.query_params.get("project")
+    if who is None:
+        return "anonymous", None, project
+    return who.user, who.token_id, project  # None: a cluster-wide change (projects, users, tokens)

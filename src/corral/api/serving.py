@@ -1,0 +1,74 @@
+"""Two listeners, one app: the unix socket (plain HTTP, local root, trusted) and the network one (HTTPS, tokens).
+
+They are two uvicorn servers in one event loop because TLS is a per-server setting in uvicorn and the unix socket
+must stay plain; it is also how the unix-socket side gets marked trusted (corral.api.auth.trusted) in a way no
+network client can imitate. The daemon owns SIGINT/SIGTERM and stops both servers together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+from corral.api.auth import trusted
+from corral.api.tls import TLSFiles
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Each uvicorn server would install its own handlers and only the last would stop; serve_all handles them.
+        yield
+
+
+def _config(app: object, log_level: str, tls: TLSFiles | None = None) -> uvicorn.Config:
+    extra = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls else {}
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        log_level=log_level,
+        log_config=None,  # keep corral's own (JSON) logging
+        lifespan="off",
+        timeout_graceful_shutdown=3,
+        ws_ping_interval=None,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+async def _serve_all(servers: list[tuple[_Server, socket.socket]]) -> None:
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server, _ in servers:
+            if server.should_exit:
+                server.force_exit = True
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run(
+    app: FastAPI,
+    unix_socket: socket.socket,
+    tcp_socket: socket.socket | None = None,
+    tls: TLSFiles | None = None,
+    log_level: str = "warning",
+) -> None:
+    """Serve until SIGINT/SIGTERM: ``unix_socket`` trusted, ``tcp_socket`` (if any) over HTTPS with tokens."""
+    servers = [(_Server(_config(trusted(app), log_level)), unix_socket)]
+    if tcp_socket is not None:
+        if tls is None:
+            raise ValueError("the network listener serves HTTPS only")
+        servers.append((_Server(_config(app, log_level, tls)), tcp_socket))
+    asyncio.run(_serve_all(servers))

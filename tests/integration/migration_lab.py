@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import shutil
 import subprocess
@@ -121,6 +122,8 @@ class Guest:
     proc: QemuProcess
 
     async def sh(self, script: str, timeout: float = 60.0) -> str:
+        # A sync first, with a long deadline: a busy TCG guest on a loaded host may take seconds to answer.
+        await wait_until_ready(self.plan.guest_agent_socket, 60.0, is_alive=lambda: not self.proc.exited)
         async with GuestAgent(self.plan.guest_agent_socket) as agent:
             result = await agent.exec(["/bin/sh", "-c", script], timeout=timeout)
         if result.exit_code != 0:
@@ -193,6 +196,10 @@ class Lab:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size)], check=True)
         return target
 
+    def moved(self, guest: Guest, plan: LaunchPlan, proc: QemuProcess) -> None:
+        """The guest now lives in ``proc`` (the destination)."""
+        guest.plan, guest.proc = plan, proc
+
     async def close(self) -> None:
         for proc in self.procs:
             with contextlib.suppress(Exception):
@@ -206,7 +213,7 @@ class Lab:
 def max_tick_gap(before: list[tuple[float, int]], after: list[tuple[float, int]]) -> tuple[float, int, int]:
     """(largest gap in seconds between consecutive ticks across the move, last value before, first after)."""
     merged = sorted(before + after)
-    gaps = [b[0] - a[0] for a, b in zip(merged, merged[1:], strict=False)]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(merged)]
     return (max(gaps) if gaps else 0.0, before[-1][1] if before else -1, after[0][1] if after else -1)
 
 
@@ -231,5 +238,6 @@ async def stop_busy_and_verify(guest: Guest, watch: SerialWatch) -> None:
     check = await guest.sh("md5sum /run/busy/seed /run/busy/data | cut -d' ' -f1; "
                            "cat /run/busy/seed.md5 /run/busy/data.md5", timeout=120)
     seed, data, seed_want, data_want = check.split()
-    assert seed == seed_want, "the seed the guest wrote before the move changed"
-    assert data == data_want, "the guest's last copy does not match"
+    busy = [line for _, line in watch.lines if "busy" in line]
+    assert seed == seed_want, f"the seed the guest wrote before the move changed; loop said {busy[-5:]}"
+    assert data == data_want, f"the guest's last copy does not match; loop said {busy[-5:]}"

@@ -8,8 +8,13 @@ Ganeti's shape: explicit steps on each side, so that the two sides may live in t
 - Source (``OutgoingMigration``): without shared storage, mirror every disk into the destination's NBD exports
   (``blockdev-mirror sync=full copy-mode=write-blocking``: once ready, every guest write reaches both sides
   before it completes, so the copies stay equal until the switch-over); then send RAM with multifd at full
-  bandwidth and a short downtime limit, switching to postcopy when precopy does not converge in time. Once
-  the destination runs, the mirror jobs are cancelled (which for a ready mirror means "stop, do not pivot").
+  bandwidth and a short downtime limit. Once the destination runs, the mirror jobs are cancelled (which for a
+  ready mirror means "stop, do not pivot").
+- Postcopy: QEMU 7.2 cannot combine it with multifd (the destination aborts at the end of the move on an
+  assertion in yank.c, after the guest already ran there: the VM is lost). So a move is either multifd precopy
+  or single-channel postcopy. The ``fallback`` mode tries multifd precopy for ``converge_within`` seconds; if
+  it does not converge, it cancels (the source never stopped), and ``migrate()`` starts over with a fresh
+  destination in postcopy mode, which always converges (each page crosses once after the switch).
 - ``migrate()`` runs both sides in one process (tests, benchmarks, a move between two run directories of one
   host), and guarantees what a cluster must guarantee too: whatever fails, the source keeps running and the
   destination is torn down, so exactly one copy of the VM runs at the end.
@@ -55,8 +60,9 @@ class MigrationTuning(BaseModel):
     max_bandwidth: int = UNTHROTTLED  # bytes/s
     # QEMU stops the source for the final copy only when what is left can be sent within this many ms.
     downtime_limit_ms: int = 50
-    # never: precopy only (fails after ``timeout`` if it does not converge); fallback: precopy, then postcopy
-    # after ``converge_within`` seconds; always: postcopy as soon as the first full pass of RAM has been sent.
+    # never: multifd precopy only (fails after ``timeout`` if it does not converge); fallback: multifd precopy
+    # for ``converge_within`` seconds, then cancel and start over in postcopy (raises NotConverging to let the
+    # caller make a fresh destination); always: postcopy (single channel) once the first pass of RAM is sent.
     postcopy: PostcopyMode = "fallback"
     converge_within: float = 20.0
     # Slow the guest's vCPU when precopy does not converge (auto-converge), starting at this percentage.
@@ -65,6 +71,15 @@ class MigrationTuning(BaseModel):
     throttle_increment: int = 20
     timeout: float = 900.0  # the whole move, disks included
     poll_interval: float = 0.1
+
+    @property
+    def uses_postcopy(self) -> bool:
+        """This attempt arms postcopy (and so, in QEMU 7.2, gives up multifd)."""
+        return self.postcopy == "always"
+
+    def as_postcopy(self) -> MigrationTuning:
+        """The tuning of the second attempt after precopy did not converge."""
+        return self.model_copy(update={"postcopy": "always"})
 
 
 class NbdEndpoint(BaseModel):
@@ -143,6 +158,7 @@ class MigrationResult(BaseModel):
     # so across hosts it includes their clock offset).
     paused_ms: float | None = None
     postcopy: bool = False
+    attempts: int = 1  # 2 when precopy did not converge and postcopy finished the move
     ram_transferred: int = 0
     passes: int = 0
     throttle_percent: int = 0
@@ -158,6 +174,13 @@ class MigrationFailed(EngineError):
     def __init__(self, message: str, hint: str | None = None, vm_lost: bool = False) -> None:
         super().__init__(message, hint)
         self.vm_lost = vm_lost
+
+
+class NotConverging(MigrationFailed):
+    """Precopy did not converge within the bound; the source runs on, the destination must be started anew
+    for a postcopy attempt (QEMU exits when an incoming migration is cancelled)."""
+
+    code = "migration-not-converging"
 
 
 def _stamp(event: Any) -> float:
@@ -198,7 +221,7 @@ class IncomingMigration:
         if await self.proc.run_state() != "inmigrate":
             raise EngineError("the destination QEMU was not started with -incoming defer")
         postcopy = False
-        if self.tuning.postcopy != "never":
+        if self.tuning.uses_postcopy:
             # Checked here, in the inmigrate state, where QEMU asks the kernel for userfaultfd: a sandboxed
             # QEMU without the right to use it refuses, and the move then stays precopy.
             try:
@@ -206,7 +229,7 @@ class IncomingMigration:
                 postcopy = True
             except EngineError as exc:
                 log.info("postcopy unavailable on the destination: %s", exc)
-        if self.tuning.multifd_channels:
+        if self.tuning.multifd_channels and not postcopy:
             await _set_capabilities(self.proc, {"multifd": True})
             await self.proc.execute("migrate-set-parameters", {"multifd-channels": self.tuning.multifd_channels})
         exports: dict[str, str] = {}
@@ -234,7 +257,7 @@ class IncomingMigration:
                 raise EngineError("QEMU did not say which port it listens on for the migration")
             port = int(addresses[0]["port"])
         self.endpoint = IncomingEndpoint(host=host, port=port, nbd=nbd, exports=exports, postcopy=postcopy,
-                                         multifd_channels=self.tuning.multifd_channels)
+                                         multifd_channels=0 if postcopy else self.tuning.multifd_channels)
         return self.endpoint
 
     async def wait(self, timeout: float | None = None) -> float | None:
@@ -454,8 +477,8 @@ class OutgoingMigration:
     async def _configure(self) -> bool:
         """Capabilities and parameters for this move; returns whether postcopy is armed."""
         tuning = self.tuning
-        postcopy = tuning.postcopy != "never" and self.endpoint.postcopy
-        multifd = tuning.multifd_channels > 0 and self.endpoint.multifd_channels > 0
+        postcopy = tuning.uses_postcopy and self.endpoint.postcopy
+        multifd = tuning.multifd_channels > 0 and self.endpoint.multifd_channels > 0 and not postcopy
         await _set_capabilities(self.proc, {
             "multifd": multifd, "postcopy-ram": postcopy, "auto-converge": tuning.auto_converge,
         })
@@ -506,13 +529,14 @@ class OutgoingMigration:
                                       vm_lost=status.startswith("postcopy"))
             self._report(sample)
             now = time.monotonic()
-            if postcopy_armed and not self._postcopy_started and status == "active" and (
-                (self.tuning.postcopy == "always" and sample.passes >= 2)
-                or (self.tuning.postcopy == "fallback" and now - started > self.tuning.converge_within)
-            ):
+            if postcopy_armed and not self._postcopy_started and status == "active" and sample.passes >= 2:
                 log.info("switching to postcopy after %.1f s (pass %d)", now - started, sample.passes)
                 await self.proc.execute("migrate-start-postcopy")
                 self._postcopy_started = True
+            if (self.tuning.postcopy == "fallback" and not postcopy_armed
+                    and now - started > self.tuning.converge_within):
+                raise NotConverging(f"precopy did not converge within {self.tuning.converge_within:.0f} s "
+                                    f"(guest dirties {sample.dirty_rate >> 20} MiB/s)", "retry in postcopy mode")
             if now > deadline and not self._postcopy_started:
                 raise MigrationFailed(f"precopy did not converge within {self.tuning.timeout:.0f} s",
                                       "allow postcopy, or raise the bandwidth or the downtime limit")
@@ -529,7 +553,7 @@ class OutgoingMigration:
                     log.error("a postcopy migration failed: the VM's state is split between the two hosts")
                 else:
                     await self.proc.execute("migrate_cancel")
-                    await _wait_status_left(self.proc, ACTIVE_STATES, 10.0)
+                    await _wait_status_left(self.proc, (*ACTIVE_STATES, "cancelling"), 10.0)
         for job_id in self._mirrors:
             with contextlib.suppress(EngineError):
                 await self.proc.execute("block-job-cancel", {"device": job_id, "force": True})
@@ -559,14 +583,39 @@ async def _wait_status_left(proc: QemuProcess, states: Sequence[str], timeout: f
 async def migrate(source: QemuProcess, destination: QemuProcess, *, host: str = "127.0.0.1", port: int = 0,
                   storage_nodes: Sequence[str] = (), nbd_port: int | None = None,
                   tuning: MigrationTuning | None = None, progress: ProgressCallback | None = None,
+                  relaunch: Callable[[], Awaitable[QemuProcess]] | None = None,
                   quit_source: bool = True) -> MigrationResult:
     """Move the VM of ``source`` into ``destination`` (started with ``-incoming defer`` from the same plan).
 
     ``storage_nodes``: disk nodes to copy over NBD (no shared storage); empty when both open the same files.
-    On success the destination runs the guest and the source QEMU has exited (``quit_source``); on any failure
-    or cancellation the destination is killed and the source runs as before, then the error propagates.
+    ``relaunch``: starts a fresh destination (same plan, blank disks again) for the postcopy attempt that
+    follows a precopy that did not converge (``tuning.postcopy == "fallback"``); without it, NotConverging is
+    raised instead. On success the destination runs the guest and the source QEMU has exited
+    (``quit_source``); on any failure or cancellation the destination is killed and the source runs as before,
+    then the error propagates. ``MigrationResult.attempts`` says whether a retry happened.
     """
     tuning = tuning or MigrationTuning()
+    started = time.monotonic()
+    try:
+        result = await _migrate_once(source, destination, host, port, storage_nodes, nbd_port, tuning, progress)
+        result.attempts = 1
+    except NotConverging:
+        if relaunch is None or tuning.postcopy != "fallback":
+            raise
+        log.info("precopy did not converge; starting over in postcopy mode")
+        destination = await relaunch()
+        result = await _migrate_once(source, destination, host, port, storage_nodes, nbd_port,
+                                     tuning.as_postcopy(), progress)
+        result.attempts = 2
+        result.total_s = time.monotonic() - started
+    if quit_source:
+        await source.quit()
+    return result
+
+
+async def _migrate_once(source: QemuProcess, destination: QemuProcess, host: str, port: int,
+                        storage_nodes: Sequence[str], nbd_port: int | None, tuning: MigrationTuning,
+                        progress: ProgressCallback | None) -> MigrationResult:
     incoming = IncomingMigration(destination, tuning)
     try:
         endpoint = await incoming.prepare(host, port, nbd_port, storage_nodes)
@@ -576,9 +625,12 @@ async def migrate(source: QemuProcess, destination: QemuProcess, *, host: str = 
         async def confirm() -> bool:
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), 30.0)
-            except (CorralError, TimeoutError):
-                return False
-            return await destination.run_state() in ("running", "paused")
+            except TimeoutError as exc:
+                raise MigrationFailed("the destination did not report the end of the move within 30 s") from exc
+            state = await destination.run_state()
+            if state not in ("running", "paused"):
+                raise MigrationFailed(f"the destination is {state} after the move")
+            return True
 
         try:
             result = await outgoing.run(confirm)
@@ -587,15 +639,12 @@ async def migrate(source: QemuProcess, destination: QemuProcess, *, host: str = 
                 waiter.cancel()
             with contextlib.suppress(BaseException):
                 await waiter
-        result.resumed_at = waiter.result() if waiter.done() and not waiter.cancelled() and \
-            waiter.exception() is None else None
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            result.resumed_at = waiter.result()
         await incoming.finish()
     except BaseException:
         await incoming.abort()
         raise
     if result.stopped_at is not None and result.resumed_at is not None:
         result.paused_ms = (result.resumed_at - result.stopped_at) * 1000
-    if quit_source:
-        await source.quit()
-    result.total_s = max(result.total_s, 0.0)
     return result

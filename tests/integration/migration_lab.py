@@ -149,16 +149,20 @@ class Lab:
                         str(disk)], check=True)  # fmt: skip
         return disk
 
-    def plan(self, name: str, disk: Path, memory_mib: int = 256, run_dir: Path | None = None,
-             incoming: bool = False) -> LaunchPlan:
+    def plan(
+        self, name: str, disk: Path, memory_mib: int = 256, run_dir: Path | None = None, incoming: bool = False
+    ) -> LaunchPlan:
         return LaunchPlan(
             name=name,
             uuid=str(uuid.uuid4()),
             run_dir=run_dir or self.root / name,
             accel="tcg",
             memory_mib=memory_mib,
-            kernel_boot=KernelBoot(kernel=self.image.kernel, initrd=self.image.initrd,
-                                   cmdline=f"{self.image.cmdline} corral.hostname={name}"),
+            kernel_boot=KernelBoot(
+                kernel=self.image.kernel,
+                initrd=self.image.initrd,
+                cmdline=f"{self.image.cmdline} corral.hostname={name}",
+            ),
             disks=(DiskPlan(node="disk0", path=disk),),
             nics=(NicPlan(id="net0", mac="52:54:00:12:34:56"),),
             incoming=incoming,
@@ -176,12 +180,12 @@ class Lab:
         await wait_until_ready(plan.guest_agent_socket, 120.0, is_alive=lambda: not proc.exited)
         return Guest(plan, proc)
 
-    async def destination(self, guest: Guest, disk: Path | None = None, suffix: str = "dst") -> tuple[
-            LaunchPlan, QemuProcess]:
+    async def destination(
+        self, guest: Guest, disk: Path | None = None, suffix: str = "dst"
+    ) -> tuple[LaunchPlan, QemuProcess]:
         """A QEMU waiting for ``guest``'s state: the same plan with its own run directory, and either the same
         disk (shared storage) or ``disk`` (a blank image to mirror into)."""
-        plan = guest.plan.model_copy(update={"run_dir": self.root / f"{guest.plan.name}-{suffix}",
-                                             "incoming": True})
+        plan = guest.plan.model_copy(update={"run_dir": self.root / f"{guest.plan.name}-{suffix}", "incoming": True})
         if disk is not None:
             plan = plan.model_copy(update={"disks": (DiskPlan(node="disk0", path=disk),)})
         return plan, await self.launch(plan)
@@ -190,8 +194,11 @@ class Lab:
         """An empty qcow2 of the same virtual size, what a destination host makes without shared storage."""
         import json
 
-        size = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(source)], check=True,
-                                         capture_output=True, text=True).stdout)["virtual-size"]
+        size = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "-U", "--output=json", str(source)], check=True, capture_output=True, text=True
+            ).stdout
+        )["virtual-size"]
         target = self.root / f"{name}.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size)], check=True)
         return target
@@ -235,8 +242,9 @@ async def stop_busy_and_verify(guest: Guest, watch: SerialWatch) -> None:
     """Stop the loop, let it finish its last copy, and check that what it wrote is what it meant to write."""
     await guest.sh("touch /run/busy/stop")
     await watch.wait_for("busy-stopped", 120)
-    check = await guest.sh("md5sum /run/busy/seed /run/busy/data | cut -d' ' -f1; "
-                           "cat /run/busy/seed.md5 /run/busy/data.md5", timeout=120)
+    check = await guest.sh(
+        "md5sum /run/busy/seed /run/busy/data | cut -d' ' -f1; cat /run/busy/seed.md5 /run/busy/data.md5", timeout=120
+    )
     seed, data, seed_want, data_want = check.split()
     busy = [line for _, line in watch.lines if "busy" in line]
     assert seed == seed_want, f"the seed the guest wrote before the move changed; loop said {busy[-5:]}"

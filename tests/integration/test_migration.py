@@ -125,8 +125,10 @@ def test_counter_keeps_counting_across_a_shared_storage_move(in_lab) -> None:  #
         assert result.downtime_ms is not None and result.paused_ms is not None
         assert samples and samples[-1].phase == "finishing" and samples[-1].ram_total > 0
         gap = _assert_counter_continued(before, after, result.paused_ms)
-        print(f"\nshared idle: total {result.total_s:.2f} s, downtime {result.downtime_ms:.0f} ms, "
-              f"paused {result.paused_ms:.0f} ms, largest counter gap {gap * 1000:.0f} ms")
+        print(
+            f"\nshared idle: total {result.total_s:.2f} s, downtime {result.downtime_ms:.0f} ms, "
+            f"paused {result.paused_ms:.0f} ms, largest counter gap {gap * 1000:.0f} ms"
+        )
         assert float((await guest.sh("cut -d' ' -f1 /proc/uptime")).strip()) > uptime_before, "no reboot"
         assert await guest.sh("cat /root/marker") == "before-move\n"
         await guest.sh("echo after-move > /root/marker; sync")  # the disk is writable on the destination
@@ -151,8 +153,10 @@ def test_memory_busy_guest_moves_healthy_with_multifd(in_lab) -> None:  # type: 
         assert not result.postcopy and result.passes >= 2
         assert not kernel_trouble(before.text() + "\n" + after.text()), kernel_trouble(after.text())
         _assert_counter_continued(before, after, result.paused_ms)
-        print(f"\nshared busy multifd: total {result.total_s:.2f} s, downtime {result.downtime_ms:.0f} ms, "
-              f"paused {result.paused_ms:.0f} ms, {result.ram_transferred >> 20} MiB in {result.passes} passes")
+        print(
+            f"\nshared busy multifd: total {result.total_s:.2f} s, downtime {result.downtime_ms:.0f} ms, "
+            f"paused {result.paused_ms:.0f} ms, {result.ram_transferred >> 20} MiB in {result.passes} passes"
+        )
 
     in_lab(scenario)
 
@@ -169,8 +173,13 @@ def test_storage_migration_copies_the_disk_to_a_blank_image(in_lab) -> None:  # 
         plan, destination = await lab.destination(guest, disk=blank)
         after = SerialWatch(plan.serial_log).start()
         phases: set[str] = set()
-        result = await migrate(guest.proc, destination, storage_nodes=["disk0"], nbd_port=_free_port(),
-                               progress=lambda sample: phases.add(sample.phase))
+        result = await migrate(
+            guest.proc,
+            destination,
+            storage_nodes=["disk0"],
+            nbd_port=_free_port(),
+            progress=lambda sample: phases.add(sample.phase),
+        )
         lab.moved(guest, plan, destination)
         await asyncio.sleep(0.5)
         await before.stop()
@@ -191,7 +200,9 @@ def test_storage_migration_copies_the_disk_to_a_blank_image(in_lab) -> None:  # 
         rebooted = await lab.launch(plan.model_copy(update={"incoming": False, "run_dir": lab.root / "disk-again"}))
         again = Guest(plan.model_copy(update={"run_dir": lab.root / "disk-again"}), rebooted)
         assert (await again.sh("md5sum /root/blob | cut -d' ' -f1; cat /root/new")).split() == [
-            blob_sum, "written-on-destination"]
+            blob_sum,
+            "written-on-destination",
+        ]
 
     in_lab(scenario)
 
@@ -252,8 +263,16 @@ def test_destination_killed_mid_migration_leaves_the_source_running(in_lab) -> N
         blank = lab.blank_like(guest.plan.disks[0].path, "killed-target")
         _plan, destination = await lab.destination(guest, disk=blank)
         samples: list[MigrationProgress] = []
-        task = asyncio.ensure_future(migrate(guest.proc, destination, tuning=SLOW, progress=samples.append,
-                                             storage_nodes=["disk0"], nbd_port=_free_port()))
+        task = asyncio.ensure_future(
+            migrate(
+                guest.proc,
+                destination,
+                tuning=SLOW,
+                progress=samples.append,
+                storage_nodes=["disk0"],
+                nbd_port=_free_port(),
+            )
+        )
         await _wait_for_ram_phase(samples, task)
         os.kill(destination.pid, signal.SIGKILL)
         with pytest.raises(MigrationFailed) as failure:
@@ -280,8 +299,7 @@ def test_precopy_that_does_not_converge_falls_back_to_postcopy(in_lab) -> None: 
         await start_busy(guest, before, size_mib=64)
         await asyncio.sleep(2.0)
         # Too little bandwidth for the guest's dirty rate, and no throttling: precopy cannot converge.
-        tuning = MigrationTuning(max_bandwidth=24 << 20, auto_converge=False, postcopy="fallback",
-                                 converge_within=3.0)
+        tuning = MigrationTuning(max_bandwidth=24 << 20, auto_converge=False, postcopy="fallback", converge_within=3.0)
         _plan, destination = await lab.destination(guest)
         with pytest.raises(NotConverging):
             await migrate(guest.proc, destination, tuning=tuning)
@@ -304,7 +322,8 @@ def test_precopy_that_does_not_converge_falls_back_to_postcopy(in_lab) -> None: 
         await before.stop()
         await after.stop()
         assert not kernel_trouble(after.text()), kernel_trouble(after.text())
-        print(f"\nfallback: total {result.total_s:.2f} s, downtime {result.downtime_ms} ms, "
-              f"paused {result.paused_ms} ms")
+        print(
+            f"\nfallback: total {result.total_s:.2f} s, downtime {result.downtime_ms} ms, paused {result.paused_ms} ms"
+        )
 
     in_lab(scenario)

@@ -139,8 +139,10 @@ class MigrationProgress(BaseModel):
         mib = 1 << 20
         if self.phase == "disks":
             return f"mirroring disks: {self.disk_done // mib}/{self.disk_total // mib} MiB"
-        text = (f"{self.phase}: {self.ram_transferred // mib} MiB sent, {self.ram_remaining // mib} MiB left, "
-                f"pass {self.passes}, guest dirties {self.dirty_rate // mib} MiB/s")
+        text = (
+            f"{self.phase}: {self.ram_transferred // mib} MiB sent, {self.ram_remaining // mib} MiB left, "
+            f"pass {self.passes}, guest dirties {self.dirty_rate // mib} MiB/s"
+        )
         return text + (f", throttled {self.throttle_percent}%" if self.throttle_percent else "")
 
 
@@ -213,8 +215,9 @@ class IncomingMigration:
         self._events = contextlib.ExitStack()
         self._resumed_at: float | None = None
 
-    async def prepare(self, host: str, port: int = 0, nbd_port: int | None = None,
-                      export_nodes: Sequence[str] = ()) -> IncomingEndpoint:
+    async def prepare(
+        self, host: str, port: int = 0, nbd_port: int | None = None, export_nodes: Sequence[str] = ()
+    ) -> IncomingEndpoint:
         """Listen on ``host:port`` (port 0: QEMU picks one) and export ``export_nodes`` over NBD on
         ``nbd_port`` for storage migration. The disk files behind those nodes must be blank images of the same
         virtual size as the source's, writable by this QEMU (its sandbox uid)."""
@@ -244,8 +247,9 @@ class IncomingMigration:
             for node in export_nodes:
                 name = f"{EXPORT_PREFIX}{node}"
                 # A block export activates its node (QEMU clears the inactive flag for exactly this use).
-                await self.proc.execute("block-export-add", {"type": "nbd", "id": name, "node-name": node,
-                                                             "name": name, "writable": True})
+                await self.proc.execute(
+                    "block-export-add", {"type": "nbd", "id": name, "node-name": node, "name": name, "writable": True}
+                )
                 exports[node] = name
         self._listener = self._events.enter_context(self.proc.listener("RESUME"))
         host_uri = f"[{host}]" if ":" in host else host
@@ -256,8 +260,14 @@ class IncomingMigration:
             if not addresses:
                 raise EngineError("QEMU did not say which port it listens on for the migration")
             port = int(addresses[0]["port"])
-        self.endpoint = IncomingEndpoint(host=host, port=port, nbd=nbd, exports=exports, postcopy=postcopy,
-                                         multifd_channels=0 if postcopy else self.tuning.multifd_channels)
+        self.endpoint = IncomingEndpoint(
+            host=host,
+            port=port,
+            nbd=nbd,
+            exports=exports,
+            postcopy=postcopy,
+            multifd_channels=0 if postcopy else self.tuning.multifd_channels,
+        )
         return self.endpoint
 
     async def wait(self, timeout: float | None = None) -> float | None:
@@ -355,8 +365,13 @@ class OutgoingMigration:
     failure, a cancelled task, or a progress callback that raises (a cancelled job) rolls back.
     """
 
-    def __init__(self, proc: QemuProcess, endpoint: IncomingEndpoint, tuning: MigrationTuning | None = None,
-                 progress: ProgressCallback | None = None) -> None:
+    def __init__(
+        self,
+        proc: QemuProcess,
+        endpoint: IncomingEndpoint,
+        tuning: MigrationTuning | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
         self.proc = proc
         self.endpoint = endpoint
         self.tuning = tuning or MigrationTuning()
@@ -407,15 +422,27 @@ class OutgoingMigration:
         assert nbd is not None
         for node, export in self.endpoint.exports.items():
             target = f"{EXPORT_PREFIX}{node}"
-            await self.proc.execute("blockdev-add", {
-                "driver": "nbd", "node-name": target, "export": export,
-                "server": {"type": "inet", "host": nbd.host, "port": str(nbd.port)},
-            })
+            await self.proc.execute(
+                "blockdev-add",
+                {
+                    "driver": "nbd",
+                    "node-name": target,
+                    "export": export,
+                    "server": {"type": "inet", "host": nbd.host, "port": str(nbd.port)},
+                },
+            )
             self._targets.append(target)
-            await self.proc.execute("blockdev-mirror", {
-                "job-id": target, "device": node, "target": target, "sync": "full",
-                "copy-mode": "write-blocking", "auto-dismiss": False,
-            })
+            await self.proc.execute(
+                "blockdev-mirror",
+                {
+                    "job-id": target,
+                    "device": node,
+                    "target": target,
+                    "sync": "full",
+                    "copy-mode": "write-blocking",
+                    "auto-dismiss": False,
+                },
+            )
             self._mirrors.append(target)
         deadline = self._started + self.tuning.timeout
         while True:
@@ -425,13 +452,18 @@ class OutgoingMigration:
                 job = jobs.get(job_id)
                 if job is None or job.get("status") in ("concluded", "null", "aborting"):
                     error = job.get("error") if job else None
-                    raise MigrationFailed(f"mirroring {job_id.removeprefix(EXPORT_PREFIX)} to the destination "
-                                          f"stopped: {error or 'the job ended'}")
+                    raise MigrationFailed(
+                        f"mirroring {job_id.removeprefix(EXPORT_PREFIX)} to the destination "
+                        f"stopped: {error or 'the job ended'}"
+                    )
                 total += int(job.get("len", 0))
                 done += int(job.get("offset", 0))
             ready = all(jobs[job_id].get("ready") for job_id in self._mirrors)
-            self._report(MigrationProgress(phase="disks", elapsed=time.monotonic() - self._started,
-                                           disk_total=total, disk_done=done))
+            self._report(
+                MigrationProgress(
+                    phase="disks", elapsed=time.monotonic() - self._started, disk_total=total, disk_done=done
+                )
+            )
             if ready:
                 return
             if time.monotonic() > deadline:
@@ -479,9 +511,14 @@ class OutgoingMigration:
         tuning = self.tuning
         postcopy = tuning.uses_postcopy and self.endpoint.postcopy
         multifd = tuning.multifd_channels > 0 and self.endpoint.multifd_channels > 0 and not postcopy
-        await _set_capabilities(self.proc, {
-            "multifd": multifd, "postcopy-ram": postcopy, "auto-converge": tuning.auto_converge,
-        })
+        await _set_capabilities(
+            self.proc,
+            {
+                "multifd": multifd,
+                "postcopy-ram": postcopy,
+                "auto-converge": tuning.auto_converge,
+            },
+        )
         parameters: dict[str, Any] = {
             "max-bandwidth": tuning.max_bandwidth,
             "downtime-limit": tuning.downtime_limit_ms,
@@ -525,21 +562,31 @@ class OutgoingMigration:
                 return
             if status in ("failed", "cancelled", "postcopy-paused", "postcopy-recover"):
                 self._migrating = status.startswith("postcopy")
-                raise MigrationFailed(f"the migration {status}: {info.get('error-desc', 'no reason given')}",
-                                      vm_lost=status.startswith("postcopy"))
+                raise MigrationFailed(
+                    f"the migration {status}: {info.get('error-desc', 'no reason given')}",
+                    vm_lost=status.startswith("postcopy"),
+                )
             self._report(sample)
             now = time.monotonic()
             if postcopy_armed and not self._postcopy_started and status == "active" and sample.passes >= 2:
                 log.info("switching to postcopy after %.1f s (pass %d)", now - started, sample.passes)
                 await self.proc.execute("migrate-start-postcopy")
                 self._postcopy_started = True
-            if (self.tuning.postcopy == "fallback" and not postcopy_armed
-                    and now - started > self.tuning.converge_within):
-                raise NotConverging(f"precopy did not converge within {self.tuning.converge_within:.0f} s "
-                                    f"(guest dirties {sample.dirty_rate >> 20} MiB/s)", "retry in postcopy mode")
+            if (
+                self.tuning.postcopy == "fallback"
+                and not postcopy_armed
+                and now - started > self.tuning.converge_within
+            ):
+                raise NotConverging(
+                    f"precopy did not converge within {self.tuning.converge_within:.0f} s "
+                    f"(guest dirties {sample.dirty_rate >> 20} MiB/s)",
+                    "retry in postcopy mode",
+                )
             if now > deadline and not self._postcopy_started:
-                raise MigrationFailed(f"precopy did not converge within {self.tuning.timeout:.0f} s",
-                                      "allow postcopy, or raise the bandwidth or the downtime limit")
+                raise MigrationFailed(
+                    f"precopy did not converge within {self.tuning.timeout:.0f} s",
+                    "allow postcopy, or raise the bandwidth or the downtime limit",
+                )
             await asyncio.sleep(self.tuning.poll_interval)
 
     async def _roll_back(self) -> None:
@@ -580,11 +627,19 @@ async def _wait_status_left(proc: QemuProcess, states: Sequence[str], timeout: f
 # -- both sides in one process --------------------------------------------------------------------------------
 
 
-async def migrate(source: QemuProcess, destination: QemuProcess, *, host: str = "127.0.0.1", port: int = 0,
-                  storage_nodes: Sequence[str] = (), nbd_port: int | None = None,
-                  tuning: MigrationTuning | None = None, progress: ProgressCallback | None = None,
-                  relaunch: Callable[[], Awaitable[QemuProcess]] | None = None,
-                  quit_source: bool = True) -> MigrationResult:
+async def migrate(
+    source: QemuProcess,
+    destination: QemuProcess,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    storage_nodes: Sequence[str] = (),
+    nbd_port: int | None = None,
+    tuning: MigrationTuning | None = None,
+    progress: ProgressCallback | None = None,
+    relaunch: Callable[[], Awaitable[QemuProcess]] | None = None,
+    quit_source: bool = True,
+) -> MigrationResult:
     """Move the VM of ``source`` into ``destination`` (started with ``-incoming defer`` from the same plan).
 
     ``storage_nodes``: disk nodes to copy over NBD (no shared storage); empty when both open the same files.
@@ -604,8 +659,9 @@ async def migrate(source: QemuProcess, destination: QemuProcess, *, host: str = 
             raise
         log.info("precopy did not converge; starting over in postcopy mode")
         destination = await relaunch()
-        result = await _migrate_once(source, destination, host, port, storage_nodes, nbd_port,
-                                     tuning.as_postcopy(), progress)
+        result = await _migrate_once(
+            source, destination, host, port, storage_nodes, nbd_port, tuning.as_postcopy(), progress
+        )
         result.attempts = 2
         result.total_s = time.monotonic() - started
     if quit_source:
@@ -613,9 +669,16 @@ async def migrate(source: QemuProcess, destination: QemuProcess, *, host: str = 
     return result
 
 
-async def _migrate_once(source: QemuProcess, destination: QemuProcess, host: str, port: int,
-                        storage_nodes: Sequence[str], nbd_port: int | None, tuning: MigrationTuning,
-                        progress: ProgressCallback | None) -> MigrationResult:
+async def _migrate_once(
+    source: QemuProcess,
+    destination: QemuProcess,
+    host: str,
+    port: int,
+    storage_nodes: Sequence[str],
+    nbd_port: int | None,
+    tuning: MigrationTuning,
+    progress: ProgressCallback | None,
+) -> MigrationResult:
     incoming = IncomingMigration(destination, tuning)
     try:
         endpoint = await incoming.prepare(host, port, nbd_port, storage_nodes)

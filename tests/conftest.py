@@ -63,7 +63,9 @@ class Daemon:
     def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
         self.home = home
         self.env = {**os.environ, "CORRAL_HOME": str(home), "CORRAL_ACCEL": "tcg", **(extra_env or {})}
-        self.env.pop("CORRAL_URL", None)
+        for variable in ("CORRAL_URL", "CORRAL_TOKEN", "CORRAL_PROJECT", "CORRAL_INSECURE"):
+            self.env.pop(variable, None)
+        self.env.setdefault("XDG_CONFIG_HOME", str(home / "config"))  # no remote of the user's own redirects the CLI
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home / "daemon-test.log"
 

@@ -10,6 +10,7 @@ import os
 import tomllib
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,6 +35,8 @@ class Settings(BaseModel):
     qemu_img_binary: str = "qemu-img"
     cpu_overcommit: float = Field(default=16.0, gt=0)
     memory_overcommit: float = Field(default=1.0, gt=0)
+    # qcow2 disks are thin: the virtual sizes on a host may add up to this many times its storage.
+    storage_overcommit: float = Field(default=4.0, gt=0)
     # Memory kept back for the host itself when deciding what fits.
     reserved_host_memory: int = Field(default=512 << 20, ge=0)
     host_name: str | None = None
@@ -45,6 +48,10 @@ class Settings(BaseModel):
     tcg_tb_size_mib: int = Field(default=256, ge=8, le=4096)
     # The store: None is SQLite under the home (one host); a postgresql:// URL is a pool's shared store.
     database: str | None = None
+    # Placement weights: spread VMs over the least allocated hosts, or pack them onto the fullest that fit.
+    placement_strategy: Literal["spread", "pack"] = "spread"
+    # Seconds without a heartbeat after which a host is marked unreachable (agents beat every third of it, <= 10 s).
+    host_timeout: float = Field(default=60.0, ge=3)
 
     @property
     def socket_path(self) -> Path:
@@ -66,6 +73,8 @@ _ENV = {
     "CORRAL_HOST_NAME": "host_name",
     "CORRAL_ISOLATION": "isolation",
     "CORRAL_DB": "database",
+    "CORRAL_PLACEMENT": "placement_strategy",
+    "CORRAL_HOST_TIMEOUT": "host_timeout",
 }
 
 

@@ -12,12 +12,18 @@ import ctypes
 import fcntl
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from corral.config import Settings
 from corral.errors import Conflict, InvalidInput
+
+if TYPE_CHECKING:
+    from corral.store.db import Store
 
 log = logging.getLogger("corral.daemon")
 PR_SET_CHILD_SUBREAPER = 36
@@ -97,6 +103,67 @@ def _tcp_socket(listen: str) -> socket.socket:
     return sock
 
 
+class HostWatch:
+    """The control plane's liveness check: hosts whose heartbeat stopped are marked unreachable. Every control
+    plane of a pool runs one; the update is idempotent, so several do no harm."""
+
+    def __init__(self, store: Store, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="corral-hostwatch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        from corral.cluster import hosts
+
+        while not self._stop.wait(self.interval):
+            try:
+                with self.store.session() as session:
+                    marked = hosts.mark_unreachable(session)
+                if marked:
+                    log.warning("%d host(s) stopped sending heartbeats: marked unreachable", marked)
+            except Exception as exc:  # the store may be restarting; the next pass tries again
+                log.warning("host check failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
+def run_agent(settings: Settings, address: str | None = None) -> None:
+    """``corral agent``: only this host's agent, on a pool's shared store, until SIGINT/SIGTERM. VMs keep running
+    when it stops, and the next agent on this CORRAL_HOME adopts them."""
+    from corral.host.agent import Agent
+    from corral.store.db import Store
+
+    if not settings.database:
+        raise InvalidInput("an agent needs the pool's store", "pass --db postgresql://USER@HOST/DB (or set CORRAL_DB)")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    lock = DaemonLock(settings.home)
+    lock.acquire()
+    become_subreaper()
+    store = Store(settings.database_url)
+    agent: Agent | None = None
+    try:
+        store.migrate()
+        agent = Agent(settings, store, address=address)
+        agent.start_in_thread()
+        print(f"corral: agent {agent.host_name} registered" + (f" at {address}" if address else ""),
+              file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        if agent is not None:
+            agent.stop_thread()
+        store.close()
+        lock.release()
+
+
 def serve(
     settings: Settings,
     listen: str | None = None,
@@ -119,6 +186,7 @@ def serve(
     store = Store(settings.database_url)
     sockets: list[socket.socket] = []
     agent: Agent | None = None
+    watch: HostWatch | None = None
     try:
         store.migrate()
         tls = None
@@ -133,6 +201,8 @@ def serve(
             agent = Agent(settings, store)
             agent.start_in_thread()
         app = create_app(settings, store)
+        watch = HostWatch(store, max(1.0, settings.host_timeout / 4))
+        watch.start()
         print(
             f"corral: serving on {settings.socket_path}" + (f" and https://{listen}" if listen else ""),
             file=sys.stderr,
@@ -147,6 +217,8 @@ def serve(
 
         serving.run(app, sockets[0], sockets[1] if listen else None, tls, log_level)
     finally:
+        if watch is not None:
+            watch.stop()
         if agent is not None:
             agent.stop_thread()
         for sock in sockets:

@@ -15,6 +15,7 @@ from corral.api import (
     routes_clones,
     routes_console,
     routes_events,
+    routes_hosts,
     routes_jobs,
     routes_snapshots,
     routes_storage,
@@ -93,6 +94,8 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(routes_clones.router)
     app.include_router(routes_storage.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_hosts.router)
+    placement.configure(settings.placement_strategy, settings.host_timeout)
     app.include_router(routes_admin.router)
     app.include_router(routes_events.router)
 
@@ -102,10 +105,11 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
 
     @app.get("/hosts", response_model=list[HostView], tags=["host"], dependencies=[Depends(authenticated)])
     def list_hosts(session: Session = Depends(db_session)) -> list[HostView]:
-        views = []
-        for host in session.query(Host).order_by(Host.name):
-            used = placement.allocated(session, host.name)
-            views.append(HostView.of(host, allocated_cpus=used.cpus, allocated_memory=used.memory, vms=used.vms))
-        return views
+        view = placement.load_pool(session)  # three queries, however many hosts
+        return [
+            HostView.of(host, allocated_cpus=view[host.name].cpus_alloc, allocated_memory=view[host.name].memory_alloc,
+                        allocated_storage=view[host.name].storage_alloc, vms=view[host.name].vms)
+            for host in session.query(Host).order_by(Host.name)
+        ]
 
     return app

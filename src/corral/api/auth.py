@@ -73,6 +73,7 @@ def principal(connection: HTTPConnection) -> Principal:
 def resolve(connection: HTTPConnection, project: str | None, need: Role) -> Caller:
     who = principal(connection)
     name = project or who.project
+    connection.scope["corral.project"] = name  # also for refusals: the project's audit log shows them
     role = who.role_in(name)
     if role is None:
         raise Forbidden(f"{who.user} has no access to project {name!r}", "use a token made for that project")
@@ -86,7 +87,6 @@ def resolve(connection: HTTPConnection, project: str | None, need: Role) -> Call
         with state.store.reading() as session:
             if session.get(identity.Project, name) is None:
                 raise NotFound(f"project {name!r} not found", "list projects with `corral project list`")
-    connection.scope["corral.project"] = name
     return Caller(principal=who, project=name, role=role)
 
 

@@ -142,6 +142,11 @@ class HostView(BaseModel):
     qemu_version: str | None
     cpu_overcommit: float
     memory_overcommit: float
+    storage_overcommit: float = 1.0
+    address: str | None = None
+    drained: bool = False
+    usage: dict[str, Any] = {}
+    allocated_storage: int = 0
     allocated_cpus: int = 0
     allocated_memory: int = 0
     vms: int = 0

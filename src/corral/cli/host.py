@@ -1,6 +1,8 @@
-"""`corral host ...`: the hosts in the pool and what they have left."""
+"""`corral host ...`: the hosts in the pool, what they have left, and taking one out of service."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import typer
 
@@ -9,9 +11,13 @@ from corral.cli.common import JSON_OPTION, client, human_size, print_json, run, 
 app = typer.Typer(help="Hosts and their capacity.", no_args_is_help=True)
 
 
+def _state(host: dict[str, Any]) -> str:
+    return host["state"] + (" (drained)" if host.get("drained") else "")
+
+
 @app.command("list")
 def list_hosts(as_json: bool = JSON_OPTION) -> None:
-    """Hosts with CPU and memory capacity and allocation."""
+    """Hosts with CPU, memory and storage capacity and allocation."""
 
     def action() -> None:
         with client() as corral:
@@ -20,11 +26,12 @@ def list_hosts(as_json: bool = JSON_OPTION) -> None:
             print_json(hosts)
             return
         table(
-            ["NAME", "STATE", "ACCEL", "QEMU", "VCPUS", "MEMORY", "STORAGE FREE", "VMS"],
+            ["NAME", "STATE", "ADDRESS", "ACCEL", "QEMU", "VCPUS", "MEMORY", "STORAGE FREE", "VMS"],
             [
                 [
                     h["name"],
-                    h["state"],
+                    _state(h),
+                    h.get("address") or "-",
                     h["accel"],
                     h["qemu_version"] or "missing",
                     f"{h['allocated_cpus']}/{h['cpus'] * h['cpu_overcommit']:g}",
@@ -35,5 +42,76 @@ def list_hosts(as_json: bool = JSON_OPTION) -> None:
                 for h in hosts
             ],
         )
+
+    run(action)
+
+
+@app.command()
+def show(name: str, as_json: bool = JSON_OPTION) -> None:
+    """One host: inventory, overcommit ratios, allocation, measured usage and its VMs."""
+
+    def action() -> None:
+        with client() as corral:
+            h = corral.host(name)
+        if as_json:
+            print_json(h)
+            return
+        usage = h.get("usage") or {}
+        rows = [
+            ("name", h["name"]),
+            ("state", _state(h)),
+            ("address", h.get("address") or "-"),
+            ("heartbeat", h["heartbeat_at"]),
+            ("accelerator", h["accel"]),
+            ("qemu", h["qemu_version"] or "missing"),
+            ("vcpus", f"{h['allocated_cpus']} allocated of {h['cpus']} x {h['cpu_overcommit']:g}; "
+                      f"load {usage.get('load1', '-')}"),
+            ("memory", f"{human_size(h['allocated_memory'])} allocated of {human_size(h['memory'])} x "
+                       f"{h['memory_overcommit']:g}; {human_size(usage.get('memory_used'))} used"),
+            ("storage", f"{human_size(h['allocated_storage'])} allocated of {human_size(h['storage_total'])} x "
+                        f"{h['storage_overcommit']:g}; {human_size(h['storage_total'] - h['storage_free'])} used"),
+            ("vms", ", ".join(h.get("vm_names") or []) or "-"),
+        ]
+        for key, value in rows:
+            print(f"{key + ':':13}{value}")
+
+    run(action)
+
+
+@app.command()
+def drain(name: str, as_json: bool = JSON_OPTION) -> None:
+    """Take no new VMs on this host (those it runs stay)."""
+    _set(name, "drain_host", as_json, f"host {name} drained: no new VMs go there")
+
+
+@app.command()
+def undrain(name: str, as_json: bool = JSON_OPTION) -> None:
+    """Let this host take new VMs again."""
+    _set(name, "undrain_host", as_json, f"host {name} takes new VMs again")
+
+
+def _set(name: str, call: str, as_json: bool, message: str) -> None:
+    def action() -> None:
+        with client() as corral:
+            host = getattr(corral, call)(name)
+        if as_json:
+            print_json(host)
+        else:
+            print(message)
+
+    run(action)
+
+
+@app.command()
+def remove(name: str, as_json: bool = JSON_OPTION) -> None:
+    """Forget a host whose agent is stopped and which holds no VMs or volumes."""
+
+    def action() -> None:
+        with client() as corral:
+            result = corral.remove_host(name)
+        if as_json:
+            print_json(result)
+        else:
+            print(f"host {name} removed")
 
     run(action)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from corral import __version__
-from corral.cli import host, image, job, serve, snapshot, template, vm, volume
+from corral.cli import access, host, image, job, serve, snapshot, template, vm, volume
 
 app = typer.Typer(
     name="corral",
@@ -23,6 +23,7 @@ app.add_typer(template.app, name="template")
 app.add_typer(job.app, name="job")
 app.add_typer(host.app, name="host")
 serve.register(app)
+access.register(app)
 
 
 def _version(value: bool) -> None:
@@ -34,8 +35,21 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    project: str = typer.Option(
+        None, "--project", "-p", help="The project to act in (env CORRAL_PROJECT; default: the token's)."
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Do not check the server's HTTPS certificate (env CORRAL_INSECURE=1)."
+    ),
 ) -> None:
     """Run `corral serve` to start the daemon, then `corral vm run demo --image tiny`."""
+    import os
+
+    # The SDK client every command makes reads these, so one global option reaches every command.
+    if project:
+        os.environ["CORRAL_PROJECT"] = project
+    if insecure:
+        os.environ["CORRAL_INSECURE"] = "1"
 
 
 def main() -> None:

@@ -21,6 +21,11 @@ RESTART = typer.Option("never", "--restart", help="Restart policy: never, on-fai
 KERNEL_ARGS = typer.Option("", "--kernel-args", help="Extra kernel command line for direct-boot images.")
 FORKABLE = typer.Option(False, "--forkable", help="Keep RAM in a shared file so the VM can be forked.")
 TIMEOUT = typer.Option(300.0, "--timeout", help="Seconds to wait for the guest to become ready.")
+ON_HOST = typer.Option(None, "--host", help="Place it on this host (see `corral host list`).")
+GROUP = typer.Option(None, "--group", help="Placement group: its VMs share a host or avoid each other (--policy).")
+POLICY = typer.Option(None, "--policy", help="The group's rule: affinity or anti-affinity (default for a new group).")
+ACCEL = typer.Option(None, "--accel", help="Only hosts with this accelerator: kvm or tcg.")
+DRY_RUN = typer.Option(False, "--dry-run", help="Show the host it would go to and why others would not; make nothing.")
 
 
 def _read_text(path: Path, what: str, limit: int = 64 << 10) -> str:
@@ -65,6 +70,25 @@ def _spec(
     }
 
 
+def _placement(host: str | None, group: str | None, policy: str | None, accel: str | None) -> dict[str, Any]:
+    return {"host": host, "group": group, "policy": policy, "accel": accel}
+
+
+def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(plan)
+        return
+    rule = f", group {plan['group']} ({plan['policy']})" if plan.get("group") else ""
+    print(f"placement ({plan['strategy']}{rule}): " + (f"would choose {plan['chosen']}" if plan["chosen"]
+                                                       else "no host can take this VM"))
+    table(["HOST", "VERDICT", "ALLOCATED", "VCPUS", "MEMORY", "WHY"],
+          [[v["host"], "chosen" if v["chosen"] else ("fits" if v["fits"] else "rejected"),
+            f"{v['weight']:.0%}", v["allocation"].get("cpus", ""), v["allocation"].get("memory", ""), v["reason"]]
+           for v in plan["hosts"]])
+    if not plan["chosen"]:
+        raise typer.Exit(1)
+
+
 def _create(
     spec: dict[str, Any],
     volumes: list[str] | None,
@@ -73,14 +97,20 @@ def _create(
     as_json: bool,
     timeout: float,
     template: str | None,
+    placement: dict[str, Any] | None = None,
+    dry_run: bool = False,
 ) -> None:
     name = spec["name"]
 
     def action() -> None:
         with client() as corral:
             accepted = corral.create_vm(
-                spec, start=start, wait=wait, volumes=volumes or [], template=template, ready_timeout=timeout
+                spec, start=start, wait=wait, volumes=volumes or [], template=template, ready_timeout=timeout,
+                dry_run=dry_run, **(placement or {}),
             )
+            if dry_run:
+                _show_plan(accepted, as_json)
+                return
             follow_job(corral, accepted, f"vm {name}", quiet=as_json, timeout=timeout + 60 if wait else None)
             vm = _with_addresses(corral, name)
         if as_json:
@@ -146,11 +176,17 @@ def create(
     user_data: Path = USER_DATA,
     password_login: bool = PASSWORD_LOGIN,
     timeout: float = TIMEOUT,
+    on_host: str = ON_HOST,
+    group: str = GROUP,
+    policy: str = POLICY,
+    accel: str = ACCEL,
+    dry_run: bool = DRY_RUN,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Define a VM: its disks are made (a linked overlay of the image or template, plus blank ones)."""
     spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
-    _create(spec, volume, start, wait and start, as_json, timeout, template)
+    _create(spec, volume, start, wait and start, as_json, timeout, template, _placement(on_host, group, policy, accel),
+            dry_run)
 
 
 @app.command("run")
@@ -170,11 +206,16 @@ def run_vm(
     user_data: Path = USER_DATA,
     password_login: bool = PASSWORD_LOGIN,
     timeout: float = TIMEOUT,
+    on_host: str = ON_HOST,
+    group: str = GROUP,
+    policy: str = POLICY,
+    accel: str = ACCEL,
+    dry_run: bool = DRY_RUN,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create and start a VM, and wait until its guest is ready."""
     spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
-    _create(spec, volume, True, wait, as_json, timeout, template)
+    _create(spec, volume, True, wait, as_json, timeout, template, _placement(on_host, group, policy, accel), dry_run)
 
 
 def _verb(name: str, what: str, call: str, as_json: bool, wait_timeout: float | None = None, **kwargs: Any) -> None:

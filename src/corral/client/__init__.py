@@ -117,6 +117,8 @@ class Client:
             except ValueError:
                 raise CorralError(f"{method} {path}: HTTP {response.status_code}: {response.text[:200]}") from None
             raise error_from_problem(body)
+        if response.status_code == 204 or not response.content:
+            return None
         if response.headers.get("content-type", "").startswith("application/json"):
             return response.json()
         return response.text

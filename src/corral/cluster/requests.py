@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
@@ -28,6 +28,20 @@ class VMCreate(BaseModel):
     ready_timeout: float | None = Field(default=None, gt=0, le=86400)
     host: str | None = None
     template: str | None = None
+    # Placement hints (see corral.cluster.placement): an affinity group and its policy, an accelerator to require.
+    group: str | None = None
+    policy: Literal["affinity", "anti-affinity"] | None = None
+    accel: Literal["kvm", "tcg"] | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return None if value is None else validate_name(value, "host name")
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        return None if value is None else validate_name(value, "group name")
 
     @field_validator("volumes")
     @classmethod

@@ -79,7 +79,11 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
     new_disk = image.virtual_size + sum(disk.size for disk in spec.disks if disk.size is not None)
     with placement.placement_lock:
         quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory, disk=new_disk, vms=1)
-        host = placement.pick_host(session, spec, request.host, will_run=request.start)
+        host = placement.pick_host(
+            session, spec, request.host, will_run=request.start, project=project, group=request.group,
+            policy=request.policy, accel=request.accel,
+            storage=image.virtual_size + sum(disk.size for disk in spec.disks if disk.size is not None),
+        )
         vm = VM(
             name=spec.name,
             project=project,
@@ -88,6 +92,8 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
             desired_state=PowerState.RUNNING if request.start else PowerState.STOPPED,
             observed_state=PowerState.STOPPED,
             status_message="creating",
+            placement_group=request.group,
+            placement_policy=placement.group_policy(session, project, request.group, request.policy),
         )
         session.add(vm)
         session.flush()

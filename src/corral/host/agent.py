@@ -16,14 +16,15 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 
 from corral.config import Settings
 from corral.engine.process import QemuProcess
-from corral.errors import CorralError
-from corral.host.inventory import Inventory, read_inventory
+from corral.errors import Conflict, CorralError
+from corral.host.inventory import Inventory, read_inventory, read_usage
 from corral.host.layout import HostLayout
 from corral.spec.names import NAME_PATTERN
 from corral.store import jobs
@@ -103,10 +104,17 @@ class RunningVM:
 
 
 class Agent:
-    def __init__(self, settings: Settings, store: Store, host_name: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, host_name: str | None = None, address: str | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.host_name = host_name or settings.host_name or default_host_name()
+        # Where other hosts reach this one (migration streams); None on a single host.
+        self.address = address
+        self._registered = False
+        # Beat often enough that one late heartbeat does not make the host look unreachable.
+        self.heartbeat_interval = min(HEARTBEAT_INTERVAL, settings.host_timeout / 3)
         self.layout = HostLayout(settings.home)
         self.inventory: Inventory | None = None
         from corral.host.isolation import Isolation
@@ -186,7 +194,7 @@ class Agent:
                 if now - last_reconcile >= RECONCILE_INTERVAL:
                     last_reconcile = now
                     await self.reconcile()
-                if now - last_heartbeat >= HEARTBEAT_INTERVAL:
+                if now - last_heartbeat >= self.heartbeat_interval:
                     last_heartbeat = now
                     self.heartbeat()
             except Exception:
@@ -207,6 +215,11 @@ class Agent:
                 task.cancel()
             await running.proc.close()
         self.vms.clear()
+        # Placement stops choosing this host at once, rather than after the heartbeat timeout.
+        with contextlib.suppress(Exception), self.store.session() as session:
+            host = session.scalars(select(Host).where(Host.name == self.host_name)).first()
+            if host is not None:
+                host.state = "offline"
 
     def register(self) -> None:
         """Record this host's inventory; QEMU's version is asked once (a subprocess), storage every time."""
@@ -218,13 +231,31 @@ class Agent:
             if host is None:
                 host = Host(name=self.host_name)
                 session.add(host)
+            elif not self._registered:
+                self._refuse_a_live_namesake(host)
             for key, value in self.inventory.model_dump().items():
                 setattr(host, key, value)
             host.cpu_overcommit = self.settings.cpu_overcommit
             host.memory_overcommit = self.settings.memory_overcommit
             host.reserved_memory = self.settings.reserved_host_memory
             host.state = "online"
+            host.storage_overcommit = self.settings.storage_overcommit
+            host.usage = read_usage(self.layout.pool())
+            if self.address is not None:
+                host.address = self.address
             host.heartbeat_at = utcnow()
+
+        self._registered = True
+
+    def _refuse_a_live_namesake(self, host: Host) -> None:
+        """Two agents under one name would take each other's jobs: a second one at another address is refused
+        while the first still beats (a restarted agent at the same address simply takes over)."""
+        fresh = host.state == "online" and host.heartbeat_at >= utcnow() - timedelta(seconds=self.settings.host_timeout)
+        if fresh and self.address and host.address and host.address != self.address:
+            raise Conflict(
+                f"host {self.host_name} is already registered from {host.address} and its agent is alive",
+                "give this agent another --name, or stop the other one first",
+            )
 
     def heartbeat(self) -> None:
         self.register()

@@ -40,6 +40,22 @@ def qemu_version(binary: str) -> str | None:
     return first.split("version", 1)[-1].strip().split()[0] if "version" in first else None
 
 
+def read_usage(pool_dir: Path, meminfo: Path = Path("/proc/meminfo")) -> dict[str, float]:
+    """What the host uses now, for `corral pool show`: memory in use (total minus available), the 1-minute load
+    average (CPUs busy), and bytes used on the storage pool's filesystem."""
+    fields = {}
+    for line in meminfo.read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable"):
+            fields[key] = int(rest.split()[0]) * 1024
+    usage = shutil.disk_usage(pool_dir)
+    return {
+        "memory_used": fields.get("MemTotal", 0) - fields.get("MemAvailable", 0),
+        "load1": round(os.getloadavg()[0], 2),
+        "storage_used": usage.total - usage.free,
+    }
+
+
 def read_inventory(pool_dir: Path, accel_setting: str, qemu_binary: str, qemu: str | None = None) -> Inventory:
     """``qemu``: the version found before, to skip running the binary again."""
     usage = shutil.disk_usage(pool_dir)

@@ -92,13 +92,18 @@ class PlacementRequest(BaseModel):
         return cls(cpus=spec.cpus, memory=spec.memory, storage=storage, **hints)
 
 
+HOST_COLUMNS = ("name", "state", "heartbeat_at", "drained", "qemu_version", "accel", "cpus", "memory",
+                "reserved_memory", "cpu_overcommit", "memory_overcommit", "storage_total", "storage_overcommit")
+
+
 class HostLoad:
     """One host as the scheduler sees it: its row's capacity and what is allocated on it now."""
 
     __slots__ = ("accel", "cpu_cap", "cpus", "cpus_alloc", "drained", "groups", "mem_cap", "mem_usable",
                  "memory_alloc", "name", "online", "qemu", "state", "storage_alloc", "storage_cap", "vms")
 
-    def __init__(self, host: Host, online: bool) -> None:
+    def __init__(self, host: Any, online: bool) -> None:
+        """``host``: a Host, or a row with its HOST_COLUMNS."""
         self.name = host.name
         self.state = host.state if online or host.state != "online" else "unreachable"
         self.online = online
@@ -185,12 +190,12 @@ class PlacementPlan(BaseModel):
     hosts: list[HostVerdict]
 
 
-def capacity(host: Host) -> tuple[float, float]:
+def capacity(host: Any) -> tuple[float, float]:
     """CPUs and bytes of memory this host may hand out."""
     return host.cpus * host.cpu_overcommit, max(0, host.memory - host.reserved_memory) * host.memory_overcommit
 
 
-def is_online(host: Host, now: Any = None) -> bool:
+def is_online(host: Any, now: Any = None) -> bool:
     """Online, and heard from within the timeout (the control plane marks it unreachable soon after, too)."""
     return host.state == "online" and host.heartbeat_at >= (now or utcnow()) - HOST_TIMEOUT
 
@@ -240,14 +245,15 @@ def storage_allocated(session: Session, hosts: Iterable[str] | None = None) -> d
 def load_pool(session: Session, project: str = "default", only: Iterable[str] | None = None,
               lock: bool = False) -> dict[str, HostLoad]:
     """Every host (or ``only`` these) with what is allocated on it: three aggregate queries, whatever the size."""
-    query = select(Host).order_by(Host.name)
+    # Plain rows, not ORM objects: a thousand hosts load in a few milliseconds instead of tens.
+    query = select(*(getattr(Host, column) for column in HOST_COLUMNS)).order_by(Host.name)
     names = list(only) if only is not None else None
     if names is not None:
         query = query.where(Host.name.in_(names))
     if lock:
         query = query.with_for_update()
     now = utcnow()
-    view = {host.name: HostLoad(host, is_online(host, now)) for host in session.scalars(query)}
+    view = {host.name: HostLoad(host, is_online(host, now)) for host in session.execute(query)}
     for name, used in allocations(session, names).items():
         if name in view:
             view[name].cpus_alloc, view[name].memory_alloc, view[name].vms = used.cpus, used.memory, used.vms

@@ -18,9 +18,10 @@ READY_LINE = b"corral-guest-ready"
 class BenchDaemon:
     """`corral serve` on a throw-away CORRAL_HOME (the image cache is shared, so builds are instant)."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="corral-b-", dir="/tmp"))
-        self.env = {**os.environ, "CORRAL_HOME": str(self.home), "CORRAL_ACCEL": "tcg"}
+        self.env = {**os.environ, "CORRAL_HOME": str(self.home), "CORRAL_ACCEL": "tcg", "CORRAL_DEFAULT_NETWORK": "0",
+                    **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> BenchDaemon:
@@ -42,6 +43,9 @@ class BenchDaemon:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
+        from corral.host.networks import remove_everything
+
+        remove_everything(self.home)
         shutil.rmtree(self.home, ignore_errors=True)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,12 @@ packages=(
   iproute2 procps
   debootstrap       # the Debian image builder
   openssh-client    # corral vm ssh, and the SSH tests
+  dnsmasq-base      # DHCP and DNS for corral networks (one instance per network)
+  nftables          # NAT, port forwards, isolation and anti-spoofing rules of corral networks
+  ovmf              # UEFI firmware for VMs booted with --firmware uefi
+  # The disk-boot tests build a bootable disk image without mounting it: partition table, FAT, syslinux for BIOS,
+  # a standalone GRUB for UEFI.
+  fdisk dosfstools mtools syslinux syslinux-common grub-efi-amd64-bin grub-common
   postgresql        # a pool's shared store; the tests start throw-away servers from its initdb/pg_ctl
 )
 

@@ -46,12 +46,18 @@ class Settings(BaseModel):
     # TCG's translated-code cache per VM. QEMU 7.2's default (1 GiB) would make memory limits meaningless;
     # 64 MiB cost a Debian boot 4-6 s of retranslation (docs/images.md), 256 MiB keeps boots at full speed.
     tcg_tb_size_mib: int = Field(default=256, ge=8, le=4096)
+    # UEFI firmware (Debian's ovmf package): the code every UEFI VM maps read-only, and the variable store
+    # template each UEFI VM gets its own copy of. SeaBIOS, the default firmware, ships with QEMU.
+    ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    ovmf_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
     # The store: None is SQLite under the home (one host); a postgresql:// URL is a pool's shared store.
     database: str | None = None
     # Placement weights: spread VMs over the least allocated hosts, or pack them onto the fullest that fit.
     placement_strategy: Literal["spread", "pack"] = "spread"
     # Seconds without a heartbeat after which a host is marked unreachable (agents beat every third of it, <= 10 s).
     host_timeout: float = Field(default=60.0, ge=3)
+    # Make the "default" NAT network (a bridge, dnsmasq, nftables rules) on first start.
+    default_network: bool = True
 
     @property
     def socket_path(self) -> Path:
@@ -72,9 +78,12 @@ _ENV = {
     "CORRAL_MEMORY_OVERCOMMIT": "memory_overcommit",
     "CORRAL_HOST_NAME": "host_name",
     "CORRAL_ISOLATION": "isolation",
+    "CORRAL_OVMF_CODE": "ovmf_code",
+    "CORRAL_OVMF_VARS": "ovmf_vars",
     "CORRAL_DB": "database",
     "CORRAL_PLACEMENT": "placement_strategy",
     "CORRAL_HOST_TIMEOUT": "host_timeout",
+    "CORRAL_DEFAULT_NETWORK": "default_network",
 }
 
 

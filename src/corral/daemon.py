@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from corral.config import Settings
 from corral.errors import Conflict, InvalidInput
@@ -101,6 +101,21 @@ def _tcp_socket(listen: str) -> socket.socket:
         sock.close()
         raise Conflict(f"cannot listen on {listen}: {exc.strerror}", "pick a free port") from exc
     return sock
+
+
+def _ensure_default_network(settings: Settings, store: Any) -> None:
+    """The "default" NAT network, made on the first start of a host that can make bridges (root)."""
+    from corral.cluster import networks
+    from corral.host.networks import can_manage
+
+    if not settings.default_network or not can_manage():
+        return
+    try:
+        with store.session() as session:
+            if networks.ensure_default(session) is not None:
+                print("corral: made the default NAT network", file=sys.stderr, flush=True)
+    except Exception as exc:  # a host where it cannot be made still serves everything else
+        print(f"corral: no default network: {exc}", file=sys.stderr, flush=True)
 
 
 class HostWatch:
@@ -200,6 +215,7 @@ def serve(
         if with_agent:
             agent = Agent(settings, store)
             agent.start_in_thread()
+            _ensure_default_network(settings, store)
         app = create_app(settings, store)
         watch = HostWatch(store, max(1.0, settings.host_timeout / 4))
         watch.start()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from corral.engine.argv import build_argv
-from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan
+from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan, UefiFirmware
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -46,6 +46,37 @@ PLANS = {
         guest_agent=False,
         extra_args=("-sandbox", "on,obsolete=deny", "-runas", "1879048192:995"),
     ),
+    "uefi_disk_boot_with_seed": LaunchPlan(
+        name="cloud",
+        uuid="12345678-1234-1234-1234-123456789abc",
+        run_dir=Path("/var/lib/corral/run/0123456789ab"),
+        accel="tcg",
+        memory_mib=1024,
+        tb_size_mib=256,
+        uefi=UefiFirmware(
+            code=Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+            vars=Path("/var/lib/corral/run/0123456789ab/uefi-vars.qcow2"),
+        ),
+        disks=(
+            DiskPlan(node="disk0", path=Path("/var/lib/corral/pools/default/cloud-root.qcow2")),
+            DiskPlan(node="seed", path=Path("/var/lib/corral/run/0123456789ab/seed.iso"), format="raw",
+                     read_only=True),
+        ),
+        nics=(NicPlan(id="net0", mac="52:54:00:12:34:56", forwards=("tcp:127.0.0.1:40022-:22",)),),
+    ),
+    "bridged_nics_on_hotplug_ports": LaunchPlan(
+        name="web",
+        uuid="12345678-1234-1234-1234-123456789abc",
+        run_dir=Path("/srv/corral/run/abcdef012345"),
+        accel="tcg",
+        disks=(DiskPlan(node="disk0", path=Path("/srv/pool/web-root.qcow2")),),
+        nics=(
+            NicPlan(id="net0", mac="52:54:00:00:00:01", mode="tap", ifname="crt0123456789", bridge="crl01234567",
+                    bus="nicport0"),
+            NicPlan(id="net2", mac="52:54:00:00:00:02", forwards=("tcp:0.0.0.0:8080-:80",), bus="nicport2"),
+        ),
+        hotplug_ports=("nicport0", "nicport1", "nicport2"),
+    ),
 }
 
 
@@ -73,3 +104,21 @@ def test_kvm_uses_host_cpu_and_tcg_uses_max():
     )
     argv = build_argv(PLANS["tiny_kernel_boot"])
     assert argv[argv.index("-cpu") + 1] == "max"
+
+
+def test_uefi_maps_shared_code_read_only_and_the_vms_own_vars_writable():
+    argv = build_argv(PLANS["uefi_disk_boot_with_seed"])
+    machine = argv[argv.index("-machine") + 1]
+    assert "pflash0=uefi-code" in machine and "pflash1=uefi-vars" in machine
+    blockdevs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-blockdev"]
+    code = [b for b in blockdevs if "OVMF_CODE_4M.fd" in b]
+    vars_ = [b for b in blockdevs if "uefi-vars" in b]
+    assert code and all("read-only=on" in b for b in code)
+    assert vars_ and not any("read-only" in b for b in vars_)
+    assert any("bootindex=0" in arg for arg in argv)  # the disk still boots first; no -kernel
+    assert "-kernel" not in argv
+
+
+def test_bios_adds_no_firmware_options():
+    argv = build_argv(PLANS["disk_boot_kvm_two_nics"])
+    assert not any("pflash" in arg or "OVMF" in arg for arg in argv)

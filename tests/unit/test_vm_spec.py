@@ -60,6 +60,15 @@ def test_duplicate_macs_rejected():
         VMSpec(name="demo", image="tiny", nics=[NicSpec(mac="52:54:00:00:00:01"), NicSpec(mac="52:54:00:00:00:01")])
 
 
-def test_unknown_network_rejected_until_networks_exist():
+def test_network_names_follow_the_name_rule():
+    assert NicSpec(network="lan").network == "lan"
     with pytest.raises(InvalidInput):
-        NicSpec(network="lan")
+        NicSpec(network="LAN/../x")
+
+
+def test_nic_slots_are_assigned_once_and_kept():
+    spec = VMSpec(name="demo", image="tiny", nics=[NicSpec(), NicSpec(network="lan", slot=0)]).with_macs()
+    assert [nic.slot for nic in spec.nics] == [1, 0]
+    assert spec.with_macs().nics == spec.nics
+    with pytest.raises(InvalidInput):
+        VMSpec(name="demo", image="tiny", nics=[NicSpec(slot=2), NicSpec(slot=2)])

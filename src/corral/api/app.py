@@ -17,6 +17,7 @@ from corral.api import (
     routes_events,
     routes_hosts,
     routes_jobs,
+    routes_networks,
     routes_snapshots,
     routes_storage,
     routes_vms,
@@ -98,6 +99,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     placement.configure(settings.placement_strategy, settings.host_timeout)
     app.include_router(routes_admin.router)
     app.include_router(routes_events.router)
+    app.include_router(routes_networks.router)
 
     @app.get("/health", tags=["host"])
     def health() -> dict[str, str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from corral.spec.vm import VMSpec
-from corral.store.models import VM, Host, Image, Job, Volume
+from corral.store.models import VM, Host, Image, Job, Network, PortForward, Volume
 
 
 class JobView(BaseModel):
@@ -63,6 +63,48 @@ class VolumeView(BaseModel):
         )
 
 
+class NicView(BaseModel):
+    slot: int
+    network: str
+    mac: str | None
+    ip: str | None = Field(default=None, description="the address reserved for the NIC in its network's DHCP")
+
+
+class ForwardView(BaseModel):
+    protocol: str
+    host_port: int
+    guest_port: int
+    nic: int
+
+    @classmethod
+    def of(cls, forward: PortForward) -> ForwardView:
+        return cls(protocol=forward.protocol, host_port=forward.host_port, guest_port=forward.guest_port,
+                   nic=forward.nic_index)
+
+
+class NetworkView(BaseModel):
+    name: str
+    id: str
+    project: str
+    mode: str
+    subnet: str | None
+    gateway: str | None
+    dhcp: bool
+    uplink: str | None
+    bridge: str
+    state: str
+    status: str
+    vms: list[str]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, network: Network, vms: list[str] | None = None) -> NetworkView:
+        return cls(name=network.name, id=network.id, project=network.project, mode=network.mode,
+                   subnet=network.subnet, gateway=network.gateway, dhcp=network.dhcp, uplink=network.uplink,
+                   bridge=network.bridge, state=network.state, status=network.status_message,
+                   vms=sorted(vms or []), created_at=network.created_at)
+
+
 class VMView(BaseModel):
     name: str
     id: str
@@ -83,6 +125,8 @@ class VMView(BaseModel):
     last_exit: dict[str, Any] | None
     spec: VMSpec
     disks: list[VolumeView]
+    nics: list[NicView] = []
+    port_forwards: list[ForwardView] = []
     created_at: datetime
     started_at: datetime | None
 
@@ -109,9 +153,20 @@ class VMView(BaseModel):
             last_exit=vm.last_exit,
             spec=spec,
             disks=[VolumeView.of(v) for v in sorted(vm.volumes, key=lambda v: v.device_index)],
+            nics=_nics(spec, vm),
+            port_forwards=[ForwardView.of(f) for f in sorted(vm.port_forwards, key=lambda f: f.host_port)],
             created_at=vm.created_at,
             started_at=vm.started_at,
         )
+
+
+def _nics(spec: VMSpec, vm: VM) -> list[NicView]:
+    addresses = {port.nic_index: port.ip for port in vm.network_ports}
+    return [
+        NicView(slot=spec.nic_slot(position), network=nic.network, mac=nic.mac,
+                ip=addresses.get(spec.nic_slot(position)))
+        for position, nic in enumerate(spec.nics)
+    ]
 
 
 class ImageView(BaseModel):
@@ -165,3 +220,4 @@ class Accepted(BaseModel):
     vm: VMView | None = None
     image: ImageView | None = None
     volume: VolumeView | None = None
+    network: NetworkView | None = None

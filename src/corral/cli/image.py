@@ -45,6 +45,7 @@ def import_image(
     initrd: Path = typer.Option(None, "--initrd", help="Initrd for --kernel."),
     cmdline: str = typer.Option(None, "--cmdline", help="Kernel command line for --kernel."),
     cloud_init: bool = typer.Option(False, "--cloud-init", help="A cloud image: give its VMs a NoCloud seed."),
+    firmware: str = typer.Option(None, "--firmware", help="What the disk boots through: bios (default) or uefi."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Import a disk image (and optionally a kernel and initrd) from a file."""
@@ -58,13 +59,15 @@ def import_image(
                 str(initrd.absolute()) if initrd else None,
                 cmdline,
                 cloud_init,
+                firmware,
             )
             follow_job(corral, accepted, f"import {name}", quiet=as_json, timeout=3600)
             image = next(i for i in corral.images() if i["name"] == name)
         if as_json:
             print_json(image)
         else:
-            print(f"imported image {name}: {human_size(image['virtual_size'])} {image['kind']} image")
+            boots = f", boots through {image['details']['firmware']}" if image["details"].get("firmware") else ""
+            print(f"imported image {name}: {human_size(image['virtual_size'])} {image['kind']} image{boots}")
 
     run(action)
 

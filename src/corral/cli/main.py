@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from corral import __version__
-from corral.cli import access, host, image, job, serve, snapshot, template, vm, volume
+from corral.cli import access, agent, host, image, job, network, pool, serve, snapshot, template, vm, volume
 
 app = typer.Typer(
     name="corral",
@@ -22,8 +22,11 @@ app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(template.app, name="template")
 app.add_typer(job.app, name="job")
 app.add_typer(host.app, name="host")
+app.add_typer(pool.app, name="pool")
+app.add_typer(network.app, name="network")
 serve.register(app)
 access.register(app)
+agent.register(app)
 
 
 def _version(value: bool) -> None:

@@ -26,6 +26,35 @@ GROUP = typer.Option(None, "--group", help="Placement group: its VMs share a hos
 POLICY = typer.Option(None, "--policy", help="The group's rule: affinity or anti-affinity (default for a new group).")
 ACCEL = typer.Option(None, "--accel", help="Only hosts with this accelerator: kvm or tcg.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Show the host it would go to and why others would not; make nothing.")
+FIRMWARE = typer.Option(None, "--firmware", help="Boot through bios (SeaBIOS) or uefi (OVMF); default: the image's.")
+NICS = typer.Option(None, "--nic", help="A NIC: network=NAME[,mac=MAC] (repeatable); default: one on 'user'.")
+CPU_LIMIT = typer.Option(None, "--cpu-limit", help="CPU quota in cores, e.g. 0.5 (default: its vCPU count).")
+CPU_WEIGHT = typer.Option(None, "--cpu-weight", help="CPU share under contention, 1-10000 (default 100).")
+DISK_READ_BPS = typer.Option(None, "--disk-read-bps", help="Disk read bandwidth limit, e.g. 50M (per second).")
+DISK_WRITE_BPS = typer.Option(None, "--disk-write-bps", help="Disk write bandwidth limit, e.g. 20M (per second).")
+DISK_IOPS = typer.Option(None, "--disk-iops", help="Disk operations per second limit.")
+
+
+def parse_nic(text: str) -> dict[str, Any]:
+    """``network=NAME[,mac=MAC]``, or just ``NAME``."""
+    nic: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep and not nic and key:
+            key, value = "network", key
+        if key not in ("network", "mac") or not value or key in nic:
+            fail(f"invalid --nic {text!r}", "write network=NAME[,mac=52:54:00:xx:xx:xx]", 2)
+        nic[key] = value
+    return nic
+
+
+def _extras(nics: list[str] | None, cpu_limit: float | None, cpu_weight: int | None, disk_read_bps: str | None,
+            disk_write_bps: str | None, disk_iops: int | None) -> dict[str, Any]:
+    extras: dict[str, Any] = {"cpu_limit": cpu_limit, "cpu_weight": cpu_weight, "disk_read_bps": disk_read_bps,
+                              "disk_write_bps": disk_write_bps, "disk_iops": disk_iops}
+    if nics:
+        extras["nics"] = [parse_nic(text) for text in nics]
+    return {key: value for key, value in extras.items() if value is not None}
 
 
 def _read_text(path: Path, what: str, limit: int = 64 << 10) -> str:
@@ -175,6 +204,13 @@ def create(
     ssh_key: list[Path] = SSH_KEYS,
     user_data: Path = USER_DATA,
     password_login: bool = PASSWORD_LOGIN,
+    nic: list[str] = NICS,
+    cpu_limit: float = CPU_LIMIT,
+    cpu_weight: int = CPU_WEIGHT,
+    disk_read_bps: str = DISK_READ_BPS,
+    disk_write_bps: str = DISK_WRITE_BPS,
+    disk_iops: int = DISK_IOPS,
+    firmware: str = FIRMWARE,
     timeout: float = TIMEOUT,
     on_host: str = ON_HOST,
     group: str = GROUP,
@@ -185,6 +221,9 @@ def create(
 ) -> None:
     """Define a VM: its disks are made (a linked overlay of the image or template, plus blank ones)."""
     spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
+    spec.update(_extras(nic, cpu_limit, cpu_weight, disk_read_bps, disk_write_bps, disk_iops))
+    if firmware is not None:
+        spec["firmware"] = firmware
     _create(spec, volume, start, wait and start, as_json, timeout, template, _placement(on_host, group, policy, accel),
             dry_run)
 
@@ -205,6 +244,13 @@ def run_vm(
     ssh_key: list[Path] = SSH_KEYS,
     user_data: Path = USER_DATA,
     password_login: bool = PASSWORD_LOGIN,
+    nic: list[str] = NICS,
+    cpu_limit: float = CPU_LIMIT,
+    cpu_weight: int = CPU_WEIGHT,
+    disk_read_bps: str = DISK_READ_BPS,
+    disk_write_bps: str = DISK_WRITE_BPS,
+    disk_iops: int = DISK_IOPS,
+    firmware: str = FIRMWARE,
     timeout: float = TIMEOUT,
     on_host: str = ON_HOST,
     group: str = GROUP,
@@ -215,6 +261,9 @@ def run_vm(
 ) -> None:
     """Create and start a VM, and wait until its guest is ready."""
     spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
+    spec.update(_extras(nic, cpu_limit, cpu_weight, disk_read_bps, disk_write_bps, disk_iops))
+    if firmware is not None:
+        spec["firmware"] = firmware
     _create(spec, volume, True, wait, as_json, timeout, template, _placement(on_host, group, policy, accel), dry_run)
 
 
@@ -354,9 +403,13 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
             ("cpus", vm["cpus"]),
             ("memory", human_size(vm["memory"])),
             ("restart", f"{vm['restart_policy']} ({vm['restart_count']} so far)"),
-            ("nics", ", ".join(f"{n['network']} {n['mac']}" for n in vm["spec"]["nics"]) or "-"),
             ("addresses", _addresses(vm) or "-"),
         ]
+        for nic in vm.get("nics", []):
+            address = f" {nic['ip']}" if nic["ip"] else ""
+            rows.append((f"nic {nic['slot']}", f"{nic['network']} {nic['mac']}{address}"))
+        for fwd in vm.get("port_forwards", []):
+            rows.append(("forward", f"host {fwd['host_port']}/{fwd['protocol']} -> guest {fwd['guest_port']}"))
         for disk in vm["disks"]:
             rows.append((f"disk {disk['name']}", f"{human_size(disk['size'])} {disk['role']} ({disk['state']})"))
         if vm.get("last_exit") and vm["state"] == "crashed":
@@ -525,3 +578,64 @@ def ssh(
         os.execvp("ssh", argv + words)
     except FileNotFoundError:
         fail("ssh is not installed", "apt-get install openssh-client")
+
+
+nic_app = typer.Typer(help="Add or remove a VM's NICs (live on a running VM).", no_args_is_help=True)
+app.add_typer(nic_app, name="nic")
+
+
+@nic_app.command("add")
+def nic_add(
+    name: str = typer.Argument(..., help="VM name."),
+    network: str = typer.Option(..., "--network", "-n", help="Network to join ('user' for QEMU's user-mode NAT)."),
+    mac: str = typer.Option(None, "--mac", help="MAC address (chosen if omitted)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Add a NIC; a running guest gets it hot-plugged."""
+    _verb(name, "add a NIC to", "add_nic", as_json, network=network, mac=mac)
+
+
+@nic_app.command("remove")
+def nic_remove(
+    name: str = typer.Argument(..., help="VM name."),
+    nic: str = typer.Argument(..., help="The NIC's slot or MAC (see `corral vm show`)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove a NIC; a running guest is asked to release it first."""
+    _verb(name, "remove a NIC from", "remove_nic", as_json, nic=nic)
+
+
+@app.command("port-forward")
+def port_forward(
+    name: str = typer.Argument(..., help="VM name."),
+    forward: str = typer.Argument(None, help="HOST_PORT:GUEST_PORT[/tcp|udp], e.g. 8080:80."),
+    remove: str = typer.Option(None, "--remove", help="Remove the forward from this HOST_PORT[/tcp|udp]."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Forward a host port to a guest port (NAT networks and user-mode NICs), or list the VM's forwards."""
+    from corral.spec.network import PortForwardSpec
+
+    def action() -> None:
+        with client() as corral:
+            if forward is None and remove is None:
+                forwards = corral.vm(name)["port_forwards"]
+                if as_json:
+                    print_json(forwards)
+                else:
+                    table(["HOST PORT", "PROTO", "GUEST PORT", "NIC"],
+                          [[f["host_port"], f["protocol"], f["guest_port"], f["nic"]] for f in forwards])
+                return
+            if remove is not None:
+                port, _, protocol = remove.partition("/")
+                if not port.isdigit():
+                    fail(f"invalid --remove {remove!r}", "write the host port, e.g. --remove 8080 or 5353/udp", 2)
+                accepted = corral.remove_port_forward(name, int(port), protocol or "tcp")
+                what = f"removed the forward from host port {remove}"
+            else:
+                spec = PortForwardSpec.parse(forward)
+                accepted = corral.add_port_forward(name, spec.host_port, spec.guest_port, spec.protocol)
+                what = f"host port {spec.host_port}/{spec.protocol} now reaches {name}:{spec.guest_port}"
+            job = follow_job(corral, accepted, f"port-forward {name}", quiet=as_json)
+        print_json(job) if as_json else print(what)
+
+    run(action)

@@ -141,6 +141,21 @@ class Client:
     def hosts(self) -> list[dict[str, Any]]:
         return self.request("GET", "/hosts")
 
+    def host(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/hosts/{name}")
+
+    def drain_host(self, name: str) -> dict[str, Any]:
+        return self.request("POST", f"/hosts/{name}/drain")
+
+    def undrain_host(self, name: str) -> dict[str, Any]:
+        return self.request("POST", f"/hosts/{name}/undrain")
+
+    def remove_host(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/hosts/{name}")
+
+    def pool(self) -> dict[str, Any]:
+        return self.request("GET", "/pool")
+
     def metrics(self) -> str:
         """The Prometheus exposition text of /metrics."""
         return self.request("GET", "/metrics")
@@ -210,7 +225,12 @@ class Client:
         host: str | None = None,
         template: str | None = None,
         ready_timeout: float | None = None,
+        group: str | None = None,
+        policy: str | None = None,
+        accel: str | None = None,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
+        """Create a VM; with ``dry_run``, the placement plan instead (every host's verdict), changing nothing."""
         body = {
             "spec": spec,
             "start": start,
@@ -219,8 +239,9 @@ class Client:
             "volumes": volumes or [],
             "host": host,
             "template": template,
+            **{key: value for key, value in (("group", group), ("policy", policy), ("accel", accel)) if value},
         }
-        return self.request("POST", "/vms", json=body)
+        return self.request("POST", "/placement/plan" if dry_run else "/vms", json=body)
 
     def start_vm(self, name: str, wait: bool = False, ready_timeout: float | None = None) -> dict[str, Any]:
         return self.request("POST", f"/vms/{name}/start", json={"wait": wait, "ready_timeout": ready_timeout})
@@ -304,10 +325,10 @@ class Client:
 
     def import_image(
         self, name: str, file: str, kernel: str | None = None, initrd: str | None = None, cmdline: str | None = None,
-        cloud_init: bool = False,
+        cloud_init: bool = False, firmware: str | None = None,
     ) -> dict[str, Any]:
         body = {"name": name, "file": file, "kernel": kernel, "initrd": initrd, "cmdline": cmdline,
-                "cloud_init": cloud_init}
+                "cloud_init": cloud_init, "firmware": firmware}
         return self.request("POST", "/images/import", json=body)
 
     def delete_image(self, name: str) -> dict[str, Any]:
@@ -324,6 +345,37 @@ class Client:
 
     def delete_volume(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/volumes/{name}")
+
+    # -- networks ---------------------------------------------------------------------------------------------
+
+    def networks(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/networks")
+
+    def network(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/networks/{name}")
+
+    def create_network(self, name: str, mode: str = "nat", subnet: str | None = None, uplink: str | None = None,
+                       dhcp: bool = True) -> dict[str, Any]:
+        body = {"name": name, "mode": mode, "subnet": subnet, "uplink": uplink, "dhcp": dhcp}
+        return self.request("POST", "/networks", json={k: v for k, v in body.items() if v is not None})
+
+    def delete_network(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/networks/{name}")
+
+    def add_nic(self, vm: str, network: str, mac: str | None = None) -> dict[str, Any]:
+        body = {"network": network, **({"mac": mac} if mac else {})}
+        return self.request("POST", f"/vms/{vm}/nics", json=body)
+
+    def remove_nic(self, vm: str, nic: str | int) -> dict[str, Any]:
+        return self.request("DELETE", f"/vms/{vm}/nics/{nic}")
+
+    def add_port_forward(self, vm: str, host_port: int, guest_port: int, protocol: str = "tcp") -> dict[str, Any]:
+        body = {"host_port": host_port, "guest_port": guest_port, "protocol": protocol}
+        return self.request("POST", f"/vms/{vm}/port-forwards", json=body)
+
+    def remove_port_forward(self, vm: str, host_port: int, protocol: str = "tcp") -> dict[str, Any]:
+        body = {"host_port": host_port, "protocol": protocol}
+        return self.request("POST", f"/vms/{vm}/port-forwards/remove", json=body)
 
     # -- projects, users, tokens, audit, events ---------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.cluster import placement, quotas
+from corral.cluster import networks, placement, quotas
 from corral.cluster.snapshots import get_snapshot
 from corral.cluster.vms import _busy, get_vm, new_volume
 from corral.errors import AlreadyExists, Conflict, NotFound
@@ -20,7 +20,7 @@ STOPPED = (PowerState.STOPPED, PowerState.CRASHED)
 
 def fresh_identity(spec: VMSpec, name: str) -> VMSpec:
     """A clone is a new machine: its own name (hostname) and MACs; the machine id follows from the new VM id."""
-    nics = [NicSpec(network=nic.network) for nic in spec.nics]
+    nics = [NicSpec(network=nic.network, slot=spec.nic_slot(position)) for position, nic in enumerate(spec.nics)]
     return spec.model_copy(update={"name": name, "nics": nics}).with_macs()
 
 
@@ -45,6 +45,7 @@ def _new_vm(session: Session, spec: VMSpec, host: str, project: str, start: bool
     )
     session.add(vm)
     session.flush()
+    networks.attach_nics(session, vm, spec)
     return vm
 
 

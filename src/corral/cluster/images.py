@@ -102,6 +102,7 @@ def import_(session: Session, request: ImageImport, project: str = "default") ->
         "file": _readable_file(request.file, "image file"),
         "cmdline": request.cmdline,
         "cloud_init": request.cloud_init,
+        "firmware": request.firmware.value if request.firmware else None,
     }
     if request.initrd and not request.kernel:
         raise InvalidInput("--initrd needs --kernel", "pass the kernel the initrd belongs to")

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from corral.errors import InvalidInput
+from corral.spec.firmware import Firmware, parse_firmware
 from corral.spec.names import validate_name
 from corral.spec.sizes import parse_size
 from corral.spec.vm import VMSpec
@@ -106,6 +107,7 @@ class ImageImport(BaseModel):
     initrd: str | None = None
     cmdline: str | None = None
     cloud_init: bool = False
+    firmware: Annotated[Firmware | None, BeforeValidator(parse_firmware)] = None  # what the disk boots through
 
     @field_validator("name")
     @classmethod

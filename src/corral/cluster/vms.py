@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.cluster import placement, quotas
+from corral.cluster import networks, placement, quotas
 from corral.cluster.requests import VMCreate, VMDelete, VMExec, VMRestart, VMStart, VMStop
 from corral.errors import AlreadyExists, Conflict, InsufficientResources, NotFound
 from corral.spec.job import JobKind
@@ -97,6 +97,7 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
         )
         session.add(vm)
         session.flush()
+        networks.attach_nics(session, vm, spec)
         index = 0
         new_volume(session, vm, f"{spec.name}-root", image.virtual_size, index, role="root", backing_image=image.id)
         for disk in spec.disks:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan
+from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan, UefiFirmware
 
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+UEFI_CODE_NODE = "uefi-code"
+UEFI_VARS_NODE = "uefi-vars"  # also a node internal snapshots include
 
 
 def _opts(**options: object) -> str:
@@ -35,6 +37,8 @@ def machine_args(plan: LaunchPlan) -> list[str]:
         machine += ",hpet=off"
     if plan.ram_file is not None:
         machine += ",memory-backend=ram0"
+    if plan.uefi is not None:
+        machine += f",pflash0={UEFI_CODE_NODE},pflash1={UEFI_VARS_NODE}"
     return [
         *memory_backend_args(plan),
         "-machine", machine,
@@ -52,6 +56,20 @@ def base_args(plan: LaunchPlan) -> list[str]:
         "-name", _opts(guest=plan.name, debug_threads=True),
         "-nodefaults", "-no-user-config",
         "-display", "none", "-vga", "none",
+    ]  # fmt: skip
+
+
+def firmware_args(uefi: UefiFirmware | None) -> list[str]:
+    """OVMF's flash chips as block nodes the machine's pflash0/pflash1 properties name (what libvirt does; the
+    older ``-drive if=pflash`` makes the same devices). No options at all means SeaBIOS."""
+    if uefi is None:
+        return []
+    code_file, vars_file = f"{UEFI_CODE_NODE}-file", f"{UEFI_VARS_NODE}-file"
+    return [
+        "-blockdev", _opts(driver="file", filename=uefi.code, node_name=code_file, read_only=True),
+        "-blockdev", _opts(driver="raw", file=code_file, node_name=UEFI_CODE_NODE, read_only=True),
+        "-blockdev", _opts(driver="file", filename=uefi.vars, node_name=vars_file),
+        "-blockdev", _opts(driver=uefi.vars_format, file=vars_file, node_name=UEFI_VARS_NODE),
     ]  # fmt: skip
 
 
@@ -75,12 +93,28 @@ def disk_args(disk: DiskPlan, boot_index: int | None) -> list[str]:
     ]  # fmt: skip
 
 
+def netdev_options(nic: NicPlan) -> dict[str, object]:
+    """The netdev as QMP's netdev_add takes it; the command line renders the same dictionary."""
+    if nic.mode == "tap":
+        # vhost-net aborts QEMU on these hosts (no /dev/vhost-net) and gains nothing under TCG.
+        return {"type": "tap", "id": nic.id, "ifname": nic.ifname, "script": "no", "downscript": "no"}
+    return {"type": nic.mode, "id": nic.id}
+
+
+def nic_device_options(nic: NicPlan) -> dict[str, object]:
+    return {"driver": "virtio-net-pci", "netdev": nic.id, "mac": nic.mac, "id": f"{nic.id}-dev", "bus": nic.bus}
+
+
 def nic_args(nic: NicPlan) -> list[str]:
-    netdev = _opts(type=nic.mode, id=nic.id) + "".join(f",hostfwd={forward}" for forward in nic.forwards)
-    return [
-        "-netdev", netdev,
-        "-device", _opts(driver="virtio-net-pci", netdev=nic.id, mac=nic.mac, id=f"{nic.id}-dev"),
-    ]  # fmt: skip
+    netdev = _opts(**netdev_options(nic)) + "".join(f",hostfwd={forward}" for forward in nic.forwards)
+    return ["-netdev", netdev, "-device", _opts(**nic_device_options(nic))]
+
+
+def hotplug_port_args(plan: LaunchPlan) -> list[str]:
+    args: list[str] = []
+    for index, port in enumerate(plan.hotplug_ports):
+        args += ["-device", _opts(driver="pcie-root-port", id=port, chassis=index + 1, bus="pcie.0")]
+    return args
 
 
 def serial_args(plan: LaunchPlan) -> list[str]:
@@ -115,6 +149,10 @@ def build_argv(plan: LaunchPlan) -> list[str]:
     for index, disk in enumerate(plan.disks):
         boot_index = 0 if index == 0 and plan.kernel_boot is None else None
         argv += disk_args(disk, boot_index)
+    # After the disks: -loadvm reads the RAM from the first snapshot-capable node QEMU made, which must be disk0
+    # rather than the (qcow2) UEFI variable store.
+    argv += firmware_args(plan.uefi)
+    argv += hotplug_port_args(plan)
     for nic in plan.nics:
         argv += nic_args(nic)
     argv += serial_args(plan) + guest_agent_args(plan) + monitor_args(plan)

@@ -23,11 +23,14 @@ class DiskPlan(BaseModel):
 class NicPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    id: str  # net0, net1...
+    id: str  # net0, net1...: "net" + the NIC's slot
     mac: str
-    mode: str = "user"
+    mode: str = "user"  # "user" (QEMU's NAT) or "tap" (a TAP device the host made on a bridge)
+    ifname: str | None = None  # the TAP's name, for mode "tap"
+    bridge: str | None = None  # the bridge the host plugs the TAP into (QEMU itself never sees it)
     # user-mode port forwards, QEMU's hostfwd syntax: "tcp:127.0.0.1:40123-:22"
     forwards: tuple[str, ...] = ()
+    bus: str | None = None  # the hotplug port the NIC sits on, so it can be removed while the guest runs
 
 
 class KernelBoot(BaseModel):
@@ -36,6 +39,17 @@ class KernelBoot(BaseModel):
     kernel: Path
     initrd: Path | None = None
     cmdline: str = ""
+
+
+class UefiFirmware(BaseModel):
+    """OVMF as QEMU's two flash chips: the code, shared by every VM and read-only, and this VM's own variable
+    store (boot entries, settings), writable and kept with the VM. qcow2 so internal snapshots can include it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: Path
+    vars: Path
+    vars_format: str = "qcow2"
 
 
 class LaunchPlan(BaseModel):
@@ -51,6 +65,7 @@ class LaunchPlan(BaseModel):
     cpus: int = 1
     memory_mib: int = 256
     kernel_boot: KernelBoot | None = None
+    uefi: UefiFirmware | None = None  # None: SeaBIOS, QEMU's built-in firmware
     disks: tuple[DiskPlan, ...] = ()
     nics: tuple[NicPlan, ...] = ()
     guest_agent: bool = True
@@ -62,6 +77,9 @@ class LaunchPlan(BaseModel):
     incoming: bool = False  # wait for a migration stream (a fork's child) instead of booting
     tb_size_mib: int | None = None  # TCG translation cache size
     extra_args: tuple[str, ...] = ()  # e.g. the sandbox options, decided by the host
+    # PCIe root ports made at start for NICs (present and hot-added later): on q35 a device can only be
+    # hot-plugged into, or removed from, a port of its own.
+    hotplug_ports: tuple[str, ...] = ()
 
     @property
     def qmp_socket(self) -> Path:

@@ -120,6 +120,9 @@ class Agent:
         from corral.host.isolation import Isolation
 
         self.isolation = Isolation(settings, store)
+        from corral.host.networks import NetworkHost
+
+        self.networks = NetworkHost(settings, store, self.host_name)
         self.vms: dict[str, RunningVM] = {}
         self.unadopted: set[str] = set()  # VMs whose QEMU lives but did not answer at adoption: retried
         from corral.host.reaper import Reaper
@@ -183,6 +186,7 @@ class Agent:
         if failed:
             log.warning("marked %d job(s) failed: the agent restarted while they ran", failed)
         await self.adopt_all()
+        await self.sync_networks()
         self.store.notifier.subscribe(self.wake)
         self._started.set()
         last_heartbeat = last_reconcile = time.monotonic()
@@ -311,10 +315,18 @@ class Agent:
             except Exception:  # one VM's trouble must not keep the agent from serving the others
                 log.exception("cannot adopt VM %s", vm_id)
 
+    async def sync_networks(self) -> None:
+        """Bridges, DHCP servers and firewall rules as the store says; a failure is logged, never fatal."""
+        try:
+            await asyncio.to_thread(self.networks.sync)
+        except Exception:
+            log.exception("network reconcile failed")
+
     async def reconcile(self) -> None:
         """Drift repair and slow observations: interface addresses of ready guests."""
         from corral.host import observe, vm_lifecycle
 
         await vm_lifecycle.reconcile(self)
+        await self.sync_networks()
         await observe.sample_all(self)
         self.reaper.reap(keep={running.proc.pid for running in self.vms.values()})

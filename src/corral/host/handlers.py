@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import qemu_img
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, NotFound
-from corral.host import clone_jobs, fork_jobs, image_jobs, snapshot_jobs, storage, vm_lifecycle
+from corral.host import clone_jobs, fork_jobs, image_jobs, network_jobs, snapshot_jobs, storage, vm_lifecycle
 from corral.spec.job import JobKind
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Image, Snapshot, Volume
@@ -38,6 +38,7 @@ async def vm_create(ctx: JobContext) -> dict[str, Any]:
                     raise NotFound(f"VM {ctx.target_name} not found")
                 new_volumes = [v for v in vm.volumes if v.state == "pending"]
                 images = {v.backing_image: session.get(Image, v.backing_image) for v in new_volumes if v.backing_image}
+            vm_lifecycle.check_firmware(agent, vm)
             for index, volume in enumerate(new_volumes):
                 ctx.progress(0.1 + 0.3 * index / max(1, len(new_volumes)), f"creating disk {volume.name}")
                 await storage.materialize(agent, volume, images.get(volume.backing_image))
@@ -283,4 +284,9 @@ def build_handlers() -> dict[str, Handler]:
         JobKind.SNAPSHOT_CREATE: snapshot_jobs.create,
         JobKind.SNAPSHOT_REVERT: snapshot_jobs.revert,
         JobKind.SNAPSHOT_DELETE: snapshot_jobs.delete,
+        JobKind.NETWORK_CREATE: network_jobs.network_create,
+        JobKind.NETWORK_DELETE: network_jobs.network_delete,
+        JobKind.VM_NIC_ADD: network_jobs.vm_nic_add,
+        JobKind.VM_NIC_REMOVE: network_jobs.vm_nic_remove,
+        JobKind.VM_PORT_FORWARD: network_jobs.vm_port_forward,
     }

@@ -107,8 +107,13 @@ async def import_image(ctx: JobContext) -> dict[str, Any]:
         disk = directory / "disk.qcow2"
         await asyncio.to_thread(qemu_img.convert, source, disk, "qcow2", binary, facts.get("format"))
         values: dict[str, Any] = {"kind": "disk", "disk_file": disk.name, "disk_format": "qcow2"}
+        details: dict[str, Any] = {}
         if ctx.params.get("cloud_init"):
-            values["details"] = {"cloud_init": True, "ssh": True, "default_user": "corral"}
+            details.update(cloud_init=True, ssh=True, default_user="corral")
+        if ctx.params.get("firmware"):
+            details["firmware"] = ctx.params["firmware"]  # VMs boot through it unless they ask otherwise
+        if details:
+            values["details"] = details
         if kernel is not None:
             shutil.copyfile(kernel, directory / "vmlinuz")
             values.update(

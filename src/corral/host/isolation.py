@@ -20,6 +20,7 @@ from corral.engine import qemu_img
 from corral.engine.plan import LaunchPlan
 from corral.errors import CorralError
 from corral.host import cgroups, sandbox
+from corral.spec.vm import VMSpec
 from corral.store.db import Store
 from corral.store.models import VM
 
@@ -64,17 +65,33 @@ class Isolation:
             slot = vm.uid_slot
         return sandbox.uid_for_vm(slot)
 
+    def vm_uid(self, vm_id: str) -> int | None:
+        """The uid the VM's QEMU ends up running as, None when it keeps the daemon's."""
+        return self._uid(vm_id) if self.enabled and self.gid is not None else None
+
+    def _limits(self, vm_id: str, plan: LaunchPlan) -> cgroups.Limits:
+        with self.store.reading() as session:
+            vm = session.get(VM, vm_id)
+            spec = VMSpec.model_validate(vm.spec) if vm is not None else None
+        return cgroups.Limits.for_vm(
+            plan.cpus, plan.memory_mib * MiB, tb_size=(plan.tb_size_mib or 0) * MiB,
+            cpus=spec.cpu_limit if spec else None,
+            cpu_weight=spec.cpu_weight if spec and spec.cpu_weight else cgroups.DEFAULT_CPU_WEIGHT,
+        )
+
     def prepare(self, vm_id: str, plan: LaunchPlan) -> Box:
         if not self.enabled:
             return Box([], None, None)
         cgroup = None
         if self.driver is not None:
-            limits = cgroups.Limits.for_vm(plan.cpus, plan.memory_mib * MiB, tb_size=(plan.tb_size_mib or 0) * MiB)
+            limits = self._limits(vm_id, plan)
             cgroup = cgroups.VMCgroup.create(self.driver, f"vm-{vm_id[:16]}", limits)
         args: list[str] = []
         if self.gid is not None:
             uid = self._uid(vm_id)
             own = [plan.run_dir, *(d.path for d in plan.disks if not d.read_only)]
+            if plan.uefi is not None:
+                own.append(plan.uefi.vars)  # the VM's own firmware variables; OVMF's code stays the package's
             if plan.ram_file is not None and plan.ram_shared:
                 own.append(plan.ram_file)
             shared = [d.path for d in plan.disks if d.read_only] + self._backing_files(plan)

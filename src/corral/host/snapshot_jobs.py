@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.engine import snapshots as engine_snapshots
+from corral.engine.argv import UEFI_VARS_NODE
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import CorralError, InsufficientResources, NotFound
 from corral.host import storage, vm_lifecycle
+from corral.host.firmware import vars_path
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Snapshot
 
@@ -19,13 +21,23 @@ if TYPE_CHECKING:
     from corral.host.agent import Agent, JobContext
 
 
-def _disks(agent: Agent, vm: VM) -> tuple[list[str], list[Path]]:
-    """QMP node names and files of the disks a snapshot covers: every writable qcow2 disk of the VM."""
+def _disks(agent: Agent, vm: VM, tag: str | None = None) -> tuple[list[str], list[Path]]:
+    """QMP node names and files of the disks a snapshot covers: every writable qcow2 disk of the VM, and a UEFI
+    VM's firmware variable store (its boot entries go back with its disks; QEMU's -loadvm also refuses a snapshot
+    that any writable node lacks). For an existing snapshot (``tag``), the store counts only if it holds that
+    snapshot: one taken before the VM's first UEFI start, when the store did not exist yet, has none."""
     nodes, paths = [], []
     for index, volume in enumerate(sorted(vm.volumes, key=lambda v: v.device_index)):
         if volume.format == "qcow2":
             nodes.append(f"disk{index}")
             paths.append(storage.volume_path(agent, volume))
+    store = vars_path(agent.layout.vm_run_dir(vm.id))
+    if store.exists() and (
+        tag is None
+        or any(s.get("name") == tag for s in engine_snapshots.list_offline(store, agent.settings.qemu_img_binary))
+    ):
+        nodes.append(UEFI_VARS_NODE)
+        paths.append(store)
     return nodes, paths
 
 
@@ -128,7 +140,7 @@ async def revert(ctx: JobContext) -> dict[str, Any]:
     agent = ctx.agent
     async with agent.vm_locks[ctx.target_id]:
         vm, snapshot = _load(ctx)
-        nodes, paths = _disks(agent, vm)
+        nodes, paths = _disks(agent, vm, snapshot.tag)
         running = _running(agent, vm.id)
         binary = agent.settings.qemu_img_binary
         if running is not None and snapshot.memory:
@@ -159,7 +171,7 @@ async def delete(ctx: JobContext) -> dict[str, Any]:
     agent = ctx.agent
     async with agent.vm_locks[ctx.target_id]:
         vm, snapshot = _load(ctx)
-        nodes, paths = _disks(agent, vm)
+        nodes, paths = _disks(agent, vm, snapshot.tag)
         running = _running(agent, vm.id)
         if running is not None:
             await engine_snapshots.delete_live(running.proc, snapshot.tag, nodes)

@@ -24,9 +24,11 @@ from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan
 from corral.engine.process import ExitInfo, QemuProcess
 from corral.engine.runtime import RuntimeRecord, is_same_process
 from corral.errors import Conflict, CorralError, EngineError, GuestAgentError, NotFound
+from corral.host.firmware import check_machine, ovmf_files, uefi_firmware
 from corral.host.layout import inside_pool
-from corral.spec.vm import PowerState, RestartPolicy, VMSpec
-from corral.store.models import VM, Image, utcnow
+from corral.spec.firmware import Firmware, effective_firmware
+from corral.spec.vm import MAX_NICS, PowerState, RestartPolicy, VMSpec
+from corral.store.models import VM, Image, Network, NetworkPort, PortForward, utcnow
 
 if TYPE_CHECKING:
     from corral.host.agent import Agent, RunningVM
@@ -91,11 +93,14 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
         )
         for index, volume in enumerate(sorted(vm.volumes, key=lambda v: v.device_index))
     )
-    nics = [NicPlan(id=f"net{index}", mac=nic.mac or "", mode="user") for index, nic in enumerate(spec.nics)]
-    if details.get("ssh") and nics and vm.ports.get("ssh"):
-        nics[0] = nics[0].model_copy(update={"forwards": (f"tcp:127.0.0.1:{vm.ports['ssh']}-:22",)})
+    nics = nic_plans(agent, vm, spec)
+    if details.get("ssh") and nics and vm.ports.get("ssh") and nics[0].mode == "user":
+        nics[0] = nics[0].model_copy(update={"forwards": (f"tcp:127.0.0.1:{vm.ports['ssh']}-:22", *nics[0].forwards)})
     if details.get("cloud_init") or spec.ssh_keys or spec.user_data:
         disks += (_seed_disk(agent, vm, spec, details),)
+    uefi = None
+    if effective_firmware(spec.firmware, details) == Firmware.UEFI:
+        uefi = uefi_firmware(agent.settings, agent.layout.vm_run_dir(vm.id))
     assert agent.inventory is not None
     ram_file = agent.layout.ram_file(vm.id) if spec.forkable else None
     return LaunchPlan(
@@ -109,10 +114,55 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
         cpus=spec.cpus,
         memory_mib=spec.memory >> 20,
         kernel_boot=kernel_boot,
+        uefi=uefi,
         disks=disks,
         nics=tuple(nics),
+        hotplug_ports=hotplug_ports(agent.settings.machine),
         qemu_binary=agent.settings.qemu_binary,
     )
+
+
+def hotplug_ports(machine: str) -> tuple[str, ...]:
+    """One PCIe root port per NIC slot on q35 (its root bus takes no hotplug); pc's bus hotplugs by itself."""
+    return tuple(nic_port(slot) for slot in range(MAX_NICS)) if machine.startswith("q35") else ()
+
+
+def nic_port(slot: int) -> str:
+    return f"nicport{slot}"
+
+
+def nic_plans(agent: Agent, vm: VM, spec: VMSpec) -> list[NicPlan]:
+    """Each NIC as QEMU gets it: a TAP on its network's bridge, or user-mode NAT (the user network, and the
+    fallback where this agent cannot make bridges) carrying the VM's port forwards as hostfwd rules."""
+    with agent.store.reading() as session:
+        rows = session.scalars(select(NetworkPort).where(NetworkPort.vm_id == vm.id))
+        ports = {port.nic_index: port for port in rows}
+        bridges = {net.id: net.bridge for net in session.scalars(select(Network))}
+        forwards = list(session.scalars(select(PortForward).where(PortForward.vm_id == vm.id)))
+        session.expunge_all()  # plain values from here on
+    on_q35 = agent.settings.machine.startswith("q35")
+    plans = []
+    for position, nic in enumerate(spec.nics):
+        slot = spec.nic_slot(position)
+        port = ports.get(slot)
+        bus = nic_port(slot) if on_q35 else None
+        if port is not None and agent.networks.enabled:
+            plans.append(NicPlan(id=f"net{slot}", mac=nic.mac or port.mac, mode="tap", ifname=port.tap,
+                                 bridge=bridges.get(port.network_id), bus=bus))
+            continue
+        hostfwd = tuple(f"{fwd.protocol}:0.0.0.0:{fwd.host_port}-:{fwd.guest_port}"
+                        for fwd in forwards if fwd.nic_index == slot)
+        plans.append(NicPlan(id=f"net{slot}", mac=nic.mac or "", mode="user", forwards=hostfwd, bus=bus))
+    return plans
+
+
+def check_firmware(agent: Agent, vm: VM) -> None:
+    """Refuse a firmware this host cannot boot when the VM is made, not at its first start: UEFI needs OVMF
+    installed and a machine type with flash."""
+    spec = VMSpec.model_validate(vm.spec)
+    if effective_firmware(spec.firmware, _image_details(agent, vm)) == Firmware.UEFI:
+        check_machine(agent.settings.machine)
+        ovmf_files(agent.settings)
 
 
 def _seed_disk(agent: Agent, vm: VM, spec: VMSpec, details: dict[str, Any]) -> DiskPlan:
@@ -178,9 +228,15 @@ async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any =
               status_message="starting QEMU")
     try:
         box = await asyncio.to_thread(agent.isolation.prepare, vm_id, plan)
+        await asyncio.to_thread(plug_taps, agent, vm_id, plan)
         if box.extra_args:
             plan = plan.model_copy(update={"extra_args": (*plan.extra_args, *box.extra_args)})
         proc = await QemuProcess.launch(plan, on_event=_event_handler(agent, vm_id), preexec=box.preexec)
+        try:
+            await _apply_disk_limits(agent, vm_id, proc, plan)
+        except BaseException:
+            await proc.kill()
+            raise
         if after_launch is not None:
             try:
                 await after_launch(proc)
@@ -191,6 +247,7 @@ async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any =
         update_vm(agent, vm_id, desired_state=PowerState.STOPPED, observed_state=PowerState.STOPPED,
                   status_message=f"start failed: {exc}", pid=None)
         agent.isolation.release(vm_id)
+        await asyncio.to_thread(unplug_taps, agent, vm_id)
         raise
     running = _track(agent, vm_id, proc)
     update_vm(agent, vm_id, observed_state=PowerState.RUNNING, pid=proc.pid, started_at=utcnow(), ready=False,
@@ -315,7 +372,53 @@ async def _clean_up_after(agent: Agent, running: RunningVM) -> bool:
     running.proc.record.qmp_socket.parent.joinpath("runtime.json").unlink(missing_ok=True)
     agent.layout.ram_file(running.vm_id).unlink(missing_ok=True)
     await asyncio.to_thread(agent.isolation.release, running.vm_id)
+    await asyncio.to_thread(unplug_taps, agent, running.vm_id)
     return True
+
+
+async def _apply_disk_limits(agent: Agent, vm_id: str, proc: QemuProcess, plan: LaunchPlan) -> None:
+    """Disk bandwidth and IOPS limits through QEMU's own throttling: it works on any filesystem, where the
+    cgroup io controller only sees whole block devices (and nothing on tmpfs or overlay pools)."""
+    spec = VMSpec.model_validate(load_vm(agent, vm_id).spec)
+    if not (spec.disk_read_bps or spec.disk_write_bps or spec.disk_iops):
+        return
+    for disk in plan.disks:
+        if disk.read_only:
+            continue
+        await proc.execute("block_set_io_throttle", {
+            "id": f"{disk.node}-dev", "bps": 0, "bps_rd": spec.disk_read_bps or 0, "bps_wr": spec.disk_write_bps or 0,
+            "iops": spec.disk_iops or 0, "iops_rd": 0, "iops_wr": 0,
+        })
+
+
+def _taps_file(agent: Agent, vm_id: str) -> Any:
+    return agent.layout.vm_run_dir(vm_id) / "taps"
+
+
+def plug_taps(agent: Agent, vm_id: str, plan: LaunchPlan) -> None:
+    """Make the TAPs of the plan's bridged NICs (their networks first, if this host has not made them yet).
+    The names are kept in the VM's run directory so they are removed even if the VM row is gone by then."""
+    taps = [nic for nic in plan.nics if nic.mode == "tap" and nic.ifname]
+    if not taps:
+        return
+    agent.networks.sync()
+    uid = agent.isolation.vm_uid(vm_id)
+    path = _taps_file(agent, vm_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{nic.ifname}\n" for nic in taps))
+    for nic in taps:
+        if nic.bridge is None:
+            raise NotFound(f"the network of NIC {nic.id} is gone", "remove the NIC or create the network again")
+        agent.networks.plug(nic.ifname, nic.bridge, uid)
+
+
+def unplug_taps(agent: Agent, vm_id: str) -> None:
+    path = _taps_file(agent, vm_id)
+    if not path.exists():
+        return
+    for name in path.read_text().split():
+        agent.networks.unplug(name)
+    path.unlink(missing_ok=True)
 
 
 async def pause(agent: Agent, vm_id: str) -> None:

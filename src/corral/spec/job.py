@@ -39,3 +39,8 @@ class JobKind(StrEnum):
     VM_FORK = "vm.fork"
     TEMPLATE_CREATE = "template.create"
     TEMPLATE_DELETE = "template.delete"
+    NETWORK_CREATE = "network.create"
+    NETWORK_DELETE = "network.delete"
+    VM_NIC_ADD = "vm.nic-add"
+    VM_NIC_REMOVE = "vm.nic-remove"
+    VM_PORT_FORWARD = "vm.port-forward"

@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from corral.errors import InvalidInput
+from corral.spec.firmware import Firmware, parse_firmware
 from corral.spec.firstboot import validate_ssh_key, validate_user_data
 from corral.spec.names import validate_name
 from corral.spec.sizes import parse_size
@@ -65,13 +66,21 @@ class DiskSpec(BaseModel):
         return self
 
 
+USER_NETWORK = "user"
+
+
 class NicSpec(BaseModel):
-    """A network interface. ``network="user"`` is QEMU's user-mode network (NAT, no bridge, no root)."""
+    """A network interface: on a corral network (a bridge with DHCP, see corral.cluster.networks), or on
+    ``network="user"``, QEMU's user-mode NAT, which needs no bridge and no root.
+
+    ``slot`` is the NIC's place on the VM's PCI bus (its own hotplug port) and the suffix of its QEMU ids. It is
+    fixed when the NIC is made, so hot-removing one NIC never renames the others inside a running guest."""
 
     model_config = ConfigDict(extra="forbid")
 
-    network: str = "user"
+    network: str = USER_NETWORK
     mac: str | None = None
+    slot: int | None = Field(default=None, ge=0, lt=MAX_NICS)
 
     @field_validator("mac")
     @classmethod
@@ -88,9 +97,7 @@ class NicSpec(BaseModel):
     @field_validator("network")
     @classmethod
     def _network(cls, value: str) -> str:
-        if value != "user":
-            raise InvalidInput(f"unknown network {value!r}", "only the built-in 'user' network exists on this version")
-        return value
+        return value if value == USER_NETWORK else validate_name(value, "network name")
 
 
 def random_mac() -> str:
@@ -119,6 +126,15 @@ class VMSpec(BaseModel):
     ssh_keys: list[str] = Field(default_factory=list)
     user_data: str | None = None
     password_login: bool = False
+    # Firmware to boot through (bios or uefi); None follows the image (its `--firmware` at import, else bios).
+    firmware: Annotated[Firmware | None, BeforeValidator(parse_firmware)] = None
+    # Resource limits beyond the vCPU count (enforced with cgroups and QEMU's block throttling; see
+    # docs/isolation.md). cpu_limit is in cores (0.5 = half of one core); None means "as many as vCPUs".
+    cpu_limit: float | None = Field(default=None, gt=0, le=MAX_CPUS)
+    cpu_weight: int | None = Field(default=None, ge=1, le=10_000)
+    disk_read_bps: Size | None = None
+    disk_write_bps: Size | None = None
+    disk_iops: int | None = Field(default=None, ge=1, le=1_000_000)
 
     @field_validator("ssh_keys")
     @classmethod
@@ -177,6 +193,16 @@ class VMSpec(BaseModel):
         macs = [nic.mac for nic in value if nic.mac]
         if len(macs) != len(set(macs)):
             raise InvalidInput("two NICs share a MAC address", "give each NIC its own MAC")
+        slots = [nic.slot for nic in value if nic.slot is not None]
+        if len(slots) != len(set(slots)):
+            raise InvalidInput("two NICs share a slot", "leave slots to corral")
+        return value
+
+    @field_validator("disk_read_bps", "disk_write_bps")
+    @classmethod
+    def _bps(cls, value: int | None) -> int | None:
+        if value is not None and value < 1 << 20:
+            raise InvalidInput(f"disk bandwidth limit {value} bytes/s is below 1M", "write a rate such as 50M")
         return value
 
     @field_validator("kernel_args")
@@ -187,13 +213,21 @@ class VMSpec(BaseModel):
         return value
 
     def with_macs(self) -> VMSpec:
-        """A copy where every NIC has a MAC, so the guest sees the same MACs on every boot."""
+        """A copy where every NIC has a MAC and a slot, so the guest sees the same NICs on every boot."""
         taken = {nic.mac for nic in self.nics if nic.mac}
+        used_slots = {nic.slot for nic in self.nics if nic.slot is not None}
+        free_slots = iter(slot for slot in range(MAX_NICS) if slot not in used_slots)
         nics = []
         for nic in self.nics:
             mac = nic.mac
             while mac is None or (mac in taken and nic.mac is None):
                 mac = random_mac()
             taken.add(mac)
-            nics.append(nic.model_copy(update={"mac": mac}))
+            slot = nic.slot if nic.slot is not None else next(free_slots)
+            nics.append(nic.model_copy(update={"mac": mac, "slot": slot}))
         return self.model_copy(update={"nics": nics})
+
+    def nic_slot(self, position: int) -> int:
+        """The slot of the NIC at ``position`` (specs made before slots existed use their position)."""
+        slot = self.nics[position].slot
+        return position if slot is None else slot

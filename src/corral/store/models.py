@@ -137,6 +137,9 @@ class VM(Base):
     placement_policy: Mapped[str | None] = mapped_column(String(16))
 
     volumes: Mapped[list[Volume]] = relationship(back_populates="vm", order_by="Volume.device_index")
+    # A VM's NICs on networks and its port forwards go with it.
+    network_ports: Mapped[list[NetworkPort]] = relationship(cascade="all, delete-orphan")
+    port_forwards: Mapped[list[PortForward]] = relationship(cascade="all, delete-orphan")
 
 
 class Snapshot(Base):

@@ -1,0 +1,92 @@
+"""Network routes, and the NIC and port-forward verbs of VMs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, status
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from corral.api.state import AppState, app_state, db_session
+from corral.api.views import Accepted, JobView, NetworkView, VMView
+from corral.cluster import networks
+from corral.cluster.vms import _busy, get_vm
+from corral.spec.network import NetworkSpec, PortForwardSpec
+from corral.spec.vm import NicSpec
+from corral.store.models import VM, NetworkPort
+
+router = APIRouter(tags=["networks"])
+ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
+
+
+class ForwardRemove(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host_port: int
+    protocol: str = "tcp"
+
+
+def _users(session: Session, network_id: str) -> list[str]:
+    return list(
+        session.scalars(
+            select(VM.name).join(NetworkPort, NetworkPort.vm_id == VM.id).where(NetworkPort.network_id == network_id)
+        ).unique()
+    )
+
+
+@router.get("/networks", response_model=list[NetworkView])
+def list_networks(session: Session = Depends(db_session)) -> list[NetworkView]:
+    return [NetworkView.of(net, _users(session, net.id)) for net in networks.list_networks(session)]
+
+
+@router.get("/networks/{name}", response_model=NetworkView)
+def show_network(name: str, session: Session = Depends(db_session)) -> NetworkView:
+    network = networks.get_network(session, name)
+    return NetworkView.of(network, _users(session, network.id))
+
+
+@router.post("/networks", **ACCEPTED)
+def create_network(request: NetworkSpec, state: AppState = Depends(app_state)) -> Accepted:
+    with state.store.session() as session:
+        job = networks.create(session, request)
+        network = networks.get_network(session, request.name)
+        return Accepted(job=JobView.of(job), network=NetworkView.of(network, []))
+
+
+@router.delete("/networks/{name}", **ACCEPTED)
+def delete_network(name: str, state: AppState = Depends(app_state)) -> Accepted:
+    with state.store.session() as session:
+        return Accepted(job=JobView.of(networks.delete(session, name)))
+
+
+@router.post("/vms/{name}/nics", **ACCEPTED)
+def add_nic(name: str, request: NicSpec, state: AppState = Depends(app_state)) -> Accepted:
+    with state.store.session() as session:
+        vm = get_vm(session, name)
+        _busy(session, vm)
+        job = networks.nic_add(session, vm, request)
+        return Accepted(job=JobView.of(job), vm=VMView.of(vm))
+
+
+@router.delete("/vms/{name}/nics/{nic}", **ACCEPTED)
+def remove_nic(name: str, nic: str, state: AppState = Depends(app_state)) -> Accepted:
+    with state.store.session() as session:
+        vm = get_vm(session, name)
+        _busy(session, vm)
+        return Accepted(job=JobView.of(networks.nic_remove(session, vm, nic)))
+
+
+@router.post("/vms/{name}/port-forwards", **ACCEPTED)
+def add_port_forward(name: str, request: PortForwardSpec, state: AppState = Depends(app_state)) -> Accepted:
+    with state.store.session() as session:
+        vm = get_vm(session, name)
+        _busy(session, vm)
+        return Accepted(job=JobView.of(networks.add_forward(session, vm, request)))
+
+
+@router.post("/vms/{name}/port-forwards/remove", **ACCEPTED)
+def remove_port_forward(name: str, request: ForwardRemove, state: AppState = Depends(app_state)) -> Accepted:
+    with state.store.session() as session:
+        vm = get_vm(session, name)
+        _busy(session, vm)
+        return Accepted(job=JobView.of(networks.remove_forward(session, vm, request.host_port, request.protocol)))

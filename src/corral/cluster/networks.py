@@ -1,0 +1,302 @@
+"""Network verbs of the control plane: networks, the NICs VMs have on them, and port forwards.
+
+Addresses are reserved here, in the store, when a NIC is made: the DHCP server then hands each MAC its own
+address. Knowing a guest's address before it boots is what lets port forwards and anti-spoofing rules be
+written up front, and keeps the address stable across restarts, clones and host moves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from corral.errors import AlreadyExists, Conflict, NotFound
+from corral.spec.job import JobKind
+from corral.spec.network import NetworkMode, NetworkSpec, PortForwardSpec, validate_subnet
+from corral.spec.vm import MAX_NICS, USER_NETWORK, NicSpec, PowerState, VMSpec
+from corral.store import jobs
+from corral.store.models import VM, Host, Job, Network, NetworkPort, PortForward, new_id
+
+DEFAULT_NETWORK = "default"
+# Where automatic subnets come from: /24s of 10.87.0.0/16, away from the ranges home routers and clouds favour.
+AUTO_SUBNET_POOL = ipaddress.IPv4Network("10.87.0.0/16")
+BRIDGE_PREFIX = "crl"
+TAP_PREFIX = "crt"
+
+
+def get_network(session: Session, name: str, project: str = "default") -> Network:
+    network = session.scalars(select(Network).where(Network.project == project, Network.name == name)).first()
+    if network is None:
+        raise NotFound(f"network {name!r} not found", "list networks with `corral network list`, or create it")
+    return network
+
+
+def list_networks(session: Session, project: str = "default") -> list[Network]:
+    return list(session.scalars(select(Network).where(Network.project == project).order_by(Network.name)))
+
+
+def _taken_subnets(session: Session) -> list[tuple[str, ipaddress.IPv4Network]]:
+    """Every project's subnets: they all share the hosts' routing tables, so none may overlap."""
+    rows = session.execute(select(Network.name, Network.subnet).where(Network.subnet.is_not(None))).all()
+    return [(name, ipaddress.IPv4Network(subnet)) for name, subnet in rows]
+
+
+def host_routes() -> list[ipaddress.IPv4Network]:
+    """This machine's IPv4 routes, so an automatic subnet never shadows a LAN the host is on."""
+    try:
+        out = subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    routes = []
+    for route in json.loads(out or "[]"):
+        dst = route.get("dst", "")
+        if dst in ("default", "") or route.get("type") in ("broadcast", "local"):
+            continue
+        try:
+            routes.append(ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False))
+        except ValueError:
+            continue
+    return routes
+
+
+def pick_subnet(session: Session, avoid: list[ipaddress.IPv4Network] | None = None) -> ipaddress.IPv4Network:
+    taken = [subnet for _, subnet in _taken_subnets(session)] + (avoid if avoid is not None else host_routes())
+    for candidate in AUTO_SUBNET_POOL.subnets(new_prefix=24):
+        if not any(candidate.overlaps(other) for other in taken):
+            return candidate
+    raise Conflict("no free /24 left in 10.87.0.0/16 for a new network", "pass --subnet explicitly")
+
+
+def _job_host(session: Session) -> str:
+    """Network jobs run on one host (the first online one): it reports errors such as a missing uplink.
+    Every other host's agent makes the bridge when a VM there first needs it."""
+    host = session.scalars(select(Host.name).where(Host.state == "online").order_by(Host.name)).first()
+    if host is None:
+        raise Conflict("no host is online to make the network on", "start corral's agent (`corral serve`)")
+    return host
+
+
+def create(session: Session, spec: NetworkSpec, project: str = "default") -> Job:
+    if session.scalars(select(Network.id).where(Network.project == project, Network.name == spec.name)).first():
+        raise AlreadyExists(f"network {spec.name!r} already exists", "choose another name or delete it first")
+    subnet = gateway = None
+    if spec.mode != NetworkMode.BRIDGE:
+        if spec.subnet is None:
+            chosen = pick_subnet(session)
+        else:
+            chosen = validate_subnet(spec.subnet)
+            for other_name, other in _taken_subnets(session):
+                if chosen.overlaps(other):
+                    raise Conflict(f"subnet {chosen} overlaps network {other_name!r} ({other})",
+                                   "choose a subnet that overlaps no other network")
+        subnet, gateway = str(chosen), str(next(chosen.hosts()))
+    network_id = new_id()
+    network = Network(
+        id=network_id,
+        name=spec.name,
+        project=project,
+        mode=spec.mode.value,
+        subnet=subnet,
+        gateway=gateway,
+        dhcp=spec.dhcp and spec.mode != NetworkMode.BRIDGE,
+        uplink=spec.uplink,
+        bridge=spec.uplink if spec.mode == NetworkMode.BRIDGE else f"{BRIDGE_PREFIX}{network_id[:8]}",
+        state="pending",
+    )
+    session.add(network)
+    session.flush()
+    return jobs.submit(session, JobKind.NETWORK_CREATE, "network", network.name, target_id=network.id,
+                       host=_job_host(session), project=project)
+
+
+def delete(session: Session, name: str, project: str = "default") -> Job:
+    network = get_network(session, name, project)
+    users = session.scalars(
+        select(VM.name).join(NetworkPort, NetworkPort.vm_id == VM.id).where(NetworkPort.network_id == network.id)
+    ).all()
+    if users:
+        shown = ", ".join(sorted(set(users)))
+        raise Conflict(f"network {name!r} is in use by VM(s) {shown}",
+                       "delete those VMs or remove their NICs (`corral vm nic remove VM SLOT`) first")
+    if jobs.active_for(session, "network", network.id):
+        raise Conflict(f"network {name!r} is busy", "wait for its job to finish")
+    network.state = "deleting"
+    return jobs.submit(session, JobKind.NETWORK_DELETE, "network", network.name, target_id=network.id,
+                       host=_job_host(session), project=project)
+
+
+def ensure_default(session: Session) -> Network | None:
+    """The NAT network every installation starts with, made once (a user may delete it afterwards)."""
+    if session.scalars(select(Network.id).where(Network.project == "default", Network.name == DEFAULT_NETWORK)).first():
+        return None
+    spec = NetworkSpec(name=DEFAULT_NETWORK, mode=NetworkMode.NAT)
+    create(session, spec)
+    return get_network(session, DEFAULT_NETWORK)
+
+
+# -- NICs ------------------------------------------------------------------------------------------------------
+
+
+def _free_address(session: Session, network: Network) -> str:
+    subnet = ipaddress.IPv4Network(network.subnet)
+    taken = set(session.scalars(select(NetworkPort.ip).where(NetworkPort.network_id == network.id)))
+    taken.add(network.gateway)
+    for address in subnet.hosts():
+        if str(address) not in taken:
+            return str(address)
+    raise Conflict(f"network {network.name!r} has no free address left in {network.subnet}",
+                   "create a network with a larger subnet")
+
+
+def attach_nic(session: Session, vm: VM, nic: NicSpec) -> NetworkPort | None:
+    """Reserve ``nic``'s place on its network: a TAP name and, with DHCP, an address. User-mode NICs need none."""
+    if nic.network == USER_NETWORK:
+        return None
+    assert nic.mac is not None and nic.slot is not None, "NICs get their MAC and slot before they are attached"
+    network = get_network(session, nic.network, vm.project)
+    if network.state in ("deleting", "error"):
+        raise Conflict(f"network {network.name!r} is {network.state}: {network.status_message}".rstrip(": "),
+                       f"see `corral network show {network.name}`")
+    clash = session.scalars(
+        select(NetworkPort.id).where(NetworkPort.network_id == network.id, NetworkPort.mac == nic.mac)
+    ).first()
+    if clash:
+        raise Conflict(f"MAC {nic.mac} is already used on network {network.name!r}", "choose another MAC or none")
+    port_id = new_id()
+    port = NetworkPort(
+        id=port_id,
+        network_id=network.id,
+        vm_id=vm.id,
+        nic_index=nic.slot,
+        mac=nic.mac,
+        ip=_free_address(session, network) if network.subnet and network.dhcp else None,
+        tap=f"{TAP_PREFIX}{port_id[:10]}",
+    )
+    session.add(port)
+    session.flush()
+    return port
+
+
+def attach_nics(session: Session, vm: VM, spec: VMSpec) -> None:
+    for nic in spec.nics:
+        attach_nic(session, vm, nic)
+
+
+def ports_of(session: Session, vm_id: str) -> list[NetworkPort]:
+    return list(session.scalars(select(NetworkPort).where(NetworkPort.vm_id == vm_id).order_by(NetworkPort.nic_index)))
+
+
+def nic_add(session: Session, vm: VM, nic: NicSpec) -> Job:
+    spec = VMSpec.model_validate(vm.spec)
+    if len(spec.nics) >= MAX_NICS:
+        raise Conflict(f"VM {vm.name} already has {MAX_NICS} NICs", "remove one first")
+    updated = spec.model_copy(update={"nics": [*spec.nics, nic]}).with_macs()
+    VMSpec.model_validate(updated.model_dump())  # duplicate MACs and slots are refused here
+    added = updated.nics[-1]
+    attach_nic(session, vm, added)
+    vm.spec = updated.model_dump(mode="json")
+    return jobs.submit(session, JobKind.VM_NIC_ADD, "vm", vm.name, target_id=vm.id, host=vm.host,
+                       project=vm.project, params={"slot": added.slot})
+
+
+def find_nic(spec: VMSpec, which: str) -> NicSpec:
+    """A NIC by slot number or MAC address, as `vm show` lists them."""
+    for position, nic in enumerate(spec.nics):
+        if which.lower() in (str(spec.nic_slot(position)), (nic.mac or "").lower()):
+            return nic
+    raise NotFound(f"the VM has no NIC {which!r}", "name a NIC by the slot or MAC `corral vm show` lists")
+
+
+def nic_remove(session: Session, vm: VM, which: str) -> Job:
+    spec = VMSpec.model_validate(vm.spec)
+    nic = find_nic(spec, which)
+    position = spec.nics.index(nic)
+    slot = spec.nic_slot(position)
+    if session.scalars(select(PortForward.id).where(PortForward.vm_id == vm.id, PortForward.nic_index == slot)).first():
+        raise Conflict(f"NIC {slot} of {vm.name} has port forwards", f"remove them: `corral vm port-forward {vm.name}"
+                       " --remove HOST_PORT`")
+    return jobs.submit(session, JobKind.VM_NIC_REMOVE, "vm", vm.name, target_id=vm.id, host=vm.host,
+                       project=vm.project, params={"slot": slot})
+
+
+def detach_nic(session: Session, vm: VM, slot: int) -> None:
+    """The store's half of a NIC removal, once the guest has let go of the device."""
+    spec = VMSpec.model_validate(vm.spec)
+    nics = [nic for position, nic in enumerate(spec.nics) if spec.nic_slot(position) != slot]
+    vm.spec = spec.model_copy(update={"nics": nics}).model_dump(mode="json")
+    for port in ports_of(session, vm.id):
+        if port.nic_index == slot:
+            session.delete(port)
+
+
+# -- port forwards ---------------------------------------------------------------------------------------------
+
+
+def _forward_nic(session: Session, vm: VM) -> tuple[int, str]:
+    """The NIC a forward reaches: the first on a NAT network, else the first user-mode one."""
+    spec = VMSpec.model_validate(vm.spec)
+    ports = {port.nic_index: port for port in ports_of(session, vm.id)}
+    candidates: list[tuple[int, str]] = []
+    for position, nic in enumerate(spec.nics):
+        slot = spec.nic_slot(position)
+        if nic.network == USER_NETWORK:
+            candidates.append((slot, "user"))
+            continue
+        network = session.get(Network, ports[slot].network_id) if slot in ports else None
+        if network is not None and network.mode == NetworkMode.NAT and ports[slot].ip:
+            candidates.append((slot, "nat"))
+    if not candidates:
+        raise Conflict(f"VM {vm.name} has no NIC a port forward can reach",
+                       "forwards need a NIC on a NAT network or on the user network; isolated networks have no way in")
+    candidates.sort(key=lambda item: item[1] != "nat")
+    return candidates[0]
+
+
+def add_forward(session: Session, vm: VM, forward: PortForwardSpec) -> Job:
+    clash = session.scalars(
+        select(PortForward).where(
+            PortForward.host == vm.host, PortForward.protocol == forward.protocol,
+            PortForward.host_port == forward.host_port,
+        )
+    ).first()
+    if clash is not None:
+        owner = session.get(VM, clash.vm_id)
+        raise Conflict(f"host port {forward.host_port}/{forward.protocol} is already forwarded to "
+                       f"{owner.name if owner else 'another VM'}", "choose another host port")
+    slot, _kind = _forward_nic(session, vm)
+    row = PortForward(vm_id=vm.id, host=vm.host, nic_index=slot, protocol=forward.protocol,
+                      host_port=forward.host_port, guest_port=forward.guest_port)
+    session.add(row)
+    session.flush()
+    return jobs.submit(session, JobKind.VM_PORT_FORWARD, "vm", vm.name, target_id=vm.id, host=vm.host,
+                       project=vm.project, params={"add": row.id})
+
+
+def remove_forward(session: Session, vm: VM, host_port: int, protocol: str = "tcp") -> Job:
+    row = session.scalars(
+        select(PortForward).where(
+            PortForward.vm_id == vm.id, PortForward.protocol == protocol, PortForward.host_port == host_port
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"VM {vm.name} has no forward from host port {host_port}/{protocol}",
+                       f"list them with `corral vm show {vm.name}`")
+    params = {"remove": {"host_port": row.host_port, "guest_port": row.guest_port, "protocol": row.protocol,
+                         "nic_index": row.nic_index}}
+    session.delete(row)
+    return jobs.submit(session, JobKind.VM_PORT_FORWARD, "vm", vm.name, target_id=vm.id, host=vm.host,
+                       project=vm.project, params=params)
+
+
+def forwards_of(session: Session, vm_id: str) -> list[PortForward]:
+    return list(session.scalars(select(PortForward).where(PortForward.vm_id == vm_id).order_by(PortForward.host_port)))
+
+
+def running(vm: VM) -> bool:
+    return vm.observed_state in (PowerState.RUNNING, PowerState.PAUSED, PowerState.STARTING)
+

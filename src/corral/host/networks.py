@@ -1,0 +1,279 @@
+"""This host's half of corral's networks: bridges, TAPs, one dnsmasq per network and the nftables rules.
+
+Everything here is reconciled from the store like VMs are: ``sync`` makes what is missing (after a reboot, a
+daemon restart or a dnsmasq crash), removes what the store no longer names, and reloads the firewall in one
+transaction. What this installation made is recorded under CORRAL_HOME/run/networks, so it only ever removes
+its own bridges, even with other corral homes (or libvirt) on the same machine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+from sqlalchemy import select
+
+from corral.config import Settings
+from corral.errors import CorralError, EngineError
+from corral.host import dnsmasq, firewall
+from corral.spec.network import NetworkMode
+from corral.store.db import Store
+from corral.store.models import VM, Network, NetworkPort, PortForward
+
+log = logging.getLogger("corral.agent")
+
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and result.returncode != 0:
+        raise EngineError(f"ip {' '.join(args)} failed: {result.stderr.strip()}", "corral's agent must run as root")
+    return result
+
+
+def link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def is_bridge(name: str) -> bool:
+    return Path("/sys/class/net", name, "bridge").is_dir()
+
+
+def can_manage() -> bool:
+    """Bridges and TAPs need root (CAP_NET_ADMIN); without it VMs fall back to user-mode networking."""
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+class NetworkHost:
+    def __init__(self, settings: Settings, store: Store, host_name: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.host_name = host_name
+        self.root = settings.home / "run" / "networks"
+        self.tag = firewall.table_tag(settings.home)
+        self.enabled = can_manage()
+        self._lock = threading.RLock()
+        self._last_rules: str | None = None
+
+    def directory(self, network_id: str) -> Path:
+        return self.root / network_id[:12]
+
+    # -- networks ---------------------------------------------------------------------------------------------
+
+    def ensure(self, network: Network, hosts: list[dnsmasq.DhcpHost]) -> None:
+        """Make the network's bridge and DHCP server exist as the row says; raise with the reason if not."""
+        if not self.enabled:
+            raise EngineError("corral's agent is not root: bridged networks are unavailable on this host",
+                              "run corral as root, or use --nic network=user")
+        with self._lock:
+            directory = self.directory(network.id)
+            directory.mkdir(parents=True, exist_ok=True)
+            if network.mode == NetworkMode.BRIDGE:
+                if not is_bridge(network.bridge):
+                    raise EngineError(f"uplink {network.bridge!r} is not a bridge on this host",
+                                      "create it (ip link add br0 type bridge) and enslave the LAN interface to it")
+                (directory / "bridge").write_text(f"{network.bridge}\nexternal\n")
+                return
+            self._ensure_bridge(network, directory)
+            if network.dhcp and network.subnet and network.gateway:
+                changed = dnsmasq.write_hosts(directory, hosts)
+                if dnsmasq.running_pid(directory) is None:
+                    dnsmasq.start(directory, network.bridge, network.subnet, network.gateway,
+                                  isolated=network.mode == NetworkMode.ISOLATED)
+                elif changed:
+                    dnsmasq.reload(directory)
+
+    def _ensure_bridge(self, network: Network, directory: Path) -> None:
+        (directory / "bridge").write_text(f"{network.bridge}\nowned\n")
+        if not link_exists(network.bridge):
+            _ip("link", "add", "name", network.bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0")
+            ipv6 = Path("/proc/sys/net/ipv6/conf", network.bridge, "disable_ipv6")
+            if ipv6.exists():  # guests get IPv4 from corral; no stray router advertisements or SLAAC
+                ipv6.write_text("1\n")
+        if network.subnet and network.gateway:
+            prefix = ipaddress.IPv4Network(network.subnet).prefixlen
+            address = f"{network.gateway}/{prefix}"
+            shown = _ip("-o", "-4", "addr", "show", "dev", network.bridge).stdout
+            if f" {address} " not in shown:
+                self._check_no_clash(network)
+                _ip("addr", "add", address, "dev", network.bridge)
+        _ip("link", "set", network.bridge, "up")
+        # Port forwards reached through 127.0.0.1 are routed out of this bridge; Linux drops that unless told.
+        localnet = Path("/proc/sys/net/ipv4/conf", network.bridge, "route_localnet")
+        if localnet.exists() and localnet.read_text().strip() != "1":
+            localnet.write_text("1\n")
+
+    def _check_no_clash(self, network: Network) -> None:
+        subnet = ipaddress.IPv4Network(network.subnet)
+        for line in _ip("-o", "-4", "addr", "show").stdout.splitlines():
+            fields = line.split()
+            if len(fields) < 4 or fields[1] == network.bridge:
+                continue
+            try:
+                other = ipaddress.IPv4Interface(fields[3]).network
+            except ValueError:
+                continue
+            if other.overlaps(subnet):
+                raise EngineError(f"subnet {network.subnet} overlaps {other} on the host's {fields[1]}",
+                                  "delete the network and create it again with another --subnet")
+
+    def teardown(self, network_id: str) -> None:
+        """Stop the network's dnsmasq and remove its bridge if corral made it; an external bridge stays."""
+        with self._lock:
+            directory = self.directory(network_id)
+            dnsmasq.stop(directory)
+            marker = directory / "bridge"
+            if marker.exists():
+                name, _, ownership = marker.read_text().partition("\n")
+                if ownership.strip() == "owned" and link_exists(name):
+                    _ip("link", "del", name, check=False)
+            shutil.rmtree(directory, ignore_errors=True)
+
+    # -- TAPs -------------------------------------------------------------------------------------------------
+
+    def plug(self, tap: str, bridge: str, owner_uid: int | None) -> None:
+        """A persistent TAP on the bridge, owned by the VM's uid so its QEMU can open it again after dropping
+        root (a hot-added NIC)."""
+        with self._lock:
+            if link_exists(tap):
+                _ip("link", "del", tap, check=False)  # a leftover with another owner or bridge
+            owner = ["user", str(owner_uid)] if owner_uid is not None else []
+            _ip("tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr", *owner)
+            try:
+                _ip("link", "set", tap, "master", bridge)
+                _ip("link", "set", tap, "up")
+            except CorralError:
+                _ip("link", "del", tap, check=False)
+                raise
+
+    def open_tap(self, tap: str) -> int:
+        """An open file descriptor on an existing TAP, for a QEMU that has dropped root: it cannot open
+        /dev/net/tun itself (root-only on many hosts), so the agent opens it and hands the descriptor over."""
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            request = struct.pack("16sH", tap.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fcntl.ioctl(fd, TUNSETIFF, request)
+        except OSError as exc:
+            os.close(fd)
+            raise EngineError(f"cannot open TAP {tap}: {exc.strerror}", "is the agent root?") from exc
+        return fd
+
+    def unplug(self, tap: str) -> None:
+        with self._lock:
+            if link_exists(tap):
+                _ip("link", "del", tap, check=False)
+
+    # -- reconciling ------------------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make every network of the store exist here, drop those it no longer has, reload the firewall.
+
+        Errors of one network are written to its row (state "error") and never stop the others."""
+        if not self.enabled:
+            return
+        with self._lock:
+            with self.store.reading() as session:
+                networks = list(session.scalars(select(Network)))
+                ports = list(session.execute(
+                    select(NetworkPort, VM.name, VM.host).join(VM, VM.id == NetworkPort.vm_id)
+                ).all())
+                forwards = list(session.execute(
+                    select(PortForward, NetworkPort.ip)
+                    .join(NetworkPort, (NetworkPort.vm_id == PortForward.vm_id)
+                          & (NetworkPort.nic_index == PortForward.nic_index))
+                    .where(PortForward.host == self.host_name)
+                ).all())
+                session.expunge_all()
+            wanted = {net.id[:12] for net in networks if net.state != "deleting"}
+            if self.root.exists():
+                for directory in self.root.iterdir():
+                    if directory.name not in wanted and not any(n.id[:12] == directory.name for n in networks):
+                        log.info("removing network leftovers %s", directory.name)
+                        self.teardown(directory.name)
+            states: dict[str, tuple[str, str]] = {}
+            for net in networks:
+                if net.state == "deleting":
+                    continue
+                hosts = [dnsmasq.DhcpHost(port.mac, port.ip, name)
+                         for port, name, _host in ports if port.network_id == net.id and port.ip]
+                try:
+                    self.ensure(net, hosts)
+                    states[net.id] = ("ready", "")
+                except CorralError as exc:
+                    states[net.id] = ("error", str(exc))
+            self._record_states(networks, states)
+            rules = firewall.Ruleset(
+                networks=[firewall.BridgeRules(n.bridge, n.mode, n.subnet)
+                          for n in networks if n.state != "deleting" and states.get(n.id, ("",))[0] == "ready"],
+                ports=[firewall.PortRules(port.tap, port.mac, port.ip)
+                       for port, _name, host in ports if host == self.host_name],
+                forwards=[firewall.ForwardRules(fwd.protocol, fwd.host_port, ip, fwd.guest_port)
+                          for fwd, ip in forwards if ip],
+            )
+            self.apply(rules, nat=any(n.mode == NetworkMode.NAT for n in networks))
+
+    def apply(self, rules: firewall.Ruleset, nat: bool) -> None:
+        script = firewall.render(self.tag, rules)
+        if script == self._last_rules:
+            return
+        if nat:
+            firewall.enable_forwarding()
+        firewall.load(script)
+        self._last_rules = script
+
+    def _record_states(self, networks: list[Network], states: dict[str, tuple[str, str]]) -> None:
+        changed = {nid: st for nid, st in states.items()
+                   if any(n.id == nid and (n.state, n.status_message) != st for n in networks)}
+        if not changed:
+            return
+        with self.store.session() as session:
+            for network_id, (state, message) in changed.items():
+                row = session.get(Network, network_id)
+                if row is not None and row.state != "deleting":
+                    row.state, row.status_message = state, message
+                    if state == "error":
+                        log.warning("network %s: %s", row.name, message)
+        self.store.notifier.notify()
+
+    def remove_all(self) -> None:
+        with self._lock:
+            remove_everything(self.settings.home)
+            self._last_rules = None
+
+
+def remove_everything(home: Path) -> None:
+    """Take down every bridge, TAP, dnsmasq and nftables table the installation at ``home`` made (used when a
+    test run ends, and by `corral serve --remove-networks`). Works without the store: it reads what the agent
+    recorded under ``home``."""
+    for taps in (home / "run").glob("*/taps"):
+        for name in taps.read_text().split():
+            if link_exists(name):
+                _ip("link", "del", name, check=False)
+        taps.unlink(missing_ok=True)
+    root = home / "run" / "networks"
+    if root.exists():
+        for directory in root.iterdir():
+            dnsmasq.stop(directory)
+            marker = directory / "bridge"
+            if marker.exists():
+                name, _, ownership = marker.read_text().partition("\n")
+                if ownership.strip() == "owned" and link_exists(name):
+                    _ip("link", "del", name, check=False)
+            shutil.rmtree(directory, ignore_errors=True)
+    if can_manage() and shutil.which("nft"):
+        try:
+            firewall.load(firewall.render_removal(firewall.table_tag(home)))
+        except CorralError:
+            log.warning("could not remove corral's nftables tables")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -130,6 +131,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows += await _series(lab, memory_mib, busy, args.runs, tuning)
     finally:
         await lab.close()
+        shutil.rmtree(image_dir, ignore_errors=True)
     return rows
 
 

@@ -74,15 +74,24 @@ def test_a_vms_qemu_cannot_open_another_vms_disk(daemon: Daemon, pair: tuple[str
     assert uid != 0 and uid != other_uid, "each VM's QEMU must run under a non-root uid of its own"
     other_disk = daemon.home / "pools" / "default" / f"{free}-root.qcow2"
     own_disk = daemon.home / "pools" / "default" / f"{limited}-root.qcow2"
-    probe = "import sys\ntry:\n    open(sys.argv[1], 'rb').read(1)\nexcept PermissionError:\n    sys.exit(13)\n"
 
     def open_as_qemu(path: Path) -> int:
-        def drop() -> None:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-
-        return subprocess.run([sys.executable, "-c", probe, str(path)], preexec_fn=drop).returncode
+        """0 if the VM's uid can read ``path``, 13 if the kernel refuses (checked in a forked child)."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                with open(path, "rb") as disk:
+                    disk.read(1)
+                code = 0
+            except PermissionError:
+                code = 13
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
     assert open_as_qemu(own_disk) == 0, "the VM's own QEMU uid must be able to read its disk"
     assert open_as_qemu(other_disk) == 13, "a VM's QEMU uid could read another VM's disk"

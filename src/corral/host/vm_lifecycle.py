@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from corral.engine import snapshots as engine_snapshots
+from corral.engine.argv import UEFI_VARS_NODE
 from corral.engine.guest_agent import GuestAgent, wait_until_ready
 from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan
 from corral.engine.process import ExitInfo, QemuProcess
@@ -267,9 +269,12 @@ async def start(
             vm.ports = {**vm.ports, "ssh": free_port()}
             update_vm(agent, vm_id, ports=vm.ports)
         plan = build_plan(agent, vm)
-        if loadvm:
+        after_launch = None
+        if loadvm and plan.uefi is not None:
+            plan, after_launch = _paused_for_snapshot(plan, loadvm)
+        elif loadvm:
             plan = plan.model_copy(update={"loadvm": loadvm})
-        running = await launch(agent, vm_id, plan)
+        running = await launch(agent, vm_id, plan, after_launch)
     elif await running.proc.run_state() == "paused":
         await running.proc.resume()
     if wait:
@@ -277,6 +282,20 @@ async def start(
             progress(0.5, "waiting for the guest agent")
         await asyncio.shield(running.ready)
     return {"pid": running.proc.pid}
+
+
+def _paused_for_snapshot(plan: LaunchPlan, tag: str) -> tuple[LaunchPlan, Any]:
+    """How a UEFI VM starts from a snapshot. -loadvm takes the RAM from the first snapshot-capable block node,
+    and the firmware's flash comes before every disk, so it would look in the variable store and find a
+    "disk-only snapshot". Instead QEMU starts paused (-S), the snapshot is loaded naming disk0 for the RAM, and
+    the VM runs on from there."""
+    nodes = [disk.node for disk in plan.disks if disk.format == "qcow2" and not disk.read_only] + [UEFI_VARS_NODE]
+
+    async def load(proc: QemuProcess) -> None:
+        await engine_snapshots.load_live(proc, tag, nodes)
+        await proc.resume()
+
+    return plan.model_copy(update={"extra_args": (*plan.extra_args, "-S")}), load
 
 
 async def stop(
@@ -385,8 +404,10 @@ async def _apply_disk_limits(agent: Agent, vm_id: str, proc: QemuProcess, plan: 
     for disk in plan.disks:
         if disk.read_only:
             continue
+        # The block backend belongs to the virtio device inside the PCI proxy that carries the qdev id.
         await proc.execute("block_set_io_throttle", {
-            "id": f"{disk.node}-dev", "bps": 0, "bps_rd": spec.disk_read_bps or 0, "bps_wr": spec.disk_write_bps or 0,
+            "id": f"/machine/peripheral/{disk.node}-dev/virtio-backend", "bps": 0,
+            "bps_rd": spec.disk_read_bps or 0, "bps_wr": spec.disk_write_bps or 0,
             "iops": spec.disk_iops or 0, "iops_rd": 0, "iops_wr": 0,
         })
 

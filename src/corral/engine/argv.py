@@ -145,13 +145,10 @@ def monitor_args(plan: LaunchPlan) -> list[str]:
 
 def build_argv(plan: LaunchPlan) -> list[str]:
     """The whole command line, in a stable order so golden-file tests can compare it."""
-    argv = base_args(plan) + machine_args(plan) + kernel_args(plan.kernel_boot)
+    argv = base_args(plan) + machine_args(plan) + firmware_args(plan.uefi) + kernel_args(plan.kernel_boot)
     for index, disk in enumerate(plan.disks):
         boot_index = 0 if index == 0 and plan.kernel_boot is None else None
         argv += disk_args(disk, boot_index)
-    # After the disks: -loadvm reads the RAM from the first snapshot-capable node QEMU made, which must be disk0
-    # rather than the (qcow2) UEFI variable store.
-    argv += firmware_args(plan.uefi)
     argv += hotplug_port_args(plan)
     for nic in plan.nics:
         argv += nic_args(nic)

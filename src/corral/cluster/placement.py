@@ -294,19 +294,37 @@ class Scheduler:
     def __init__(self, view: dict[str, HostLoad], strategy: Strategy | str | None = None) -> None:
         self.view = view
         self.strategy = Strategy(strategy or _default_strategy)
-        self._heap: list[tuple[float, str]] = []
-        self._key: dict[str, float] = {}
-        for load in view.values():
-            self._push(load)
+        self._key: dict[str, float] = {load.name: self.weight(load) for load in view.values()}
+        # One heap per request shape, without the hosts that can no longer take that shape: in a batch,
+        # allocations only grow, so a host too full (or unsuitable) for a shape stays so. Without this, packing
+        # would pop every full host again for every VM.
+        self._heaps: dict[tuple[int, int, int, str | None], list[tuple[float, str]]] = {}
+        self._dead: dict[tuple[int, int, int, str | None], set[str]] = {}
 
     def weight(self, load: HostLoad) -> float:
         """Lower is better: spread wants the least allocated host, pack the most allocated one."""
         return load.utilisation() if self.strategy == Strategy.SPREAD else -load.utilisation()
 
+    @staticmethod
+    def _shape(request: PlacementRequest) -> tuple[int, int, int, str | None]:
+        running = request.will_run
+        return (request.cpus if running else 0, request.memory if running else 0, request.storage, request.accel)
+
+    def _heap_for(self, shape: tuple[int, int, int, str | None]) -> list[tuple[float, str]]:
+        heap = self._heaps.get(shape)
+        if heap is None:
+            dead = self._dead.setdefault(shape, set())
+            heap = [(key, name) for name, key in self._key.items() if name not in dead]
+            heapq.heapify(heap)
+            self._heaps[shape] = heap
+        return heap
+
     def _push(self, load: HostLoad) -> None:
         key = self.weight(load)
         self._key[load.name] = key
-        heapq.heappush(self._heap, (key, load.name))
+        for shape, heap in self._heaps.items():
+            if load.name not in self._dead[shape]:
+                heapq.heappush(heap, (key, load.name))
 
     def _group_rule(self, load: HostLoad, request: PlacementRequest) -> str | None:
         if not request.group:
@@ -337,22 +355,27 @@ class Scheduler:
             if members:
                 yield from sorted((self.view[name] for name in members), key=self.weight)
                 return
+        shape = self._shape(request)
+        heap, dead = self._heap_for(shape), self._dead[shape]
         popped: list[tuple[float, str]] = []
         try:
-            while self._heap:
-                key, name = heapq.heappop(self._heap)
-                if self._key.get(name) != key:
+            while heap:
+                key, name = heapq.heappop(heap)
+                if self._key.get(name) != key or name in dead:
                     continue  # stale: the host's weight changed since this entry
                 popped.append((key, name))
                 yield self.view[name]
         finally:
             for entry in popped:
-                if self._key.get(entry[1]) == entry[0]:
-                    heapq.heappush(self._heap, entry)
+                if self._key.get(entry[1]) == entry[0] and entry[1] not in dead:
+                    heapq.heappush(heap, entry)
 
     def place(self, request: PlacementRequest) -> HostLoad:
         """The best host that passes every filter; raises with every host's reason when none does."""
         for load in self.candidates(request):
+            if request.host is None and load.fits(request) is not None:
+                self._dead[self._shape(request)].add(load.name)  # stays true for the rest of this batch
+                continue
             if self.verdict(load, request) is None:
                 self.commit(load, request)
                 return load

@@ -286,7 +286,7 @@ def revoke_token(
 @router.get("/audit", response_model=list[AuditView])
 def audit_log(
     limit: int = Query(100, ge=1, le=10000),
-    before: int | None = Query(None, ge=1, description="only entries with a smaller id (paging backwards)"),
+    before: int | None = Query(None, ge=1, le=2**62, description="only entries with a smaller id (paging backwards)"),
     all_projects: bool = Query(False, description="cluster admins: every project's entries and cluster changes"),
     caller: Caller = Depends(admin),
     session: Session = Depends(db_session),

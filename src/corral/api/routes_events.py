@@ -69,8 +69,8 @@ def event_json(row: Event) -> dict[str, Any]:
     }
 
 
-def _frame(row: Event) -> bytes:
-    return f"id: {row.id}\nevent: {row.type}\ndata: {json.dumps(event_json(row), default=str)}\n\n".encode()
+def _frame(event: dict[str, Any]) -> bytes:
+    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps(event, default=str)}\n\n".encode()
 
 
 @router.get(
@@ -85,7 +85,7 @@ async def events(
     types: list[str] | None = Query(
         None, alias="type", max_length=64, description="only these types (repeatable); 'vm.' matches a prefix"
     ),
-    after: int | None = Query(None, ge=0, description="only events with a larger id (resume point)"),
+    after: int | None = Query(None, ge=0, le=2**62, description="only events with a larger id (resume point)"),
     limit: int = Query(100, ge=1, le=10000, description="without follow: how many of the latest events"),
     follow: bool = Query(False, description="keep the stream open and send new events as they happen"),
     all_projects: bool = Query(False, description="cluster-wide callers: every project's events"),
@@ -102,9 +102,12 @@ async def events(
     filters = {"projects": projects, "kind": kind, "resource": resource, "types": types}
     store = state.store
 
-    def read(since: int, count: int, newest: bool = False) -> list[Event]:
+    def read(since: int, count: int, newest: bool = False) -> list[dict[str, Any]]:
+        # Plain dicts: the rows expire when the read-only session ends.
         with store.reading() as session:
-            return store_events.since(session, since, limit=count, newest=newest, **filters)
+            return [
+                event_json(row) for row in store_events.since(session, since, limit=count, newest=newest, **filters)
+            ]
 
     def end() -> int:
         with store.reading() as session:
@@ -124,7 +127,7 @@ async def events(
         while True:
             rows = await asyncio.to_thread(read, position, 500 if follow else limit)
             for row in rows:
-                position = row.id
+                position = row["id"]
                 yield _frame(row)
             if not follow:
                 return

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from corral.api.auth import Caller, admin, viewer
 from corral.api.state import AppState, app_state, db_session
 from corral.api.views import Accepted, JobView, NetworkView, VMView
 from corral.cluster import networks
@@ -35,58 +36,68 @@ def _users(session: Session, network_id: str) -> list[str]:
 
 
 @router.get("/networks", response_model=list[NetworkView])
-def list_networks(session: Session = Depends(db_session)) -> list[NetworkView]:
-    return [NetworkView.of(net, _users(session, net.id)) for net in networks.list_networks(session)]
+def list_networks(caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> list[NetworkView]:
+    return [NetworkView.of(net, _users(session, net.id)) for net in networks.list_networks(session, caller.project)]
 
 
 @router.get("/networks/{name}", response_model=NetworkView)
-def show_network(name: str, session: Session = Depends(db_session)) -> NetworkView:
-    network = networks.get_network(session, name)
+def show_network(name: str, caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> NetworkView:
+    network = networks.get_network(session, name, caller.project)
     return NetworkView.of(network, _users(session, network.id))
 
 
 @router.post("/networks", **ACCEPTED)
-def create_network(request: NetworkSpec, state: AppState = Depends(app_state)) -> Accepted:
+def create_network(
+    request: NetworkSpec, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
-        job = networks.create(session, request)
-        network = networks.get_network(session, request.name)
+        job = networks.create(session, request, caller.project)
+        network = networks.get_network(session, request.name, caller.project)
         return Accepted(job=JobView.of(job), network=NetworkView.of(network, []))
 
 
 @router.delete("/networks/{name}", **ACCEPTED)
-def delete_network(name: str, state: AppState = Depends(app_state)) -> Accepted:
+def delete_network(name: str, caller: Caller = Depends(admin), state: AppState = Depends(app_state)) -> Accepted:
     with state.store.session() as session:
-        return Accepted(job=JobView.of(networks.delete(session, name)))
+        return Accepted(job=JobView.of(networks.delete(session, name, caller.project)))
 
 
 @router.post("/vms/{name}/nics", **ACCEPTED)
-def add_nic(name: str, request: NicSpec, state: AppState = Depends(app_state)) -> Accepted:
+def add_nic(
+    name: str, request: NicSpec, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
-        vm = get_vm(session, name)
+        vm = get_vm(session, name, caller.project)
         _busy(session, vm)
         job = networks.nic_add(session, vm, request)
         return Accepted(job=JobView.of(job), vm=VMView.of(vm))
 
 
 @router.delete("/vms/{name}/nics/{nic}", **ACCEPTED)
-def remove_nic(name: str, nic: str, state: AppState = Depends(app_state)) -> Accepted:
+def remove_nic(
+    name: str, nic: str, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
-        vm = get_vm(session, name)
+        vm = get_vm(session, name, caller.project)
         _busy(session, vm)
         return Accepted(job=JobView.of(networks.nic_remove(session, vm, nic)))
 
 
 @router.post("/vms/{name}/port-forwards", **ACCEPTED)
-def add_port_forward(name: str, request: PortForwardSpec, state: AppState = Depends(app_state)) -> Accepted:
+def add_port_forward(
+    name: str, request: PortForwardSpec, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
-        vm = get_vm(session, name)
+        vm = get_vm(session, name, caller.project)
         _busy(session, vm)
         return Accepted(job=JobView.of(networks.add_forward(session, vm, request)))
 
 
 @router.post("/vms/{name}/port-forwards/remove", **ACCEPTED)
-def remove_port_forward(name: str, request: ForwardRemove, state: AppState = Depends(app_state)) -> Accepted:
+def remove_port_forward(
+    name: str, request: ForwardRemove, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
+) -> Accepted:
     with state.store.session() as session:
-        vm = get_vm(session, name)
+        vm = get_vm(session, name, caller.project)
         _busy(session, vm)
         return Accepted(job=JobView.of(networks.remove_forward(session, vm, request.host_port, request.protocol)))

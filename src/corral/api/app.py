@@ -17,6 +17,7 @@ from corral.api import (
     routes_events,
     routes_hosts,
     routes_jobs,
+    routes_migrations,
     routes_networks,
     routes_snapshots,
     routes_storage,
@@ -96,6 +97,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(routes_storage.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_hosts.router)
+    app.include_router(routes_migrations.router)
     placement.configure(settings.placement_strategy, settings.host_timeout)
     app.include_router(routes_admin.router)
     app.include_router(routes_events.router)

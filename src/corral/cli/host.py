@@ -79,9 +79,42 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
 
 
 @app.command()
-def drain(name: str, as_json: bool = JSON_OPTION) -> None:
-    """Take no new VMs on this host (those it runs stay)."""
-    _set(name, "drain_host", as_json, f"host {name} drained: no new VMs go there")
+def drain(
+    name: str,
+    keep_vms: bool = typer.Option(False, "--keep-vms", help="Only stop placing new VMs here; move nothing."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Take no new VMs on this host and move every VM off it (each placed by the scheduler, one at a time)."""
+    if keep_vms:
+        _set(name, "drain_host", as_json, f"host {name} drained: no new VMs go there")
+        return
+
+    def action() -> None:
+        from corral.cli.common import follow_job
+
+        with client() as corral:
+            accepted = corral.evacuate_host(name)
+            plan = accepted["plan"]
+            for move in plan.get("vms", []):
+                if not as_json:
+                    print(f"{move['vm']} -> {move['to']}" + (" (with its disks)" if move["with_storage"] else ""))
+            job = follow_job(corral, accepted, f"drain {name}", quiet=as_json)
+        stayed = plan.get("not_moved", [])
+        if job is None and stayed:  # with a job, its failure names them
+            from corral.errors import Conflict
+
+            shown = "; ".join(f"{item['vm']}: {item['reason']}" for item in stayed[:5])
+            raise Conflict(f"host {name} is drained but {len(stayed)} VM(s) stay on it: {shown}",
+                           f"fix what is named, then `corral host drain {name}` again")
+        if as_json:
+            print_json({"plan": plan, "job": job})
+            return
+        for item in plan.get("moved_stopped", []):
+            print(f"{item['vm']} (stopped) now belongs to {item['to']}")
+        print(f"host {name} drained: {len(plan.get('vms', []))} VM(s) moved live, "
+              f"{len(plan.get('moved_stopped', []))} stopped VM(s) reassigned")
+
+    run(action)
 
 
 @app.command()

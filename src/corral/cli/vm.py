@@ -328,6 +328,39 @@ def resume(name: str, as_json: bool = JSON_OPTION) -> None:
 
 
 @app.command()
+def migrate(
+    name: str,
+    to: str = typer.Option(None, "--to", help="Destination host (default: the scheduler chooses)."),
+    live: bool = typer.Option(None, "--live/--offline", help="Move it running (default when it runs) or stopped."),
+    with_storage: bool = typer.Option(
+        None, "--with-storage/--shared-storage",
+        help="Copy the disks too (default: exactly when the two hosts do not share their storage pool).",
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Move a VM to another host: live (RAM, and disks without shared storage) or, stopped, on shared storage."""
+
+    def action() -> None:
+        with client() as corral:
+            accepted = corral.migrate_vm(name, to=to, live=live, with_storage=with_storage)
+            job = follow_job(corral, accepted, f"migrate {name}", quiet=as_json)
+            vm = corral.vm(name)
+        if as_json:
+            print_json({"vm": vm, "job": job})
+            return
+        result = (job or {}).get("result") or {}
+        if result:
+            print(f"VM {name} moved from {result.get('from')} to {result.get('to')} "
+                  f"in {result.get('total_s', 0):.2f} s, "
+                  f"downtime {result.get('downtime_ms')} ms (guest paused {result.get('paused_ms')} ms)"
+                  + (", disks copied" if result.get("with_storage") else ""))
+        else:
+            print(f"VM {name} is now on host {vm['host']}")
+
+    run(action)
+
+
+@app.command()
 def delete(
     name: str,
     keep_disks: bool = typer.Option(False, "--keep-disks", help="Keep its volumes (they stay listed)."),

@@ -153,6 +153,16 @@ class Client:
     def remove_host(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/hosts/{name}")
 
+    def evacuate_host(self, name: str) -> dict[str, Any]:
+        """Drain a host and move its VMs off: {"job": the drain job or None, "plan": where each VM goes}."""
+        return self.request("POST", f"/hosts/{name}/evacuate")
+
+    def migrate_vm(
+        self, name: str, to: str | None = None, live: bool | None = None, with_storage: bool | None = None
+    ) -> dict[str, Any]:
+        """Move a VM to another host (``to`` None: the scheduler chooses); follow the returned job."""
+        return self.request("POST", f"/vms/{name}/migrate", json={"to": to, "live": live, "with_storage": with_storage})
+
     def pool(self) -> dict[str, Any]:
         return self.request("GET", "/pool")
 

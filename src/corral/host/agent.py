@@ -26,6 +26,7 @@ from corral.engine.process import QemuProcess
 from corral.errors import Conflict, CorralError
 from corral.host.inventory import Inventory, read_inventory, read_usage
 from corral.host.layout import HostLayout
+from corral.host.migration_handlers import pool_identity, reclaim_moved
 from corral.spec.names import NAME_PATTERN
 from corral.store import jobs
 from corral.store.db import Store
@@ -182,6 +183,9 @@ class Agent:
         self._stop = asyncio.Event()
         self.layout.ensure()
         self.register()
+        # Before failing this host's interrupted jobs: the other half of a move waits for exactly that.
+        for name in reclaim_moved(self):
+            log.warning("VM %s had moved to another host while this agent was down", name)
         failed = jobs.fail_orphans(self.store, self.host_name)
         if failed:
             log.warning("marked %d job(s) failed: the agent restarted while they ran", failed)
@@ -244,7 +248,8 @@ class Agent:
             host.reserved_memory = self.settings.reserved_host_memory
             host.state = "online"
             host.storage_overcommit = self.settings.storage_overcommit
-            host.usage = read_usage(self.layout.pool())
+            # pool_id: hosts that report the same one share their storage pool (corral.cluster.migrations).
+            host.usage = {**read_usage(self.layout.pool()), "pool_id": pool_identity(self.layout.pool())}
             if self.address is not None:
                 host.address = self.address
             host.heartbeat_at = utcnow()

@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import qemu_img
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, NotFound
-from corral.host import clone_jobs, fork_jobs, image_jobs, network_jobs, snapshot_jobs, storage, vm_lifecycle
+from corral.host import (
+    clone_jobs,
+    fork_jobs,
+    image_jobs,
+    migration_handlers,
+    network_jobs,
+    snapshot_jobs,
+    storage,
+    vm_lifecycle,
+)
 from corral.spec.job import JobKind
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Image, Snapshot, Volume
@@ -289,4 +298,7 @@ def build_handlers() -> dict[str, Handler]:
         JobKind.VM_NIC_ADD: network_jobs.vm_nic_add,
         JobKind.VM_NIC_REMOVE: network_jobs.vm_nic_remove,
         JobKind.VM_PORT_FORWARD: network_jobs.vm_port_forward,
+        JobKind.VM_MIGRATE: migration_handlers.vm_migrate,
+        JobKind.VM_MIGRATE_IN: migration_handlers.vm_migrate_in,
+        JobKind.HOST_DRAIN: migration_handlers.host_drain,
     }

@@ -44,3 +44,6 @@ class JobKind(StrEnum):
     VM_NIC_ADD = "vm.nic-add"
     VM_NIC_REMOVE = "vm.nic-remove"
     VM_PORT_FORWARD = "vm.port-forward"
+    VM_MIGRATE = "vm.migrate"  # the source host's half, which the user follows
+    VM_MIGRATE_IN = "vm.migrate-in"  # the destination host's half
+    HOST_DRAIN = "host.drain"

@@ -342,3 +342,45 @@ def test_overlapping_subnets_are_refused(net_daemon: Daemon) -> None:
     inside = str(next(ipaddress.IPv4Network(default["subnet"]).subnets(new_prefix=25)))
     result = net_daemon.cli("network", "create", unique("ovl"), "--subnet", inside, check=False)
     assert result.returncode != 0 and "overlaps network 'default'" in result.stderr
+
+
+def test_networks_are_remade_after_a_reboot_like_loss_and_a_daemon_restart(
+    net_daemon: Daemon, pair: tuple[str, str]
+) -> None:
+    """What a host reboot takes away (the bridge, its address, dnsmasq, the firewall tables) comes back from the
+    store, running guests are re-attached, and a daemon killed and restarted finds it all again."""
+    a, b = pair
+    default = network(net_daemon, "default")
+    bridge = default["bridge"]
+    pid_file = net_daemon.home / "run" / "networks" / default["id"][:12] / "dnsmasq.pid"
+    os.kill(int(pid_file.read_text()), 9)
+    subprocess.run(["ip", "link", "del", bridge], check=True)
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.split("\n")
+    ours = [line.split() for line in tables if f"corral_{firewall_tag(net_daemon)}" in line]
+    for _, family, name in ours:
+        subprocess.run(["nft", "delete", "table", family, name], check=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not guest_ok(net_daemon, a, f"ping -c 1 -W 2 {reserved_ip(net_daemon, b)}"):
+        time.sleep(1)
+    assert guest_ok(net_daemon, a, f"ping -c 1 -W 2 {reserved_ip(net_daemon, b)}"), "guests stayed cut off"
+    assert Path("/sys/class/net", bridge, "bridge").is_dir()
+    tag = firewall_tag(net_daemon)
+    deadline = time.monotonic() + 30  # the agent looks for lost tables every 10 s
+    while time.monotonic() < deadline:
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        if f"corral_{tag}_nat" in tables:
+            break
+        time.sleep(1)
+    assert sorted(line for line in tables.splitlines() if f"corral_{tag}" in line) == sorted(
+        [f"table inet corral_{tag}", f"table ip corral_{tag}_nat", f"table bridge corral_{tag}"]
+    ), tables
+    net_daemon.kill()
+    net_daemon.start()
+    assert network(net_daemon, "default")["state"] == "ready"
+    assert guest_ok(net_daemon, b, f"ping -c 1 -W 3 {reserved_ip(net_daemon, a)}")
+
+
+def firewall_tag(corral: Daemon) -> str:
+    from corral.host.firewall import table_tag
+
+    return table_tag(corral.home)

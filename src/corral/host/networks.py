@@ -16,6 +16,7 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -28,6 +29,8 @@ from corral.store.db import Store
 from corral.store.models import VM, Network, NetworkPort, PortForward
 
 log = logging.getLogger("corral.agent")
+
+TABLE_CHECK_INTERVAL = 10.0
 
 # linux/if_tun.h
 TUNSETIFF = 0x400454CA
@@ -66,6 +69,7 @@ class NetworkHost:
         self.enabled = can_manage()
         self._lock = threading.RLock()
         self._last_rules: str | None = None
+        self._checked = 0.0
 
     def directory(self, network_id: str) -> Path:
         return self.root / network_id[:12]
@@ -170,6 +174,18 @@ class NetworkHost:
             raise EngineError(f"cannot open TAP {tap}: {exc.strerror}", "is the agent root?") from exc
         return fd
 
+    def _reattach(self, tap: str, bridge: str) -> None:
+        """A running VM's TAP falls off its bridge when the bridge is re-made (someone deleted it, a network
+        restart): put it back, so the guest's link comes back without a restart."""
+        if not link_exists(tap):
+            return  # the VM is not running here
+        master = Path("/sys/class/net", tap, "master")
+        if master.exists() and master.resolve().name == bridge:
+            return
+        log.info("re-attaching %s to %s", tap, bridge)
+        _ip("link", "set", tap, "master", bridge, check=False)
+        _ip("link", "set", tap, "up", check=False)
+
     def unplug(self, tap: str) -> None:
         with self._lock:
             if link_exists(tap):
@@ -214,6 +230,10 @@ class NetworkHost:
                 except CorralError as exc:
                     states[net.id] = ("error", str(exc))
             self._record_states(networks, states)
+            bridges = {net.id: net.bridge for net in networks if states.get(net.id, ("",))[0] == "ready"}
+            for port, _name, host in ports:
+                if host == self.host_name and port.network_id in bridges:
+                    self._reattach(port.tap, bridges[port.network_id])
             rules = firewall.Ruleset(
                 networks=[firewall.BridgeRules(n.bridge, n.mode, n.subnet)
                           for n in networks if n.state != "deleting" and states.get(n.id, ("",))[0] == "ready"],
@@ -225,13 +245,29 @@ class NetworkHost:
             self.apply(rules, nat=any(n.mode == NetworkMode.NAT for n in networks))
 
     def apply(self, rules: firewall.Ruleset, nat: bool) -> None:
-        script = firewall.render(self.tag, rules)
+        """Load the rules if they changed. With no network at all, corral's tables are removed (or never made),
+        so an installation that uses no corral network leaves nothing in the host's firewall."""
+        empty = not (rules.networks or rules.ports or rules.forwards)
+        script = firewall.render_removal(self.tag) if empty else firewall.render(self.tag, rules)
         if script == self._last_rules:
+            # Someone may have flushed the firewall (a reboot-less `nft flush ruleset`): look now and then.
+            if empty or time.monotonic() - self._checked < TABLE_CHECK_INTERVAL:
+                return
+            self._checked = time.monotonic()
+            if self._tables_exist():
+                return
+            log.warning("corral's nftables tables were removed; loading them again")
+        if empty and self._last_rules is None and (shutil.which("nft") is None or not self._tables_exist()):
+            self._last_rules = script
             return
         if nat:
             firewall.enable_forwarding()
         firewall.load(script)
         self._last_rules = script
+
+    def _tables_exist(self) -> bool:
+        listed = subprocess.run([firewall.nft_binary(), "list", "tables"], capture_output=True, text=True, timeout=30)
+        return f"corral_{self.tag}" in listed.stdout
 
     def _record_states(self, networks: list[Network], states: dict[str, tuple[str, str]]) -> None:
         changed = {nid: st for nid, st in states.items()

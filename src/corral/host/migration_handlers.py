@@ -7,7 +7,7 @@ The two halves meet only through the store (corral.cluster.migrations writes bot
    into its own job's parameters (``params.endpoint``);
 2. source: wait for that endpoint, then ``migration_jobs.migrate_out``: mirror the disks (without shared
    storage), send RAM; once the stream completed it asks ``confirm()``, which reads the destination's job;
-3. destination: ``complete()`` returns once the VM runs there. In **one transaction** it points the VM's row and
+3. destination: once the stream ended and the VM runs there, in **one transaction** it points the VM's row and
    its volumes at this host (a copied disk is standalone: no backing image or base any more) and sets
    ``params.running`` on its job. That commit is the move's point of no return;
 4. source: ``confirm()`` sees ``running`` and quits its paused copy; after a storage move it deletes its disks.
@@ -166,14 +166,16 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
     incoming = await migration_jobs.prepare_incoming(
         agent, vm_id, listen_host=address, nbd_port=nbd_port, shared_storage=not copy, tuning=TUNING
     )
-    done: asyncio.Task[dict[str, Any]] | None = None
+    done: asyncio.Task[float | None] | None = None
     try:
         assert incoming.endpoint is not None
         _publish(agent, ctx.job_id, endpoint=incoming.endpoint.model_dump())
         ctx.progress(0.1, f"listening on {incoming.endpoint.host}:{incoming.endpoint.port} for {source}")
-        done = asyncio.get_running_loop().create_task(incoming.complete(TUNING.timeout))
+        # The stream's end, not IncomingVM.complete(): its removal of the NBD exports waits for the source to
+        # drop its mirror connections, which the source does only after this side committed (below).
+        done = asyncio.get_running_loop().create_task(incoming.migration.wait(TUNING.timeout))
         await _wait_for_stream(ctx, incoming, done, source, source_job)
-        info = done.result()
+        resumed_at = done.result()
     except BaseException:
         if done is not None and not done.done():
             done.cancel()
@@ -181,6 +183,8 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
                 await done
         await incoming.abort()
         raise
+    info = {"pid": incoming.proc.pid, "resumed_at": resumed_at}
+    vm_lifecycle._track(agent, vm_id, incoming.proc)
     try:
         _take_over(agent, ctx, vm_id, info, copy)
     except BaseException:
@@ -193,6 +197,11 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
             await vm_lifecycle._forget(agent, running)
         await incoming.abort()
         raise
+    # The VM is ours now; the exports go once the source has cancelled its mirrors (or after a grace period).
+    try:
+        await incoming.migration.finish()
+    except Exception as exc:  # the VM runs and the rows say so: a stale export is worth a line in the log only
+        log.warning("VM %s: NBD exports not removed after the move: %s", ctx.target_name, exc)
     return {"from": source, "to": agent.host_name, "pid": info["pid"], "resumed_at": info["resumed_at"]}
 
 

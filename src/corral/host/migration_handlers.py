@@ -329,7 +329,7 @@ async def _wait_endpoint(ctx: JobContext, dest_job: str, target: str) -> Incomin
     while True:
         job = _job(ctx.agent, dest_job)
         endpoint = job.params.get("endpoint")
-        if endpoint:
+        if endpoint and not _finished(job):  # a finished destination's endpoint is stale (its QEMU is gone)
             return IncomingEndpoint.model_validate(endpoint)
         if _finished(job):
             raise Conflict(f"host {target} cannot receive VM {ctx.target_name}: {job.error or job.state}",

@@ -1,5 +1,6 @@
-"""Network throughput and latency of corral's networks: guest to guest on one NAT bridge, guest to host over
-the bridge, and guest to host over user-mode networking (QEMU's slirp) for comparison. Then the cost of
+"""Network throughput and latency of corral's networks: guest to guest on one NAT bridge, host to guest over
+the bridge, and host to guest over user-mode networking (QEMU's slirp) for comparison (HTTP downloads timed by
+the guest's clock; busybox has no iperf). Then the cost of
 isolation on boot (benchmarks/isolation.py's measurement, run here too so one run gives the whole table).
 
 Run as root: python benchmarks/network.py [--runs 3] [--megabytes 32]
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import sys
 import threading
 import time
@@ -38,38 +38,46 @@ def _wait_address(bench: BenchDaemon, vm: str, ip: str) -> None:
     raise RuntimeError(f"{vm} never got {ip}")
 
 
-def guest_to_guest(bench: BenchDaemon, sender: str, receiver: str, receiver_ip: str, megabytes: int) -> float:
-    """MB/s of a TCP stream from one guest's busybox nc to another's."""
-    _exec(bench, receiver, "(nc -l -p 5001 >/dev/null &) ; sleep 0.3")
-    started = time.monotonic()
-    _exec(bench, sender, f"dd if=/dev/zero bs=64k count={megabytes * 16} 2>/dev/null | nc -w 10 {receiver_ip} 5001")
-    return megabytes / (time.monotonic() - started)
+def _timed_fetch(bench: BenchDaemon, vm: str, url: str, megabytes: int) -> float:
+    """MB/s of an HTTP download into the guest (busybox wget to /dev/null), timed by the guest's own clock."""
+    # /proc/uptime has centisecond resolution: plenty for transfers of seconds (busybox date has no %N).
+    out = _exec(bench, vm, f"read s _ </proc/uptime; wget -q -O /dev/null {url} && read e _ </proc/uptime && "
+                           "awk -v s=$s -v e=$e 'BEGIN {print e - s}'")
+    return megabytes / float(out.strip().splitlines()[-1])
 
 
-def guest_to_host(bench: BenchDaemon, sender: str, host_ip: str, megabytes: int) -> float:
-    """MB/s of a TCP stream from a guest to a socket on the host, counted on the host side."""
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("0.0.0.0", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    received = [0]
-    finished = [0.0]
+def guest_to_guest(bench: BenchDaemon, server: str, client: str, server_ip: str, megabytes: int) -> float:
+    """One guest serves a file from RAM with busybox httpd, the other downloads it across the bridge."""
+    _exec(bench, server, f"mkdir -p /tmp/www && [ -s /tmp/www/blob ] || dd if=/dev/zero of=/tmp/www/blob bs=1M "
+                         f"count={megabytes} 2>/dev/null; pidof httpd >/dev/null || httpd -p 8000 -h /tmp/www")
+    return _timed_fetch(bench, client, f"http://{server_ip}:8000/blob", megabytes)
 
-    def drain() -> None:
-        conn, _ = server.accept()
-        with conn:
-            while chunk := conn.recv(1 << 16):
-                received[0] += len(chunk)
-        finished[0] = time.monotonic()
 
-    thread = threading.Thread(target=drain)
-    thread.start()
-    started = time.monotonic()
-    _exec(bench, sender, f"dd if=/dev/zero bs=64k count={megabytes * 16} 2>/dev/null | nc -w 10 {host_ip} {port}")
-    thread.join(60)
-    server.close()
-    return received[0] / (1 << 20) / max(finished[0] - started, 1e-6)
+class BlobServer:
+    """A host HTTP server answering every GET with ``megabytes`` of zeros."""
+
+    def __init__(self, megabytes: int) -> None:
+        import http.server
+
+        blob = bytes(megabytes << 20)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(blob)))
+                self.end_headers()
+                self.wfile.write(blob)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def ping_ms(bench: BenchDaemon, vm: str, target: str) -> float:
@@ -95,15 +103,17 @@ def main() -> None:
         for vm, ip in ips.items():
             _wait_address(bench, vm, ip)
         gateway = bench.client_call("network", "default")["gateway"]  # type: ignore[index]
+        host = BlobServer(args.megabytes)
         for _ in range(args.runs):
             results.setdefault("guest -> guest, NAT bridge (MB/s)", []).append(
-                guest_to_guest(bench, "nb-a", "nb-b", ips["nb-b"], args.megabytes))
-            results.setdefault("guest -> host, NAT bridge (MB/s)", []).append(
-                guest_to_host(bench, "nb-a", gateway, args.megabytes))
-            results.setdefault("guest -> host, user-mode (MB/s)", []).append(
-                guest_to_host(bench, "nb-u", "10.0.2.2", args.megabytes))
+                guest_to_guest(bench, "nb-b", "nb-a", ips["nb-b"], args.megabytes))
+            results.setdefault("host -> guest, NAT bridge (MB/s)", []).append(
+                _timed_fetch(bench, "nb-a", f"http://{gateway}:{host.port}/", args.megabytes))
+            results.setdefault("host -> guest, user-mode (MB/s)", []).append(
+                _timed_fetch(bench, "nb-u", f"http://10.0.2.2:{host.port}/", args.megabytes))
             results.setdefault("RTT guest -> guest (ms)", []).append(ping_ms(bench, "nb-a", ips["nb-b"]))
             results.setdefault("RTT guest -> host (ms)", []).append(ping_ms(bench, "nb-a", gateway))
+        host.close()
     rows = [[name, f"{median(values):.2f}", " ".join(f"{v:.2f}" for v in values)] for name, values in results.items()]
     print_table(f"Network, tiny guests under TCG, {args.megabytes} MiB streams, {args.runs} runs",
                 ["measure", "median", "runs"], rows)

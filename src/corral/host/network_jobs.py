@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from corral.store.models import VM, Network, PortForward
 if TYPE_CHECKING:
     from corral.host.agent import JobContext
 
+log = logging.getLogger("corral.agent")
 NIC_RELEASE_TIMEOUT = 20.0
 
 
@@ -187,10 +189,13 @@ async def vm_port_forward(ctx: JobContext) -> dict[str, Any]:
                 command = f"hostfwd_add net{slot} {rule}"
             else:
                 command = f"hostfwd_remove net{slot} {removed['protocol']}:0.0.0.0:{removed['host_port']}"
-            output = await running.proc.execute("human-monitor-command", {"command-line": command})
-            if output and str(output).strip():
-                raise Conflict(f"QEMU refused the forward: {str(output).strip()}",
+            output = str(await running.proc.execute("human-monitor-command", {"command-line": command}) or "")
+            # The monitor answers a good hostfwd_add with nothing and a good hostfwd_remove with "... removed".
+            if target is not None and output.strip():
+                raise Conflict(f"QEMU refused the forward: {output.strip()}",
                                "the host port may be in use by another program; choose another")
+            if target is None and "removed" not in output:
+                log.warning("hostfwd_remove on %s: %s", vm.name, output.strip() or "no answer")
         await asyncio.to_thread(agent.networks.sync)
     except Exception:
         if target is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
@@ -14,7 +16,7 @@ from corral.cluster import networks
 from corral.cluster.vms import _busy, get_vm
 from corral.spec.network import NetworkSpec, PortForwardSpec
 from corral.spec.vm import NicSpec
-from corral.store.models import VM, NetworkPort
+from corral.store.models import VM, Job, NetworkPort
 
 router = APIRouter(tags=["networks"])
 ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
@@ -62,42 +64,39 @@ def delete_network(name: str, caller: Caller = Depends(admin), state: AppState =
         return Accepted(job=JobView.of(networks.delete(session, name, caller.project)))
 
 
+def _vm_verb(state: AppState, caller: Caller, name: str, verb: Callable[[Session, VM], Job]) -> Accepted:
+    """Run a NIC or forward verb on a VM no other job is busy with."""
+    with state.store.session() as session:
+        vm = get_vm(session, name, caller.project)
+        _busy(session, vm)
+        job = verb(session, vm)
+        return Accepted(job=JobView.of(job), vm=VMView.of(vm))
+
+
 @router.post("/vms/{name}/nics", **ACCEPTED)
 def add_nic(
     name: str, request: NicSpec, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
-    with state.store.session() as session:
-        vm = get_vm(session, name, caller.project)
-        _busy(session, vm)
-        job = networks.nic_add(session, vm, request)
-        return Accepted(job=JobView.of(job), vm=VMView.of(vm))
+    return _vm_verb(state, caller, name, lambda session, vm: networks.nic_add(session, vm, request))
 
 
 @router.delete("/vms/{name}/nics/{nic}", **ACCEPTED)
 def remove_nic(
     name: str, nic: str, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
-    with state.store.session() as session:
-        vm = get_vm(session, name, caller.project)
-        _busy(session, vm)
-        return Accepted(job=JobView.of(networks.nic_remove(session, vm, nic)))
+    return _vm_verb(state, caller, name, lambda session, vm: networks.nic_remove(session, vm, nic))
 
 
 @router.post("/vms/{name}/port-forwards", **ACCEPTED)
 def add_port_forward(
     name: str, request: PortForwardSpec, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
-    with state.store.session() as session:
-        vm = get_vm(session, name, caller.project)
-        _busy(session, vm)
-        return Accepted(job=JobView.of(networks.add_forward(session, vm, request)))
+    return _vm_verb(state, caller, name, lambda session, vm: networks.add_forward(session, vm, request))
 
 
 @router.post("/vms/{name}/port-forwards/remove", **ACCEPTED)
 def remove_port_forward(
     name: str, request: ForwardRemove, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
-    with state.store.session() as session:
-        vm = get_vm(session, name, caller.project)
-        _busy(session, vm)
-        return Accepted(job=JobView.of(networks.remove_forward(session, vm, request.host_port, request.protocol)))
+    return _vm_verb(state, caller, name,
+                    lambda session, vm: networks.remove_forward(session, vm, request.host_port, request.protocol))

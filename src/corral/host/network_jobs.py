@@ -42,20 +42,21 @@ async def network_create(ctx: JobContext) -> dict[str, Any]:
     network = _network(ctx)
     if network.state != "ready":
         message = network.status_message or f"network {network.name} could not be made on {agent.host_name}"
-        await asyncio.to_thread(agent.networks.teardown, network.id)
-        with agent.store.session() as session:
-            row = session.get(Network, network.id)
-            if row is not None:
-                session.delete(row)
-        await asyncio.to_thread(agent.networks.sync)
+        await _remove(ctx, network)
         raise EngineError(message)
     return {"network": network.name, "bridge": network.bridge, "subnet": network.subnet, "gateway": network.gateway}
 
 
 async def network_delete(ctx: JobContext) -> dict[str, Any]:
-    agent = ctx.agent
     network = _network(ctx)
     ctx.progress(0.3, "stopping DHCP and removing the bridge")
+    await _remove(ctx, network)
+    return {"network": network.name}
+
+
+async def _remove(ctx: JobContext, network: Network) -> None:
+    """Take the network down on this host, drop its row, and reload the firewall without it."""
+    agent = ctx.agent
     await asyncio.to_thread(agent.networks.teardown, network.id)
     with agent.store.session() as session:
         row = session.get(Network, network.id)
@@ -63,7 +64,6 @@ async def network_delete(ctx: JobContext) -> dict[str, Any]:
             session.delete(row)
     await asyncio.to_thread(agent.networks.sync)
     agent.store.notifier.notify()
-    return {"network": network.name}
 
 
 def _vm(ctx: JobContext) -> VM:

@@ -136,14 +136,7 @@ class NetworkHost:
     def teardown(self, network_id: str) -> None:
         """Stop the network's dnsmasq and remove its bridge if corral made it; an external bridge stays."""
         with self._lock:
-            directory = self.directory(network_id)
-            dnsmasq.stop(directory)
-            marker = directory / "bridge"
-            if marker.exists():
-                name, _, ownership = marker.read_text().partition("\n")
-                if ownership.strip() == "owned" and link_exists(name):
-                    _ip("link", "del", name, check=False)
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_network_dir(self.directory(network_id))
 
     # -- TAPs -------------------------------------------------------------------------------------------------
 
@@ -289,6 +282,17 @@ class NetworkHost:
             self._last_rules = None
 
 
+def remove_network_dir(directory: Path) -> None:
+    """Stop a network's dnsmasq, delete its bridge if corral made it (an external one stays), forget it."""
+    dnsmasq.stop(directory)
+    marker = directory / "bridge"
+    if marker.exists():
+        name, _, ownership = marker.read_text().partition("\n")
+        if ownership.strip() == "owned" and link_exists(name):
+            _ip("link", "del", name, check=False)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def remove_everything(home: Path) -> None:
     """Take down every bridge, TAP, dnsmasq and nftables table the installation at ``home`` made (used when a
     test run ends, and by `corral serve --remove-networks`). Works without the store: it reads what the agent
@@ -301,13 +305,7 @@ def remove_everything(home: Path) -> None:
     root = home / "run" / "networks"
     if root.exists():
         for directory in root.iterdir():
-            dnsmasq.stop(directory)
-            marker = directory / "bridge"
-            if marker.exists():
-                name, _, ownership = marker.read_text().partition("\n")
-                if ownership.strip() == "owned" and link_exists(name):
-                    _ip("link", "del", name, check=False)
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_network_dir(directory)
     if can_manage() and shutil.which("nft"):
         try:
             firewall.load(firewall.render_removal(firewall.table_tag(home)))

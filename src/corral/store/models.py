@@ -161,6 +161,33 @@ class Snapshot(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Backup(Base):
+    """A copy of a VM's disks at one instant, in the host's backup directory (outside every pool a VM reaches).
+
+    A full backup stands alone; an incremental one holds only what changed since its parent and reads the rest
+    through its qcow2 backing chain. Rows name the VM by name and id but hold no foreign key: a backup outlives
+    its VM, which is what disaster recovery needs. ``spec`` is the VM's spec when the backup was taken;
+    ``disks`` lists ``{"index", "file", "size", "written"}`` with ``file`` relative to the backup directory."""
+
+    __tablename__ = "backups"
+    __table_args__ = (UniqueConstraint("project", "vm_name", "name"), Index("ix_backups_vm_id", "vm_id"))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    project: Mapped[str] = mapped_column(String(63), default="default")
+    vm_name: Mapped[str] = mapped_column(String(63))
+    vm_id: Mapped[str] = mapped_column(String(32))
+    host: Mapped[str | None] = mapped_column(String(63))
+    kind: Mapped[str] = mapped_column(String(16), default="full")  # full or incremental
+    parent_id: Mapped[str | None] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, ready
+    live: Mapped[bool] = mapped_column(Boolean, default=False)
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    disks: Mapped[list[Any]] = mapped_column(default=list)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes this backup's own files take
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Template(Base):
     """A read-only base made from a VM's disks; VMs made from it are linked clones (qcow2 overlays)."""
 

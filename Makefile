@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup system run test test-unit lint bench clean
+.PHONY: setup system run test test-unit lint bench clean cluster-demo cluster-down
 
 setup: system $(STAMP)
 
@@ -22,6 +22,14 @@ $(STAMP): pyproject.toml
 
 run: setup
 	@bash scripts/run-demo.sh
+
+# A three-host pool on this machine (hosts are network namespaces) under $CORRAL_HOME/cluster-demo; prints the
+# `export CORRAL_...` lines for the CLI: eval "$(make -s cluster-demo)". cluster-down removes all of it.
+cluster-demo: setup
+	@$(BIN)/python -m corral.localpool up
+
+cluster-down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m corral.localpool down; fi
 
 test: setup
 	$(BIN)/pytest -q

@@ -12,15 +12,12 @@ name, which real hosts never do (docs/migration.md). Every process, namespace an
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from corral.localpool import LocalPool
 from corral.store.db import Store
 from corral.store.models import VM, Job, Volume
 from tests.conftest import alive, new_home, qemu_pids_under, require
@@ -39,127 +37,20 @@ COUNTER = "i=0; while true; do i=$((i+1)); echo tick $i > /dev/ttyS0; usleep 100
 GAP_SLACK = 1.0  # seconds over the guest's pause: host scheduling on a busy 2-core machine and 20 ms polling
 
 
-class Proc:
-    """A corral subprocess (optionally inside a network namespace) with its own CORRAL_HOME and log."""
+class Cluster(LocalPool):
+    """The pool of corral.localpool with what these tests read from the store and the guests."""
 
-    def __init__(self, home: Path, env: dict[str, str], argv: list[str], netns: str | None = None) -> None:
-        self.home, self.env, self.argv, self.netns = home, env, argv, netns
-        self.log = home / f"{argv[0]}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        with self.log.open("ab") as log:
-            # `ip netns exec` execs the command: the pid is corral's own.
-            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "corral", *self.argv], env=self.env,
-                                         stdout=log, stderr=log, start_new_session=True)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-class Cluster:
     def __init__(self, url: str, root: Path) -> None:
-        self.url = url
+        super().__init__(url, prefix="cm", make_home=lambda name: new_home(f"cm-{name}-"),
+                         settings={"CORRAL_ACCEL": "tcg"})
         self.root = root
-        self.tag = uuid.uuid4().hex[:5]
-        self.bridge = f"cmb{self.tag}"
-        self.subnet = f"10.{200 + int(self.tag[:2], 16) % 50}.{int(self.tag[2:4], 16)}"
-        self.namespaces: list[str] = []
-        self.homes: dict[str, Path] = {}
-        self.agents: dict[str, Proc] = {}
-        self.control: Proc | None = None
         self.store = Store(url)
 
-    # -- plumbing ------------------------------------------------------------------------------------------------
-
-    def _ip(self, *argv: str, netns: str | None = None) -> None:
-        prefix = ["ip", "netns", "exec", netns] if netns else []
-        subprocess.run([*prefix, "ip", *argv], check=True, capture_output=True)
-
-    def network(self) -> None:
-        self._ip("link", "add", self.bridge, "type", "bridge")
-        self._ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
-        self._ip("link", "set", self.bridge, "up")
-
-    def address(self, name: str) -> str:
-        return f"{self.subnet}.{10 + int(name[1:])}"
-
-    def add_host(self, name: str, pools_of: str | None = None, images: Path | None = None) -> None:
-        netns = f"cm{self.tag}{name}"
-        subprocess.run(["ip", "netns", "add", netns], check=True)
-        self.namespaces.append(netns)
-        near, far = f"cv{self.tag}{name}", f"cp{self.tag}{name}"
-        self._ip("link", "add", near, "type", "veth", "peer", "name", far)
-        self._ip("link", "set", far, "netns", netns)
-        self._ip("link", "set", near, "master", self.bridge)
-        self._ip("link", "set", near, "up")
-        self._ip("addr", "add", f"{self.address(name)}/24", "dev", far, netns=netns)
-        self._ip("link", "set", far, "up", netns=netns)
-        self._ip("link", "set", "lo", "up", netns=netns)
-        home = new_home(f"cm-{name}-")
-        self.homes[name] = home
-        if pools_of is not None:
-            (home / "pools").symlink_to(self.homes[pools_of] / "pools")
-        else:
-            (home / "pools" / "default").mkdir(parents=True)
-        if images is not None:
-            (home / "images").symlink_to(images)
-        self.agents[name] = Proc(home, self.env(home), ["agent", "--name", name, "--address", self.address(name),
-                                                        "--log-level", "info"], netns)
-
-    def env(self, home: Path) -> dict[str, str]:
-        env = {**os.environ, "CORRAL_HOME": str(home), "CORRAL_DB": self.url, "CORRAL_ACCEL": "tcg",
-               "CORRAL_HOST_TIMEOUT": "5", "CORRAL_DEFAULT_NETWORK": "0", "CORRAL_ISOLATION": "0",
-               "XDG_CONFIG_HOME": str(home / "config")}
-        for variable in ("CORRAL_URL", "CORRAL_TOKEN", "CORRAL_PROJECT", "CORRAL_INSECURE"):
-            env.pop(variable, None)
-        return env
-
-    def start_control(self) -> None:
-        home = new_home("cm-cp-")
-        self.homes["control"] = home
-        self.control = Proc(home, self.env(home), ["serve", "--no-agent", "--log-level", "info"])
-
     def close(self) -> None:
-        with contextlib.suppress(Exception), self.client() as corral:
-            for vm in corral.vms():
-                with contextlib.suppress(Exception):
-                    corral.wait_job(corral.delete_vm(vm["name"], force=True)["job"]["id"], timeout=30)
-        for proc in [*self.agents.values(), *([self.control] if self.control else [])]:
-            with contextlib.suppress(Exception):
-                proc.stop()
-        for home in self.homes.values():
-            for pid in qemu_pids_under(home):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for netns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", netns], check=False, capture_output=True)
-        subprocess.run(["ip", "link", "del", self.bridge], check=False, capture_output=True)
-        self.store.close()
-        for home in self.homes.values():
-            shutil.rmtree(home, ignore_errors=True)
-
-    # -- using it ------------------------------------------------------------------------------------------------
-
-    def client(self):  # type: ignore[no-untyped-def]
-        from corral.client import Client
-
-        return Client(home=self.homes["control"], timeout=120)
-
-    def cli(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "corral", *argv], env=self.env(self.homes["control"]),
-                                capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"corral {' '.join(argv)} exited {result.returncode}:\n{result.stderr}")
-        return result
+        try:
+            super().close()
+        finally:
+            self.store.close()
 
     def vm_row(self, name: str) -> VM:
         with self.store.reading() as session:

@@ -68,6 +68,7 @@ class PgServer:
             self._user = "postgres"
             shutil.chown(self.root, "postgres", "postgres")
         self.started = False
+        self._options = ""
 
     def _run(self, *argv: str) -> None:
         result = subprocess.run(
@@ -89,17 +90,20 @@ class PgServer:
                     hba.write("host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")
             addresses = "127.0.0.1" + (f",{self.listen}" if self.listen else "")
             # Durability is not wanted from a throw-away server; speed is.
-            options = (
+            self._options = (
                 f"-p {self.port} -k {self.root} -c listen_addresses='{addresses}' -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
             )
-            self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
-                      "-w", "-t", "60", "start")
+            self._pg_ctl_start()
             self.started = True
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _pg_ctl_start(self) -> None:
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", self._options,
+                  "-w", "-t", "60", "start")
 
     def url(self, database: str = "postgres", host: str = "127.0.0.1") -> str:
         return f"postgresql+psycopg://{SUPERUSER}@{host}:{self.port}/{database}"
@@ -113,9 +117,18 @@ class PgServer:
             conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         return self.url(name)
 
-    def restart(self) -> None:
-        """Stop and start the same server (data kept): what agents and the control plane must survive."""
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "restart")
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop and start the same server (data kept): what agents and the control plane must survive.
+        ``down_for`` seconds between the two let every client notice the outage (failed queries, a dropped
+        LISTEN connection) rather than only find its pooled connections closed."""
+        if not down_for:
+            self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "restart")
+            return
+        import time
+
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        time.sleep(down_for)
+        self._pg_ctl_start()
 
     def stop(self) -> None:
         """Stop the server (immediately: nothing here needs a clean shutdown) and remove every file."""
@@ -130,3 +143,17 @@ class PgServer:
 
     def __exit__(self, *exc: object | TracebackType) -> None:
         self.stop()
+
+
+def stop_data_dir(root: Path) -> None:
+    """Stop a server that a PgServer started in ``root`` from another process (`make cluster-down`), and
+    remove ``root``. Nothing there, or nothing running: only the files go."""
+    bin_dir = find_bin_dir()
+    data = root / "data"
+    if bin_dir is not None and (data / "postmaster.pid").exists():
+        user = None
+        if os.geteuid() == 0:
+            user = pwd.getpwuid(data.stat().st_uid).pw_name
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True, timeout=120, user=user, group=user, cwd="/", check=False)
+    shutil.rmtree(root, ignore_errors=True)

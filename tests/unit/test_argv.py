@@ -77,6 +77,23 @@ PLANS = {
         ),
         hotplug_ports=("nicport0", "nicport1", "nicport2"),
     ),
+    "resizable_balloon_cpu_slots_disk_ports": LaunchPlan(
+        name="grow",
+        uuid="12345678-1234-1234-1234-123456789abc",
+        run_dir=Path("/srv/corral/run/abcdef012345"),
+        accel="tcg",
+        cpus=1,
+        max_cpus=4,
+        memory_mib=512,
+        balloon=True,
+        disks=(
+            DiskPlan(node="disk0", path=Path("/srv/pool/grow-root.qcow2")),
+            DiskPlan(node="disk2", path=Path("/srv/pool/grow-disk2.qcow2"), bus="diskport1"),
+        ),
+        nics=(NicPlan(id="net0", mac="52:54:00:00:00:01", bus="nicport0"),),
+        hotplug_ports=("nicport0",),
+        disk_ports=tuple(f"diskport{i}" for i in range(10)),
+    ),
 }
 
 

@@ -127,6 +127,7 @@ class VMView(BaseModel):
     disks: list[VolumeView]
     nics: list[NicView] = []
     port_forwards: list[ForwardView] = []
+    memory_actual: int | None = Field(default=None, description="what the guest has now, after its balloon")
     created_at: datetime
     started_at: datetime | None
 
@@ -155,6 +156,7 @@ class VMView(BaseModel):
             disks=[VolumeView.of(v) for v in sorted(vm.volumes, key=lambda v: v.device_index)],
             nics=_nics(spec, vm),
             port_forwards=[ForwardView.of(f) for f in sorted(vm.port_forwards, key=lambda f: f.host_port)],
+            memory_actual=(vm.stats or {}).get("balloon_bytes") if vm.pid else None,
             created_at=vm.created_at,
             started_at=vm.started_at,
         )

@@ -45,7 +45,7 @@ def fork(session: Session, source_name: str, name: str, count: int = 1, project:
                     vm,
                     _volume_name(child_name, index),
                     source.size,
-                    index,
+                    source.device_index,  # the child resumes the parent's devices: same nodes, same ports
                     source.role,
                     pool=source.pool,
                     backing_image=source.backing_image,

@@ -7,6 +7,9 @@ from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan, UefiFi
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 UEFI_CODE_NODE = "uefi-code"
 UEFI_VARS_NODE = "uefi-vars"  # also a node internal snapshots include
+BALLOON_ID = "balloon0"
+DISK_PORT_FIRST_SLOT = 0x18  # far above the slots QEMU hands out in order (about a dozen devices here)
+DISK_PORT_FIRST_CHASSIS = 32  # NIC ports use chassis 1..8
 
 
 def _opts(**options: object) -> str:
@@ -44,10 +47,38 @@ def machine_args(plan: LaunchPlan) -> list[str]:
         "-machine", machine,
         "-accel", accel,
         "-cpu", cpu,
-        "-smp", str(plan.cpus),
+        "-smp", smp_option(plan),
         "-m", f"{plan.memory_mib}M",
         "-uuid", plan.uuid,
     ]  # fmt: skip
+
+
+def smp_option(plan: LaunchPlan) -> str:
+    """``N`` or ``N,maxcpus=M``: the extra slots are what `device_add` of a CPU fills on a running VM."""
+    if plan.max_cpus is None or plan.max_cpus <= plan.cpus:
+        return str(plan.cpus)
+    return f"{plan.cpus},maxcpus={plan.max_cpus}"
+
+
+def balloon_args(plan: LaunchPlan) -> list[str]:
+    """The balloon that `vm set --memory` inflates and deflates. free-page-reporting hands pages the guest
+    frees back to the host on its own; deflate-on-oom lets a guest in trouble take a little back (1 MiB per
+    OOM event in Linux) rather than kill a process, which the cgroup's overhead margin absorbs."""
+    if not plan.balloon:
+        return []
+    return ["-device", _opts(driver="virtio-balloon-pci", id=BALLOON_ID, free_page_reporting=True,
+                             deflate_on_oom=True)]
+
+
+def disk_port_args(plan: LaunchPlan) -> list[str]:
+    """Disk root ports at fixed addresses, eight functions of one slot each (as libvirt packs them), so 16
+    ports cost two of pcie.0's 32 slots and never move the devices QEMU places by itself."""
+    args: list[str] = []
+    for index, port in enumerate(plan.disk_ports):
+        slot, function = DISK_PORT_FIRST_SLOT + index // 8, index % 8
+        args += ["-device", _opts(driver="pcie-root-port", id=port, chassis=DISK_PORT_FIRST_CHASSIS + index,
+                                  bus="pcie.0", addr=f"{slot:#x}.{function:#x}", multifunction=function == 0 or None)]
+    return args
 
 
 def base_args(plan: LaunchPlan) -> list[str]:
@@ -84,13 +115,27 @@ def kernel_args(boot: KernelBoot | None) -> list[str]:
     return args
 
 
-def disk_args(disk: DiskPlan, boot_index: int | None) -> list[str]:
+def disk_blockdev_options(disk: DiskPlan) -> list[dict[str, object]]:
+    """The file node and the format node on it, as QMP's blockdev-add takes them; the command line renders the
+    same dictionaries, so a hot-added disk is the disk a restart gives."""
     file_node = f"{disk.node}-file"
+    read_only = disk.read_only or None
     return [
-        "-blockdev", _opts(driver="file", filename=disk.path, node_name=file_node, read_only=disk.read_only or None),
-        "-blockdev", _opts(driver=disk.format, file=file_node, node_name=disk.node, read_only=disk.read_only or None),
-        "-device", _opts(driver="virtio-blk-pci", drive=disk.node, id=f"{disk.node}-dev", bootindex=boot_index),
-    ]  # fmt: skip
+        {"driver": "file", "filename": str(disk.path), "node-name": file_node, "read-only": read_only},
+        {"driver": disk.format, "file": file_node, "node-name": disk.node, "read-only": read_only},
+    ]
+
+
+def disk_device_options(disk: DiskPlan, boot_index: int | None = None) -> dict[str, object]:
+    return {"driver": "virtio-blk-pci", "drive": disk.node, "id": f"{disk.node}-dev", "bootindex": boot_index,
+            "bus": disk.bus}
+
+
+def disk_args(disk: DiskPlan, boot_index: int | None) -> list[str]:
+    args: list[str] = []
+    for node in disk_blockdev_options(disk):
+        args += ["-blockdev", _opts(**{key.replace("-", "_"): value for key, value in node.items()})]
+    return [*args, "-device", _opts(**disk_device_options(disk, boot_index))]
 
 
 def netdev_options(nic: NicPlan) -> dict[str, object]:
@@ -146,13 +191,14 @@ def monitor_args(plan: LaunchPlan) -> list[str]:
 def build_argv(plan: LaunchPlan) -> list[str]:
     """The whole command line, in a stable order so golden-file tests can compare it."""
     argv = base_args(plan) + machine_args(plan) + firmware_args(plan.uefi) + kernel_args(plan.kernel_boot)
+    argv += disk_port_args(plan)  # before the disks that sit on them; fixed addresses, so nothing else moves
     for index, disk in enumerate(plan.disks):
         boot_index = 0 if index == 0 and plan.kernel_boot is None else None
         argv += disk_args(disk, boot_index)
     argv += hotplug_port_args(plan)
     for nic in plan.nics:
         argv += nic_args(nic)
-    argv += serial_args(plan) + guest_agent_args(plan) + monitor_args(plan)
+    argv += serial_args(plan) + guest_agent_args(plan) + balloon_args(plan) + monitor_args(plan)
     if plan.loadvm:
         argv += ["-loadvm", plan.loadvm]
     if plan.incoming:

@@ -18,6 +18,7 @@ class DiskPlan(BaseModel):
     path: Path
     format: str = "qcow2"
     read_only: bool = False
+    bus: str | None = None  # a data disk's own hotplug port (see LaunchPlan.disk_ports), so it can be removed live
 
 
 class NicPlan(BaseModel):
@@ -80,6 +81,10 @@ class LaunchPlan(BaseModel):
     # PCIe root ports made at start for NICs (present and hot-added later): on q35 a device can only be
     # hot-plugged into, or removed from, a port of its own.
     hotplug_ports: tuple[str, ...] = ()
+    # Root ports for data disks (one each, present or hot-added later), packed eight to a slot.
+    disk_ports: tuple[str, ...] = ()
+    max_cpus: int | None = None  # CPU slots for hot-plug (-smp N,maxcpus=M); None: just ``cpus``
+    balloon: bool = False  # a virtio-balloon device, so memory can be given back and taken again live
 
     @property
     def qmp_socket(self) -> Path:

@@ -45,7 +45,7 @@ async def _consistent_source(agent: Agent, source_id: str, snapshot_tag: str | N
         yield snapshot_tag, running is not None
         return
     volumes = _volumes(agent, source_id)
-    nodes = [f"disk{i}" for i, v in enumerate(volumes) if v.format == "qcow2"]
+    nodes = [vm_lifecycle.disk_node(v.device_index) for v in volumes if v.format == "qcow2"]
     tag = f"corral-copy-{new_id()[:8]}"
     await engine_snapshots.save_disks_live(running.proc, tag, nodes)
     try:

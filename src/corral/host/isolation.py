@@ -73,8 +73,11 @@ class Isolation:
         with self.store.reading() as session:
             vm = session.get(VM, vm_id)
             spec = VMSpec.model_validate(vm.spec) if vm is not None else None
+        # The memory limit follows the balloon's target (spec.memory), not the RAM QEMU starts with: headroom
+        # for live growth (max_memory) is not the VM's until `vm set --memory` gives it (see docs/resize.md).
+        guest_ram = spec.memory if spec is not None else plan.memory_mib * MiB
         return cgroups.Limits.for_vm(
-            plan.cpus, plan.memory_mib * MiB, tb_size=(plan.tb_size_mib or 0) * MiB,
+            plan.cpus, guest_ram, tb_size=(plan.tb_size_mib or 0) * MiB,
             cpus=spec.cpu_limit if spec else None,
             cpu_weight=spec.cpu_weight if spec and spec.cpu_weight else cgroups.DEFAULT_CPU_WEIGHT,
         )

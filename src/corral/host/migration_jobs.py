@@ -119,9 +119,8 @@ async def prepare_incoming(
     writable = [disk for disk in plan.disks if not disk.read_only]
     try:
         if not shared_storage:
-            # build_plan names the disks disk0, disk1... in device order; the sizes come from the same rows.
-            ordered = sorted(vm.volumes, key=lambda volume: volume.device_index)
-            sizes = {f"disk{index}": volume.size for index, volume in enumerate(ordered)}
+            # build_plan names each disk's node after its device index; the sizes come from the same rows.
+            sizes = {vm_lifecycle.disk_node(volume.device_index): volume.size for volume in vm.volumes}
             for disk in writable:
                 if disk.path.exists():
                     raise Conflict(

@@ -6,6 +6,7 @@ agent last saw. Counters come from the VM's cgroup (CPU time, memory) and from Q
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,9 @@ async def _sample(agent: Agent, running: RunningVM) -> dict[str, Any]:
             pass
     if "memory_bytes" not in stats:
         stats["memory_bytes"] = _rss(running.proc.pid)
+    # No balloon device (a VM started before it existed) leaves the figure out.
+    with contextlib.suppress(CorralError, KeyError, TypeError):
+        stats["balloon_bytes"] = int((await running.proc.execute("query-balloon"))["actual"])
     try:
         blockstats = await running.proc.execute("query-blockstats", {"query-nodes": False})
     except CorralError:

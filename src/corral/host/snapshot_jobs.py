@@ -27,9 +27,9 @@ def _disks(agent: Agent, vm: VM, tag: str | None = None) -> tuple[list[str], lis
     that any writable node lacks). For an existing snapshot (``tag``), the store counts only if it holds that
     snapshot: one taken before the VM's first UEFI start, when the store did not exist yet, has none."""
     nodes, paths = [], []
-    for index, volume in enumerate(sorted(vm.volumes, key=lambda v: v.device_index)):
+    for volume in sorted(vm.volumes, key=lambda v: v.device_index):
         if volume.format == "qcow2":
-            nodes.append(f"disk{index}")
+            nodes.append(vm_lifecycle.disk_node(volume.device_index))
             paths.append(storage.volume_path(agent, volume))
     store = vars_path(agent.layout.vm_run_dir(vm.id))
     if store.exists() and (

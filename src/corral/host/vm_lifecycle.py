@@ -29,7 +29,7 @@ from corral.errors import Conflict, CorralError, EngineError, GuestAgentError, N
 from corral.host.firmware import check_machine, ovmf_files, uefi_firmware
 from corral.host.layout import inside_pool
 from corral.spec.firmware import Firmware, effective_firmware
-from corral.spec.vm import MAX_NICS, PowerState, RestartPolicy, VMSpec
+from corral.spec.vm import MAX_DISKS, MAX_NICS, PowerState, RestartPolicy, VMSpec
 from corral.store.models import VM, Image, Network, NetworkPort, PortForward, utcnow
 
 if TYPE_CHECKING:
@@ -89,11 +89,14 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
                 initrd=image_dir / image.initrd_file if image.initrd_file else None,
                 cmdline=cmdline,
             )
+    on_q35 = agent.settings.machine.startswith("q35")
     disks = tuple(
         DiskPlan(
-            node=f"disk{index}", path=inside_pool(agent.layout.pool(volume.pool), volume.path), format=volume.format
+            node=disk_node(volume.device_index), path=inside_pool(agent.layout.pool(volume.pool), volume.path),
+            format=volume.format,
+            bus=disk_port(volume.device_index) if on_q35 and 0 < volume.device_index <= MAX_DISKS else None,
         )
-        for index, volume in enumerate(sorted(vm.volumes, key=lambda v: v.device_index))
+        for volume in sorted(vm.volumes, key=lambda v: v.device_index)
     )
     nics = nic_plans(agent, vm, spec)
     if details.get("ssh") and nics and vm.ports.get("ssh") and nics[0].mode == "user":
@@ -114,7 +117,10 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
         accel=agent.inventory.accel,
         machine=agent.settings.machine,
         cpus=spec.cpus,
-        memory_mib=spec.memory >> 20,
+        max_cpus=spec.boot_max_cpus,
+        memory_mib=spec.boot_memory >> 20,
+        balloon=True,
+        disk_ports=disk_ports(agent.settings.machine),
         kernel_boot=kernel_boot,
         uefi=uefi,
         disks=disks,
@@ -131,6 +137,21 @@ def hotplug_ports(machine: str) -> tuple[str, ...]:
 
 def nic_port(slot: int) -> str:
     return f"nicport{slot}"
+
+
+def disk_node(device_index: int) -> str:
+    """A disk's block node: named after its device index, which it keeps for life, so the node a hot-added
+    disk got is the one every later start gives it (disk0 is the root disk)."""
+    return f"disk{device_index}"
+
+
+def disk_port(device_index: int) -> str:
+    """The root port of data disk ``device_index`` (1..MAX_DISKS), so it can be hot-removed (or hot-added)."""
+    return f"diskport{device_index - 1}"
+
+
+def disk_ports(machine: str) -> tuple[str, ...]:
+    return tuple(disk_port(index) for index in range(1, MAX_DISKS + 1)) if machine.startswith("q35") else ()
 
 
 def nic_plans(agent: Agent, vm: VM, spec: VMSpec) -> list[NicPlan]:
@@ -236,6 +257,7 @@ async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any =
         proc = await QemuProcess.launch(plan, on_event=_event_handler(agent, vm_id), preexec=box.preexec)
         try:
             await _apply_disk_limits(agent, vm_id, proc, plan)
+            await _apply_balloon(agent, vm_id, proc, plan)
         except BaseException:
             await proc.kill()
             raise
@@ -410,6 +432,16 @@ async def _apply_disk_limits(agent: Agent, vm_id: str, proc: QemuProcess, plan: 
             "bps_rd": spec.disk_read_bps or 0, "bps_wr": spec.disk_write_bps or 0,
             "iops": spec.disk_iops or 0, "iops_rd": 0, "iops_wr": 0,
         })
+
+
+async def _apply_balloon(agent: Agent, vm_id: str, proc: QemuProcess, plan: LaunchPlan) -> None:
+    """A VM started with headroom (max_memory above memory) is ballooned down to its memory at once; the
+    guest's driver inflates when it loads. A migration or fork child takes the balloon with the device state."""
+    if not plan.balloon or plan.incoming:
+        return
+    spec = VMSpec.model_validate(load_vm(agent, vm_id).spec)
+    if spec.memory < plan.memory_mib << 20:
+        await proc.execute("balloon", {"value": spec.memory})
 
 
 def _taps_file(agent: Agent, vm_id: str) -> Any:

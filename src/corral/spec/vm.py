@@ -135,6 +135,33 @@ class VMSpec(BaseModel):
     disk_read_bps: Size | None = None
     disk_write_bps: Size | None = None
     disk_iops: int | None = Field(default=None, ge=1, le=1_000_000)
+    # Ceilings for live resizing (docs/resize.md): QEMU starts with max_memory of RAM, ballooned down to
+    # ``memory``, and with max_cpus CPU slots, ``cpus`` of them plugged. None means "the same as memory/cpus",
+    # so a VM that never asked for headroom costs nothing extra.
+    max_memory: Size | None = None
+    max_cpus: int | None = Field(default=None, ge=1, le=MAX_CPUS)
+
+    @model_validator(mode="after")
+    def _ceilings(self) -> VMSpec:
+        if self.max_memory is not None:
+            if self.max_memory % (1 << 20):
+                raise InvalidInput("max memory must be a whole number of MiB", "write it as 512M or 2G")
+            if self.memory > self.max_memory:
+                raise InvalidInput(f"memory {self.memory >> 20}M is above the maximum {self.max_memory >> 20}M",
+                                   "raise --max-memory (it takes effect at the next start) or ask for less")
+        if self.max_cpus is not None and self.cpus > self.max_cpus:
+            raise InvalidInput(f"{self.cpus} CPUs is more than the maximum of {self.max_cpus}",
+                               "raise --max-cpus (it takes effect at the next start) or ask for fewer")
+        return self
+
+    @property
+    def boot_memory(self) -> int:
+        """The RAM QEMU is started with: the ceiling the balloon can give back without a restart."""
+        return self.max_memory if self.max_memory is not None else self.memory
+
+    @property
+    def boot_max_cpus(self) -> int:
+        return self.max_cpus if self.max_cpus is not None else self.cpus
 
     @field_validator("ssh_keys")
     @classmethod

@@ -30,7 +30,7 @@ from corral.api.views import HostView
 from corral.cluster import placement
 from corral.config import Settings
 from corral.errors import AlreadyExists, CorralError, InvalidInput, Timeout
-from corral.store.db import Store
+from corral.store.db import Store, StoreUnavailable
 from corral.store.models import Host
 
 PROBLEM = "application/problem+json"
@@ -67,6 +67,10 @@ async def unexpected_error_handler(_request: Request, exc: Exception) -> JSONRes
                                       "list it, or choose another name"))
     if isinstance(exc, OperationalError):
         log.warning("store error: %s", exc)
+        if exc.connection_invalidated or "connection" in str(exc.orig).lower():
+            # The server is down or restarting: the pool's pre-ping replaces dead connections once it is back.
+            return _problem(StoreUnavailable("cannot reach the store; nothing was changed",
+                                             "check that the database server runs; try again once it does"))
         busy = Timeout("the store is busy; nothing was changed", "try again in a moment")
         busy.http_status = 503
         return _problem(busy)

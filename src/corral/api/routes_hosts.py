@@ -14,7 +14,7 @@ from corral.api.views import HostView
 from corral.cluster import hosts, placement
 from corral.cluster.requests import VMCreate
 from corral.errors import NotFound
-from corral.store.models import VM, Host, Image, Template
+from corral.store.models import VM, Host, Image, Template, Volume
 
 router = APIRouter(tags=["host"])
 
@@ -83,8 +83,11 @@ def _storage_need(session: Session, request: VMCreate, project: str) -> int:
 def plan_placement(request: VMCreate, caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> Any:
     """What `POST /vms` would choose for this request now, with every host's reason. Changes nothing."""
     project = caller.project
+    names = [*request.volumes, *(disk.volume for disk in request.spec.disks if disk.volume)]
+    attached = session.scalars(select(Volume).where(Volume.project == project, Volume.name.in_(names))).all()
     wanted = placement.PlacementRequest.of(
         request.spec, storage=_storage_need(session, request, project), will_run=request.start, host=request.host,
         group=request.group, policy=request.policy, accel=request.accel, project=project,
+        **placement.needs(session, request.spec, project, attached),
     )
     return placement.plan(session, wanted)

@@ -77,13 +77,15 @@ def _copy_disks(source: Host, target: Host, asked: bool | None) -> bool:
     return not shared
 
 
-def _request(vm: VM, spec: VMSpec, copy: bool, host: str | None = None) -> placement.PlacementRequest:
+def _request(vm: VM, spec: VMSpec, copy: bool, host: str | None = None,
+             networks: dict[str, Any] | None = None) -> placement.PlacementRequest:
     # Anti-affinity still holds on the way; an affinity group cannot be kept by moving one member, so it is left out.
+    # ``networks``: the NICs' needs (placement.needs); the VM's volumes go with it, so they tie it to no host.
     anti = vm.placement_policy == placement.Policy.ANTI_AFFINITY
     return placement.PlacementRequest.of(
         spec, storage=_storage_of(vm) if copy else 0, will_run=True, host=host,
         group=vm.placement_group if anti else None, policy=placement.Policy.ANTI_AFFINITY if anti else None,
-        project=vm.project,
+        project=vm.project, **{key: value for key, value in (networks or {}).items() if key != "volumes"},
     )
 
 
@@ -104,12 +106,13 @@ def choose_target(session: Session, vm: VM, to: str | None, with_storage: bool |
     if to is not None and to == vm.host:
         raise InvalidInput(f"VM {vm.name} already runs on host {to}", "name another host with --to, or leave --to out")
     scheduler = scheduler or placement.Scheduler(placement.load_pool(session, vm.project))
+    networks = placement.needs(session, spec, vm.project)
     if to is not None:
         target = session.scalars(select(Host).where(Host.name == to)).first()
         if target is None or to not in scheduler.view:
             raise NotFound(f"host {to!r} is not registered", "list hosts with `corral host list`")
         copy = _copy_disks(source, target, with_storage)
-        request = _request(vm, spec, copy, host=to)
+        request = _request(vm, spec, copy, host=to, networks=networks)
         reason = scheduler.verdict(scheduler.view[to], request)
         if reason is not None:
             raise Conflict(f"host {to} cannot take VM {vm.name}: {reason}",
@@ -128,7 +131,7 @@ def choose_target(session: Session, vm: VM, to: str | None, with_storage: bool |
         if (with_storage and shared) or (with_storage is False and not shared):
             reasons.append(f"{load.name}: {'shares' if shared else 'does not share'} the storage pool")
             continue
-        request = _request(vm, spec, not shared)
+        request = _request(vm, spec, not shared, networks=networks)
         reason = scheduler.verdict(load, request)
         if reason is None:
             scheduler.commit(load, request)

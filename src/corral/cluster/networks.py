@@ -72,13 +72,18 @@ def pick_subnet(session: Session, avoid: list[ipaddress.IPv4Network] | None = No
     raise Conflict("no free /24 left in 10.87.0.0/16 for a new network", "pass --subnet explicitly")
 
 
-def _job_host(session: Session) -> str:
+def _job_host(session: Session, uplink: str | None = None) -> str:
     """Network jobs run on one host (the first online one): it reports errors such as a missing uplink.
-    Every other host's agent makes the bridge when a VM there first needs it."""
-    host = session.scalars(select(Host.name).where(Host.state == "online").order_by(Host.name)).first()
-    if host is None:
+    Every other host's agent makes the bridge when a VM there first needs it. A bridge-mode network's job goes to
+    the first host whose heartbeat saw its ``uplink`` (placement sends its VMs only there, too)."""
+    online = session.execute(select(Host.name, Host.usage).where(Host.state == "online").order_by(Host.name)).all()
+    if not online:
         raise Conflict("no host is online to make the network on", "start corral's agent (`corral serve`)")
-    return host
+    if uplink is not None:
+        for name, usage in online:
+            if uplink in (usage or {}).get("bridges", ()):
+                return name
+    return online[0][0]
 
 
 def create(session: Session, spec: NetworkSpec, project: str = "default") -> Job:
@@ -111,7 +116,7 @@ def create(session: Session, spec: NetworkSpec, project: str = "default") -> Job
     session.add(network)
     session.flush()
     return jobs.submit(session, JobKind.NETWORK_CREATE, "network", network.name, target_id=network.id,
-                       host=_job_host(session), project=project)
+                       host=_job_host(session, network.uplink), project=project)
 
 
 def delete(session: Session, name: str, project: str = "default") -> Job:
@@ -127,7 +132,7 @@ def delete(session: Session, name: str, project: str = "default") -> Job:
         raise Conflict(f"network {name!r} is busy", "wait for its job to finish")
     network.state = "deleting"
     return jobs.submit(session, JobKind.NETWORK_DELETE, "network", network.name, target_id=network.id,
-                       host=_job_host(session), project=project)
+                       host=_job_host(session, network.uplink), project=project)
 
 
 def ensure_default(session: Session) -> Network | None:

@@ -5,10 +5,12 @@ disks but not CPU or memory. Disks count against the host's storage whatever the
 storage overcommit ratio (qcow2 overlays are thin).
 
 **Filters** reject a host with a reason a person can act on: not online (unreachable, offline), drained, QEMU
-missing, the wrong accelerator, too small for the VM at all, not enough capacity left under the overcommit
-ratios, or an affinity / anti-affinity group that rules it out. **Weights** order what passes: ``spread`` (the
-default) takes the least allocated host, ``pack`` the most allocated one that still fits, so that whole hosts stay
-free. Allocation is the largest of the CPU, memory and storage fractions in use.
+missing, the wrong accelerator, networks or storage it lacks (the uplink bridge of a bridge-mode network, an agent
+that cannot make bridges, an attached volume in a pool the host does not share), too small for the VM at all, not
+enough capacity left under the overcommit ratios, or an affinity / anti-affinity group that rules it out.
+**Weights** order what passes: ``spread`` (the default) takes the least allocated host, ``pack`` the most
+allocated one that still fits, so that whole hosts stay free. Allocation is the largest of the CPU, memory and
+storage fractions in use.
 
 **Concurrency.** On SQLite every writing transaction holds the database's write lock from its start (BEGIN
 IMMEDIATE), so check-and-commit is serialised already. On PostgreSQL many control planes place at once: the
@@ -36,8 +38,8 @@ from sqlalchemy.orm import Session
 
 from corral.errors import Conflict, InsufficientResources, InvalidInput, NotFound
 from corral.spec.sizes import format_size
-from corral.spec.vm import PowerState, VMSpec
-from corral.store.models import VM, Host, Volume, utcnow
+from corral.spec.vm import USER_NETWORK, PowerState, VMSpec
+from corral.store.models import VM, Host, Network, Volume, utcnow
 
 # Serialises check-and-commit among the threads of one process (the SQLite write lock and PostgreSQL's row
 # locks do it between processes).
@@ -74,6 +76,16 @@ class Allocation(BaseModel):
     vms: int = 0
 
 
+class VolumeNeed(BaseModel):
+    """An existing volume a new VM attaches: it lives in ``pool`` on ``host``, so the VM must run there or on a
+    host that mounts the same pool (the same ``pool_id``, see corral.cluster.migrations)."""
+
+    name: str
+    host: str | None
+    pool: str = "default"
+    pool_id: str | None = None
+
+
 class PlacementRequest(BaseModel):
     """What one VM needs from a host, and the user's hints."""
 
@@ -86,6 +98,10 @@ class PlacementRequest(BaseModel):
     policy: Policy | None = None
     accel: str | None = None
     project: str = "default"
+    # NICs on corral networks need an agent that makes bridges; bridge-mode ones also their uplink on the host.
+    bridged: bool = False
+    uplinks: list[str] = Field(default_factory=list)
+    volumes: list[VolumeNeed] = Field(default_factory=list)
 
     @classmethod
     def of(cls, spec: VMSpec, storage: int = 0, **hints: Any) -> PlacementRequest:
@@ -93,14 +109,16 @@ class PlacementRequest(BaseModel):
 
 
 HOST_COLUMNS = ("name", "state", "heartbeat_at", "drained", "qemu_version", "accel", "cpus", "memory",
-                "reserved_memory", "cpu_overcommit", "memory_overcommit", "storage_total", "storage_overcommit")
+                "reserved_memory", "cpu_overcommit", "memory_overcommit", "storage_total", "storage_overcommit",
+                "usage")
 
 
 class HostLoad:
     """One host as the scheduler sees it: its row's capacity and what is allocated on it now."""
 
-    __slots__ = ("accel", "cpu_cap", "cpus", "cpus_alloc", "drained", "groups", "mem_cap", "mem_usable",
-                 "memory_alloc", "name", "online", "qemu", "state", "storage_alloc", "storage_cap", "vms")
+    __slots__ = ("accel", "bridges", "cpu_cap", "cpus", "cpus_alloc", "drained", "groups", "mem_cap", "mem_usable",
+                 "memory_alloc", "name", "networking", "online", "pool_ids", "qemu", "state", "storage_alloc",
+                 "storage_cap", "vms")
 
     def __init__(self, host: Any, online: bool) -> None:
         """``host``: a Host, or a row with its HOST_COLUMNS."""
@@ -114,6 +132,11 @@ class HostLoad:
         self.mem_usable = max(0, host.memory - host.reserved_memory)
         self.cpu_cap, self.mem_cap = capacity(host)
         self.storage_cap = host.storage_total * host.storage_overcommit
+        # What the agent's heartbeat saw (corral.host.agent.register); None: not reported, nothing is assumed.
+        usage = getattr(host, "usage", None) or {}
+        self.bridges: set[str] | None = set(usage["bridges"]) if "bridges" in usage else None
+        self.networking: bool = bool(usage.get("networking", True))
+        self.pool_ids: dict[str, str] = {"default": usage["pool_id"]} if usage.get("pool_id") else {}
         self.cpus_alloc = 0
         self.memory_alloc = 0
         self.storage_alloc = 0
@@ -147,6 +170,14 @@ class HostLoad:
             return "QEMU is not installed"
         if request.accel and request.accel != self.accel:
             return f"accelerator is {self.accel}, not {request.accel}"
+        if request.bridged and not self.networking:
+            return "its agent cannot make bridges (not root): no corral networks here"
+        missing = [uplink for uplink in request.uplinks if self.bridges is not None and uplink not in self.bridges]
+        if missing:
+            return f"no bridge {', '.join(missing)} here (the uplink of a bridge-mode network)"
+        for need in request.volumes:
+            if need.host != self.name and not (need.pool_id and self.pool_ids.get(need.pool) == need.pool_id):
+                return f"volume {need.name} is in storage pool {need.pool} of host {need.host}, not shared here"
         if request.cpus > self.cpus:
             return f"{request.cpus} vCPUs is more than host {self.name} has ({self.cpus})"
         if request.memory > self.mem_usable:
@@ -273,6 +304,32 @@ def load_pool(session: Session, project: str = "default", only: Iterable[str] | 
     return view
 
 
+def needs(session: Session, spec: VMSpec, project: str = "default", attached: Iterable[Volume] = ()
+          ) -> dict[str, Any]:
+    """What ``spec`` needs from a host besides capacity, as PlacementRequest fields: an agent that makes bridges
+    when a NIC is on a corral network, the uplink bridge of each bridge-mode network (nat and isolated networks
+    are made on any host), and for each ``attached`` volume its host or a host sharing its pool."""
+    names = {nic.network for nic in spec.nics if nic.network != USER_NETWORK}
+    uplinks: set[str] = set()
+    if names:
+        rows = session.execute(select(Network.mode, Network.uplink)
+                               .where(Network.project == project, Network.name.in_(names)))
+        uplinks = {uplink for mode, uplink in rows if mode == "bridge" and uplink}
+    volumes = list(attached)
+    usage: dict[str, dict[str, Any]] = {}
+    if volumes:
+        homes = {volume.host for volume in volumes if volume.host}
+        usage = {name: used or {} for name, used in session.execute(
+            select(Host.name, Host.usage).where(Host.name.in_(homes)))}
+    return {
+        "bridged": bool(names),
+        "uplinks": sorted(uplinks),
+        "volumes": [VolumeNeed(name=volume.name, host=volume.host, pool=volume.pool,
+                               pool_id=usage.get(volume.host or "", {}).get("pool_id")
+                               if volume.pool == "default" else None) for volume in volumes],
+    }
+
+
 def group_policy(session: Session, project: str, group: str | None, policy: str | None) -> Policy | None:
     """The policy a group's VMs share: the one its first VM was made with. Asking for the other one is refused."""
     if group is None:
@@ -298,19 +355,20 @@ class Scheduler:
         # One heap per request shape, without the hosts that can no longer take that shape: in a batch,
         # allocations only grow, so a host too full (or unsuitable) for a shape stays so. Without this, packing
         # would pop every full host again for every VM.
-        self._heaps: dict[tuple[int, int, int, str | None], list[tuple[float, str]]] = {}
-        self._dead: dict[tuple[int, int, int, str | None], set[str]] = {}
+        self._heaps: dict[tuple[Any, ...], list[tuple[float, str]]] = {}
+        self._dead: dict[tuple[Any, ...], set[str]] = {}
 
     def weight(self, load: HostLoad) -> float:
         """Lower is better: spread wants the least allocated host, pack the most allocated one."""
         return load.utilisation() if self.strategy == Strategy.SPREAD else -load.utilisation()
 
     @staticmethod
-    def _shape(request: PlacementRequest) -> tuple[int, int, int, str | None]:
+    def _shape(request: PlacementRequest) -> tuple[Any, ...]:
         running = request.will_run
-        return (request.cpus if running else 0, request.memory if running else 0, request.storage, request.accel)
+        return (request.cpus if running else 0, request.memory if running else 0, request.storage, request.accel,
+                request.bridged, tuple(request.uplinks), tuple((v.host, v.pool, v.pool_id) for v in request.volumes))
 
-    def _heap_for(self, shape: tuple[int, int, int, str | None]) -> list[tuple[float, str]]:
+    def _heap_for(self, shape: tuple[Any, ...]) -> list[tuple[float, str]]:
         heap = self._heaps.get(shape)
         if heap is None:
             dead = self._dead.setdefault(shape, set())
@@ -544,8 +602,11 @@ def pick_host(
     policy: str | None = None,
     accel: str | None = None,
     project: str = "default",
+    attached: Iterable[Volume] = (),
 ) -> Host:
-    """The host for a new VM: filters, then the configured weights (see the module's docstring)."""
+    """The host for a new VM: filters, then the configured weights (see the module's docstring). ``attached``:
+    existing volumes the VM takes, which tie it to their host's storage pool."""
     request = PlacementRequest.of(spec, storage=storage, will_run=will_run, host=wanted, group=group,
-                                  policy=policy, accel=accel, project=project)
+                                  policy=policy, accel=accel, project=project,
+                                  **needs(session, spec, project, attached))
     return pick(session, request)

@@ -81,7 +81,7 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
         quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory, disk=new_disk, vms=1)
         host = placement.pick_host(
             session, spec, request.host, will_run=request.start, project=project, group=request.group,
-            policy=request.policy, accel=request.accel,
+            policy=request.policy, accel=request.accel, attached=attached,
             storage=image.virtual_size + sum(disk.size for disk in spec.disks if disk.size is not None),
         )
         vm = VM(

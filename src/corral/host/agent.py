@@ -24,7 +24,7 @@ from sqlalchemy import select
 from corral.config import Settings
 from corral.engine.process import QemuProcess
 from corral.errors import Conflict, CorralError
-from corral.host.inventory import Inventory, read_inventory, read_usage
+from corral.host.inventory import Inventory, bridges, read_inventory, read_usage
 from corral.host.layout import HostLayout
 from corral.host.migration_handlers import pool_identity, reclaim_moved
 from corral.spec.names import NAME_PATTERN
@@ -249,7 +249,9 @@ class Agent:
             host.state = "online"
             host.storage_overcommit = self.settings.storage_overcommit
             # pool_id: hosts that report the same one share their storage pool (corral.cluster.migrations).
-            host.usage = {**read_usage(self.layout.pool()), "pool_id": pool_identity(self.layout.pool())}
+            # bridges: bridge-mode networks are placed only where their uplink is (corral.cluster.placement).
+            host.usage = {**read_usage(self.layout.pool()), "pool_id": pool_identity(self.layout.pool()),
+                          "bridges": bridges(), "networking": self.networks.enabled}
             if self.address is not None:
                 host.address = self.address
             host.heartbeat_at = utcnow()

@@ -56,6 +56,15 @@ def read_usage(pool_dir: Path, meminfo: Path = Path("/proc/meminfo")) -> dict[st
     }
 
 
+def bridges(sys_net: Path = Path("/sys/class/net")) -> list[str]:
+    """The Linux bridges on this host (in this network namespace): placement sends a VM on a bridge-mode network
+    only to hosts that have its uplink bridge (corral.cluster.placement)."""
+    try:
+        return sorted(entry.name for entry in sys_net.iterdir() if (entry / "bridge").is_dir())
+    except OSError:
+        return []
+
+
 def read_inventory(pool_dir: Path, accel_setting: str, qemu_binary: str, qemu: str | None = None) -> Inventory:
     """``qemu``: the version found before, to skip running the binary again."""
     usage = shutil.disk_usage(pool_dir)

@@ -215,6 +215,12 @@ class NetworkHost:
             for net in networks:
                 if net.state == "deleting":
                     continue
+                if (net.mode == NetworkMode.BRIDGE and not is_bridge(net.bridge)
+                        and not any(port.network_id == net.id and host == self.host_name for port, _n, host in ports)):
+                    # Not this host's to judge: its uplink is elsewhere, and placement sends the network's VMs
+                    # only to hosts whose heartbeat reports that bridge. Marking the shared row "error" here would
+                    # flip it against the hosts that have it.
+                    continue
                 hosts = [dnsmasq.DhcpHost(port.mac, port.ip, name)
                          for port, name, _host in ports if port.network_id == net.id and port.ip]
                 try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from corral import __version__
-from corral.cli import access, agent, host, image, job, network, pool, serve, snapshot, template, vm, volume
+from corral.cli import access, agent, backup, host, image, job, network, pool, serve, snapshot, template, vm, volume
 
 app = typer.Typer(
     name="corral",
@@ -19,6 +19,8 @@ app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")
 app.add_typer(volume.app, name="volume")
 app.add_typer(snapshot.app, name="snapshot")
+app.add_typer(backup.app, name="backup")
+backup.register_vm_commands(vm.app)
 app.add_typer(template.app, name="template")
 app.add_typer(job.app, name="job")
 app.add_typer(host.app, name="host")

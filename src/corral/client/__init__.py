@@ -297,6 +297,32 @@ class Client:
     def delete_snapshot(self, vm: str, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/vms/{vm}/snapshots/{name}")
 
+    # -- backups, export, import ------------------------------------------------------------------------------
+
+    def backups(self, vm: str | None = None) -> list[dict[str, Any]]:
+        return self.request("GET", "/backups", params={"vm": vm} if vm else None)
+
+    def backup(self, vm: str, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/vms/{vm}/backups/{name}")
+
+    def create_backup(self, vm: str, name: str | None = None, incremental: bool = False) -> dict[str, Any]:
+        """Back up a VM's disks (running or stopped); follow the returned job."""
+        return self.request("POST", f"/vms/{vm}/backups", json={"name": name, "incremental": incremental})
+
+    def delete_backup(self, vm: str, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/vms/{vm}/backups/{name}")
+
+    def restore_backup(self, vm: str, name: str, as_name: str | None = None) -> dict[str, Any]:
+        """Into a new VM (``as_name``), or over ``vm`` when it is stopped (or anew when it no longer exists)."""
+        return self.request("POST", f"/vms/{vm}/backups/{name}/restore", json={"as_name": as_name})
+
+    def export_vm(self, vm: str, file: str, compress: bool = False) -> dict[str, Any]:
+        """Write spec and flattened disks to a tar at ``file`` (an absolute path on the server host)."""
+        return self.request("POST", f"/vms/{vm}/export", json={"file": file, "compress": compress})
+
+    def import_vm(self, file: str, name: str | None = None) -> dict[str, Any]:
+        return self.request("POST", "/vms/import", json={"file": file, "name": name})
+
     # -- clones and templates ---------------------------------------------------------------------------------
 
     def clone_vm(
@@ -378,6 +404,17 @@ class Client:
 
     def remove_nic(self, vm: str, nic: str | int) -> dict[str, Any]:
         return self.request("DELETE", f"/vms/{vm}/nics/{nic}")
+
+    def resize_vm(self, vm: str, **changes: Any) -> dict[str, Any]:
+        """`vm set`: memory, cpus, cpu_limit, cpu_weight, max_memory, max_cpus (None values are left out)."""
+        return self.request("POST", f"/vms/{vm}/resize", json={k: v for k, v in changes.items() if v is not None})
+
+    def add_disk(self, vm: str, size: str | int | None = None, volume: str | None = None) -> dict[str, Any]:
+        body = {key: value for key, value in (("size", size), ("volume", volume)) if value is not None}
+        return self.request("POST", f"/vms/{vm}/disks", json=body)
+
+    def remove_disk(self, vm: str, volume: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/vms/{vm}/disks/{volume}")
 
     def add_port_forward(self, vm: str, host_port: int, guest_port: int, protocol: str = "tcp") -> dict[str, Any]:
         body = {"host_port": host_port, "guest_port": guest_port, "protocol": protocol}

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from corral.errors import QuotaExceeded
 from corral.spec.sizes import format_size
-from corral.store.models import VM, Project, Volume
+from corral.store.models import VM, Backup, Project, Volume
 
 
 @dataclass
@@ -33,6 +33,8 @@ def usage(session: Session, project: str) -> Usage:
         used.vcpus += int(spec.get("cpus", 1))
         used.memory += int(spec.get("memory", 0))
     used.disk = int(session.scalar(select(func.coalesce(func.sum(Volume.size), 0)).where(Volume.project == project)))
+    # Backups take real space in the host's backup directory: they count by the bytes they hold.
+    used.disk += int(session.scalar(select(func.coalesce(func.sum(Backup.size), 0)).where(Backup.project == project)))
     return used
 
 

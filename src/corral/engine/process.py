@@ -272,6 +272,14 @@ class QemuProcess:
         self._qmp.send_fd_scm(fd)
         await self.execute("getfd", {"fdname": name})
 
+    async def add_fd(self, fd: int) -> int:
+        """Put an open file into a new fd set and return its id: block nodes open it as ``/dev/fdset/<id>``, so
+        a sandboxed QEMU can write a file that only root can open (a backup target, say)."""
+        if self._qmp is None:
+            raise EngineError("QEMU's monitor is not connected")
+        self._qmp.send_fd_scm(fd)
+        return int((await self.execute("add-fd", {}))["fdset-id"])
+
     def listener(self, names: str | tuple[str, ...]) -> Any:
         """A QMP event listener context (see qemu.qmp's EventListener)."""
         if self._qmp is None:

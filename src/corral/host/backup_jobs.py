@@ -1,0 +1,406 @@
+"""Backup, restore, export and import jobs on this host.
+
+Backups live in ``CORRAL_HOME/backups/<backup id>/disk<N>.qcow2``: a root-only directory outside every storage
+pool, so no VM (sandboxed QEMUs run under their own uids) can read or change another's backups, or its own.
+A running VM writes its backup through file descriptors the agent opens and hands over (``add-fd``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from corral import __version__
+from corral.engine import backup as engine_backup
+from corral.engine import qemu_img
+from corral.errors import Conflict, CorralError, InvalidInput, NotFound
+from corral.host import storage, vm_lifecycle
+from corral.host.snapshot_jobs import _frozen, out_of_space
+from corral.spec.backup import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, ExportManifest, read_export_manifest
+from corral.store.models import VM, Backup, Snapshot, Volume
+
+if TYPE_CHECKING:
+    from corral.host.agent import Agent, JobContext
+
+CHUNK = 1 << 20
+
+
+def backup_root(agent: Agent) -> Path:
+    """The backup directory: made root-only on first use, and kept so."""
+    root = agent.layout.home / "backups"
+    root.mkdir(mode=0o700, exist_ok=True)
+    if root.stat().st_mode & 0o077:
+        root.chmod(0o700)
+    return root
+
+
+def backup_file(agent: Agent, relative: str) -> Path:
+    """A path stored in a backup row, resolved and kept inside the backup directory."""
+    root = backup_root(agent).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise InvalidInput(f"backup path {relative!r} escapes the backup directory", "the store row is damaged")
+    return path
+
+
+def _vm_volumes(agent: Agent, vm_id: str) -> tuple[VM, list[Volume]]:
+    with agent.store.session() as session:
+        vm = session.get(VM, vm_id)
+        if vm is None:
+            raise NotFound("the VM no longer exists")
+        return vm, sorted(vm.volumes, key=lambda v: v.device_index)
+
+
+def _running(agent: Agent, vm_id: str):  # type: ignore[no-untyped-def]
+    running = agent.vms.get(vm_id)
+    return running if running is not None and not running.proc.exited else None
+
+
+def _qemu_img_version(binary: str) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+        return out.splitlines()[0] if out else "unknown"
+    return "unknown"
+
+
+# -- backup create / delete ------------------------------------------------------------------------------------
+
+
+async def create(ctx: JobContext) -> dict[str, Any]:
+    """Copy every disk at one instant (live or offline); an incremental one copies only what changed since its
+    parent. On any failure the backup's files and row go, and the VM's change records stay as they were."""
+    agent = ctx.agent
+    backup_id = ctx.params["backup_id"]
+    directory = backup_root(agent) / backup_id
+    try:
+        async with agent.vm_locks[ctx.target_id]:
+            result = await _create_locked(ctx, backup_id, directory)
+    except BaseException as exc:
+        pool_full = out_of_space([directory / "x"]) if directory.exists() else False
+        shutil.rmtree(directory, ignore_errors=True)
+        with agent.store.session() as session:
+            row = session.get(Backup, backup_id)
+            if row is not None:
+                session.delete(row)
+        if pool_full and isinstance(exc, Exception):
+            raise CorralError(f"the backup directory ran out of space; backup {ctx.params['name']} was removed",
+                              "free space under CORRAL_HOME/backups (delete old backups)") from exc
+        raise
+    return result
+
+
+async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> dict[str, Any]:
+    agent = ctx.agent
+    binary = agent.settings.qemu_img_binary
+    vm, volumes = _vm_volumes(agent, ctx.target_id)
+    with agent.store.session() as session:
+        backup = session.get(Backup, backup_id)
+        if backup is None:
+            raise NotFound(f"backup {ctx.params['name']} not found")
+        parent = session.get(Backup, backup.parent_id) if backup.parent_id else None
+    for volume in volumes:
+        if volume.format != "qcow2":
+            raise Conflict(f"disk {volume.name} is {volume.format}; backups need qcow2 disks",
+                           "convert the disk to qcow2")
+    sources = [storage.volume_path(agent, v) for v in volumes]
+    running = _running(agent, vm.id)
+    directory.mkdir(mode=0o700)
+    copies = []
+    for index, (source, volume) in enumerate(zip(sources, volumes, strict=True)):
+        target = directory / f"disk{index}.qcow2"
+        size = int(qemu_img.info(source, binary)["virtual-size"])
+        if parent is not None:
+            backing = f"../{parent.id}/disk{index}.qcow2"
+            await asyncio.to_thread(qemu_img.run, ["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2",
+                                                   str(target), str(size)], binary)
+        else:
+            await asyncio.to_thread(qemu_img.create_blank, target, size, binary)
+        # A running VM names its nodes after the device index; the storage daemon after the position.
+        node = vm_lifecycle.disk_node(volume.device_index) if running is not None else f"disk{index}"
+        copies.append(engine_backup.DiskCopy(node=node, target=target))
+    new_bitmap = engine_backup.bitmap_name(backup_id)
+    parent_bitmap = engine_backup.bitmap_name(parent.id) if parent else None
+    frozen = False
+    if running is not None:
+        run = engine_backup.BackupRun(running.proc, copies, new_bitmap, parent_bitmap)
+        frozen = await _run(ctx, run, running.proc.add_fd, running)
+    else:
+        socket = agent.layout.home / "run" / f"bk-{backup_id[:12]}.qmp"
+        async with engine_backup.StorageDaemon(sources, socket, _storage_daemon(agent)) as daemon:
+            run = engine_backup.BackupRun(daemon, copies, new_bitmap, parent_bitmap)
+            await _run(ctx, run, None, None)
+    ctx.progress(0.97, "checking the backup")
+    disks = []
+    for index, copy in enumerate(copies):
+        await asyncio.to_thread(qemu_img.check, copy.target, binary)
+        disks.append({"index": index, "file": f"{backup_id}/{copy.target.name}",
+                      "size": int(qemu_img.info(copy.target, binary)["virtual-size"]),
+                      "written": engine_backup.allocated_bytes(copy.target)})
+        os.chmod(copy.target, 0o400)
+    total = sum(d["written"] for d in disks)
+    with agent.store.session() as session:
+        row = session.get(Backup, backup_id)
+        row.state, row.disks, row.size, row.live = "ready", disks, total, running is not None
+    return {"backup": ctx.params["name"], "kind": "incremental" if parent else "full", "live": running is not None,
+            "frozen": frozen, "bytes": total, "disks": len(disks)}
+
+
+def _storage_daemon(agent: Agent) -> str:
+    """qemu-storage-daemon from the same installation as the configured QEMU."""
+    qemu = Path(shutil.which(agent.settings.qemu_binary) or agent.settings.qemu_binary)
+    sibling = qemu.parent / "qemu-storage-daemon"
+    return str(sibling) if sibling.exists() else "qemu-storage-daemon"
+
+
+async def _run(ctx: JobContext, run: engine_backup.BackupRun, pass_fd: Any, running: Any) -> bool:
+    """Attach targets, start at one instant (guest filesystems frozen around it when the agent answers), copy,
+    then keep only the new change record. Returns whether the guest was frozen."""
+    nodes = [d.node for d in run.disks]
+    frozen = False
+    succeeded = False
+    try:
+        if run.parent_bitmap is not None:
+            await engine_backup.check_parent_bitmap(run.monitor, nodes, run.parent_bitmap)
+        await engine_backup.open_targets(run, pass_fd)
+        ctx.progress(0.1, "starting the backup")
+        if running is not None:
+            async with _frozen(ctx.agent, running) as frozen:
+                await engine_backup.start(run)
+        else:
+            await engine_backup.start(run)
+        await engine_backup.wait(run, lambda f: ctx.note(0.1 + 0.85 * f, "copying"))
+        succeeded = True
+    finally:
+        await engine_backup.close_targets(run)
+        with contextlib.suppress(CorralError):
+            await engine_backup.settle_bitmaps(run, succeeded)
+    return frozen
+
+
+async def delete(ctx: JobContext) -> dict[str, Any]:
+    agent = ctx.agent
+    with agent.store.session() as session:
+        backup = session.get(Backup, ctx.target_id)
+        if backup is None:
+            raise NotFound(f"backup {ctx.target_name} not found")
+        if session.query(Backup).filter(Backup.parent_id == backup.id).count():
+            raise Conflict(f"backup {ctx.target_name} has incremental backups on top", "delete those first")
+        shutil.rmtree(backup_file(agent, backup.id), ignore_errors=True)
+        freed = backup.size
+        session.delete(backup)
+    return {"backup": ctx.target_name, "freed": freed}
+
+
+# -- restore ---------------------------------------------------------------------------------------------------
+
+
+async def _copy(ctx: JobContext, source: Path, target: Path, start: float, span: float, what: str) -> None:
+    """A flattened, standalone copy (qemu-img convert reads through the backing chain), then qemu-img check."""
+    binary = ctx.agent.settings.qemu_img_binary
+    loop = asyncio.get_running_loop()
+    last = [-1.0]
+
+    def report(fraction: float) -> None:
+        if fraction - last[0] >= 0.02 or fraction >= 1.0:
+            last[0] = fraction
+            loop.call_soon_threadsafe(ctx.note, start + span * fraction, what)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(qemu_img.copy_with_progress, source, target, None, False, report, binary)
+    await asyncio.to_thread(qemu_img.check, target, binary)
+
+
+async def restore(ctx: JobContext) -> dict[str, Any]:
+    from corral.host.handlers import discard_vm
+
+    agent = ctx.agent
+    with agent.store.session() as session:
+        backup = session.get(Backup, ctx.params["backup_id"])
+        if backup is None or backup.state != "ready":
+            raise NotFound(f"backup {ctx.params['name']} not found")
+        files = [backup_file(agent, d["file"]) for d in sorted(backup.disks, key=lambda d: d["index"])]
+    for path in files:
+        if not path.is_file():
+            raise NotFound(f"the data of backup {ctx.params['name']} is missing ({path.name})",
+                           "the backup directory was changed outside corral")
+    if ctx.params.get("mode") == "over":
+        return await _restore_over(ctx, files)
+    made: set[str] = set()
+    try:
+        async with agent.vm_locks[ctx.target_id]:
+            _, volumes = _vm_volumes(agent, ctx.target_id)
+            span = 0.9 / len(files)
+            for index, (source, volume) in enumerate(zip(files, volumes, strict=True)):
+                await _copy(ctx, source, storage.volume_path(agent, volume), 0.05 + span * index, span,
+                            f"restoring {volume.name}")
+                made.add(volume.id)
+                ctx.check_cancelled()
+            with agent.store.session() as session:
+                for volume in volumes:
+                    session.get(Volume, volume.id).state = "ready"
+    except BaseException:
+        _, volumes = _vm_volumes(agent, ctx.target_id)
+        await discard_vm(ctx, ctx.target_id, made | {v.id for v in volumes})
+        raise
+    return {"vm": ctx.target_name, "backup": ctx.params["name"], "disks": len(files), "new": True}
+
+
+async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
+    """Copy each disk beside the VM's own, then swap them in; a failure before the swaps leaves the VM as it
+    was. The VM's internal snapshots lived in the old files, so their rows go too."""
+    agent = ctx.agent
+    async with agent.vm_locks[ctx.target_id]:
+        if _running(agent, ctx.target_id) is not None:
+            raise Conflict(f"VM {ctx.target_name} is running", f"stop it first: `corral vm stop {ctx.target_name}`")
+        _, volumes = _vm_volumes(agent, ctx.target_id)
+        staged: list[Path] = []
+        try:
+            span = 0.85 / len(files)
+            for index, (source, volume) in enumerate(zip(files, volumes, strict=True)):
+                temp = storage.volume_path(agent, volume).with_suffix(".restoring")
+                staged.append(temp)
+                await _copy(ctx, source, temp, 0.05 + span * index, span, f"restoring {volume.name}")
+        except BaseException:
+            for temp in staged:
+                temp.unlink(missing_ok=True)
+            raise
+        binary = agent.settings.qemu_img_binary
+        with agent.store.session() as session:
+            for temp, volume in zip(staged, volumes, strict=True):
+                os.replace(temp, storage.volume_path(agent, volume))
+                row = session.get(Volume, volume.id)
+                row.backing_path = None
+                row.size = max(row.size, int(qemu_img.info(storage.volume_path(agent, volume), binary)["virtual-size"]))
+            dropped = session.query(Snapshot).filter(Snapshot.vm_id == ctx.target_id).delete()
+            session.get(VM, ctx.target_id).current_snapshot = None
+            session.flush()
+            storage.collect_bases(agent, session)
+    return {"vm": ctx.target_name, "backup": ctx.params["name"], "disks": len(files), "new": False,
+            "snapshots_dropped": dropped}
+
+
+# -- export / import -------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def export(ctx: JobContext) -> dict[str, Any]:
+    """Flattened copies of the disks (consistent for a running VM), their checksums and the spec, in one tar
+    written beside the target name and renamed into place only when complete."""
+    from corral.host.clone_jobs import _consistent_source, _copy_disks
+
+    agent = ctx.agent
+    target = Path(ctx.params["file"])
+    staging = backup_root(agent) / f".export-{ctx.job_id[:12]}"
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        staging.mkdir(mode=0o700)
+        async with agent.vm_locks[ctx.target_id]:
+            vm, volumes = _vm_volumes(agent, ctx.target_id)
+            copies = [staging / f"disk{i}.qcow2" for i in range(len(volumes))]
+            async with _consistent_source(agent, vm.id, None) as (tag, share):
+                await _copy_disks(ctx, [storage.volume_path(agent, v) for v in volumes], copies, tag, share)
+        binary = agent.settings.qemu_img_binary
+        disks = []
+        for index, copy in enumerate(copies):
+            ctx.note(0.9, f"checksumming disk{index}")
+            disks.append({"file": f"disks/{copy.name}", "size": int(qemu_img.info(copy, binary)["virtual-size"]),
+                          "bytes": copy.stat().st_size, "sha256": await asyncio.to_thread(_sha256, copy)})
+        manifest = ExportManifest.model_validate({
+            "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "corral_version": __version__,
+            "qemu_img_version": _qemu_img_version(binary), "created_at": datetime.now(UTC).isoformat(),
+            "vm": {"name": vm.name, "spec": vm.spec}, "disks": disks,
+        })
+        ctx.note(0.93, "writing the archive")
+        await asyncio.to_thread(_write_tar, partial, manifest, copies, bool(ctx.params.get("compress")))
+        if target.exists():
+            raise Conflict(f"{target} appeared during the export", "choose a new file name")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"vm": ctx.target_name, "file": str(target), "bytes": target.stat().st_size, "disks": len(disks)}
+
+
+def _write_tar(path: Path, manifest: ExportManifest, copies: list[Path], compress: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz" if compress else "w",
+                                                  **({"compresslevel": 1} if compress else {})) as archive:
+        data = json.dumps(manifest.model_dump(mode="json"), indent=2).encode()
+        info = tarfile.TarInfo(MANIFEST)
+        info.size, info.mode = len(data), 0o600
+        archive.addfile(info, io.BytesIO(data))
+        for copy in copies:
+            info = tarfile.TarInfo(f"disks/{copy.name}")
+            info.size, info.mode = copy.stat().st_size, 0o600
+            with copy.open("rb") as handle:
+                archive.addfile(info, handle)
+
+
+def _extract_checked(archive_path: Path, member: str, target: Path, expected: str) -> None:
+    """Stream one member to a path of our choosing, hashing as it goes; a wrong checksum removes it."""
+    digest = hashlib.sha256()
+    with tarfile.open(archive_path, "r:*") as archive:
+        source = archive.extractfile(member)
+        if source is None:
+            raise InvalidInput(f"{member} in {archive_path.name} is not a file", "export again")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            while chunk := source.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+    if digest.hexdigest() != expected:
+        target.unlink(missing_ok=True)
+        raise InvalidInput(f"{member} in {archive_path.name} does not match its checksum",
+                           "the archive is damaged or was tampered with; export again")
+
+
+async def import_(ctx: JobContext) -> dict[str, Any]:
+    """Every disk is checked (checksum, then qemu-img as for any user's image: no backing or data file, sound
+    metadata, the size the manifest says) before the VM is marked ready; any failure removes the VM."""
+    from corral.host.handlers import discard_vm
+
+    agent = ctx.agent
+    path = Path(ctx.params["file"])
+    expected = ExportManifest.model_validate(ctx.params["manifest"])
+    made: set[str] = set()
+    try:
+        async with agent.vm_locks[ctx.target_id]:
+            if read_export_manifest(path) != expected:
+                raise InvalidInput(f"{path.name} changed since it was checked", "import it again")
+            _, volumes = _vm_volumes(agent, ctx.target_id)
+            binary = agent.settings.qemu_img_binary
+            for index, (disk, volume) in enumerate(zip(expected.disks, volumes, strict=True)):
+                ctx.progress(0.05 + 0.9 * index / len(volumes), f"importing {disk.file}")
+                target = storage.volume_path(agent, volume)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                made.add(volume.id)
+                await asyncio.to_thread(_extract_checked, path, disk.file, target, disk.sha256)
+                facts = await asyncio.to_thread(qemu_img.check_importable, target, binary)
+                if facts.get("format") != "qcow2" or int(facts.get("virtual-size", 0)) != disk.size:
+                    raise InvalidInput(f"{disk.file} in {path.name} is not the qcow2 disk of {disk.size} bytes "
+                                       "its manifest describes", "export again")
+            with agent.store.session() as session:
+                for volume in volumes:
+                    session.get(Volume, volume.id).state = "ready"
+    except BaseException:
+        _, volumes = _vm_volumes(agent, ctx.target_id)
+        await discard_vm(ctx, ctx.target_id, made | {v.id for v in volumes})
+        raise
+    return {"vm": ctx.target_name, "file": str(path), "disks": len(expected.disks)}

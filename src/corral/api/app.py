@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from corral import __version__
 from corral.api import (
     routes_admin,
+    routes_backups,
     routes_clones,
     routes_console,
     routes_events,
@@ -19,6 +20,7 @@ from corral.api import (
     routes_jobs,
     routes_migrations,
     routes_networks,
+    routes_resize,
     routes_snapshots,
     routes_storage,
     routes_vms,
@@ -97,6 +99,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(routes_vms.router)
     app.include_router(routes_console.router)
     app.include_router(routes_snapshots.router)
+    app.include_router(routes_backups.router)
     app.include_router(routes_clones.router)
     app.include_router(routes_storage.router)
     app.include_router(routes_jobs.router)
@@ -106,6 +109,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(routes_admin.router)
     app.include_router(routes_events.router)
     app.include_router(routes_networks.router)
+    app.include_router(routes_resize.router)
 
     @app.get("/health", tags=["host"])
     def health() -> dict[str, str]:

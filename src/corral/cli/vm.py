@@ -33,6 +33,8 @@ CPU_WEIGHT = typer.Option(None, "--cpu-weight", help="CPU share under contention
 DISK_READ_BPS = typer.Option(None, "--disk-read-bps", help="Disk read bandwidth limit, e.g. 50M (per second).")
 DISK_WRITE_BPS = typer.Option(None, "--disk-write-bps", help="Disk write bandwidth limit, e.g. 20M (per second).")
 DISK_IOPS = typer.Option(None, "--disk-iops", help="Disk operations per second limit.")
+MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory `vm set` may grow to live, e.g. 1G (default: --memory).")
+MAX_CPUS = typer.Option(None, "--max-cpus", help="vCPUs `vm set` may grow to live (default: --cpus).")
 
 
 def parse_nic(text: str) -> dict[str, Any]:
@@ -210,6 +212,8 @@ def create(
     disk_read_bps: str = DISK_READ_BPS,
     disk_write_bps: str = DISK_WRITE_BPS,
     disk_iops: int = DISK_IOPS,
+    max_memory: str = MAX_MEMORY,
+    max_cpus: int = MAX_CPUS,
     firmware: str = FIRMWARE,
     timeout: float = TIMEOUT,
     on_host: str = ON_HOST,
@@ -222,6 +226,7 @@ def create(
     """Define a VM: its disks are made (a linked overlay of the image or template, plus blank ones)."""
     spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
     spec.update(_extras(nic, cpu_limit, cpu_weight, disk_read_bps, disk_write_bps, disk_iops))
+    spec.update({key: value for key, value in (("max_memory", max_memory), ("max_cpus", max_cpus)) if value})
     if firmware is not None:
         spec["firmware"] = firmware
     _create(spec, volume, start, wait and start, as_json, timeout, template, _placement(on_host, group, policy, accel),
@@ -250,6 +255,8 @@ def run_vm(
     disk_read_bps: str = DISK_READ_BPS,
     disk_write_bps: str = DISK_WRITE_BPS,
     disk_iops: int = DISK_IOPS,
+    max_memory: str = MAX_MEMORY,
+    max_cpus: int = MAX_CPUS,
     firmware: str = FIRMWARE,
     timeout: float = TIMEOUT,
     on_host: str = ON_HOST,
@@ -262,6 +269,7 @@ def run_vm(
     """Create and start a VM, and wait until its guest is ready."""
     spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
     spec.update(_extras(nic, cpu_limit, cpu_weight, disk_read_bps, disk_write_bps, disk_iops))
+    spec.update({key: value for key, value in (("max_memory", max_memory), ("max_cpus", max_cpus)) if value})
     if firmware is not None:
         spec["firmware"] = firmware
     _create(spec, volume, True, wait, as_json, timeout, template, _placement(on_host, group, policy, accel), dry_run)
@@ -434,7 +442,8 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
             ("pid", vm["pid"] or "-"),
             ("image", vm["image"]),
             ("cpus", vm["cpus"]),
-            ("memory", human_size(vm["memory"])),
+            ("memory", human_size(vm["memory"]) + (f" (guest has {human_size(vm['memory_actual'])})"
+                                                   if vm.get("memory_actual") else "")),
             ("restart", f"{vm['restart_policy']} ({vm['restart_count']} so far)"),
             ("addresses", _addresses(vm) or "-"),
         ]
@@ -672,3 +681,8 @@ def port_forward(
         print_json(job) if as_json else print(what)
 
     run(action)
+
+
+from corral.cli import resize as _resize  # noqa: E402 - registers `vm set` and `vm disk` on this app
+
+_resize.register(app)

@@ -12,11 +12,13 @@ from corral.engine import qemu_img
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, NotFound
 from corral.host import (
+    backup_jobs,
     clone_jobs,
     fork_jobs,
     image_jobs,
     migration_handlers,
     network_jobs,
+    resize_jobs,
     snapshot_jobs,
     storage,
     vm_lifecycle,
@@ -298,7 +300,15 @@ def build_handlers() -> dict[str, Handler]:
         JobKind.VM_NIC_ADD: network_jobs.vm_nic_add,
         JobKind.VM_NIC_REMOVE: network_jobs.vm_nic_remove,
         JobKind.VM_PORT_FORWARD: network_jobs.vm_port_forward,
+        JobKind.VM_RESIZE: resize_jobs.vm_resize,
+        JobKind.VM_DISK_ADD: resize_jobs.vm_disk_add,
+        JobKind.VM_DISK_REMOVE: resize_jobs.vm_disk_remove,
         JobKind.VM_MIGRATE: migration_handlers.vm_migrate,
         JobKind.VM_MIGRATE_IN: migration_handlers.vm_migrate_in,
         JobKind.HOST_DRAIN: migration_handlers.host_drain,
+        JobKind.BACKUP_CREATE: backup_jobs.create,
+        JobKind.BACKUP_DELETE: backup_jobs.delete,
+        JobKind.BACKUP_RESTORE: backup_jobs.restore,
+        JobKind.VM_EXPORT: backup_jobs.export,
+        JobKind.VM_IMPORT: backup_jobs.import_,
     }

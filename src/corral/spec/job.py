@@ -44,6 +44,14 @@ class JobKind(StrEnum):
     VM_NIC_ADD = "vm.nic-add"
     VM_NIC_REMOVE = "vm.nic-remove"
     VM_PORT_FORWARD = "vm.port-forward"
+    VM_RESIZE = "vm.resize"
+    VM_DISK_ADD = "vm.disk-add"
+    VM_DISK_REMOVE = "vm.disk-remove"
     VM_MIGRATE = "vm.migrate"  # the source host's half, which the user follows
     VM_MIGRATE_IN = "vm.migrate-in"  # the destination host's half
     HOST_DRAIN = "host.drain"
+    BACKUP_CREATE = "backup.create"
+    BACKUP_DELETE = "backup.delete"
+    BACKUP_RESTORE = "backup.restore"
+    VM_EXPORT = "vm.export"
+    VM_IMPORT = "vm.import"

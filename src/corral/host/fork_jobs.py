@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import fork as engine_fork
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, CorralError, NotFound
-from corral.host import storage, vm_lifecycle
+from corral.host import resize_jobs, storage, vm_lifecycle
 from corral.spec.vm import VMSpec
 from corral.store.models import VM, Volume
 
@@ -66,6 +66,7 @@ async def fork(ctx: JobContext) -> dict[str, Any]:
     children = {child_id: _vm(agent, child_id) for child_id in child_ids}
     started: list[str] = []
     try:
+        await resize_jobs.refuse_hotplugged_cpus(running, "fork")  # inside: a refusal removes the children's rows
         async with agent.vm_locks[parent_id]:
             ctx.progress(0.05, "pausing the parent")
             paused_at = time.monotonic()

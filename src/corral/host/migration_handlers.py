@@ -47,7 +47,7 @@ from sqlalchemy import select
 from corral.engine.migration import IncomingEndpoint, MigrationTuning
 from corral.engine.runtime import RuntimeRecord, is_same_process
 from corral.errors import Conflict, NotFound
-from corral.host import migration_jobs, storage, vm_lifecycle
+from corral.host import migration_jobs, resize_jobs, storage, vm_lifecycle
 from corral.spec.job import JobState
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Host, Job, utcnow
@@ -273,6 +273,7 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
     if ctx.params.get("after"):
         await _wait_turn(ctx, ctx.params["after"])
     try:
+        await resize_jobs.refuse_hotplugged_cpus(agent.vms.get(vm_id), "migration")
         endpoint = await _wait_endpoint(ctx, dest_job, target)
     except BaseException:
         _cancel_quietly(agent, dest_job)

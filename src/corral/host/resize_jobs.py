@@ -205,6 +205,18 @@ async def _resize_cpus(ctx: JobContext, running: RunningVM, new: VMSpec) -> dict
     return result
 
 
+async def refuse_hotplugged_cpus(running: RunningVM | None, what: str) -> None:
+    """A fork or a migration starts the other QEMU from the spec with every vCPU on -smp; a source with vCPUs
+    hot-plugged by `vm set` does not match that (the fork child was OOM-killed in tests), so both are refused
+    until a restart has made the plugged vCPUs boot-time ones."""
+    if running is None or running.proc.exited:
+        return
+    slots = await running.proc.execute("query-hotpluggable-cpus")
+    if any(str(slot.get("qom-path", "")).startswith("/machine/peripheral/") for slot in slots):
+        raise Conflict(f"this VM has vCPUs hot-plugged since it started, which a {what} cannot carry yet",
+                       "restart the VM first (`corral vm restart NAME`); it boots with the same CPUs")
+
+
 # -- vm.resize --------------------------------------------------------------------------------------------------
 
 

@@ -122,7 +122,7 @@ async def _series(lab: Lab, memory_mib: int, busy: bool, runs: int, tuning: Migr
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     image_dir = Path(tempfile.mkdtemp(prefix="corral-bimg-", dir="/tmp"))
     image = build_tiny_image(image_dir, Path(os.environ.get("CORRAL_CACHE", "/var/cache/corral")))
-    tuning = MigrationTuning(postcopy=args.postcopy)
+    tuning = MigrationTuning(postcopy=args.postcopy, tcg_safe=not args.tcg_live)
     rows: list[dict[str, Any]] = []
     lab = Lab(image)
     try:
@@ -145,6 +145,8 @@ def main() -> None:
         help="guest memory sizes in MiB",
     )
     parser.add_argument("--postcopy", default="fallback", choices=["never", "fallback", "always"])
+    parser.add_argument("--tcg-live", action="store_true",
+                        help="copy live under TCG too (50 ms downtime limit): loses writes of busy guests here")
     args = parser.parse_args()
     rows = asyncio.run(main_async(args))
     table = []

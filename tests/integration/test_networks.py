@@ -384,3 +384,26 @@ def firewall_tag(corral: Daemon) -> str:
     from corral.host.firewall import table_tag
 
     return table_tag(corral.home)
+
+
+def test_metrics_count_each_tap_nics_bytes(net_daemon: Daemon, pair: tuple[str, str]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b = pair
+    assert guest_ok(net_daemon, a, f"ping -c 3 -W 2 {reserved_ip(net_daemon, b)}")
+    deadline = time.monotonic() + 45  # the agent samples every 10 s
+    while True:
+        with net_daemon.client() as corral:
+            text = corral.metrics()
+        samples = {
+            (sample.name, sample.labels.get("vm")): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name.startswith("corral_vm_network_")
+        }
+        sent = samples.get(("corral_vm_network_transmit_bytes_total", a), 0)
+        received = samples.get(("corral_vm_network_receive_bytes_total", a), 0)
+        if sent > 0 and received > 0:
+            return
+        assert time.monotonic() < deadline, f"no network bytes reported for {a}: {samples}"
+        time.sleep(2)

@@ -50,6 +50,10 @@ class StoreCollector(Collector):
                                          labels=["vm", "project", "disk"])
         restarts = CounterMetricFamily("corral_vm_restarts", "Restarts by the VM's restart policy.",
                                        labels=["vm", "project"])
+        net_rx = CounterMetricFamily("corral_vm_network_receive_bytes", "Bytes the guest received, per TAP NIC.",
+                                     labels=["vm", "project", "nic"])
+        net_tx = CounterMetricFamily("corral_vm_network_transmit_bytes", "Bytes the guest sent, per TAP NIC.",
+                                     labels=["vm", "project", "nic"])
         for vm in session.scalars(select(VM)):
             spec = VMSpec.model_validate(vm.spec)
             key = [vm.name, vm.project]
@@ -67,7 +71,10 @@ class StoreCollector(Collector):
                 for disk, io in stats.get("disks", {}).items():
                     disk_read.add_metric([*key, disk], io.get("read_bytes", 0))
                     disk_write.add_metric([*key, disk], io.get("write_bytes", 0))
-        yield from (info, running, vcpus, memory, used, cpu, disk_read, disk_write, restarts)
+                for nic, io in stats.get("nics", {}).items():
+                    net_rx.add_metric([*key, nic], io.get("receive_bytes", 0))
+                    net_tx.add_metric([*key, nic], io.get("transmit_bytes", 0))
+        yield from (info, running, vcpus, memory, used, cpu, disk_read, disk_write, net_rx, net_tx, restarts)
 
     def _hosts(self, session):  # type: ignore[no-untyped-def]
         labels = ["host"]

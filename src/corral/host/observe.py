@@ -1,13 +1,15 @@
 """Usage of running VMs, sampled by the agent and written to the store for /metrics.
 
 The API never asks QEMU or the cgroup filesystem itself (it may run on another machine); it reads what the
-agent last saw. Counters come from the VM's cgroup (CPU time, memory) and from QMP (disk I/O per device).
+agent last saw. Counters come from the VM's cgroup (CPU time, memory), from QMP (disk I/O per device) and from
+the kernel's counters of the VM's TAPs (network I/O).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError
@@ -53,7 +55,22 @@ async def _sample(agent: Agent, running: RunningVM) -> dict[str, Any]:
         for entry in blockstats
         if "stats" in entry
     }
+    stats["nics"] = _tap_counters(agent, running.vm_id)
     return stats
+
+
+def _tap_counters(agent: Agent, vm_id: str) -> dict[str, dict[str, int]]:
+    """Bytes through the VM's TAPs, from the guest's point of view (what the TAP receives, the guest sent).
+    User-mode NICs have no counters QEMU 7.2 reports."""
+    taps = agent.layout.vm_run_dir(vm_id) / "taps"
+    counters: dict[str, dict[str, int]] = {}
+    with contextlib.suppress(OSError):
+        for tap in taps.read_text().split():
+            base = Path("/sys/class/net", tap, "statistics")
+            with contextlib.suppress(OSError, ValueError):
+                counters[tap] = {"receive_bytes": int((base / "tx_bytes").read_text()),
+                                 "transmit_bytes": int((base / "rx_bytes").read_text())}
+    return counters
 
 
 def _rss(pid: int) -> int | None:

@@ -113,7 +113,7 @@ def test_schemathesis_finds_no_server_error(secure, team, tmp_path) -> None:  # 
         "--exclude-path", "/events",
         "--exclude-path", "/images/build",
         "--max-examples", "8",
-        "--max-time", "75",
+        "--max-time", "40",
         "--workers", "1",
         "--seed", "5",
         "--phases", "examples,coverage,fuzzing",

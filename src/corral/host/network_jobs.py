@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from corral.cluster import networks as control
 from corral.engine.argv import netdev_options, nic_device_options
-from corral.errors import Conflict, EngineError, NotFound
+from corral.errors import Conflict, CorralError, EngineError, NotFound
 from corral.host import vm_lifecycle
 from corral.spec.vm import VMSpec
 from corral.store.models import VM, Network, PortForward
@@ -38,7 +38,18 @@ async def network_create(ctx: JobContext) -> dict[str, Any]:
     the user who asked, and nothing of the failed network stays behind."""
     agent = ctx.agent
     ctx.progress(0.2, "making the bridge and DHCP server")
+    network = _network(ctx)
+    try:
+        # Directly, not only through sync: sync leaves a bridge-mode network whose uplink is missing to hosts
+        # that have it, while this job is where the user learns the uplink they named is not there.
+        await asyncio.to_thread(agent.networks.ensure, network, [])
+    except CorralError:
+        await _remove(ctx, network)
+        raise
     await asyncio.to_thread(agent.networks.sync)
+    # Report this host's bridges now rather than at the next heartbeat: placement sends VMs on a bridge-mode
+    # network only to hosts known to have its uplink.
+    await asyncio.to_thread(agent.heartbeat)
     network = _network(ctx)
     if network.state != "ready":
         message = network.status_message or f"network {network.name} could not be made on {agent.host_name}"

@@ -40,7 +40,7 @@ from corral.engine.migration import (
 from corral.engine.plan import LaunchPlan
 from corral.engine.process import QemuProcess
 from corral.errors import Conflict
-from corral.host import vm_lifecycle
+from corral.host import vm_lifecycle, vm_nics
 
 if TYPE_CHECKING:
     from corral.host.agent import Agent, JobContext
@@ -82,7 +82,7 @@ class IncomingVM:
         self.plan.runtime_record.unlink(missing_ok=True)
         await asyncio.to_thread(self.agent.isolation.release, self.vm_id)
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(vm_lifecycle.unplug_taps, self.agent, self.vm_id)
+            await asyncio.to_thread(vm_nics.unplug_taps, self.agent, self.vm_id)
         for disk in self.made_disks:
             disk.unlink(missing_ok=True)
         if self.plan.ram_file is not None and self.plan.ram_shared:
@@ -134,7 +134,7 @@ async def prepare_incoming(
                 await asyncio.to_thread(qemu_img.create_blank, disk.path, size, agent.settings.qemu_img_binary)
                 made.append(disk.path)
         box = await asyncio.to_thread(agent.isolation.prepare, vm_id, plan)  # chowns disks to the VM's uid
-        await asyncio.to_thread(vm_lifecycle.plug_taps, agent, vm_id, plan)
+        await asyncio.to_thread(vm_nics.plug_taps, agent, vm_id, plan)
         if box.extra_args:
             plan = plan.model_copy(update={"extra_args": (*plan.extra_args, *box.extra_args)})
         proc = await QemuProcess.launch(plan, on_event=vm_lifecycle._event_handler(agent, vm_id), preexec=box.preexec)
@@ -143,7 +143,7 @@ async def prepare_incoming(
             path.unlink(missing_ok=True)
         await asyncio.to_thread(agent.isolation.release, vm_id)
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(vm_lifecycle.unplug_taps, agent, vm_id)
+            await asyncio.to_thread(vm_nics.unplug_taps, agent, vm_id)
         raise
     migration = IncomingMigration(proc, tuning)
     incoming = IncomingVM(agent, vm_id, plan, proc, migration, made)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from corral.cluster import networks as control
 from corral.engine.argv import netdev_options, nic_device_options
 from corral.errors import Conflict, CorralError, EngineError, NotFound
-from corral.host import vm_lifecycle
+from corral.host import vm_lifecycle, vm_nics
 from corral.spec.vm import VMSpec
 from corral.store.models import VM, Network, PortForward
 
@@ -98,13 +98,13 @@ async def vm_nic_add(ctx: JobContext) -> dict[str, Any]:
         if running is None:
             return {"slot": slot, "hotplugged": False}
         spec = VMSpec.model_validate(vm.spec)
-        plan = next(nic for nic in vm_lifecycle.nic_plans(agent, vm, spec) if nic.id == f"net{slot}")
+        plan = next(nic for nic in vm_nics.nic_plans(agent, vm, spec) if nic.id == f"net{slot}")
         try:
             ctx.progress(0.3, "plugging the NIC into the running guest")
             if plan.mode == "tap":
                 await asyncio.to_thread(agent.networks.sync)
                 await asyncio.to_thread(agent.networks.plug, plan.ifname, plan.bridge, agent.isolation.vm_uid(vm.id))
-                taps = vm_lifecycle._taps_file(agent, vm.id)
+                taps = vm_nics.taps_file(agent, vm.id)
                 taps.parent.mkdir(parents=True, exist_ok=True)
                 with taps.open("a") as file:
                     file.write(f"{plan.ifname}\n")
@@ -148,7 +148,7 @@ async def vm_nic_remove(ctx: JobContext) -> dict[str, Any]:
         vm = _vm(ctx)
         running = _running(ctx)
         spec = VMSpec.model_validate(vm.spec)
-        plans = {nic.id: nic for nic in vm_lifecycle.nic_plans(agent, vm, spec)}
+        plans = {nic.id: nic for nic in vm_nics.nic_plans(agent, vm, spec)}
         plan = plans.get(f"net{slot}")
         if running is not None and plan is not None:
             device_id = f"net{slot}-dev"

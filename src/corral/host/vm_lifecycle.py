@@ -22,15 +22,16 @@ from sqlalchemy import select
 from corral.engine import snapshots as engine_snapshots
 from corral.engine.argv import UEFI_VARS_NODE
 from corral.engine.guest_agent import GuestAgent, wait_until_ready
-from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan, NicPlan
+from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan
 from corral.engine.process import ExitInfo, QemuProcess
 from corral.engine.runtime import RuntimeRecord, is_same_process
 from corral.errors import Conflict, CorralError, EngineError, GuestAgentError, NotFound
 from corral.host.firmware import check_machine, ovmf_files, uefi_firmware
 from corral.host.layout import inside_pool
+from corral.host.vm_nics import hotplug_ports, nic_plans, plug_taps, unplug_taps
 from corral.spec.firmware import Firmware, effective_firmware
-from corral.spec.vm import MAX_DISKS, MAX_NICS, PowerState, RestartPolicy, VMSpec
-from corral.store.models import VM, Image, Network, NetworkPort, PortForward, utcnow
+from corral.spec.vm import MAX_DISKS, PowerState, RestartPolicy, VMSpec
+from corral.store.models import VM, Image, utcnow
 
 if TYPE_CHECKING:
     from corral.host.agent import Agent, RunningVM
@@ -130,13 +131,6 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
     )
 
 
-def hotplug_ports(machine: str) -> tuple[str, ...]:
-    """One PCIe root port per NIC slot on q35 (its root bus takes no hotplug); pc's bus hotplugs by itself."""
-    return tuple(nic_port(slot) for slot in range(MAX_NICS)) if machine.startswith("q35") else ()
-
-
-def nic_port(slot: int) -> str:
-    return f"nicport{slot}"
 
 
 def disk_node(device_index: int) -> str:
@@ -153,30 +147,6 @@ def disk_port(device_index: int) -> str:
 def disk_ports(machine: str) -> tuple[str, ...]:
     return tuple(disk_port(index) for index in range(1, MAX_DISKS + 1)) if machine.startswith("q35") else ()
 
-
-def nic_plans(agent: Agent, vm: VM, spec: VMSpec) -> list[NicPlan]:
-    """Each NIC as QEMU gets it: a TAP on its network's bridge, or user-mode NAT (the user network, and the
-    fallback where this agent cannot make bridges) carrying the VM's port forwards as hostfwd rules."""
-    with agent.store.reading() as session:
-        rows = session.scalars(select(NetworkPort).where(NetworkPort.vm_id == vm.id))
-        ports = {port.nic_index: port for port in rows}
-        bridges = {net.id: net.bridge for net in session.scalars(select(Network))}
-        forwards = list(session.scalars(select(PortForward).where(PortForward.vm_id == vm.id)))
-        session.expunge_all()  # plain values from here on
-    on_q35 = agent.settings.machine.startswith("q35")
-    plans = []
-    for position, nic in enumerate(spec.nics):
-        slot = spec.nic_slot(position)
-        port = ports.get(slot)
-        bus = nic_port(slot) if on_q35 else None
-        if port is not None and agent.networks.enabled:
-            plans.append(NicPlan(id=f"net{slot}", mac=nic.mac or port.mac, mode="tap", ifname=port.tap,
-                                 bridge=bridges.get(port.network_id), bus=bus))
-            continue
-        hostfwd = tuple(f"{fwd.protocol}:0.0.0.0:{fwd.host_port}-:{fwd.guest_port}"
-                        for fwd in forwards if fwd.nic_index == slot)
-        plans.append(NicPlan(id=f"net{slot}", mac=nic.mac or "", mode="user", forwards=hostfwd, bus=bus))
-    return plans
 
 
 def check_firmware(agent: Agent, vm: VM) -> None:
@@ -444,34 +414,7 @@ async def _apply_balloon(agent: Agent, vm_id: str, proc: QemuProcess, plan: Laun
         await proc.execute("balloon", {"value": spec.memory})
 
 
-def _taps_file(agent: Agent, vm_id: str) -> Any:
-    return agent.layout.vm_run_dir(vm_id) / "taps"
 
-
-def plug_taps(agent: Agent, vm_id: str, plan: LaunchPlan) -> None:
-    """Make the TAPs of the plan's bridged NICs (their networks first, if this host has not made them yet).
-    The names are kept in the VM's run directory so they are removed even if the VM row is gone by then."""
-    taps = [nic for nic in plan.nics if nic.mode == "tap" and nic.ifname]
-    if not taps:
-        return
-    agent.networks.sync()
-    uid = agent.isolation.vm_uid(vm_id)
-    path = _taps_file(agent, vm_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{nic.ifname}\n" for nic in taps))
-    for nic in taps:
-        if nic.bridge is None:
-            raise NotFound(f"the network of NIC {nic.id} is gone", "remove the NIC or create the network again")
-        agent.networks.plug(nic.ifname, nic.bridge, uid)
-
-
-def unplug_taps(agent: Agent, vm_id: str) -> None:
-    path = _taps_file(agent, vm_id)
-    if not path.exists():
-        return
-    for name in path.read_text().split():
-        agent.networks.unplug(name)
-    path.unlink(missing_ok=True)
 
 
 async def pause(agent: Agent, vm_id: str) -> None:

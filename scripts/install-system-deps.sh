@@ -20,6 +20,7 @@ packages=(
   # a standalone GRUB for UEFI.
   fdisk dosfstools mtools syslinux syslinux-common grub-efi-amd64-bin grub-common
   postgresql        # a pool's shared store; the tests start throw-away servers from its initdb/pg_ctl
+  acl               # per-VM read grants (setfacl) on shared read-only bases: a tenant's QEMU reads only its own images
 )
 
 missing=()

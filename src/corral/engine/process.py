@@ -135,6 +135,9 @@ class QemuProcess:
             serial_log=plan.serial_log,
             stderr_log=plan.stderr_log,
         )
+        # Recorded before anything can go wrong: an agent killed while QMP comes up leaves a QEMU its successor
+        # finds and adopts (or ends), never one nobody knows about holding the VM's disk locks.
+        record.save(plan.runtime_record)
         proc = cls(record, popen)
         proc.on_event = on_event
         proc._watch_exit()
@@ -142,8 +145,8 @@ class QemuProcess:
             await proc._connect(QMP_CONNECT_TIMEOUT)
         except BaseException:
             await proc.kill()
+            plan.runtime_record.unlink(missing_ok=True)
             raise
-        record.save(plan.runtime_record)
         return proc
 
     @classmethod

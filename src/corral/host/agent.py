@@ -189,6 +189,9 @@ class Agent:
         failed = jobs.fail_orphans(self.store, self.host_name)
         if failed:
             log.warning("marked %d job(s) failed: the agent restarted while they ran", failed)
+        from corral.host.orphans import settle_unrecorded
+
+        await settle_unrecorded(self)
         await self.adopt_all()
         await self.sync_networks()
         self.store.notifier.subscribe(self.wake)

@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.errors import InvalidInput
 from corral.paths import default_cache, default_home
@@ -46,6 +46,14 @@ class Settings(BaseModel):
     # TCG's translated-code cache per VM. QEMU 7.2's default (1 GiB) would make memory limits meaningless;
     # 64 MiB cost a Debian boot 4-6 s of retranslation (docs/images.md), 256 MiB keeps boots at full speed.
     tcg_tb_size_mib: int = Field(default=256, ge=8, le=4096)
+    # The network listener's budget per request and per caller (docs/security.md): the largest JSON body, how
+    # long a body may stall (and, for JSON, take in all) before it is cut, and how many long-lived requests
+    # (job waits, event streams, log follows, consoles) each token may hold at once, per kind.
+    max_request_body: int = Field(default=1 << 20, ge=1024)
+    request_body_timeout: float = Field(default=60.0, gt=0)
+    max_waits_per_caller: int = Field(default=8, ge=1)
+    # A VM's serial log is rotated past this size (one previous part is kept): what a guest prints is bounded.
+    serial_log_max: int = Field(default=4 << 20, ge=64 << 10)
     # UEFI firmware (Debian's ovmf package): the code every UEFI VM maps read-only, and the variable store
     # template each UEFI VM gets its own copy of. SeaBIOS, the default firmware, ships with QEMU.
     ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -58,6 +66,32 @@ class Settings(BaseModel):
     host_timeout: float = Field(default=60.0, ge=3)
     # Make the "default" NAT network (a bridge, dnsmasq, nftables rules) on first start.
     default_network: bool = True
+    # Imports by remote callers: a directory whose <project>/ subdirectories hold files an administrator put there
+    # for that project (None: off; remote callers then upload), the largest upload, and how long an unused upload or
+    # an export nobody downloaded is kept (docs/images.md, docs/backups.md).
+    import_dir: Path | None = None
+    max_upload_size: int = Field(default=64 << 30, gt=0)
+    transfer_expiry: float = Field(default=86400.0, gt=0)
+    # The host ports port forwards may take ("LOW-HIGH"): the administrator's, for every caller (the local root
+    # too), so a forward can never land on a port a host service uses or will use (docs/networking.md).
+    port_forward_range: str = Field(default="20000-29999", pattern=r"^\s*\d{1,5}\s*-\s*\d{1,5}\s*$")
+    # Host bridges project admins may join with bridge-mode networks; cluster admins may name any host bridge.
+    # corral's own bridges are never uplinks, whatever this says.
+    bridge_uplinks: list[str] = Field(default_factory=list)
+
+    @field_validator("port_forward_range")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        low, high = (int(part) for part in value.split("-"))
+        if not 1 <= low <= high <= 65535:
+            raise ValueError("write LOW-HIGH with 1 <= LOW <= HIGH <= 65535, e.g. 20000-29999")
+        return f"{low}-{high}"
+
+    @property
+    def forward_ports(self) -> range:
+        """The host ports port forwards may use, as a range (HIGH included)."""
+        low, high = (int(part) for part in self.port_forward_range.split("-"))
+        return range(low, high + 1)
 
     @property
     def socket_path(self) -> Path:
@@ -84,6 +118,7 @@ _ENV = {
     "CORRAL_PLACEMENT": "placement_strategy",
     "CORRAL_HOST_TIMEOUT": "host_timeout",
     "CORRAL_DEFAULT_NETWORK": "default_network",
+    "CORRAL_PORT_FORWARD_RANGE": "port_forward_range",
 }
 
 

@@ -89,9 +89,15 @@ def pair(net_daemon: Daemon) -> tuple[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("0.0.0.0", 0))
-        return int(probe.getsockname()[1])
+    """A free host port in the default range for port forwards (port_forward_range, 20000-29999)."""
+    for port in range(20000 + (os.getpid() * 7) % 9000, 30000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in the range for port forwards")
 
 
 def test_default_nat_network_is_made_on_first_start(net_daemon: Daemon) -> None:

@@ -5,6 +5,7 @@ bridge. No root needed.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import urllib.request
@@ -17,9 +18,15 @@ pytestmark = [pytest.mark.integration]
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A free host port in the default range for port forwards (port_forward_range, 20000-29999)."""
+    for port in range(20000 + (os.getpid() * 7) % 9000, 30000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in the range for port forwards")
 
 
 def fetch(port: int, timeout: float = 20) -> str:

@@ -72,8 +72,9 @@ def test_a_vms_qemu_cannot_open_another_vms_disk(daemon: Daemon, pair: tuple[str
     uid, gid = _qemu_ids(vm(daemon, limited)["pid"])
     other_uid, _ = _qemu_ids(vm(daemon, free)["pid"])
     assert uid != 0 and uid != other_uid, "each VM's QEMU must run under a non-root uid of its own"
-    other_disk = daemon.home / "pools" / "default" / f"{free}-root.qcow2"
-    own_disk = daemon.home / "pools" / "default" / f"{limited}-root.qcow2"
+    # Disk files are named by volume id (issue 11): the root disk is the VM's first.
+    other_disk = daemon.home / "pools" / "default" / vm(daemon, free)["disks"][0]["path"]
+    own_disk = daemon.home / "pools" / "default" / vm(daemon, limited)["disks"][0]["path"]
 
     def open_as_qemu(path: Path) -> int:
         """0 if the VM's uid can read ``path``, 13 if the kernel refuses (checked in a forked child)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from corral import __version__
 from corral.api import (
+    disclosure,
     routes_admin,
     routes_backups,
     routes_clones,
@@ -23,10 +25,12 @@ from corral.api import (
     routes_resize,
     routes_snapshots,
     routes_storage,
+    routes_uploads,
     routes_vms,
 )
 from corral.api.audit import note_problem
-from corral.api.auth import authenticated
+from corral.api.auth import LOCAL, cluster_viewer
+from corral.api.limits import CallerSlots, RequestLimits
 from corral.api.state import AppState, db_session
 from corral.api.views import HostView
 from corral.cluster import placement
@@ -39,14 +43,18 @@ PROBLEM = "application/problem+json"
 log = logging.getLogger("corral.api")
 
 
-def _problem(error: CorralError) -> JSONResponse:
-    return JSONResponse(error.to_problem(), status_code=error.http_status, media_type=PROBLEM)
+def _problem(error: CorralError, request: Request | None = None) -> JSONResponse:
+    """The problem body, as ``request``'s caller may read it (corral.api.disclosure: no host path or host
+    figure for a tenant)."""
+    shown = disclosure.for_caller(request, error) if request is not None else error
+    return JSONResponse(shown.to_problem(), status_code=shown.http_status, media_type=PROBLEM)
 
 
 async def corral_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CorralError)
-    note_problem(request, exc.message)
-    return _problem(exc)
+    shown = disclosure.for_caller(request, exc)
+    note_problem(request, shown.message)  # a project's admins read its audit log: what the caller was told
+    return _problem(shown)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -55,10 +63,10 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
     note_problem(request, f"invalid request: {message}")
-    return _problem(InvalidInput(f"invalid request: {message}", "see the API schema at /docs"))
+    return _problem(InvalidInput(f"invalid request: {message}", "see the API schema at /docs"), request)
 
 
-async def unexpected_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """A bug still answers in the API's own format, and leaves a traceback in the daemon's log. Two database
     outcomes are not bugs: a store too busy to answer in time, and a concurrent request that made the same
     thing first."""
@@ -76,8 +84,13 @@ async def unexpected_error_handler(_request: Request, exc: Exception) -> JSONRes
         busy = Timeout("the store is busy; nothing was changed", "try again in a moment")
         busy.http_status = 503
         return _problem(busy)
-    log.error("unhandled error", exc_info=exc)
-    return _problem(CorralError(f"internal error: {type(exc).__name__}: {exc}", "see the daemon's log"))
+    # The detail goes to the daemon's log under an id; a remote caller gets the id alone (an exception's text
+    # may carry host paths, sizes or another project's names).
+    error_id = uuid.uuid4().hex[:12]
+    log.error("unhandled error %s in %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    if request.scope.get(LOCAL):
+        return _problem(CorralError(f"internal error {error_id}: {type(exc).__name__}: {exc}", "see the daemon's log"))
+    return _problem(CorralError(f"internal error, id {error_id}", "see the daemon's log (the administrator's)"))
 
 
 def create_app(settings: Settings, store: Store) -> FastAPI:
@@ -90,6 +103,9 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.add_exception_handler(CorralError, corral_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+    # Innermost of the middlewares (added first), so the audit log and the metrics see what it refuses.
+    app.add_middleware(RequestLimits, settings=settings)
+    app.state.caller_slots = CallerSlots(settings.max_waits_per_caller)
     from corral.api import metrics
 
     metrics.install(app, store)
@@ -102,6 +118,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(routes_backups.router)
     app.include_router(routes_clones.router)
     app.include_router(routes_storage.router)
+    app.include_router(routes_uploads.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_hosts.router)
     app.include_router(routes_migrations.router)
@@ -115,7 +132,8 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    @app.get("/hosts", response_model=list[HostView], tags=["host"], dependencies=[Depends(authenticated)])
+    # Hosts' capacity, addresses and bridges are the operators' business, not a tenant's (docs/networking.md).
+    @app.get("/hosts", response_model=list[HostView], tags=["host"], dependencies=[Depends(cluster_viewer)])
     def list_hosts(session: Session = Depends(db_session)) -> list[HostView]:
         view = placement.load_pool(session)  # three queries, however many hosts
         return [

@@ -73,8 +73,11 @@ def principal(connection: HTTPConnection) -> Principal:
 def resolve(connection: HTTPConnection, project: str | None, need: Role) -> Caller:
     who = principal(connection)
     name = project or who.project
-    connection.scope["corral.project"] = name  # also for refusals: the project's audit log shows them
     role = who.role_in(name)
+    if role is not None:
+        # Also for refusals: the project's audit log shows its members' refused requests. A caller with no role
+        # there is recorded cluster-wide instead, so no one can write into another project's log.
+        connection.scope["corral.project"] = name
     if role is None:
         raise Forbidden(f"{who.user} has no access to project {name!r}", "use a token made for that project")
     if role < need:
@@ -156,9 +159,15 @@ _mark(authenticated, "any", Role.VIEWER)
 
 
 def audit_identity(request: Request) -> tuple[str, str | None, str | None]:
-    """(user, token id, project) of a finished request, for the audit log; 'anonymous' when none was resolved."""
+    """(user, token id, project) of a finished request, for the audit log; 'anonymous' when none was resolved.
+
+    A request lands in a project's log only when its caller is known and has a role in that project: an
+    anonymous request (or one refused before its token was resolved) is recorded with no project, where only
+    cluster admins read it, so ``?project=pb`` without a token cannot write into pb's log."""
     who: Principal | None = request.scope.get("corral.principal")
-    project = request.scope.get("corral.project") or request.query_params.get("project")
     if who is None:
-        return "anonymous", None, project
+        return "anonymous", None, None
+    project = request.scope.get("corral.project") or request.query_params.get("project")
+    if project is not None and who.role_in(project) is None:
+        project = None
     return who.user, who.token_id, project  # None: a cluster-wide change (projects, users, tokens)

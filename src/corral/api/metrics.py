@@ -127,10 +127,28 @@ def _seconds(start: datetime, end: datetime) -> float:
     return max(0.0, (end - start).total_seconds())
 
 
+class HeldCollector(Collector):
+    """Long-lived requests (job waits, event streams, log follows, consoles) held now, per kind: how close the
+    callers are to their caps (corral.api.limits)."""
+
+    KINDS = ("job wait", "event stream", "log follow", "console")
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        held = GaugeMetricFamily("corral_api_held_requests", "Long-lived API requests held now.", labels=["kind"])
+        slots = getattr(self.app.state, "caller_slots", None)
+        for kind in self.KINDS:
+            held.add_metric([kind], slots.held(kind) if slots is not None else 0)
+        yield held
+
+
 def install(app: FastAPI, store: Store) -> None:
     """Add /metrics and the request-latency middleware to ``app``."""
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
+    registry.register(HeldCollector(app))
     latency = Histogram("corral_api_request_duration_seconds", "API request latency.",
                         ["method", "route", "status"], registry=registry,
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))

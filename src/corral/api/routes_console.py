@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import BinaryIO
 
-from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
 from corral.api.auth import PROJECT_QUERY, Caller, resolve, viewer
+from corral.api.disclosure import tell
+from corral.api.limits import HeldStream, TooManyRequests, slots
 from corral.api.state import AppState, app_state
 from corral.cluster import vms
 from corral.cluster.identity import Role
-from corral.errors import Conflict
+from corral.errors import Conflict, CorralError
 
 router = APIRouter(prefix="/vms", tags=["console"])
+log = logging.getLogger("corral.api")
 
 
 def _vm_paths(state: AppState, name: str, project: str) -> tuple[str, Path]:
@@ -36,51 +43,97 @@ def _vm_exists(state: AppState, vm_id: str) -> bool:
         return session.get(VM, vm_id) is not None
 
 
-def _tail(path: Path, lines: int) -> tuple[bytes, int]:
-    """The last ``lines`` lines of the log and the offset where following should continue."""
+TAIL_MAX = 1 << 20  # the most `vm logs` reads back at once: the last MiB of the log (both parts together)
+FOLLOW_CHUNK = 64 << 10  # the most one pass of --follow reads
+
+
+def _open_log(path: Path) -> BinaryIO:
+    """The log for reading, never through a link nor anything but a plain file: the run directory belongs to the
+    VM's QEMU user, and the daemon reads as root."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileNotFoundError(path)
+    return os.fdopen(fd, "rb")
+
+
+def _last_bytes(path: Path, budget: int) -> tuple[bytes, int, bool]:
+    """Up to ``budget`` bytes from the end of ``path``, the file's size, and whether that was all of it."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return b"", 0
+        with _open_log(path) as handle:
+            size = handle.seek(0, 2)
+            start = max(0, size - budget)
+            handle.seek(start)
+            return handle.read(size - start), size, start == 0
+    except OSError:
+        return b"", 0, True
+
+
+def tail_log(path: Path, lines: int, budget: int = TAIL_MAX) -> tuple[bytes, int]:
+    """The last ``lines`` lines of the serial log (within ``budget`` bytes, reaching into the previous part the
+    agent kept at its last rotation when the current one is short) and the offset where following continues.
+    The guest decides what the log holds, so nothing here reads more than ``budget`` whatever its size."""
+    data, size, whole = _last_bytes(path, budget)
     if lines <= 0:
-        return b"", len(data)
+        return b"", size
+    if whole and data.count(b"\n") < lines and len(data) < budget:
+        older, _, older_whole = _last_bytes(path.with_name(path.name + ".1"), budget - len(data))
+        data, whole = older + data, older_whole
+    if not whole:  # the first line was cut by the budget
+        data = data.split(b"\n", 1)[1] if b"\n" in data else b""
     parts = data.split(b"\n")
     keep = parts[-(lines + 1) :] if data.endswith(b"\n") else parts[-lines:]
-    return b"\n".join(keep), len(data)
+    return b"\n".join(keep), size
+
+
+def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
+    """What was appended since ``offset`` (at most FOLLOW_CHUNK), and the new offset. A file shorter than the
+    offset was rotated (truncated) by the agent: follow it from its start."""
+    try:
+        with _open_log(path) as handle:
+            size = handle.seek(0, 2)
+            if size < offset:
+                offset = 0
+            handle.seek(offset)
+            chunk = handle.read(FOLLOW_CHUNK)
+    except OSError:
+        return b"", offset
+    return chunk, offset + len(chunk)
 
 
 @router.get("/{name}/logs")
 async def vm_logs(
+    request: Request,
     name: str,
     lines: int = Query(200, ge=0, le=100000),
     follow: bool = False,
     caller: Caller = Depends(viewer),
     state: AppState = Depends(app_state),
 ) -> StreamingResponse:
+    """The serial log's last ``lines`` lines (at most its last MiB), then with ``follow`` what the guest prints
+    next, streamed in bounded chunks. A follower holds one of its token's capped slots."""
     vm_id, run_dir = await asyncio.to_thread(_vm_paths, state, name, caller.project)
     log_path = run_dir / "serial.log"
 
     async def stream() -> AsyncIterator[bytes]:
-        head, offset = await asyncio.to_thread(_tail, log_path, lines)
+        head, offset = await asyncio.to_thread(tail_log, log_path, lines)
         if head:
             yield head
         checks = 0
         while follow:
-            await asyncio.sleep(0.2)
-            try:
-                with log_path.open("rb") as handle:
-                    handle.seek(offset)
-                    chunk = handle.read()
-            except FileNotFoundError:
-                chunk = b""
+            chunk, offset = await asyncio.to_thread(_read_from, log_path, offset)
             if chunk:
-                offset += len(chunk)
                 yield chunk
+                if len(chunk) == FOLLOW_CHUNK:
+                    continue  # more is waiting
+            else:
+                await asyncio.sleep(0.2)
             checks += 1
             if checks % 25 == 0 and not await asyncio.to_thread(_vm_exists, state, vm_id):
                 return
 
-    return StreamingResponse(stream(), media_type="text/plain")
+    release = slots(request).take(request, "log follow") if follow else (lambda: None)
+    return HeldStream(stream(), media_type="text/plain", release=release)
 
 
 @router.websocket("/{name}/console")
@@ -89,9 +142,12 @@ async def vm_console(websocket: WebSocket, name: str, project: str | None = PROJ
     reaches the client as a message rather than a bare failed handshake)."""
     state: AppState = websocket.app.state.corral
     await websocket.accept()
+    release: Callable[[], None] = lambda: None  # noqa: E731
     try:
         caller = await asyncio.to_thread(resolve, websocket, project, Role.OPERATOR)
         _, run_dir = await asyncio.to_thread(_vm_paths, state, name, caller.project)
+        # A console holds a connection and a QEMU socket for as long as it stays: one of the caller's capped slots.
+        release = slots(websocket).take(websocket, "console")
         try:
             reader, writer = await asyncio.open_unix_connection(str(run_dir / "console.sock"))
         except OSError as exc:
@@ -99,8 +155,11 @@ async def vm_console(websocket: WebSocket, name: str, project: str | None = PROJ
                 f"VM {name} is not running (its console is closed)", f"start it with `corral vm start {name}`"
             ) from exc
     except Exception as exc:  # report to the client in-band, then close
-        await websocket.send_json({"error": str(exc)})
-        await websocket.close(code=4404)
+        release()
+        if not isinstance(exc, CorralError):
+            log.error("console of VM %s failed", name, exc_info=exc)
+        await websocket.send_json({"error": tell(websocket, exc)})
+        await websocket.close(code=4429 if isinstance(exc, TooManyRequests) else 4404)
         return
     await websocket.send_json({"connected": name})
 
@@ -121,6 +180,7 @@ async def vm_console(websocket: WebSocket, name: str, project: str | None = PROJ
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        release()
         for task in tasks:
             task.cancel()
         writer.close()

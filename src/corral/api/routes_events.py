@@ -15,7 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from corral.api import disclosure
 from corral.api.auth import Caller, viewer
+from corral.api.limits import HeldStream, slots
 from corral.api.state import AppState, app_state
 from corral.errors import Forbidden
 from corral.store import events as store_events
@@ -102,12 +104,16 @@ async def events(
     filters = {"projects": projects, "kind": kind, "resource": resource, "types": types}
     store = state.store
 
+    # A tenant's events carry no host path (an event's data may quote a job's error).
+    redact = None if disclosure.insider(request) else disclosure.roots_of(request)
+
     def read(since: int, count: int, newest: bool = False) -> list[dict[str, Any]]:
         # Plain dicts: the rows expire when the read-only session ends.
         with store.reading() as session:
-            return [
+            rows = [
                 event_json(row) for row in store_events.since(session, since, limit=count, newest=newest, **filters)
             ]
+        return rows if redact is None else [disclosure.scrub_data(row, redact) for row in rows]
 
     def end() -> int:
         with store.reading() as session:
@@ -141,6 +147,11 @@ async def events(
                 return
             await bell.wait(POLL)
 
-    return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    # A follower holds a connection and polls the store for as long as it stays: one of the caller's capped slots.
+    release = slots(request).take(request, "event stream") if follow else (lambda: None)
+    return HeldStream(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        release=release,
     )

@@ -1,4 +1,7 @@
-"""The pool's hosts (show, drain, undrain, remove), its totals, and placement dry runs."""
+"""The pool's hosts (show, drain, undrain, remove), its totals, and placement dry runs.
+
+Hosts and the pool's totals are for cluster-wide roles only: a host's memory, addresses, bridges and the names of
+every project's VMs on it are facts about the machine and the other tenants, not a tenant's business."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.api.auth import Caller, authenticated, cluster_admin, viewer
+from corral.api.auth import Caller, cluster_admin, cluster_viewer, viewer
 from corral.api.state import AppState, app_state, db_session
 from corral.api.views import HostView
 from corral.cluster import hosts, placement
@@ -25,11 +28,16 @@ class HostDetail(HostView):
 
 def host_view(session: Session, host: Host) -> HostView:
     load = placement.load_pool(session, only=[host.name])[host.name]
-    return HostView.of(host, allocated_cpus=load.cpus_alloc, allocated_memory=load.memory_alloc,
-                       allocated_storage=load.storage_alloc, vms=load.vms)
+    return HostView.of(
+        host,
+        allocated_cpus=load.cpus_alloc,
+        allocated_memory=load.memory_alloc,
+        allocated_storage=load.storage_alloc,
+        vms=load.vms,
+    )
 
 
-@router.get("/hosts/{name}", response_model=HostDetail, dependencies=[Depends(authenticated)])
+@router.get("/hosts/{name}", response_model=HostDetail, dependencies=[Depends(cluster_viewer)])
 def show_host(name: str, session: Session = Depends(db_session)) -> HostDetail:
     host = hosts.get_host(session, name)
     names = list(session.scalars(select(VM.name).where(VM.host == name).order_by(VM.name)))
@@ -55,7 +63,7 @@ def remove_host(name: str, state: AppState = Depends(app_state)) -> dict[str, st
     return {"removed": name}
 
 
-@router.get("/pool", response_model=hosts.PoolView, dependencies=[Depends(authenticated)])
+@router.get("/pool", response_model=hosts.PoolView, dependencies=[Depends(cluster_viewer)])
 def show_pool(session: Session = Depends(db_session)) -> hosts.PoolView:
     return hosts.pool(session)
 
@@ -74,20 +82,46 @@ def _storage_need(session: Session, request: VMCreate, project: str) -> int:
         select(Image).where(Image.name == spec.image, Image.project.in_([project, "default"]))
     ).first()
     if image is None:
-        raise NotFound(f"image {spec.image!r} not found",
-                       "build the default one with `corral image build tiny`, or import one")
+        raise NotFound(
+            f"image {spec.image!r} not found", "build the default one with `corral image build tiny`, or import one"
+        )
     return extra + image.virtual_size
 
 
 @router.post("/placement/plan", response_model=placement.PlacementPlan)
 def plan_placement(request: VMCreate, caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> Any:
-    """What `POST /vms` would choose for this request now, with every host's reason. Changes nothing."""
+    """What `POST /vms` would choose for this request now, with every host's reason. Changes nothing.
+
+    Project tokens get each host's verdict without the numbers behind it (its memory, what is left, what the
+    other projects' VMs take): those are host facts, for cluster-wide roles only (docs/networking.md)."""
     project = caller.project
     names = [*request.volumes, *(disk.volume for disk in request.spec.disks if disk.volume)]
     attached = session.scalars(select(Volume).where(Volume.project == project, Volume.name.in_(names))).all()
     wanted = placement.PlacementRequest.of(
-        request.spec, storage=_storage_need(session, request, project), will_run=request.start, host=request.host,
-        group=request.group, policy=request.policy, accel=request.accel, project=project,
+        request.spec,
+        storage=_storage_need(session, request, project),
+        will_run=request.start,
+        host=request.host,
+        group=request.group,
+        policy=request.policy,
+        accel=request.accel,
+        project=project,
         **placement.needs(session, request.spec, project, attached),
     )
-    return placement.plan(session, wanted)
+    plan = placement.plan(session, wanted)
+    return plan if caller.principal.cluster else tenant_plan(plan)
+
+
+def tenant_plan(plan: placement.PlacementPlan) -> placement.PlacementPlan:
+    """``plan`` as a tenant may see it: which host would be chosen and which could take the VM, and no more."""
+    verdicts = [
+        verdict.model_copy(
+            update={
+                "reason": "chosen" if verdict.chosen else "fits" if verdict.fits else "cannot take this VM now",
+                "weight": None,
+                "allocation": {},
+            }
+        )
+        for verdict in plan.hosts
+    ]
+    return plan.model_copy(update={"hosts": verdicts})

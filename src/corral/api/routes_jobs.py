@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.requests import HTTPConnection
 
+from corral.api import disclosure
 from corral.api.auth import Caller, operator, viewer
+from corral.api.limits import slots
 from corral.api.state import AppState, app_state, db_session
 from corral.api.views import JobView
 from corral.errors import InvalidInput, NotFound
@@ -17,6 +21,17 @@ from corral.store import jobs
 from corral.store.models import Job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def shown(connection: HTTPConnection, view: JobView) -> JobView:
+    """The job as its caller may read it: a tenant's copy has no host path in its message, log or error (they come
+    from the agent, which may quote qemu-img or the kernel naming files). The result is left as it is: it holds
+    what the tenant asked for (a command's output in its own guest), which is not the host's."""
+    if disclosure.insider(connection):
+        return view
+    roots = disclosure.roots_of(connection)
+    fields = {"message": view.message, "log": view.log, "error": view.error, "error_hint": view.error_hint}
+    return view.model_copy(update=disclosure.scrub_data(fields, roots))
 
 
 def resolve_job(session: Session, job_ref: str, project: str | None = None) -> Job:
@@ -38,6 +53,7 @@ def resolve_job(session: Session, job_ref: str, project: str | None = None) -> J
 
 @router.get("", response_model=list[JobView])
 def list_jobs(
+    request: Request,
     limit: int = Query(50, ge=1, le=1000),
     active: bool = False,
     caller: Caller = Depends(viewer),
@@ -46,37 +62,54 @@ def list_jobs(
     query = select(Job).where(Job.project == caller.project).order_by(Job.created_at.desc()).limit(limit)
     if active:
         query = query.where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
-    return [JobView.of(job) for job in session.scalars(query)]
+    return [shown(request, JobView.of(job)) for job in session.scalars(query)]
 
 
 @router.get("/{job_ref}", response_model=JobView)
-def get_job(
+async def get_job(
+    request: Request,
     job_ref: str,
     wait: float = Query(0, ge=0, le=60),
     version: int | None = None,
     caller: Caller = Depends(viewer),
     state: AppState = Depends(app_state),
 ) -> JobView:
-    """With ``wait``, block until the job's version differs from ``version`` or it finishes (long poll)."""
-    deadline = time.monotonic() + wait
-    while True:
-        generation = state.store.notifier.generation
+    """With ``wait``, block until the job's version differs from ``version`` or it finishes (long poll).
+
+    The wait is a coroutine on the store's notifier, not a worker thread: before, 45 waits of one tenant took the
+    whole thread pool and every other caller's requests queued behind them. Each token may hold
+    ``max_waits_per_caller`` waits at once; one more is a 429 (an answer without waiting would only turn the
+    client's loop into a busy poll)."""
+
+    def read() -> JobView:
         with state.store.reading() as session:
-            job = resolve_job(session, job_ref, caller.project)
-            view = JobView.of(job)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or JobState(view.state).finished or (version is not None and view.version != version):
-            return view
-        if version is None:
-            return view
-        state.store.notifier.wait(generation, remaining)
+            return shown(request, JobView.of(resolve_job(session, job_ref, caller.project)))
+
+    notifier = state.store.notifier
+    generation = notifier.generation
+    view = await asyncio.to_thread(read)
+    if wait <= 0 or version is None or view.version != version or JobState(view.state).finished:
+        return view
+    deadline = time.monotonic() + wait
+    with slots(request).hold(request, "job wait"):
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return view
+            await notifier.wait_async(generation, remaining)
+            generation = notifier.generation
+            view = await asyncio.to_thread(read)
+            if view.version != version or JobState(view.state).finished:
+                return view
 
 
 @router.post("/{job_ref}/cancel", response_model=JobView)
-def cancel_job(job_ref: str, caller: Caller = Depends(operator), state: AppState = Depends(app_state)) -> JobView:
+def cancel_job(
+    request: Request, job_ref: str, caller: Caller = Depends(operator), state: AppState = Depends(app_state)
+) -> JobView:
     with state.store.session() as session:
         job_id = resolve_job(session, job_ref, caller.project).id
     job = jobs.request_cancel(state.store, job_id)
     if job is None:
         raise NotFound(f"job {job_ref} not found")
-    return JobView.of(job)
+    return shown(request, JobView.of(job))

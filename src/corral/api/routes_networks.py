@@ -13,6 +13,7 @@ from corral.api.auth import Caller, admin, viewer
 from corral.api.state import AppState, app_state, db_session
 from corral.api.views import Accepted, JobView, NetworkView, VMView
 from corral.cluster import networks
+from corral.cluster.identity import Role
 from corral.cluster.vms import _busy, get_vm
 from corral.spec.network import NetworkSpec, PortForwardSpec
 from corral.spec.vm import NicSpec
@@ -52,8 +53,12 @@ def show_network(name: str, caller: Caller = Depends(viewer), session: Session =
 def create_network(
     request: NetworkSpec, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
+    # Bridge mode joins a host LAN: a cluster admin's call, or an uplink the administrator allowed for tenants.
+    any_bridge = caller.principal.cluster and caller.principal.role >= Role.ADMIN
     with state.store.session() as session:
-        job = networks.create(session, request, caller.project)
+        job = networks.create(
+            session, request, caller.project, any_host_bridge=any_bridge, allowed_uplinks=state.settings.bridge_uplinks
+        )
         network = networks.get_network(session, request.name, caller.project)
         return Accepted(job=JobView.of(job), network=NetworkView.of(network, []))
 
@@ -81,9 +86,7 @@ def add_nic(
 
 
 @router.delete("/vms/{name}/nics/{nic}", **ACCEPTED)
-def remove_nic(
-    name: str, nic: str, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
-) -> Accepted:
+def remove_nic(name: str, nic: str, caller: Caller = Depends(admin), state: AppState = Depends(app_state)) -> Accepted:
     return _vm_verb(state, caller, name, lambda session, vm: networks.nic_remove(session, vm, nic))
 
 
@@ -91,12 +94,26 @@ def remove_nic(
 def add_port_forward(
     name: str, request: PortForwardSpec, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
-    return _vm_verb(state, caller, name, lambda session, vm: networks.add_forward(session, vm, request))
+    # On a single host (the SQLite store) the VM's host is this machine: a port some program holds is refused now.
+    # In a pool, the VM's agent refuses it when it binds the port.
+    single_host = state.settings.database is None
+    return _vm_verb(
+        state,
+        caller,
+        name,
+        lambda session, vm: networks.add_forward(
+            session, vm, request, state.settings.forward_ports, probe_host=single_host
+        ),
+    )
 
 
 @router.post("/vms/{name}/port-forwards/remove", **ACCEPTED)
 def remove_port_forward(
     name: str, request: ForwardRemove, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
-    return _vm_verb(state, caller, name,
-                    lambda session, vm: networks.remove_forward(session, vm, request.host_port, request.protocol))
+    return _vm_verb(
+        state,
+        caller,
+        name,
+        lambda session, vm: networks.remove_forward(session, vm, request.host_port, request.protocol),
+    )

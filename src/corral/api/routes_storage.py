@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Request, status
 from sqlalchemy.orm import Session
 
 from corral.api.auth import Caller, admin, viewer
+from corral.api.routes_uploads import origin_of
 from corral.api.state import AppState, app_state, db_session
 from corral.api.views import Accepted, ImageView, JobView, VolumeView
 from corral.cluster import images, volumes
@@ -34,10 +35,11 @@ def build_image(request: ImageBuild, caller: Caller = Depends(admin), state: App
 
 @router.post("/images/import", **ACCEPTED)
 def import_image(
-    request: ImageImport, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
+    request: ImageImport, http: Request, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
+    """From uploads or the import directory; host paths only on the unix socket (corral.spec.sources)."""
     with state.store.session() as session:
-        image, job = images.import_(session, request, caller.project)
+        image, job = images.import_(session, request, caller.project, origin_of(http))
         return Accepted(job=JobView.of(job), image=ImageView.of(image))
 
 

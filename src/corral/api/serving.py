@@ -15,9 +15,43 @@ from collections.abc import Iterator
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from corral.api.auth import trusted
 from corral.api.tls import TLSFiles
+
+HEADER_TIMEOUT = 10.0  # seconds a network client has to send a request's headers, on a new or kept-alive connection
+
+
+class HeadersInTime(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for a request's headers. Without one, a client that opens a
+    connection and trickles a header line every minute holds a socket (a file descriptor of the process the unix
+    socket's root also needs) forever: uvicorn times out idle kept-alive connections, but not partial requests.
+    The body's own timeouts are corral.api.limits'."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self.arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.arm_header_deadline()
+
+    header_deadline: asyncio.TimerHandle | None = None
+
+    def arm_header_deadline(self) -> None:
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()  # one pending deadline per connection, however many requests it carries
+        waiting_for = self.cycle  # the request cycle as it is now: a new request replaces it
+
+        def expire() -> None:
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return  # closed, or upgraded to a websocket (the console), which is no longer ours to time
+            busy = self.cycle is not None and not self.cycle.response_complete
+            if self.cycle is waiting_for and not busy:
+                self.transport.close()
+
+        self.header_deadline = self.loop.call_later(HEADER_TIMEOUT, expire)
 
 
 class _Server(uvicorn.Server):
@@ -28,7 +62,8 @@ class _Server(uvicorn.Server):
 
 
 def _config(app: object, log_level: str, tls: TLSFiles | None = None) -> uvicorn.Config:
-    extra = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls else {}
+    # The network listener (TLS) also gets a deadline for headers; the unix socket's caller is the local root.
+    extra = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key), "http": HeadersInTime} if tls else {}
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         log_level=log_level,

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from corral.cli.common import JSON_OPTION, client, follow_job, human_size, print_json, run, table
+from corral.errors import InvalidInput
 
 app = typer.Typer(help="Back up VMs (full or incremental, running or stopped) and restore them.",
                   no_args_is_help=True)
@@ -113,16 +114,28 @@ def restore(
 
 def export_vm(
     vm: str = typer.Argument(..., help="VM name."),
-    file: str = typer.Argument(..., help="The archive to write (FILE.tar), on the server host."),
+    file: str = typer.Argument(..., help="The archive to write (FILE.tar): here when the server is remote, "
+                               "on the server host on the local socket."),
     compress: bool = typer.Option(False, "--compress", help="gzip the archive."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Write a VM's spec and flattened disks, with checksums, to one tar archive."""
+    """Write a VM's spec and flattened disks, with checksums, to one tar archive (downloaded from a remote)."""
+    from corral.cli.image import transfer_bar
 
     def action() -> None:
         with client() as corral:
-            path = os.path.abspath(file) if corral.url is None else file
-            job = follow_job(corral, corral.export_vm(vm, path, compress), f"export {vm}", quiet=as_json)
+            if corral.url is None:
+                job = follow_job(corral, corral.export_vm(vm, os.path.abspath(file), compress), f"export {vm}",
+                                 quiet=as_json)
+            else:
+                if os.path.lexists(file):
+                    raise InvalidInput(f"{file} already exists", "choose a new file name, or remove the old one")
+                job = follow_job(corral, corral.export_vm(vm, None, compress), f"export {vm}", quiet=as_json)
+                assert job is not None
+                with transfer_bar(f"downloading {os.path.basename(file)}", as_json) as progress:
+                    corral.download_export(job["result"]["export"], file, progress)
+                job["result"]["file"] = os.path.abspath(file)
+        assert job is not None
         print_json(job) if as_json else print(f"exported {vm} to {job['result']['file']} "
                                               f"({human_size(job['result']['bytes'])})")
 
@@ -130,16 +143,27 @@ def export_vm(
 
 
 def import_vm(
-    file: str = typer.Argument(..., help="An archive made by `corral vm export`, on the server host."),
+    file: str = typer.Argument(..., help="An archive made by `corral vm export`: uploaded when the server is "
+                               "remote, on the server host on the local socket."),
     name: str = typer.Option(None, "--name", "-n", help="Name of the new VM (default: the exported VM's)."),
+    import_dir: bool = typer.Option(False, "--import-dir", help="FILE is a name in the server's import directory."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Make a new VM from an export; the archive is checked in full before the VM can be used."""
+    from pathlib import Path
+
+    from corral.cli.image import upload_file
 
     def action() -> None:
         with client() as corral:
-            path = os.path.abspath(file) if corral.url is None else file
-            job = follow_job(corral, corral.import_vm(path, name), f"import {os.path.basename(file)}", quiet=as_json)
+            if import_dir:
+                accepted = corral.import_vm(file, name)
+            elif corral.url is None:
+                accepted = corral.import_vm(os.path.abspath(file), name)
+            else:
+                accepted = corral.import_vm(None, name, upload=upload_file(corral, Path(file), as_json))
+            job = follow_job(corral, accepted, f"import {os.path.basename(file)}", quiet=as_json)
+        assert job is not None
         print_json(job) if as_json else print(f"imported VM {job['result']['vm']} (start it with "
                                               f"`corral vm start {job['result']['vm']}`)")
 

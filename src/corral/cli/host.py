@@ -8,7 +8,8 @@ import typer
 
 from corral.cli.common import JSON_OPTION, client, human_size, print_json, run, table
 
-app = typer.Typer(help="Hosts and their capacity.", no_args_is_help=True)
+# Host facts are for cluster-wide roles: a project token gets the API's 403 as one line (docs/networking.md).
+app = typer.Typer(help="Hosts and their capacity (cluster-wide roles only).", no_args_is_help=True)
 
 
 def _state(host: dict[str, Any]) -> str:
@@ -64,12 +65,21 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
             ("heartbeat", h["heartbeat_at"]),
             ("accelerator", h["accel"]),
             ("qemu", h["qemu_version"] or "missing"),
-            ("vcpus", f"{h['allocated_cpus']} allocated of {h['cpus']} x {h['cpu_overcommit']:g}; "
-                      f"load {usage.get('load1', '-')}"),
-            ("memory", f"{human_size(h['allocated_memory'])} allocated of {human_size(h['memory'])} x "
-                       f"{h['memory_overcommit']:g}; {human_size(usage.get('memory_used'))} used"),
-            ("storage", f"{human_size(h['allocated_storage'])} allocated of {human_size(h['storage_total'])} x "
-                        f"{h['storage_overcommit']:g}; {human_size(h['storage_total'] - h['storage_free'])} used"),
+            (
+                "vcpus",
+                f"{h['allocated_cpus']} allocated of {h['cpus']} x {h['cpu_overcommit']:g}; "
+                f"load {usage.get('load1', '-')}",
+            ),
+            (
+                "memory",
+                f"{human_size(h['allocated_memory'])} allocated of {human_size(h['memory'])} x "
+                f"{h['memory_overcommit']:g}; {human_size(usage.get('memory_used'))} used",
+            ),
+            (
+                "storage",
+                f"{human_size(h['allocated_storage'])} allocated of {human_size(h['storage_total'])} x "
+                f"{h['storage_overcommit']:g}; {human_size(h['storage_total'] - h['storage_free'])} used",
+            ),
             ("vms", ", ".join(h.get("vm_names") or []) or "-"),
         ]
         for key, value in rows:
@@ -104,15 +114,19 @@ def drain(
             from corral.errors import Conflict
 
             shown = "; ".join(f"{item['vm']}: {item['reason']}" for item in stayed[:5])
-            raise Conflict(f"host {name} is drained but {len(stayed)} VM(s) stay on it: {shown}",
-                           f"fix what is named, then `corral host drain {name}` again")
+            raise Conflict(
+                f"host {name} is drained but {len(stayed)} VM(s) stay on it: {shown}",
+                f"fix what is named, then `corral host drain {name}` again",
+            )
         if as_json:
             print_json({"plan": plan, "job": job})
             return
         for item in plan.get("moved_stopped", []):
             print(f"{item['vm']} (stopped) now belongs to {item['to']}")
-        print(f"host {name} drained: {len(plan.get('vms', []))} VM(s) moved live, "
-              f"{len(plan.get('moved_stopped', []))} stopped VM(s) reassigned")
+        print(
+            f"host {name} drained: {len(plan.get('vms', []))} VM(s) moved live, "
+            f"{len(plan.get('moved_stopped', []))} stopped VM(s) reassigned"
+        )
 
     run(action)
 

@@ -21,8 +21,18 @@ def list_networks(as_json: bool = JSON_OPTION) -> None:
             return
         table(
             ["NAME", "MODE", "SUBNET", "GATEWAY", "BRIDGE", "STATE", "VMS"],
-            [[n["name"], n["mode"], n["subnet"] or "-", n["gateway"] or "-", n["bridge"], n["state"],
-              ", ".join(n["vms"]) or "-"] for n in networks],
+            [
+                [
+                    n["name"],
+                    n["mode"],
+                    n["subnet"] or "-",
+                    n["gateway"] or "-",
+                    n["bridge"],
+                    n["state"],
+                    ", ".join(n["vms"]) or "-",
+                ]
+                for n in networks
+            ],
         )
 
     run(action)
@@ -38,8 +48,10 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
         if as_json:
             print_json(network)
             return
-        rows = [(key, network[key] if network[key] not in (None, "") else "-")
-                for key in ("name", "mode", "subnet", "gateway", "dhcp", "uplink", "bridge", "state", "status")]
+        rows = [
+            (key, network[key] if network[key] not in (None, "") else "-")
+            for key in ("name", "mode", "subnet", "gateway", "dhcp", "uplink", "bridge", "state", "status")
+        ]
         rows.append(("vms", ", ".join(network["vms"]) or "-"))
         table(["FIELD", "VALUE"], rows)
 
@@ -51,7 +63,12 @@ def create(
     name: str = typer.Argument(..., help="Network name: lowercase letters, digits and '-'."),
     mode: str = typer.Option("nat", "--mode", help="nat (a way out through the host), isolated, or bridge."),
     subnet: str = typer.Option(None, "--subnet", help="Private IPv4 subnet, e.g. 10.20.0.0/24 (chosen if omitted)."),
-    uplink: str = typer.Option(None, "--uplink", help="Bridge mode: the existing host bridge to join, e.g. br0."),
+    uplink: str = typer.Option(
+        None,
+        "--uplink",
+        help="Bridge mode: the existing host bridge to join, e.g. br0 (cluster admins; project admins only the"
+        " uplinks the administrator allows in bridge_uplinks).",
+    ),
     dhcp: bool = typer.Option(True, "--dhcp/--no-dhcp", help="Hand out addresses with DHCP (nat and isolated)."),
     as_json: bool = JSON_OPTION,
 ) -> None:

@@ -43,7 +43,11 @@ def nic_remove(
 
 def port_forward(
     name: str = typer.Argument(..., help="VM name."),
-    forward: str = typer.Argument(None, help="HOST_PORT:GUEST_PORT, e.g. 8080:80 (add /udp for UDP)."),
+    forward: str = typer.Argument(
+        None,
+        help="HOST_PORT:GUEST_PORT, e.g. 20080:80 (add /udp for UDP). The host port must be in the administrator's"
+        " port_forward_range (default 20000-29999) and free on the host.",
+    ),
     remove: str = typer.Option(None, "--remove", help="Remove the forward from this host port (8080, or 5353/udp)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -57,8 +61,10 @@ def port_forward(
                 if as_json:
                     print_json(forwards)
                 else:
-                    table(["HOST PORT", "PROTO", "GUEST PORT", "NIC"],
-                          [[f["host_port"], f["protocol"], f["guest_port"], f["nic"]] for f in forwards])
+                    table(
+                        ["HOST PORT", "PROTO", "GUEST PORT", "NIC"],
+                        [[f["host_port"], f["protocol"], f["guest_port"], f["nic"]] for f in forwards],
+                    )
                 return
             if remove is not None:
                 port, _, protocol = remove.partition("/")

@@ -22,6 +22,8 @@ from corral.errors import CorralError, DaemonNotRunning, JobFailed, Timeout, Una
 from corral.paths import default_home
 
 Progress = Callable[[dict[str, Any]], None]
+Transfer = Callable[[int, int], None]  # (bytes so far, total bytes; 0 if unknown)
+TRANSFER_CHUNK = 1 << 20
 
 
 def _truthy(value: str | None) -> bool:
@@ -316,12 +318,49 @@ class Client:
         """Into a new VM (``as_name``), or over ``vm`` when it is stopped (or anew when it no longer exists)."""
         return self.request("POST", f"/vms/{vm}/backups/{name}/restore", json={"as_name": as_name})
 
-    def export_vm(self, vm: str, file: str, compress: bool = False) -> dict[str, Any]:
-        """Write spec and flattened disks to a tar at ``file`` (an absolute path on the server host)."""
+    def export_vm(self, vm: str, file: str | None = None, compress: bool = False) -> dict[str, Any]:
+        """Write spec and flattened disks to a tar: at ``file``, an absolute path on the server host (the local
+        admin only), or, with no ``file``, kept on the server for :meth:`download_export` (the finished job's
+        result names the export's id)."""
         return self.request("POST", f"/vms/{vm}/export", json={"file": file, "compress": compress})
 
-    def import_vm(self, file: str, name: str | None = None) -> dict[str, Any]:
-        return self.request("POST", "/vms/import", json={"file": file, "name": name})
+    def import_vm(self, file: str | None = None, name: str | None = None, upload: str | None = None) -> dict[str, Any]:
+        """From an upload id (:meth:`upload`), a plain name in the server's import directory, or a host path
+        (the local admin only)."""
+        return self.request("POST", "/vms/import", json={"file": file, "name": name, "upload": upload})
+
+    def download_export(self, export_id: str, target: Path | str, progress: Transfer | None = None) -> int:
+        """Stream an export made without a file to ``target`` (a new file, 0600; written beside it and renamed
+        when complete), then delete it on the server. Returns the bytes written."""
+        target = Path(target)
+        partial = target.with_name(f".{target.name}.partial")
+        done = 0
+        try:
+            with self._http.stream("GET", f"/exports/{export_id}", timeout=httpx.Timeout(600.0)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_problem(response.json())
+                total = int(response.headers.get("content-length") or 0)
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in response.iter_bytes(TRANSFER_CHUNK):
+                        out.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, total)
+                if total and done != total:
+                    raise CorralError(f"the export ended after {done} of {total} bytes", "download it again")
+            if target.exists():
+                raise CorralError(f"{target} already exists", "choose a new file name")
+            os.replace(partial, target)
+        except (httpx.ConnectError, FileNotFoundError) as exc:
+            raise self._not_running() from exc
+        except httpx.HTTPError as exc:
+            raise CorralError(f"the download of export {export_id[:12]} broke off: {exc}", "download it again") from exc
+        finally:
+            partial.unlink(missing_ok=True)
+        self.request("DELETE", f"/exports/{export_id}")
+        return done
 
     # -- clones and templates ---------------------------------------------------------------------------------
 
@@ -360,12 +399,46 @@ class Client:
         return self.request("POST", "/images/build", json=body)
 
     def import_image(
-        self, name: str, file: str, kernel: str | None = None, initrd: str | None = None, cmdline: str | None = None,
-        cloud_init: bool = False, firmware: str | None = None,
+        self, name: str, file: str | None = None, kernel: str | None = None, initrd: str | None = None,
+        cmdline: str | None = None, cloud_init: bool = False, firmware: str | None = None, *,
+        upload: str | None = None, kernel_upload: str | None = None, initrd_upload: str | None = None,
+        disk_format: str | None = None,
     ) -> dict[str, Any]:
+        """Each of the disk, kernel and initrd from an upload id (:meth:`upload`), or from a file: a plain name in
+        the server's import directory, or a host path (the local admin only). ``disk_format``: raw or qcow2
+        (None: qcow2 if the file starts with qcow2's magic, else raw)."""
         body = {"name": name, "file": file, "kernel": kernel, "initrd": initrd, "cmdline": cmdline,
-                "cloud_init": cloud_init, "firmware": firmware}
-        return self.request("POST", "/images/import", json=body)
+                "cloud_init": cloud_init, "firmware": firmware, "upload": upload, "kernel_upload": kernel_upload,
+                "initrd_upload": initrd_upload, "format": disk_format}
+        return self.request("POST", "/images/import", json={k: v for k, v in body.items() if v is not None})
+
+    def upload(self, path: Path | str, progress: Transfer | None = None) -> dict[str, Any]:
+        """Stream a local file to the server (never read whole into memory): the answer's ``id`` is what
+        :meth:`import_image` and :meth:`import_vm` take. ``progress(sent, total)`` is called per chunk."""
+        path = Path(path)
+        with path.open("rb") as handle:
+            total = os.fstat(handle.fileno()).st_size
+
+            def chunks() -> Iterator[bytes]:
+                sent = 0
+                while chunk := handle.read(TRANSFER_CHUNK):
+                    sent += len(chunk)
+                    yield chunk
+                    if progress is not None:
+                        progress(sent, total)
+
+            headers = {"Content-Length": str(total), "Content-Type": "application/octet-stream"}
+            try:
+                return self.request("POST", "/uploads", content=chunks(), headers=headers,
+                                    timeout=httpx.Timeout(600.0))
+            except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                raise CorralError(
+                    f"the server cut the upload of {path.name} off: {exc}",
+                    "it may be larger than the server's max_upload_size or the project's disk quota",
+                ) from exc
+
+    def delete_upload(self, upload_id: str) -> None:
+        self.request("DELETE", f"/uploads/{upload_id}")
 
     def delete_image(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/images/{name}")

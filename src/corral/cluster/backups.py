@@ -3,22 +3,29 @@ before any row or job is written; the data moves on the host (corral.host.backup
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
 from corral.cluster.clones import _new_vm, _volume_name, fresh_identity
+from corral.cluster.images import own_first
 from corral.cluster.vms import _busy, get_vm, new_volume
-from corral.errors import AlreadyExists, Conflict, NotFound, QuotaExceeded
+from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotFound, QuotaExceeded
+from corral.spec import sources
 from corral.spec.backup import check_export_path, default_backup_name, read_export_manifest
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name
 from corral.spec.sizes import format_size
+from corral.spec.sources import Origin
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
 from corral.store.models import VM, Backup, Image, Job, Project
 
 LIVE = (PowerState.RUNNING, PowerState.PAUSED)
+MAX_WAITING_EXPORTS = 4  # exports for download a project may leave on the server at once (each a full copy)
 STOPPED = (PowerState.STOPPED, PowerState.CRASHED)
 
 
@@ -126,7 +133,9 @@ def delete(session: Session, vm_name: str, name: str, project: str = "default") 
 def _image_present(session: Session, spec: VMSpec, project: str) -> Image:
     """A restored or imported VM boots the image its spec names (its kernel, for direct boot)."""
     image = session.scalars(
-        select(Image).where(Image.name == spec.image, Image.project.in_([project, "default"]))
+        select(Image)
+        .where(Image.name == spec.image, Image.project.in_([project, "default"]))
+        .order_by(own_first(project))
     ).first()
     if image is None or image.state != "ready":
         raise NotFound(f"image {spec.image!r} that the VM was made from is not here",
@@ -182,25 +191,65 @@ def restore(
                            project=project, params={"backup_id": backup.id, "name": name, "mode": "new"})
 
 
-def export(session: Session, vm_name: str, file: str, compress: bool = False, project: str = "default") -> Job:
+def _export_path(file: str) -> Path:
+    """The local admin's archive path, checked without an OSError reaching the caller as a 500."""
+    if len(file.encode()) > 4096 or any(len(part.encode()) > 255 for part in file.split("/")):
+        raise InvalidInput("the archive path is too long", "give a shorter path (at most 255 bytes per name)")
+    try:
+        return check_export_path(file, must_exist=False)
+    except OSError as exc:
+        raise InvalidInput(f"cannot write an archive at {file!r}: {exc.strerror}", "give another path") from exc
+
+
+def export(
+    session: Session, vm_name: str, file: str | None, compress: bool = False, project: str = "default",
+    origin: Origin | None = None,
+) -> Job:
+    """To a host path (the local admin only), or, with no ``file``, to the project's export directory, from where
+    the caller downloads it (``GET /exports/{id}``, named in the job's result) before it expires."""
+    local = origin is not None and origin.local
+    if file is not None and not local:
+        raise Forbidden("exporting to a path on the server is for the local admin",
+                        "leave out the file to download the export (`corral vm export VM FILE.tar` does so)")
     vm = get_vm(session, vm_name, project)
     _busy(session, vm)
-    path = check_export_path(file, must_exist=False)
     if vm.observed_state not in (*LIVE, *STOPPED):
         raise Conflict(f"VM {vm_name} is {vm.observed_state}", "wait until it is running or stopped")
+    if file is not None:
+        params: dict[str, object] = {"file": str(_export_path(file)), "compress": compress}
+    else:
+        if origin is None:
+            raise InvalidInput("an export needs a file or a server home", "give the archive path")
+        waiting = sources.exports_dir(origin.home, project)
+        sources.expire(waiting, origin.expiry)
+        if waiting.is_dir() and sum(1 for _ in waiting.iterdir()) >= MAX_WAITING_EXPORTS:
+            raise Conflict(f"project {project!r} has {MAX_WAITING_EXPORTS} exports waiting to be downloaded",
+                           "download them (`corral vm export` does, then deletes them) or wait for them to expire")
+        ident = secrets.token_hex(16)
+        params = {"file": str(sources.exports_dir(origin.home, project) / f"{ident}.tar"), "download": ident,
+                  "compress": compress}
     return jobs.submit(session, JobKind.VM_EXPORT, "vm", vm.name, target_id=vm.id, host=vm.host, project=project,
-                       params={"file": str(path), "compress": compress})
+                       params=params)
 
 
-def import_(session: Session, file: str, name: str | None = None, project: str = "default") -> Job:
+def import_(
+    session: Session, file: str | None, name: str | None = None, project: str = "default",
+    origin: Origin | None = None, upload: str | None = None,
+) -> Job:
     """The archive's manifest, members and spec are checked here; the disks' checksums and qemu-img's check run
-    in the job, before the VM is usable, and a failure there removes the VM again."""
-    path = check_export_path(file, must_exist=True)
-    manifest = read_export_manifest(path)
+    in the job, before the VM is usable, and a failure there removes the VM again. The archive is a host path
+    (the local admin only), a name in the project's import directory, or an upload (corral.spec.sources)."""
+    if origin is None:
+        raise InvalidInput("an import needs to know who asks", "call it through the API")
+    source = sources.resolve(origin, project, file=file, upload=upload, what="archive")
+    if source.kind is sources.SourceKind.PATH:
+        check_export_path(str(source.path), must_exist=True)
+    with sources.opened(source) as (_fd, readable):
+        manifest = read_export_manifest(readable, source.label)
     try:
         spec = VMSpec.model_validate(manifest.vm.spec)
     except ValueError as exc:
-        raise NotFound(f"the VM spec in {path.name} is invalid: {str(exc).splitlines()[0]}", "export again") from exc
+        raise NotFound(f"the VM spec in {source.label} is invalid: {str(exc).splitlines()[0]}", "export again") from exc
     new_name = name or manifest.vm.name
     validate_name(new_name, "VM name")
     if session.scalars(select(VM.id).where(VM.project == project, VM.name == new_name)).first():
@@ -213,4 +262,5 @@ def import_(session: Session, file: str, name: str | None = None, project: str =
     with placement.placement_lock:
         vm = _new_vm_with_disks(session, spec, hosts[0].name, project, [d.size for d in manifest.disks], image)
         return jobs.submit(session, JobKind.VM_IMPORT, "vm", vm.name, target_id=vm.id, host=hosts[0].name,
-                           project=project, params={"file": str(path), "manifest": manifest.model_dump(mode="json")})
+                           project=project, params={"source": source.params(),
+                                                    "manifest": manifest.model_dump(mode="json")})

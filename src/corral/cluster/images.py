@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement
 from corral.cluster.requests import ImageBuild, ImageImport
 from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotFound
+from corral.spec import sources
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name
+from corral.spec.sources import Origin
 from corral.store import jobs
 from corral.store.models import VM, Image, Job, Template, Volume
 
@@ -23,8 +23,21 @@ def _visible(project: str | None):  # type: ignore[no-untyped-def]
     return Image.project.in_([project, "default"]) if project else Image.id.is_not(None)
 
 
+def own_first(project: str | None):  # type: ignore[no-untyped-def]
+    """Order by: the project's own image before the catalog's of the same name (False sorts before True)."""
+    return (Image.project == "default").asc() if project and project != "default" else Image.id.asc()
+
+
+def find_image(session: Session, name: str, project: str | None = None) -> Image | None:
+    """The image a project means by ``name``: its own, else the default project's. Another project's image of
+    that name is never found (nor confirmed to exist)."""
+    return session.scalars(
+        select(Image).where(Image.name == name, _visible(project)).order_by(own_first(project))
+    ).first()
+
+
 def get_image(session: Session, name: str, project: str | None = None) -> Image:
-    image = session.scalars(select(Image).where(Image.name == name, _visible(project))).first()
+    image = find_image(session, name, project)
     if image is None:
         raise NotFound(f"image {name!r} not found", "list images with `corral image list`")
     return image
@@ -46,7 +59,10 @@ def build(session: Session, request: ImageBuild, project: str = "default") -> tu
     if request.recipe not in RECIPES:
         raise InvalidInput(f"unknown image recipe {request.recipe!r}", f"choose one of: {', '.join(RECIPES)}")
     name = validate_name(request.name or request.recipe, "image name")
-    existing = session.scalars(select(Image).where(Image.name == name)).first()
+    existing = session.scalars(select(Image).where(Image.name == name, Image.project == project)).first()
+    catalog = find_image(session, name, project) if existing is None else None
+    if catalog is not None and catalog.state == "ready" and catalog.details.get("recipe") == request.recipe:
+        return catalog, None  # the shared catalog's build serves every project
     if existing is not None:
         if existing.state == "ready" and existing.details.get("recipe") == request.recipe:
             return existing, None
@@ -81,36 +97,35 @@ def build(session: Session, request: ImageBuild, project: str = "default") -> tu
     return image, job
 
 
-def _readable_file(path_text: str, what: str) -> str:
-    path = Path(path_text)
-    if not path.is_absolute():
-        raise InvalidInput(f"{what} path {path_text!r} is not absolute", "give the full path")
-    if not path.is_file():
-        raise InvalidInput(f"{what} {path_text} does not exist or is not a file", "check the path")
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {what} {path_text}: {exc.strerror}", "check its permissions") from exc
-    return str(path)
-
-
-def import_(session: Session, request: ImageImport, project: str = "default") -> tuple[Image, Job]:
-    if session.scalars(select(Image.id).where(Image.name == request.name)).first():
+def import_(session: Session, request: ImageImport, project: str, origin: Origin) -> tuple[Image, Job]:
+    """Check every source (corral.spec.sources: an upload, a name in the import directory, or a host path for the
+    local admin only) before a row or a job is made; the job opens them again without following links."""
+    if session.scalars(select(Image.id).where(Image.name == request.name, Image.project == project)).first():
         raise AlreadyExists(f"image {request.name!r} already exists", "choose another name or remove it first")
-    params = {
-        "file": _readable_file(request.file, "image file"),
+    if (request.initrd or request.initrd_upload) and not (request.kernel or request.kernel_upload):
+        raise InvalidInput("--initrd needs --kernel", "pass the kernel the initrd belongs to")
+    disk = sources.resolve(origin, project, file=request.file, upload=request.upload, what="image file")
+    params: dict[str, object] = {
+        "source": disk.params(),
+        "format": request.format,
         "cmdline": request.cmdline,
         "cloud_init": request.cloud_init,
         "firmware": request.firmware.value if request.firmware else None,
     }
-    if request.initrd and not request.kernel:
-        raise InvalidInput("--initrd needs --kernel", "pass the kernel the initrd belongs to")
-    if request.kernel:
-        params["kernel"] = _readable_file(request.kernel, "kernel")
-    if request.initrd:
-        params["initrd"] = _readable_file(request.initrd, "initrd")
-    image = Image(name=request.name, project=project, state="pending", source=f"file:{params['file']}")
+    if request.kernel or request.kernel_upload:
+        params["kernel"] = sources.resolve(
+            origin, project, file=request.kernel, upload=request.kernel_upload, what="kernel"
+        ).params()
+    if request.initrd or request.initrd_upload:
+        params["initrd"] = sources.resolve(
+            origin, project, file=request.initrd, upload=request.initrd_upload, what="initrd"
+        ).params()
+    shown = {
+        sources.SourceKind.PATH: f"file:{disk.path}",
+        sources.SourceKind.IMPORT_DIR: f"import-dir:{disk.label}",
+        sources.SourceKind.UPLOAD: f"upload:{disk.path.name[:12]}",
+    }[disk.kind]
+    image = Image(name=request.name, project=project, state="pending", source=shown)
     session.add(image)
     session.flush()
     job = jobs.submit(
@@ -134,7 +149,8 @@ def delete(session: Session, name: str, project: str = "default") -> Job:
         select(VM.name).join(Volume, Volume.vm_id == VM.id).where(Volume.backing_image == image.id)
     ).all()
     orphans = session.scalars(select(Volume.name).where(Volume.backing_image == image.id, Volume.vm_id.is_(None))).all()
-    templates = [t.name for t in session.scalars(select(Template)) if t.spec.get("image") == name]
+    scope = select(Template) if project == "default" else select(Template).where(Template.project == project)
+    templates = [t.name for t in session.scalars(scope) if t.spec.get("image") == name]
     if users or orphans or templates:
         names = ", ".join(sorted({*users, *(f"volume {v}" for v in orphans), *(f"template {t}" for t in templates)}))
         raise Conflict(f"image {name!r} is used by {names}", "delete those first")

@@ -7,14 +7,17 @@ written up front, and keeps the address stable across restarts, clones and host 
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
+import socket
 import subprocess
+from collections.abc import Collection
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.errors import AlreadyExists, Conflict, NotFound
+from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.network import NetworkMode, NetworkSpec, PortForwardSpec, validate_subnet
 from corral.spec.vm import MAX_NICS, USER_NETWORK, NicSpec, PowerState, VMSpec
@@ -39,17 +42,21 @@ def list_networks(session: Session, project: str = "default") -> list[Network]:
     return list(session.scalars(select(Network).where(Network.project == project).order_by(Network.name)))
 
 
-def _taken_subnets(session: Session) -> list[tuple[str, ipaddress.IPv4Network]]:
-    """Every project's subnets: they all share the hosts' routing tables, so none may overlap."""
-    rows = session.execute(select(Network.name, Network.subnet).where(Network.subnet.is_not(None))).all()
-    return [(name, ipaddress.IPv4Network(subnet)) for name, subnet in rows]
+def _taken_subnets(session: Session) -> list[tuple[str, str, ipaddress.IPv4Network]]:
+    """Every project's subnets as (project, name, subnet): they all share the hosts' routing tables, so none may
+    overlap."""
+    rows = session.execute(
+        select(Network.project, Network.name, Network.subnet).where(Network.subnet.is_not(None))
+    ).all()
+    return [(project, name, ipaddress.IPv4Network(subnet)) for project, name, subnet in rows]
 
 
 def host_routes() -> list[ipaddress.IPv4Network]:
     """This machine's IPv4 routes, so an automatic subnet never shadows a LAN the host is on."""
     try:
-        out = subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     routes = []
@@ -65,7 +72,7 @@ def host_routes() -> list[ipaddress.IPv4Network]:
 
 
 def pick_subnet(session: Session, avoid: list[ipaddress.IPv4Network] | None = None) -> ipaddress.IPv4Network:
-    taken = [subnet for _, subnet in _taken_subnets(session)] + (avoid if avoid is not None else host_routes())
+    taken = [subnet for _, _, subnet in _taken_subnets(session)] + (avoid if avoid is not None else host_routes())
     for candidate in AUTO_SUBNET_POOL.subnets(new_prefix=24):
         if not any(candidate.overlaps(other) for other in taken):
             return candidate
@@ -86,7 +93,46 @@ def _job_host(session: Session, uplink: str | None = None) -> str:
     return online[0][0]
 
 
-def create(session: Session, spec: NetworkSpec, project: str = "default") -> Job:
+def is_corral_bridge(session: Session, name: str) -> bool:
+    """Whether ``name`` is a bridge corral makes: any installation's (by the naming scheme) or any network's of
+    this one (by the store). Joining one would put a bridge-mode network's VMs on another network's segment."""
+    if name.startswith((BRIDGE_PREFIX, TAP_PREFIX)):
+        return True
+    owned = select(Network.id).where(Network.bridge == name, Network.mode != NetworkMode.BRIDGE.value)
+    return session.scalars(owned).first() is not None
+
+
+def check_uplink(session: Session, uplink: str, any_host_bridge: bool, allowed: Collection[str]) -> None:
+    """Who may join which host bridge: cluster admins any host bridge, project admins only the ones the
+    administrator listed in ``bridge_uplinks``; corral's own bridges nobody. A tenant is refused before the store
+    is looked at, so the refusal tells nothing of other tenants' bridges."""
+    if not any_host_bridge and uplink not in allowed:
+        listed = ", ".join(sorted(allowed))
+        raise Forbidden(
+            f"bridge-mode networks on uplink {uplink!r} need a cluster admin",
+            f"use one of the uplinks the administrator allows ({listed})"
+            if listed
+            else "ask a cluster admin to create it, or to allow the uplink in bridge_uplinks",
+        )
+    if is_corral_bridge(session, uplink):
+        raise InvalidInput(
+            f"uplink {uplink!r} is a bridge corral made for a network, not a host bridge",
+            "name a host bridge such as br0; VMs join corral's networks with --nic network=NAME",
+        )
+
+
+def create(
+    session: Session,
+    spec: NetworkSpec,
+    project: str = "default",
+    *,
+    any_host_bridge: bool = False,
+    allowed_uplinks: Collection[str] = (),
+) -> Job:
+    """Record the network and submit the job that makes it. ``any_host_bridge``: the caller is a cluster admin,
+    who may name any host bridge as a bridge-mode uplink; others only those in ``allowed_uplinks``."""
+    if spec.mode == NetworkMode.BRIDGE and spec.uplink is not None:
+        check_uplink(session, spec.uplink, any_host_bridge, allowed_uplinks)
     if session.scalars(select(Network.id).where(Network.project == project, Network.name == spec.name)).first():
         raise AlreadyExists(f"network {spec.name!r} already exists", "choose another name or delete it first")
     subnet = gateway = None
@@ -95,10 +141,14 @@ def create(session: Session, spec: NetworkSpec, project: str = "default") -> Job
             chosen = pick_subnet(session)
         else:
             chosen = validate_subnet(spec.subnet)
-            for other_name, other in _taken_subnets(session):
+            for other_project, other_name, other in _taken_subnets(session):
                 if chosen.overlaps(other):
-                    raise Conflict(f"subnet {chosen} overlaps network {other_name!r} ({other})",
-                                   "choose a subnet that overlaps no other network")
+                    # Another project's network is not named, nor its subnet: they are that project's business.
+                    shown = f"network {other_name!r} ({other})" if other_project == project else "another network"
+                    raise Conflict(
+                        f"subnet {chosen} overlaps {shown}",
+                        "choose a subnet that overlaps no other network, or leave --subnet out to get a free one",
+                    )
         subnet, gateway = str(chosen), str(next(chosen.hosts()))
     network_id = new_id()
     network = Network(
@@ -115,8 +165,15 @@ def create(session: Session, spec: NetworkSpec, project: str = "default") -> Job
     )
     session.add(network)
     session.flush()
-    return jobs.submit(session, JobKind.NETWORK_CREATE, "network", network.name, target_id=network.id,
-                       host=_job_host(session, network.uplink), project=project)
+    return jobs.submit(
+        session,
+        JobKind.NETWORK_CREATE,
+        "network",
+        network.name,
+        target_id=network.id,
+        host=_job_host(session, network.uplink),
+        project=project,
+    )
 
 
 def delete(session: Session, name: str, project: str = "default") -> Job:
@@ -126,13 +183,22 @@ def delete(session: Session, name: str, project: str = "default") -> Job:
     ).all()
     if users:
         shown = ", ".join(sorted(set(users)))
-        raise Conflict(f"network {name!r} is in use by VM(s) {shown}",
-                       "delete those VMs or remove their NICs (`corral vm nic remove VM SLOT`) first")
+        raise Conflict(
+            f"network {name!r} is in use by VM(s) {shown}",
+            "delete those VMs or remove their NICs (`corral vm nic remove VM SLOT`) first",
+        )
     if jobs.active_for(session, "network", network.id):
         raise Conflict(f"network {name!r} is busy", "wait for its job to finish")
     network.state = "deleting"
-    return jobs.submit(session, JobKind.NETWORK_DELETE, "network", network.name, target_id=network.id,
-                       host=_job_host(session, network.uplink), project=project)
+    return jobs.submit(
+        session,
+        JobKind.NETWORK_DELETE,
+        "network",
+        network.name,
+        target_id=network.id,
+        host=_job_host(session, network.uplink),
+        project=project,
+    )
 
 
 def ensure_default(session: Session) -> Network | None:
@@ -154,8 +220,10 @@ def _free_address(session: Session, network: Network) -> str:
     for address in subnet.hosts():
         if str(address) not in taken:
             return str(address)
-    raise Conflict(f"network {network.name!r} has no free address left in {network.subnet}",
-                   "create a network with a larger subnet")
+    raise Conflict(
+        f"network {network.name!r} has no free address left in {network.subnet}",
+        "create a network with a larger subnet",
+    )
 
 
 def attach_nic(session: Session, vm: VM, nic: NicSpec) -> NetworkPort | None:
@@ -165,8 +233,10 @@ def attach_nic(session: Session, vm: VM, nic: NicSpec) -> NetworkPort | None:
     assert nic.mac is not None and nic.slot is not None, "NICs get their MAC and slot before they are attached"
     network = get_network(session, nic.network, vm.project)
     if network.state in ("deleting", "error"):
-        raise Conflict(f"network {network.name!r} is {network.state}: {network.status_message}".rstrip(": "),
-                       f"see `corral network show {network.name}`")
+        raise Conflict(
+            f"network {network.name!r} is {network.state}: {network.status_message}".rstrip(": "),
+            f"see `corral network show {network.name}`",
+        )
     clash = session.scalars(
         select(NetworkPort.id).where(NetworkPort.network_id == network.id, NetworkPort.mac == nic.mac)
     ).first()
@@ -205,8 +275,16 @@ def nic_add(session: Session, vm: VM, nic: NicSpec) -> Job:
     added = updated.nics[-1]
     attach_nic(session, vm, added)
     vm.spec = updated.model_dump(mode="json")
-    return jobs.submit(session, JobKind.VM_NIC_ADD, "vm", vm.name, target_id=vm.id, host=vm.host,
-                       project=vm.project, params={"slot": added.slot})
+    return jobs.submit(
+        session,
+        JobKind.VM_NIC_ADD,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=vm.project,
+        params={"slot": added.slot},
+    )
 
 
 def find_nic(spec: VMSpec, which: str) -> NicSpec:
@@ -223,10 +301,20 @@ def nic_remove(session: Session, vm: VM, which: str) -> Job:
     position = spec.nics.index(nic)
     slot = spec.nic_slot(position)
     if session.scalars(select(PortForward.id).where(PortForward.vm_id == vm.id, PortForward.nic_index == slot)).first():
-        raise Conflict(f"NIC {slot} of {vm.name} has port forwards", f"remove them: `corral vm port-forward {vm.name}"
-                       " --remove HOST_PORT`")
-    return jobs.submit(session, JobKind.VM_NIC_REMOVE, "vm", vm.name, target_id=vm.id, host=vm.host,
-                       project=vm.project, params={"slot": slot})
+        raise Conflict(
+            f"NIC {slot} of {vm.name} has port forwards",
+            f"remove them: `corral vm port-forward {vm.name} --remove HOST_PORT`",
+        )
+    return jobs.submit(
+        session,
+        JobKind.VM_NIC_REMOVE,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=vm.project,
+        params={"slot": slot},
+    )
 
 
 def detach_nic(session: Session, vm: VM, slot: int) -> None:
@@ -256,30 +344,99 @@ def _forward_nic(session: Session, vm: VM) -> tuple[int, str]:
         if network is not None and network.mode == NetworkMode.NAT and ports[slot].ip:
             candidates.append((slot, "nat"))
     if not candidates:
-        raise Conflict(f"VM {vm.name} has no NIC a port forward can reach",
-                       "forwards need a NIC on a NAT network or on the user network; isolated networks have no way in")
+        raise Conflict(
+            f"VM {vm.name} has no NIC a port forward can reach",
+            "forwards need a NIC on a NAT network or on the user network; isolated networks have no way in",
+        )
     candidates.sort(key=lambda item: item[1] != "nat")
     return candidates[0]
 
 
-def add_forward(session: Session, vm: VM, forward: PortForwardSpec) -> Job:
+def shown_range(ports: range) -> str:
+    return f"{ports.start}-{ports.stop - 1}"
+
+
+def hold_port(protocol: str, port: int) -> list[socket.socket]:
+    """Bind ``port`` on every address of this host (IPv4, and IPv6 where the host has it), without SO_REUSEADDR:
+    the bind fails if any program holds the port on any address, and while the sockets stay open no program can
+    take it. Nothing listens on them: the firewall sends the port's traffic to the guest before a socket sees it.
+
+    Raises Conflict, without a word on who holds the port (that would tell a tenant about the host)."""
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    held: list[socket.socket] = []
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            sock = socket.socket(family, kind)
+        except OSError:
+            if family == socket.AF_INET6:
+                continue  # a host without IPv6
+            raise
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+        except OSError as exc:
+            sock.close()
+            if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+                continue  # IPv6 disabled by sysctl
+            for other in held:
+                other.close()
+            raise Conflict(
+                f"host port {port}/{protocol} is in use on the host",
+                "choose another host port in the range for port forwards",
+            ) from exc
+        held.append(sock)
+    return held
+
+
+def add_forward(session: Session, vm: VM, forward: PortForwardSpec, allowed: range, probe_host: bool = False) -> Job:
+    """Record a forward and submit the job that applies it. ``allowed`` is the administrator's range of host ports
+    (docs/networking.md); ``probe_host``: the VM's host is this machine, so a port some program holds is refused
+    here already (the agent refuses it too, when it binds the port for the forward)."""
+    if forward.host_port not in allowed:
+        raise InvalidInput(
+            f"host port {forward.host_port} is outside the range for port forwards ({shown_range(allowed)})",
+            f"choose a host port in {shown_range(allowed)}",
+        )
     clash = session.scalars(
         select(PortForward).where(
-            PortForward.host == vm.host, PortForward.protocol == forward.protocol,
+            PortForward.host == vm.host,
+            PortForward.protocol == forward.protocol,
             PortForward.host_port == forward.host_port,
         )
     ).first()
     if clash is not None:
         owner = session.get(VM, clash.vm_id)
-        raise Conflict(f"host port {forward.host_port}/{forward.protocol} is already forwarded to "
-                       f"{owner.name if owner else 'another VM'}", "choose another host port")
+        # Another project's VM is not named: its name is that project's business.
+        shown = f" to {owner.name}" if owner is not None and owner.project == vm.project else ""
+        raise Conflict(
+            f"host port {forward.host_port}/{forward.protocol} is already forwarded{shown}",
+            f"choose another host port in {shown_range(allowed)}",
+        )
     slot, _kind = _forward_nic(session, vm)
-    row = PortForward(vm_id=vm.id, host=vm.host, nic_index=slot, protocol=forward.protocol,
-                      host_port=forward.host_port, guest_port=forward.guest_port)
+    if probe_host:
+        for sock in hold_port(forward.protocol, forward.host_port):
+            sock.close()
+    row = PortForward(
+        vm_id=vm.id,
+        host=vm.host,
+        nic_index=slot,
+        protocol=forward.protocol,
+        host_port=forward.host_port,
+        guest_port=forward.guest_port,
+    )
     session.add(row)
     session.flush()
-    return jobs.submit(session, JobKind.VM_PORT_FORWARD, "vm", vm.name, target_id=vm.id, host=vm.host,
-                       project=vm.project, params={"add": row.id})
+    return jobs.submit(
+        session,
+        JobKind.VM_PORT_FORWARD,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=vm.project,
+        params={"add": row.id},
+    )
 
 
 def remove_forward(session: Session, vm: VM, host_port: int, protocol: str = "tcp") -> Job:
@@ -289,13 +446,29 @@ def remove_forward(session: Session, vm: VM, host_port: int, protocol: str = "tc
         )
     ).first()
     if row is None:
-        raise NotFound(f"VM {vm.name} has no forward from host port {host_port}/{protocol}",
-                       f"list them with `corral vm show {vm.name}`")
-    params = {"remove": {"host_port": row.host_port, "guest_port": row.guest_port, "protocol": row.protocol,
-                         "nic_index": row.nic_index}}
+        raise NotFound(
+            f"VM {vm.name} has no forward from host port {host_port}/{protocol}",
+            f"list them with `corral vm show {vm.name}`",
+        )
+    params = {
+        "remove": {
+            "host_port": row.host_port,
+            "guest_port": row.guest_port,
+            "protocol": row.protocol,
+            "nic_index": row.nic_index,
+        }
+    }
     session.delete(row)
-    return jobs.submit(session, JobKind.VM_PORT_FORWARD, "vm", vm.name, target_id=vm.id, host=vm.host,
-                       project=vm.project, params=params)
+    return jobs.submit(
+        session,
+        JobKind.VM_PORT_FORWARD,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=vm.project,
+        params=params,
+    )
 
 
 def forwards_of(session: Session, vm_id: str) -> list[PortForward]:
@@ -304,4 +477,3 @@ def forwards_of(session: Session, vm_id: str) -> list[PortForward]:
 
 def running(vm: VM) -> bool:
     return vm.observed_state in (PowerState.RUNNING, PowerState.PAUSED, PowerState.STARTING)
-

@@ -58,6 +58,50 @@ class Policy(StrEnum):
     ANTI_AFFINITY = "anti-affinity"
 
 
+class NoRoom(InsufficientResources):
+    """A capacity refusal told twice. ``message`` names hosts and their numbers, for whoever runs the pool (the
+    local root, cluster admins); :meth:`for_tenants` says what the project can do about it without telling a
+    tenant the pool's hosts, their sizes or what other projects take (the API picks one by its caller)."""
+
+    def __init__(self, message: str, hint: str | None, *, tenant: str, tenant_hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.tenant = tenant
+        self.tenant_hint = tenant_hint
+
+    def for_tenants(self) -> InsufficientResources:
+        return InsufficientResources(self.tenant, self.tenant_hint)
+
+
+class NoHostOnline(Conflict):
+    """No host can run VMs at all (none online, QEMU missing): the hosts' names and states are for insiders;
+    :meth:`for_tenants` says only that the pool cannot run VMs now."""
+
+    def for_tenants(self) -> Conflict:
+        return Conflict("no host can run VMs now", "ask the cluster's administrator")
+
+
+TENANT_HINT = "ask for less, or stop a VM of this project; the cluster's administrator can see why on the hosts"
+
+
+def _short_of(reasons: Iterable[str]) -> str:
+    """What the refusals are about, in words that name no host and no number of the pool."""
+    words = []
+    for reason in reasons:
+        for key, word in (("vCPUs", "vCPUs"), ("memory", "memory"), ("storage", "storage"),
+                          ("affinity", "the VM's placement group"), ("bridge", "its network's uplink"),
+                          ("volume", "its volumes' storage pool"), ("host is", "hosts that are up")):
+            if key in reason and word not in words:
+                words.append(word)
+    return ", ".join(words) or "room"
+
+
+def _needs(request: PlacementRequest) -> str:
+    parts = [f"{request.cpus} vCPUs", f"{format_size(request.memory)} of memory"]
+    if request.storage:
+        parts.append(f"{format_size(request.storage)} of storage")
+    return ", ".join(parts)
+
+
 # The control plane's weighing, from its settings (create_app calls configure); requests may not override it.
 _default_strategy = Strategy.SPREAD
 
@@ -451,20 +495,25 @@ class Scheduler:
             return Conflict("no host agent is registered", "start one with `corral serve` or `corral agent`")
         reasons = [f"{v.host}: {v.reason}" for v in verdicts if not v.fits]
         if all("QEMU is not installed" in r for r in reasons):
-            return Conflict(f"cannot run VMs on {'; '.join(reasons)}",
-                            "install qemu-system-x86 (apt-get install qemu-system-x86), then restart corral")
+            return NoHostOnline(f"cannot run VMs on {'; '.join(reasons)}",
+                                "install qemu-system-x86 (apt-get install qemu-system-x86), then restart corral")
         if not any(v.reason not in ("host is unreachable", "host is offline") for v in verdicts):
-            return Conflict("no host agent is online: " + "; ".join(reasons),
-                            "start the daemon with `corral serve` (or the hosts' `corral agent`)")
+            return NoHostOnline("no host agent is online: " + "; ".join(reasons),
+                                "start the daemon with `corral serve` (or the hosts' `corral agent`)")
         shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+        tenant = f"no host can take this VM now (it needs {_needs(request)}; short of {_short_of(reasons)})"
         if len(verdicts) == 1:
-            return InsufficientResources(f"host {shown}", "stop a VM, ask for less, or raise the overcommit ratios")
+            return NoRoom(f"host {shown}", "stop a VM, ask for less, or raise the overcommit ratios",
+                          tenant=tenant, tenant_hint=TENANT_HINT)
         if request.host is not None:
-            return InsufficientResources(f"host {request.host} cannot take this VM: "
-                                         + next(v.reason for v in verdicts if v.host == request.host),
-                                         "see why with --dry-run, or leave --host out")
-        return InsufficientResources(f"no host can take this VM: {shown}",
-                                     "see why with --dry-run; stop VMs, add hosts or undrain one")
+            reason = next(v.reason for v in verdicts if v.host == request.host)
+            return NoRoom(f"host {request.host} cannot take this VM: " + reason,
+                          "see why with --dry-run, or leave --host out",
+                          tenant=f"host {request.host} cannot take this VM now (short of {_short_of([reason])})",
+                          tenant_hint="leave --host out, or ask for less")
+        return NoRoom(f"no host can take this VM: {shown}",
+                      "see why with --dry-run; stop VMs, add hosts or undrain one", tenant=tenant,
+                      tenant_hint=TENANT_HINT)
 
     def explain(self, request: PlacementRequest) -> list[HostVerdict]:
         """Every host's verdict, in weight order; the first that fits is the one ``place`` would choose."""
@@ -558,15 +607,18 @@ def place_many(session: Session, requests: list[PlacementRequest], strategy: Str
 def check_hard_limits(host: Host, spec: VMSpec) -> None:
     """Raise when ``spec`` could never run on ``host``, whatever else runs there."""
     if spec.cpus > host.cpus:
-        raise InsufficientResources(
-            f"{spec.cpus} vCPUs is more than host {host.name} has ({host.cpus})", f"use --cpus {host.cpus} or fewer"
+        raise NoRoom(
+            f"{spec.cpus} vCPUs is more than host {host.name} has ({host.cpus})", f"use --cpus {host.cpus} or fewer",
+            tenant=f"{spec.cpus} vCPUs is more than the VM's host can give", tenant_hint="ask for fewer vCPUs",
         )
     usable_memory = max(0, host.memory - host.reserved_memory)
     if spec.memory > usable_memory:
-        raise InsufficientResources(
+        raise NoRoom(
             f"{format_size(spec.memory)} of memory is more than host {host.name} can give "
             f"({format_size(usable_memory)})",
             "ask for less memory",
+            tenant=f"{format_size(spec.memory)} of memory is more than the VM's host can give",
+            tenant_hint="ask for less memory",
         )
 
 
@@ -579,15 +631,18 @@ def check_fits(session: Session, host: Host, spec: VMSpec, exclude_vm: str | Non
     used = allocated(session, host.name, exclude_vm)
     cpu_cap, mem_cap = capacity(host)
     if used.cpus + spec.cpus > cpu_cap:
-        raise InsufficientResources(
+        raise NoRoom(
             f"host {host.name} has {cpu_cap - used.cpus:g} of {cpu_cap:g} vCPUs left; this VM needs {spec.cpus}",
             "stop a VM or raise cpu_overcommit in config.toml",
+            tenant=f"the VM's host cannot give it {spec.cpus} vCPUs now", tenant_hint=TENANT_HINT,
         )
     if used.memory + spec.memory > mem_cap:
-        raise InsufficientResources(
+        raise NoRoom(
             f"host {host.name} has {format_size(int(mem_cap - used.memory))} of memory left; "
             f"this VM needs {format_size(spec.memory)}",
             "stop a VM or raise memory_overcommit in config.toml",
+            tenant=f"the VM's host cannot give it {format_size(spec.memory)} of memory now",
+            tenant_hint=TENANT_HINT,
         )
 
 

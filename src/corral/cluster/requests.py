@@ -100,11 +100,21 @@ class ImageBuild(BaseModel):
 
 
 class ImageImport(BaseModel):
+    """Each of the disk, the kernel and the initrd comes from a file or an upload (corral.spec.sources): a file is
+    a host path (the local admin only) or a plain name in the import directory; an upload is an id from
+    ``POST /uploads``."""
+
     model_config = ConfigDict(extra="forbid")
     name: str
-    file: str
-    kernel: str | None = None
-    initrd: str | None = None
+    file: str | None = Field(default=None, max_length=4096)
+    upload: str | None = None
+    format: Literal["raw", "qcow2"] | None = Field(
+        default=None, description="the disk's format; None: qcow2 if it starts with qcow2's magic, else raw"
+    )
+    kernel: str | None = Field(default=None, max_length=4096)
+    kernel_upload: str | None = None
+    initrd: str | None = Field(default=None, max_length=4096)
+    initrd_upload: str | None = None
     cmdline: str | None = None
     cloud_init: bool = False
     firmware: Annotated[Firmware | None, BeforeValidator(parse_firmware)] = None  # what the disk boots through

@@ -9,13 +9,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import networks, placement, quotas
+from corral.cluster.images import find_image
 from corral.cluster.requests import VMCreate, VMDelete, VMExec, VMRestart, VMStart, VMStop
 from corral.errors import AlreadyExists, Conflict, InsufficientResources, NotFound
 from corral.spec.job import JobKind
 from corral.spec.sizes import format_size
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
-from corral.store.models import VM, Host, Image, Job, Volume
+from corral.store.models import VM, Host, Job, Volume, new_id, volume_file
 
 
 def get_vm(session: Session, name: str, project: str = "default") -> VM:
@@ -56,9 +57,7 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
         from corral.cluster.clones import create_from_template
 
         return create_from_template(session, request.template, spec, request.start, request.wait, project)
-    image = session.scalars(
-        select(Image).where(Image.name == spec.image, Image.project.in_([project, "default"]))
-    ).first()
+    image = find_image(session, spec.image, project)  # the project's own first, then the default catalog
     if image is None:
         raise NotFound(
             f"image {spec.image!r} not found", "build the default one with `corral image build tiny`, or import one"
@@ -143,15 +142,19 @@ def new_volume(
     backing_image: str | None = None,
     backing_path: str | None = None,
 ) -> Volume:
-    """A disk row for ``vm`` (its file is made by the agent's job), refused if the name is taken."""
+    """A disk row for ``vm`` (its file is made by the agent's job), refused if the name is taken.
+
+    The file is named by the volume's id, not its name: names are unique only per project, files per pool."""
     if session.scalars(select(Volume.id).where(Volume.project == vm.project, Volume.name == name)).first():
         raise AlreadyExists(f"volume {name!r} already exists", "delete it or choose another VM name")
+    volume_id = new_id()
     volume = Volume(
+        id=volume_id,
         name=name,
         project=vm.project,
         pool=pool,
         host=vm.host,
-        path=f"{name}.qcow2",
+        path=volume_file(volume_id),
         size=size,
         role=role,
         backing_image=backing_image,

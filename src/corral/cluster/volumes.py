@@ -14,7 +14,7 @@ from corral.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.sizes import format_size
 from corral.store import jobs
-from corral.store.models import Job, Volume
+from corral.store.models import Job, Volume, new_id, volume_file
 
 
 def get_volume(session: Session, name: str, project: str = "default") -> Volume:
@@ -38,12 +38,14 @@ def create(session: Session, request: VolumeCreate, pool_dir: Path, project: str
     hosts = placement.online_hosts(session)
     if not hosts:
         raise Conflict("no host agent is online", "start the daemon with `corral serve`")
+    volume_id = new_id()
     volume = Volume(
+        id=volume_id,
         name=request.name,
         project=project,
         pool=request.pool,
         host=hosts[0].name,
-        path=f"{request.name}.qcow2",
+        path=volume_file(volume_id),  # by id: another project may have a volume of this name
         size=request.size,
     )
     session.add(volume)

@@ -186,13 +186,17 @@ class Agent:
         # Before failing this host's interrupted jobs: the other half of a move waits for exactly that.
         for name in reclaim_moved(self):
             log.warning("VM %s had moved to another host while this agent was down", name)
-        failed = jobs.fail_orphans(self.store, self.host_name)
-        if failed:
-            log.warning("marked %d job(s) failed: the agent restarted while they ran", failed)
+        interrupted = jobs.fail_orphans(self.store, self.host_name)
+        if interrupted:
+            log.warning("marked %d job(s) failed: the agent restarted while they ran", len(interrupted))
+        from corral.host import recovery
         from corral.host.orphans import settle_unrecorded
 
         await settle_unrecorded(self)
+        wanting = recovery.wanting_to_run(self)
         await self.adopt_all()
+        recovery.settle_interrupted_creates(self, interrupted)
+        recovery.settle_unrun(self, wanting)
         await self.sync_networks()
         self.store.notifier.subscribe(self.wake)
         self._started.set()

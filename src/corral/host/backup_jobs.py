@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.host import storage, vm_lifecycle
 from corral.host.snapshot_jobs import _frozen, out_of_space
 from corral.spec.backup import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, ExportManifest, read_export_manifest
+from corral.spec.sources import Source, SourceKind, opened, private_dir
 from corral.store.models import VM, Backup, Snapshot, Volume
 
 if TYPE_CHECKING:
@@ -241,16 +243,15 @@ async def restore(ctx: JobContext) -> dict[str, Any]:
             _, volumes = _vm_volumes(agent, ctx.target_id)
             span = 0.9 / len(files)
             for index, (source, volume) in enumerate(zip(files, volumes, strict=True)):
-                await _copy(ctx, source, storage.volume_path(agent, volume), 0.05 + span * index, span,
-                            f"restoring {volume.name}")
+                target = storage.claim(storage.volume_path(agent, volume), f"volume {volume.name}")
                 made.add(volume.id)
+                await _copy(ctx, source, target, 0.05 + span * index, span, f"restoring {volume.name}")
                 ctx.check_cancelled()
             with agent.store.session() as session:
                 for volume in volumes:
                     session.get(Volume, volume.id).state = "ready"
     except BaseException:
-        _, volumes = _vm_volumes(agent, ctx.target_id)
-        await discard_vm(ctx, ctx.target_id, made | {v.id for v in volumes})
+        await discard_vm(ctx, ctx.target_id, made)  # the files this job made; a file it found stays
         raise
     return {"vm": ctx.target_name, "backup": ctx.params["name"], "disks": len(files), "new": True}
 
@@ -267,8 +268,9 @@ async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
         try:
             span = 0.85 / len(files)
             for index, (source, volume) in enumerate(zip(files, volumes, strict=True)):
-                temp = storage.volume_path(agent, volume).with_suffix(".restoring")
-                staged.append(temp)
+                temp = storage.claim(storage.volume_path(agent, volume).with_suffix(".restoring"),
+                                     f"the restored copy of {volume.name}")
+                staged.append(temp)  # claimed, so ours to remove
                 await _copy(ctx, source, temp, 0.05 + span * index, span, f"restoring {volume.name}")
         except BaseException:
             for temp in staged:
@@ -307,6 +309,9 @@ async def export(ctx: JobContext) -> dict[str, Any]:
 
     agent = ctx.agent
     target = Path(ctx.params["file"])
+    download = ctx.params.get("download")  # a remote caller's export: kept root-only until downloaded or expired
+    if download:
+        private_dir(target.parent)
     staging = backup_root(agent) / f".export-{ctx.job_id[:12]}"
     partial = target.with_name(f".{target.name}.partial")
     try:
@@ -330,11 +335,14 @@ async def export(ctx: JobContext) -> dict[str, Any]:
         ctx.note(0.93, "writing the archive")
         await asyncio.to_thread(_write_tar, partial, manifest, copies, bool(ctx.params.get("compress")))
         if target.exists():
-            raise Conflict(f"{target} appeared during the export", "choose a new file name")
+            shown = target.name if download else target
+            raise Conflict(f"{shown} appeared during the export", "choose a new file name")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
+    if download:  # no host path in the answer: the caller fetches it with GET /exports/{id}
+        return {"vm": ctx.target_name, "export": download, "bytes": target.stat().st_size, "disks": len(disks)}
     return {"vm": ctx.target_name, "file": str(target), "bytes": target.stat().st_size, "disks": len(disks)}
 
 
@@ -353,13 +361,15 @@ def _write_tar(path: Path, manifest: ExportManifest, copies: list[Path], compres
                 archive.addfile(info, handle)
 
 
-def _extract_checked(archive_path: Path, member: str, target: Path, expected: str) -> None:
-    """Stream one member to a path of our choosing, hashing as it goes; a wrong checksum removes it."""
+def _extract_checked(archive_path: Path, member: str, target: Path, expected: str, label: str | None = None) -> None:
+    """Stream one member to a path of our choosing, hashing as it goes; a wrong checksum removes it. ``label``
+    names the archive in messages (``archive_path`` may be ``/proc/self/fd/N``)."""
     digest = hashlib.sha256()
+    label = label or archive_path.name
     with tarfile.open(archive_path, "r:*") as archive:
         source = archive.extractfile(member)
         if source is None:
-            raise InvalidInput(f"{member} in {archive_path.name} is not a file", "export again")
+            raise InvalidInput(f"{member} in {label} is not a file", "export again")
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             while chunk := source.read(CHUNK):
@@ -367,7 +377,7 @@ def _extract_checked(archive_path: Path, member: str, target: Path, expected: st
                 out.write(chunk)
     if digest.hexdigest() != expected:
         target.unlink(missing_ok=True)
-        raise InvalidInput(f"{member} in {archive_path.name} does not match its checksum",
+        raise InvalidInput(f"{member} in {label} does not match its checksum",
                            "the archive is damaged or was tampered with; export again")
 
 
@@ -377,13 +387,16 @@ async def import_(ctx: JobContext) -> dict[str, Any]:
     from corral.host.handlers import discard_vm
 
     agent = ctx.agent
-    path = Path(ctx.params["file"])
+    source = Source.of(ctx.params["source"]) if "source" in ctx.params else Source(
+        SourceKind.PATH, Path(ctx.params["file"]), ctx.params["file"])
+    label = source.label
     expected = ExportManifest.model_validate(ctx.params["manifest"])
     made: set[str] = set()
     try:
-        async with agent.vm_locks[ctx.target_id]:
-            if read_export_manifest(path) != expected:
-                raise InvalidInput(f"{path.name} changed since it was checked", "import it again")
+        # Opened once, without following links for uploads and the import directory; read only through the fd.
+        async with agent.vm_locks[ctx.target_id], _opened_archive(source) as path:
+            if read_export_manifest(path, label) != expected:
+                raise InvalidInput(f"{label} changed since it was checked", "import it again")
             _, volumes = _vm_volumes(agent, ctx.target_id)
             binary = agent.settings.qemu_img_binary
             for index, (disk, volume) in enumerate(zip(expected.disks, volumes, strict=True)):
@@ -391,10 +404,10 @@ async def import_(ctx: JobContext) -> dict[str, Any]:
                 target = storage.volume_path(agent, volume)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 made.add(volume.id)
-                await asyncio.to_thread(_extract_checked, path, disk.file, target, disk.sha256)
-                facts = await asyncio.to_thread(qemu_img.check_importable, target, binary)
+                await asyncio.to_thread(_extract_checked, path, disk.file, target, disk.sha256, label)
+                facts = await asyncio.to_thread(qemu_img.check_importable, target, binary, "qcow2", disk.file)
                 if facts.get("format") != "qcow2" or int(facts.get("virtual-size", 0)) != disk.size:
-                    raise InvalidInput(f"{disk.file} in {path.name} is not the qcow2 disk of {disk.size} bytes "
+                    raise InvalidInput(f"{disk.file} in {label} is not the qcow2 disk of {disk.size} bytes "
                                        "its manifest describes", "export again")
             with agent.store.session() as session:
                 for volume in volumes:
@@ -403,4 +416,13 @@ async def import_(ctx: JobContext) -> dict[str, Any]:
         _, volumes = _vm_volumes(agent, ctx.target_id)
         await discard_vm(ctx, ctx.target_id, made | {v.id for v in volumes})
         raise
-    return {"vm": ctx.target_name, "file": str(path), "disks": len(expected.disks)}
+    finally:
+        if source.kind is SourceKind.UPLOAD:
+            source.path.unlink(missing_ok=True)  # an upload is consumed by the import that names it
+    return {"vm": ctx.target_name, "file": label, "disks": len(expected.disks)}
+
+
+@contextlib.asynccontextmanager
+async def _opened_archive(source: Source) -> AsyncIterator[Path]:
+    with opened(source) as (_fd, path):
+        yield path

@@ -20,10 +20,13 @@ from corral.engine import qemu_img
 from corral.engine import snapshots as engine_snapshots
 from corral.errors import Conflict, InsufficientResources, NotFound
 from corral.host import storage, vm_lifecycle
-from corral.host.layout import inside_pool
+from corral.host.layout import inside_pool, pool_file
 from corral.store.models import VM, Snapshot, Template, Volume, new_id
 
+BASE_MODE = 0o400  # frozen bases and template disks: root reads them; a VM's QEMU by a grant at its launch
+
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from corral.host.agent import Agent, JobContext
@@ -55,12 +58,17 @@ async def _consistent_source(agent: Agent, source_id: str, snapshot_tag: str | N
             await engine_snapshots.delete_live(running.proc, tag, nodes)
 
 
-async def _copy_disks(ctx: JobContext, sources: list[Path], targets: list[Path], tag: str | None, share: bool) -> None:
+async def _copy_disks(ctx: JobContext, sources: list[Path], targets: list[Path], tag: str | None, share: bool,
+                      made: Callable[[int], None] | None = None) -> None:
+    """Copy each source into its target, which is claimed first (created exclusively: see storage.claim);
+    ``made(index)`` is told of each target as soon as it is this job's, so a failure removes only those."""
     binary = ctx.agent.settings.qemu_img_binary
     loop = asyncio.get_running_loop()
     span = 0.8 / len(sources)
     for index, (source, target) in enumerate(zip(sources, targets, strict=True)):
-        target.parent.mkdir(parents=True, exist_ok=True)
+        storage.claim(target)
+        if made is not None:
+            made(index)
         last = [-1.0]
 
         def report(fraction: float, index: int = index, name: str = source.name, last: list[float] = last) -> None:
@@ -85,7 +93,7 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
             sources = _volumes(agent, source_id)
             targets = _volumes(agent, new_id_)
             if linked:
-                await _link(ctx, sources, targets)
+                await _link(ctx, sources, targets, made)
             else:
                 async with _consistent_source(agent, source_id, ctx.params.get("snapshot_tag")) as (tag, share):
                     await _copy_disks(
@@ -94,8 +102,8 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
                         [storage.volume_path(agent, v) for v in targets],
                         tag,
                         share,
+                        lambda index: made.add(targets[index].id),
                     )
-            made = {v.id for v in targets}
         with agent.store.session() as session:
             for volume in targets:
                 session.get(Volume, volume.id).state = "ready"
@@ -106,7 +114,7 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
         from corral.host.snapshot_jobs import out_of_space
 
         pool_full = out_of_space([storage.volume_path(agent, v) for v in _volumes(agent, new_id_)])
-        await discard_vm(ctx, new_id_, made | {v.id for v in _volumes(agent, new_id_) if v.state == "pending"})
+        await discard_vm(ctx, new_id_, made)  # only the files this job made; the pending rows go regardless
         if pool_full and isinstance(exc, Exception):
             raise InsufficientResources(f"the storage pool ran out of space while cloning into {ctx.target_name}; "
                                         "the partial copy was removed", "free space in the pool") from exc
@@ -118,20 +126,27 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
     return {"vm": ctx.target_name, "linked": linked}
 
 
-async def _link(ctx: JobContext, sources: list[Volume], targets: list[Volume]) -> None:
+async def _link(ctx: JobContext, sources: list[Volume], targets: list[Volume], made: set[str]) -> None:
     """Freeze each source disk into a read-only base (same data, new name) and put overlays on it for both VMs.
-    The source keeps its volume path, so nothing else about it changes."""
+    The source keeps its volume path, so nothing else about it changes. The base is a new name of the source's
+    inode (a hard link, which fails rather than replace a file already there); the target's overlay is claimed
+    like any new disk and added to ``made`` once it is this job's."""
     agent = ctx.agent
     binary = agent.settings.qemu_img_binary
     for source, target in zip(sources, targets, strict=True):
         pool = agent.layout.pool(source.pool)
         base_rel = f"{storage.BASES}/{source.id}-{new_id()[:8]}.qcow2"
-        base = inside_pool(pool, base_rel)
-        base.parent.mkdir(parents=True, exist_ok=True)
+        base = pool_file(pool, base_rel)
+        storage.make_dir(base.parent)
         source_path = storage.volume_path(agent, source)
-        os.rename(source_path, base)
+        target_path = storage.claim(storage.volume_path(agent, target), f"volume {target.name}")
+        made.add(target.id)
+        os.link(source_path, base, follow_symlinks=False)
+        os.unlink(source_path)
         try:
-            os.chmod(base, 0o444)
+            os.chown(base, 0, 0)  # the source VM's uid owned it: a base is root's, read through per-VM grants
+            os.chmod(base, BASE_MODE)
+            storage.claim(source_path)
             await asyncio.to_thread(qemu_img.create_overlay, source_path, base, "qcow2", None, binary)
         except BaseException:
             source_path.unlink(missing_ok=True)
@@ -140,8 +155,7 @@ async def _link(ctx: JobContext, sources: list[Volume], targets: list[Volume]) -
         with agent.store.session() as session:
             session.get(Volume, source.id).backing_path = base_rel
             session.get(Volume, target.id).backing_path = base_rel
-        await asyncio.to_thread(qemu_img.create_overlay, storage.volume_path(agent, target), base, "qcow2", None,
-                                binary)
+        await asyncio.to_thread(qemu_img.create_overlay, target_path, base, "qcow2", None, binary)
 
 
 async def template_create(ctx: JobContext) -> dict[str, Any]:
@@ -153,20 +167,30 @@ async def template_create(ctx: JobContext) -> dict[str, Any]:
         source_id = ctx.params["source_id"]
     directory_rel = f"{storage.TEMPLATES}/{template.id}"
     pool = agent.layout.pool()
+    directory = pool_file(pool, directory_rel)
+    made_dir = False
     try:
+        storage.make_dir(directory.parent)
+        try:
+            directory.mkdir(mode=storage.DIR_MODE)  # the template's own: one that is already there is not ours
+        except FileExistsError:
+            raise Conflict(f"a directory is already where template {ctx.target_name} would be made",
+                           "an administrator must move it away") from None
+        made_dir = True
         async with agent.vm_locks[source_id]:
             sources = _volumes(agent, source_id)
-            targets = [inside_pool(pool, f"{directory_rel}/disk{i}.qcow2") for i in range(len(sources))]
+            targets = [pool_file(pool, f"{directory_rel}/disk{i}.qcow2") for i in range(len(sources))]
             async with _consistent_source(agent, source_id, None) as (tag, share):
                 await _copy_disks(ctx, [storage.volume_path(agent, v) for v in sources], targets, tag, share)
         for target in targets:
-            os.chmod(target, 0o444)
+            os.chmod(target, BASE_MODE)
         with agent.store.session() as session:
             row = session.get(Template, template.id)
             row.disks = [{"path": f"{directory_rel}/disk{i}.qcow2", "size": v.size} for i, v in enumerate(sources)]
             row.state = "ready"
     except BaseException:
-        shutil.rmtree(inside_pool(pool, directory_rel), ignore_errors=True)
+        if made_dir:
+            shutil.rmtree(directory, ignore_errors=True)
         with agent.store.session() as session:
             row = session.get(Template, template.id)
             if row is not None:

@@ -5,6 +5,11 @@ The whole rule set of one corral installation is rendered from the store as text
 transaction (delete and re-create its own tables), so the kernel never sees half an update and rules of
 deleted networks cannot linger. Tables carry a tag of the installation, so two corral homes on one machine (a
 test run next to a demo) never overwrite each other's rules.
+
+Port forwards DNAT traffic to a host port, the host's own included (so `curl 127.0.0.1:PORT` on the host reaches
+the guest as it would from outside). That is safe only because the agent holds every forwarded port with bound
+sockets (NetworkHost): no host service can listen on it, so no host traffic meant for a service is ever captured.
+The caller passes only forwards whose port is held; an unheld port gets no rule at all.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class PortRules:
 
 @dataclass(frozen=True)
 class ForwardRules:
+    """One port forward whose host port the agent holds (never one it does not: that would capture the traffic
+    of whatever host service holds the port)."""
+
     protocol: str
     host_port: int
     guest_ip: str
@@ -83,6 +91,9 @@ def render(tag: str, rules: Ruleset) -> str:
     if bridges:
         # Guests of one network talk freely (this matters where br_netfilter sends bridged frames through here).
         filter_body += [f'  iifname "{net.bridge}" oifname "{net.bridge}" accept' for net in own]
+        # An isolated guest has no way out, not even to a port forward of the host (the forward's DNAT would
+        # otherwise turn its packet to the gateway into one routed to another network's guest).
+        filter_body += [f'  iifname "{net.bridge}" drop' for net in isolated]
         filter_body += [
             f"  oifname {_set(bridges)} ct state established,related accept",
             f"  oifname {_set(bridges)} ct status dnat accept",
@@ -91,7 +102,17 @@ def render(tag: str, rules: Ruleset) -> str:
         for net in nat:
             filter_body.append(f'  iifname "{net.bridge}" ip saddr {net.subnet} oifname != {_set(bridges)} accept')
         filter_body += [f"  iifname {_set(bridges)} drop", f"  oifname {_set(bridges)} drop"]
-    filter_body += ["}", "chain input {", "  type filter hook input priority filter; policy accept;"]
+    filter_body += ["}"]
+    if bridges:
+        # route_localnet (set on corral's bridges so forwards work through 127.0.0.1) would also let a guest send
+        # packets to 127.0.0.1 on its gateway and reach the host's loopback-only services: drop them first.
+        filter_body += [
+            "chain prerouting {",
+            "  type filter hook prerouting priority raw; policy accept;",
+            f"  iifname {_set(bridges)} ip daddr 127.0.0.0/8 counter drop",
+            "}",
+        ]
+    filter_body += ["chain input {", "  type filter hook input priority filter; policy accept;"]
     # Isolated guests reach DHCP and DNS on their gateway and nothing else of the host.
     for net in isolated:
         filter_body += [
@@ -140,16 +161,20 @@ def render_removal(tag: str) -> str:
 def nft_binary() -> str:
     found = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if Path(p).exists()), None)
     if found is None:
-        raise EngineError("nft (nftables) is not installed: NAT and isolation rules cannot be set",
-                          "install it: apt-get install nftables")
+        raise EngineError(
+            "nft (nftables) is not installed: NAT and isolation rules cannot be set",
+            "install it: apt-get install nftables",
+        )
     return found
 
 
 def load(script: str) -> None:
     result = subprocess.run([nft_binary(), "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
-        raise EngineError(f"nft refused corral's rules: {result.stderr.strip()[:400]}",
-                          "check that the kernel has nf_tables (modprobe nf_tables) and see `nft list ruleset`")
+        raise EngineError(
+            f"nft refused corral's rules: {result.stderr.strip()[:400]}",
+            "check that the kernel has nf_tables (modprobe nf_tables) and see `nft list ruleset`",
+        )
 
 
 def enable_forwarding() -> None:

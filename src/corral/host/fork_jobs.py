@@ -65,8 +65,13 @@ async def fork(ctx: JobContext) -> dict[str, Any]:
     frozen_ram = agent.layout.ram_file(ctx.job_id)
     children = {child_id: _vm(agent, child_id) for child_id in child_ids}
     started: list[str] = []
+    made: set[str] = set()  # the children's disk files this job created (and may remove)
     try:
         await resize_jobs.refuse_hotplugged_cpus(running, "fork")  # inside: a refusal removes the children's rows
+        for child in children.values():  # claimed before the pause: it costs the parent nothing
+            for volume in child.volumes:
+                storage.claim(storage.volume_path(agent, volume), f"volume {volume.name}")
+                made.add(volume.id)
         async with agent.vm_locks[parent_id]:
             ctx.progress(0.05, "pausing the parent")
             paused_at = time.monotonic()
@@ -110,7 +115,7 @@ async def fork(ctx: JobContext) -> dict[str, Any]:
         frozen_ram.unlink(missing_ok=True)
         for child_id in child_ids:
             with contextlib.suppress(Exception):
-                await discard_vm(ctx, child_id, {v.id for v in children[child_id].volumes})
+                await discard_vm(ctx, child_id, {v.id for v in children[child_id].volumes} & made)
         raise
     finally:
         state.unlink(missing_ok=True)

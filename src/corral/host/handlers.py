@@ -95,7 +95,8 @@ async def discard_vm(ctx: JobContext, vm_id: str, made_ids: set[str]) -> None:
             return
         for volume in list(vm.volumes):
             if volume.state == "pending" or volume.id in made_ids:
-                storage.remove(agent, volume)
+                if volume.id in made_ids:  # only files this job made: a pending volume's path may hold another's
+                    storage.remove(agent, volume)
                 session.delete(volume)
             else:
                 volume.vm_id = None

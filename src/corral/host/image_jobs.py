@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.engine import qemu_img
-from corral.errors import InvalidInput, NotFound
+from corral.errors import EngineError, InvalidInput, NotFound
+from corral.spec.sources import Source, SourceKind, opened
 from corral.store.models import Image
 
 if TYPE_CHECKING:
@@ -63,11 +65,22 @@ async def build(ctx: JobContext) -> dict[str, Any]:
             from corral.images.debian import build_debian_image
 
             built = await asyncio.to_thread(
-                build_debian_image, directory, ctx.agent.settings.cache, ctx.params.get("release", "bookworm"),
-                ctx.params.get("packages", []), ctx.params.get("size", 4 << 30), progress,
+                build_debian_image,
+                directory,
+                ctx.agent.settings.cache,
+                ctx.params.get("release", "bookworm"),
+                ctx.params.get("packages", []),
+                ctx.params.get("size", 4 << 30),
+                progress,
             )
-            details.update(cloud_init=True, ssh=True, default_user="corral", min_memory=512 << 20,
-                           release=ctx.params.get("release"), packages=ctx.params.get("packages", []))
+            details.update(
+                cloud_init=True,
+                ssh=True,
+                default_user="corral",
+                min_memory=512 << 20,
+                release=ctx.params.get("release"),
+                packages=ctx.params.get("packages", []),
+            )
         else:
             built = await asyncio.to_thread(build_tiny_image, directory, ctx.agent.settings.cache, progress)
         ctx.check_cancelled()
@@ -91,21 +104,73 @@ async def build(ctx: JobContext) -> dict[str, Any]:
     return {"image": image.name, "recipe_hash": built.recipe_hash}
 
 
+MAX_BOOT_FILE = 1 << 30  # a kernel or an initrd larger than this is not one
+CHUNK = 1 << 20
+
+
+def _copy_fd(fd: int, target: Path, mode: int, limit: int | None = None, label: str = "file") -> None:
+    """Copy an open file into a new file of ours (O_EXCL, ``mode`` from creation), reading only through ``fd``."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        copied = 0
+        while chunk := os.read(fd, CHUNK):
+            copied += len(chunk)
+            if limit is not None and copied > limit:
+                raise InvalidInput(f"{label} is larger than {limit >> 20} MiB", "give a kernel or an initrd")
+            os.write(out, chunk)
+    finally:
+        os.close(out)
+
+
+def _source(params: dict[str, Any], key: str) -> Source | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):  # queued before sources had kinds: the local admin's path
+        return Source(SourceKind.PATH, Path(value), value)
+    return Source.of(value)
+
+
+def _checked_disk(source: Source, staging: Path) -> Path:
+    """The path qemu-img may read for ``source``. A file in the import directory is copied (through the
+    descriptor opened without following links) to a private file first: whoever can write that directory could
+    otherwise change the file between the check and the copy. Uploads live in a root-only directory."""
+    with opened(source) as (fd, _):
+        if source.kind is not SourceKind.IMPORT_DIR:
+            return source.path
+        _copy_fd(fd, staging, 0o600, label=source.label)
+    return staging
+
+
 async def import_image(ctx: JobContext) -> dict[str, Any]:
-    """Copy a user's disk image (and optional kernel/initrd) into the store, converted to qcow2."""
+    """Copy a user's disk image (and optional kernel/initrd) into the store, converted to qcow2.
+
+    The disk is raw or qcow2, with its format given or taken from its magic and passed to every qemu-img call
+    (never probed), and it may name no other file (engine.qemu_img.check_importable). The kernel and the initrd
+    are copied through the descriptor that opened them, root-owned 0640. Uploads are consumed either way."""
     image = _image(ctx)
     directory = ctx.agent.layout.image_dir(image.id)
     binary = ctx.agent.settings.qemu_img_binary
-    source = Path(ctx.params["file"])
-    kernel = Path(ctx.params["kernel"]) if ctx.params.get("kernel") else None
-    initrd = Path(ctx.params["initrd"]) if ctx.params.get("initrd") else None
+    source = _source(ctx.params, "source") or _source(ctx.params, "file")
+    assert source is not None
+    kernel = _source(ctx.params, "kernel")
+    initrd = _source(ctx.params, "initrd")
+    staging = directory / ".source"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        ctx.progress(0.05, f"checking {source}")
-        facts = await asyncio.to_thread(qemu_img.check_importable, source, binary)
+        ctx.progress(0.05, f"checking {source.label}")
+        path = await asyncio.to_thread(_checked_disk, source, staging)
+        facts = await asyncio.to_thread(qemu_img.check_importable, path, binary, ctx.params.get("format"), source.label)
         ctx.progress(0.1, "copying the disk")
         disk = directory / "disk.qcow2"
-        await asyncio.to_thread(qemu_img.convert, source, disk, "qcow2", binary, facts.get("format"))
+        try:
+            await asyncio.to_thread(qemu_img.convert, path, disk, "qcow2", binary, facts["format"])
+        except EngineError as exc:
+            if source.kind is SourceKind.PATH:
+                raise
+            raise EngineError(f"copying {source.label} failed", "check the image with `qemu-img check`") from exc
+        staging.unlink(missing_ok=True)
         values: dict[str, Any] = {"kind": "disk", "disk_file": disk.name, "disk_format": "qcow2"}
         details: dict[str, Any] = {}
         if ctx.params.get("cloud_init"):
@@ -114,17 +179,21 @@ async def import_image(ctx: JobContext) -> dict[str, Any]:
             details["firmware"] = ctx.params["firmware"]  # VMs boot through it unless they ask otherwise
         if details:
             values["details"] = details
+        for boot_file, target in ((kernel, "vmlinuz"), (initrd, "initrd.img")):
+            if boot_file is None:
+                continue
+            ctx.progress(0.9, f"copying {boot_file.label}")
+            with opened(boot_file) as (fd, _):
+                await asyncio.to_thread(_copy_fd, fd, directory / target, 0o640, MAX_BOOT_FILE, boot_file.label)
         if kernel is not None:
-            shutil.copyfile(kernel, directory / "vmlinuz")
             values.update(
                 kind="kernel",
                 kernel_file="vmlinuz",
                 cmdline=ctx.params.get("cmdline") or "console=ttyS0 root=/dev/vda rw",
             )
         if initrd is not None:
-            shutil.copyfile(initrd, directory / "initrd.img")
             values["initrd_file"] = "initrd.img"
-        info = qemu_img.info(disk, binary)
+        info = qemu_img.info(disk, binary, "qcow2")
         _mark_ready(
             ctx,
             directory=str(directory),
@@ -135,6 +204,10 @@ async def import_image(ctx: JobContext) -> dict[str, Any]:
     except BaseException:
         _discard(ctx, directory)
         raise
+    finally:
+        for used in (source, kernel, initrd):
+            if used is not None and used.kind is SourceKind.UPLOAD:
+                used.path.unlink(missing_ok=True)
     return {"image": image.name}
 
 

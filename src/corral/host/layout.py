@@ -6,6 +6,9 @@ from pathlib import Path
 
 from corral.errors import InvalidInput
 
+SEARCH_ONLY = 0o711  # root's; other uids may pass through to a file they know the name of, never list
+PRIVATE = 0o700
+
 
 class HostLayout:
     def __init__(self, home: Path) -> None:
@@ -37,12 +40,29 @@ class HostLayout:
         return self.home / "logs"
 
     def ensure(self) -> None:
+        """Make the home's directories with the modes isolation relies on (narrowing looser ones an older
+        version made): sandboxed QEMUs (their own uids) pass through the home, images, pools and run to what is
+        theirs or granted to them (search only: nobody lists another VM's files); logs are root's alone."""
         for path in (self.images, self.pool(), self.home / "run", self.logs):
             path.mkdir(parents=True, exist_ok=True)
-        # Sandboxed QEMUs (their own uids) must be able to pass through the home to their run dirs and disks.
         mode = self.home.stat().st_mode & 0o777
         if mode & 0o001 == 0:
             self.home.chmod(mode | 0o711)
+        for path, wanted in ((self.images, SEARCH_ONLY), (self.home / "pools", SEARCH_ONLY),
+                             (self.pool(), SEARCH_ONLY), (self.home / "run", SEARCH_ONLY), (self.logs, PRIVATE)):
+            if path.stat().st_mode & 0o777 != wanted:
+                path.chmod(wanted)
+
+
+def pool_file(pool_dir: Path, relative: str) -> Path:
+    """Like ``inside_pool`` but the last component is not resolved: the path names the pool's own entry, so
+    creating it exclusively (O_EXCL) or unlinking it acts on that entry, never on what a link there points at."""
+    root = pool_dir.resolve()
+    candidate = root / relative
+    parent = candidate.parent.resolve()
+    if candidate.name in ("", ".", "..") or not parent.is_relative_to(root):
+        raise InvalidInput(f"path {relative!r} escapes its storage pool", "use a plain file name inside the pool")
+    return parent / candidate.name
 
 
 def inside_pool(pool_dir: Path, relative: str) -> Path:

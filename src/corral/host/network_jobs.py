@@ -162,8 +162,10 @@ async def vm_nic_remove(ctx: JobContext) -> dict[str, Any]:
                             if event.get("data", {}).get("device") == device_id:
                                 break
                 except TimeoutError as exc:
-                    raise Conflict(f"the guest did not release NIC {slot} within {NIC_RELEASE_TIMEOUT:.0f} s",
-                                   "the guest OS needs PCIe hotplug support; or stop the VM and remove it") from exc
+                    raise Conflict(
+                        f"the guest did not release NIC {slot} within {NIC_RELEASE_TIMEOUT:.0f} s",
+                        "the guest OS needs PCIe hotplug support; or stop the VM and remove it",
+                    ) from exc
             with contextlib.suppress(Exception):
                 await running.proc.execute("netdev_del", {"id": plan.id})
         if plan is not None and plan.ifname:
@@ -178,8 +180,10 @@ async def vm_nic_remove(ctx: JobContext) -> dict[str, Any]:
 
 
 async def vm_port_forward(ctx: JobContext) -> dict[str, Any]:
-    """NAT networks: the firewall's DNAT rules follow the store. User-mode NICs: QEMU's hostfwd, changed live
-    through the human monitor (QMP has no command for it) and rebuilt from the store at every start."""
+    """NAT networks: the firewall's DNAT rules follow the store, for ports the agent could hold (a port some host
+    program has is refused here, whoever holds it). User-mode NICs: QEMU's hostfwd, changed live through the human
+    monitor (QMP has no command for it) and rebuilt from the store at every start; QEMU binds the port itself, so
+    it can never take over a port a host program holds."""
     agent = ctx.agent
     vm = _vm(ctx)
     added = ctx.params.get("add")
@@ -203,11 +207,18 @@ async def vm_port_forward(ctx: JobContext) -> dict[str, Any]:
             output = str(await running.proc.execute("human-monitor-command", {"command-line": command}) or "")
             # The monitor answers a good hostfwd_add with nothing and a good hostfwd_remove with "... removed".
             if target is not None and output.strip():
-                raise Conflict(f"QEMU refused the forward: {output.strip()}",
-                               "the host port may be in use by another program; choose another")
+                raise Conflict(
+                    f"QEMU refused the forward: {output.strip()}",
+                    "the host port may be in use by another program; choose another",
+                )
             if target is None and "removed" not in output:
                 log.warning("hostfwd_remove on %s: %s", vm.name, output.strip() or "no answer")
         await asyncio.to_thread(agent.networks.sync)
+        if target is not None and not user_mode and not agent.networks.holding(target.protocol, target.host_port):
+            raise Conflict(
+                f"host port {target.host_port}/{target.protocol} is in use on the host",
+                "choose another host port in the range for port forwards",
+            )
     except Exception:
         if target is not None:
             with agent.store.session() as session:

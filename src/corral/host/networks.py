@@ -4,6 +4,11 @@ Everything here is reconciled from the store like VMs are: ``sync`` makes what i
 daemon restart or a dnsmasq crash), removes what the store no longer names, and reloads the firewall in one
 transaction. What this installation made is recorded under CORRAL_HOME/run/networks, so it only ever removes
 its own bridges, even with other corral homes (or libvirt) on the same machine.
+
+Port forwards of NAT networks: the agent holds each forwarded host port with bound sockets for as long as the
+forward exists, and writes a DNAT rule only for ports it holds. A port some program already has is never
+forwarded (the job that adds the forward fails), and no program can take a forwarded port later, so the rules
+never capture traffic meant for a host service. Ports outside the administrator's range get no rule either.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import threading
@@ -21,6 +27,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from corral.cluster.networks import hold_port
 from corral.config import Settings
 from corral.errors import CorralError, EngineError
 from corral.host import dnsmasq, firewall
@@ -70,6 +77,8 @@ class NetworkHost:
         self._lock = threading.RLock()
         self._last_rules: str | None = None
         self._checked = 0.0
+        self._held: dict[tuple[str, int], list[socket.socket]] = {}
+        self._unheld: dict[tuple[str, int], str] = {}  # forwards whose port some program holds: why
 
     def directory(self, network_id: str) -> Path:
         return self.root / network_id[:12]
@@ -79,23 +88,32 @@ class NetworkHost:
     def ensure(self, network: Network, hosts: list[dnsmasq.DhcpHost]) -> None:
         """Make the network's bridge and DHCP server exist as the row says; raise with the reason if not."""
         if not self.enabled:
-            raise EngineError("corral's agent is not root: bridged networks are unavailable on this host",
-                              "run corral as root, or use --nic network=user")
+            raise EngineError(
+                "corral's agent is not root: bridged networks are unavailable on this host",
+                "run corral as root, or use --nic network=user",
+            )
         with self._lock:
             directory = self.directory(network.id)
             directory.mkdir(parents=True, exist_ok=True)
             if network.mode == NetworkMode.BRIDGE:
                 if not is_bridge(network.bridge):
-                    raise EngineError(f"uplink {network.bridge!r} is not a bridge on this host",
-                                      "create it (ip link add br0 type bridge) and enslave the LAN interface to it")
+                    raise EngineError(
+                        f"uplink {network.bridge!r} is not a bridge on this host",
+                        "create it (ip link add br0 type bridge) and enslave the LAN interface to it",
+                    )
                 (directory / "bridge").write_text(f"{network.bridge}\nexternal\n")
                 return
             self._ensure_bridge(network, directory)
             if network.dhcp and network.subnet and network.gateway:
                 changed = dnsmasq.write_hosts(directory, hosts)
                 if dnsmasq.running_pid(directory) is None:
-                    dnsmasq.start(directory, network.bridge, network.subnet, network.gateway,
-                                  isolated=network.mode == NetworkMode.ISOLATED)
+                    dnsmasq.start(
+                        directory,
+                        network.bridge,
+                        network.subnet,
+                        network.gateway,
+                        isolated=network.mode == NetworkMode.ISOLATED,
+                    )
                 elif changed:
                     dnsmasq.reload(directory)
 
@@ -130,8 +148,12 @@ class NetworkHost:
             except ValueError:
                 continue
             if other.overlaps(subnet):
-                raise EngineError(f"subnet {network.subnet} overlaps {other} on the host's {fields[1]}",
-                                  "delete the network and create it again with another --subnet")
+                # The host's interfaces and their networks are host facts: the log has them, the tenant's job not.
+                log.warning("network %s: subnet %s overlaps %s on %s", network.name, network.subnet, other, fields[1])
+                raise EngineError(
+                    f"subnet {network.subnet} overlaps an address range the host uses",
+                    "delete the network and create it again with another --subnet, or without one to get a free one",
+                )
 
     def teardown(self, network_id: str) -> None:
         """Stop the network's dnsmasq and remove its bridge if corral made it; an external bridge stays."""
@@ -195,16 +217,21 @@ class NetworkHost:
         with self._lock:
             with self.store.reading() as session:
                 networks = list(session.scalars(select(Network)))
-                ports = list(session.execute(
-                    select(NetworkPort, VM.name, VM.host).join(VM, VM.id == NetworkPort.vm_id)
-                ).all())
-                forwards = list(session.execute(
-                    select(PortForward, NetworkPort.ip)
-                    .join(NetworkPort, (NetworkPort.vm_id == PortForward.vm_id)
-                          & (NetworkPort.nic_index == PortForward.nic_index))
-                    .where(PortForward.host == self.host_name)
-                ).all())
+                ports = list(
+                    session.execute(select(NetworkPort, VM.name, VM.host).join(VM, VM.id == NetworkPort.vm_id)).all()
+                )
+                forwards = list(
+                    session.execute(
+                        select(PortForward, NetworkPort.ip)
+                        .join(
+                            NetworkPort,
+                            (NetworkPort.vm_id == PortForward.vm_id) & (NetworkPort.nic_index == PortForward.nic_index),
+                        )
+                        .where(PortForward.host == self.host_name)
+                    ).all()
+                )
                 session.expunge_all()
+            self._hold_ports({(fwd.protocol, fwd.host_port) for fwd, ip in forwards if ip})
             wanted = {net.id[:12] for net in networks if net.state != "deleting"}
             if self.root.exists():
                 for directory in self.root.iterdir():
@@ -215,14 +242,20 @@ class NetworkHost:
             for net in networks:
                 if net.state == "deleting":
                     continue
-                if (net.mode == NetworkMode.BRIDGE and not is_bridge(net.bridge)
-                        and not any(port.network_id == net.id and host == self.host_name for port, _n, host in ports)):
+                if (
+                    net.mode == NetworkMode.BRIDGE
+                    and not is_bridge(net.bridge)
+                    and not any(port.network_id == net.id and host == self.host_name for port, _n, host in ports)
+                ):
                     # Not this host's to judge: its uplink is elsewhere, and placement sends the network's VMs
                     # only to hosts whose heartbeat reports that bridge. Marking the shared row "error" here would
                     # flip it against the hosts that have it.
                     continue
-                hosts = [dnsmasq.DhcpHost(port.mac, port.ip, name)
-                         for port, name, _host in ports if port.network_id == net.id and port.ip]
+                hosts = [
+                    dnsmasq.DhcpHost(port.mac, port.ip, name)
+                    for port, name, _host in ports
+                    if port.network_id == net.id and port.ip
+                ]
                 try:
                     self.ensure(net, hosts)
                     states[net.id] = ("ready", "")
@@ -234,14 +267,46 @@ class NetworkHost:
                 if host == self.host_name and port.network_id in bridges:
                     self._reattach(port.tap, bridges[port.network_id])
             rules = firewall.Ruleset(
-                networks=[firewall.BridgeRules(n.bridge, n.mode, n.subnet)
-                          for n in networks if n.state != "deleting" and states.get(n.id, ("",))[0] == "ready"],
-                ports=[firewall.PortRules(port.tap, port.mac, port.ip)
-                       for port, _name, host in ports if host == self.host_name],
-                forwards=[firewall.ForwardRules(fwd.protocol, fwd.host_port, ip, fwd.guest_port)
-                          for fwd, ip in forwards if ip],
+                networks=[
+                    firewall.BridgeRules(n.bridge, n.mode, n.subnet)
+                    for n in networks
+                    if n.state != "deleting" and states.get(n.id, ("",))[0] == "ready"
+                ],
+                ports=[
+                    firewall.PortRules(port.tap, port.mac, port.ip)
+                    for port, _name, host in ports
+                    if host == self.host_name
+                ],
+                forwards=[
+                    firewall.ForwardRules(fwd.protocol, fwd.host_port, ip, fwd.guest_port)
+                    for fwd, ip in forwards
+                    if ip and self.holding(fwd.protocol, fwd.host_port)
+                ],
             )
             self.apply(rules, nat=any(n.mode == NetworkMode.NAT for n in networks))
+
+    # -- forwarded ports --------------------------------------------------------------------------------------
+
+    def _hold_ports(self, wanted: set[tuple[str, int]]) -> None:
+        """Hold exactly the forwarded ports in the administrator's range: bind the new ones, let go of the rest."""
+        allowed = self.settings.forward_ports
+        wanted = {key for key in wanted if key[1] in allowed}
+        for key in [key for key in self._held if key not in wanted]:
+            for sock in self._held.pop(key):
+                sock.close()
+        unheld: dict[tuple[str, int], str] = {}
+        for key in sorted(wanted - self._held.keys()):
+            try:
+                self._held[key] = hold_port(*key)
+            except CorralError as exc:
+                unheld[key] = exc.message
+                if key not in self._unheld:
+                    log.warning("port forward from %d/%s gets no rule: %s", key[1], key[0], exc.message)
+        self._unheld = unheld
+
+    def holding(self, protocol: str, port: int) -> bool:
+        """Whether this agent holds the host port (so its forward's DNAT rule is loaded)."""
+        return (protocol, port) in self._held
 
     def apply(self, rules: firewall.Ruleset, nat: bool) -> None:
         """Load the rules if they changed. With no network at all, corral's tables are removed (or never made),
@@ -269,8 +334,11 @@ class NetworkHost:
         return f"corral_{self.tag}" in listed.stdout
 
     def _record_states(self, networks: list[Network], states: dict[str, tuple[str, str]]) -> None:
-        changed = {nid: st for nid, st in states.items()
-                   if any(n.id == nid and (n.state, n.status_message) != st for n in networks)}
+        changed = {
+            nid: st
+            for nid, st in states.items()
+            if any(n.id == nid and (n.state, n.status_message) != st for n in networks)
+        }
         if not changed:
             return
         with self.store.session() as session:
@@ -284,6 +352,7 @@ class NetworkHost:
 
     def remove_all(self) -> None:
         with self._lock:
+            self._hold_ports(set())
             remove_everything(self.settings.home)
             self._last_rules = None
 

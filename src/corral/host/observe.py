@@ -7,7 +7,11 @@ the kernel's counters of the VM's TAPs (network I/O).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import os
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +24,7 @@ if TYPE_CHECKING:
     from corral.host.agent import Agent, RunningVM
 
 SAMPLE_INTERVAL = 10.0
+log = logging.getLogger("corral.agent")
 
 
 async def _sample(agent: Agent, running: RunningVM) -> dict[str, Any]:
@@ -83,7 +88,56 @@ def _rss(pid: int) -> int | None:
     return None
 
 
+def rotate_serial_log(run_dir: Path, limit: int) -> bool:
+    """Keep a VM's serial log under ``limit`` bytes: past it, its last ``limit`` bytes become ``serial.log.1``
+    (the one previous part kept) and the log is truncated in place. What the guest prints is data it controls,
+    so it must not grow without end. QEMU opens the log with O_APPEND (logappend=on), so its next write lands at
+    the new end rather than leaving a hole; a rename would not do, QEMU would go on writing to the old file.
+
+    The run directory belongs to the VM's QEMU user: nothing in it is followed (a link planted there could
+    otherwise make root truncate or overwrite another file)."""
+    try:
+        directory = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        try:
+            log_fd = os.open("serial.log", os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+        except OSError:
+            return False
+        with os.fdopen(log_fd, "r+b") as log:
+            info = os.fstat(log.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size <= limit:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("serial.log.1.tmp", dir_fd=directory)
+            part_fd = os.open("serial.log.1.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                              dir_fd=directory)  # fmt: skip
+            with os.fdopen(part_fd, "wb") as part:
+                log.seek(max(0, info.st_size - limit))
+                left = limit
+                while left > 0 and (chunk := log.read(min(left, 1 << 20))):
+                    part.write(chunk)
+                    left -= len(chunk)
+            os.replace("serial.log.1.tmp", "serial.log.1", src_dir_fd=directory, dst_dir_fd=directory)
+            log.truncate(0)
+        return True
+    finally:
+        os.close(directory)
+
+
+def rotate_serial_logs(agent: Agent) -> None:
+    """Rotate every running VM's serial log past ``serial_log_max`` (called on each reconcile pass)."""
+    for vm_id in list(agent.vms):
+        try:
+            if rotate_serial_log(agent.layout.vm_run_dir(vm_id), agent.settings.serial_log_max):
+                log.info("rotated the serial log of VM %s", vm_id)
+        except OSError as exc:
+            log.warning("cannot rotate the serial log of VM %s: %s", vm_id, exc)
+
+
 async def sample_all(agent: Agent) -> None:
+    await asyncio.to_thread(rotate_serial_logs, agent)
     now = time.monotonic()
     for vm_id, running in list(agent.vms.items()):
         if running.proc.exited or now - running.stats_sampled < SAMPLE_INTERVAL:

@@ -64,11 +64,21 @@ def load_vm(agent: Agent, vm_id: str) -> VM:
         return vm
 
 
+def _project_image(name: str | None, project: str):  # type: ignore[no-untyped-def]
+    """The image a VM of ``project`` boots: the project's own of that name, else the default project's catalog.
+    Image names are unique per project, so another project's image of the same name is never picked."""
+    return (
+        select(Image)
+        .where(Image.name == name, Image.project.in_([project, "default"]))
+        .order_by((Image.project == "default").asc())
+    )
+
+
 def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
     """Resolve a VM row into a launch plan: image files, disk paths inside the pool, NIC MACs."""
     spec = VMSpec.model_validate(vm.spec)
     with agent.store.session() as session:
-        image = session.scalars(select(Image).where(Image.name == spec.image)).first()
+        image = session.scalars(_project_image(spec.image, vm.project)).first()
         if image is None or image.state != "ready":
             raise NotFound(f"image {spec.image!r} of VM {vm.name} is missing", "import or build it again")
         image_dir = agent.layout.image_dir(image.id)
@@ -173,7 +183,7 @@ def _seed_disk(agent: Agent, vm: VM, spec: VMSpec, details: dict[str, Any]) -> D
 
 def _image_details(agent: Agent, vm: VM) -> dict[str, Any]:
     with agent.store.session() as session:
-        image = session.scalars(select(Image).where(Image.name == vm.spec.get("image"))).first()
+        image = session.scalars(_project_image(vm.spec.get("image"), vm.project)).first()
         return dict(image.details or {}) if image else {}
 
 
@@ -437,8 +447,11 @@ def _require_running(agent: Agent, vm_id: str) -> RunningVM:
 
 
 def remove_run_dir(agent: Agent, vm_id: str) -> None:
+    """The VM left this host (deleted, discarded, moved away): its run directory and RAM file go, and so does
+    its machine-wide uid claim with the read grants it had, so a VM given that uid later inherits nothing."""
     shutil.rmtree(agent.layout.vm_run_dir(vm_id), ignore_errors=True)
     agent.layout.ram_file(vm_id).unlink(missing_ok=True)
+    agent.isolation.forget(vm_id)
 
 
 # -- watchers ---------------------------------------------------------------------------------------------------

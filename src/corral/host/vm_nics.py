@@ -28,7 +28,8 @@ def nic_port(slot: int) -> str:
 
 def nic_plans(agent: Agent, vm: VM, spec: VMSpec) -> list[NicPlan]:
     """Each NIC as QEMU gets it: a TAP on its network's bridge, or user-mode NAT (the user network, and the
-    fallback where this agent cannot make bridges) carrying the VM's port forwards as hostfwd rules."""
+    fallback where this agent cannot make bridges) carrying the VM's port forwards as hostfwd rules (QEMU binds
+    those ports itself: a port a host program holds fails the start, it is never taken over)."""
     with agent.store.reading() as session:
         rows = session.scalars(select(NetworkPort).where(NetworkPort.vm_id == vm.id))
         ports = {port.nic_index: port for port in rows}
@@ -36,17 +37,29 @@ def nic_plans(agent: Agent, vm: VM, spec: VMSpec) -> list[NicPlan]:
         forwards = list(session.scalars(select(PortForward).where(PortForward.vm_id == vm.id)))
         session.expunge_all()  # plain values from here on
     on_q35 = agent.settings.machine.startswith("q35")
+    allowed = agent.settings.forward_ports  # forwards made before the administrator narrowed the range stay off
     plans = []
     for position, nic in enumerate(spec.nics):
         slot = spec.nic_slot(position)
         port = ports.get(slot)
         bus = nic_port(slot) if on_q35 else None
         if port is not None and agent.networks.enabled:
-            plans.append(NicPlan(id=f"net{slot}", mac=nic.mac or port.mac, mode="tap", ifname=port.tap,
-                                 bridge=bridges.get(port.network_id), bus=bus))
+            plans.append(
+                NicPlan(
+                    id=f"net{slot}",
+                    mac=nic.mac or port.mac,
+                    mode="tap",
+                    ifname=port.tap,
+                    bridge=bridges.get(port.network_id),
+                    bus=bus,
+                )
+            )
             continue
-        hostfwd = tuple(f"{fwd.protocol}:0.0.0.0:{fwd.host_port}-:{fwd.guest_port}"
-                        for fwd in forwards if fwd.nic_index == slot)
+        hostfwd = tuple(
+            f"{fwd.protocol}:0.0.0.0:{fwd.host_port}-:{fwd.guest_port}"
+            for fwd in forwards
+            if fwd.nic_index == slot and fwd.host_port in allowed
+        )
         plans.append(NicPlan(id=f"net{slot}", mac=nic.mac or "", mode="user", forwards=hostfwd, bus=bus))
     return plans
 

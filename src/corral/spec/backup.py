@@ -82,8 +82,19 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def read_export_manifest(path: Path) -> ExportManifest:
-    """Open an archive and validate its manifest and its member list; raise InvalidInput naming the problem."""
+def read_export_manifest(path: Path, label: str | None = None) -> ExportManifest:
+    """Open an archive and validate its manifest and its member list; raise InvalidInput naming the problem.
+
+    ``label`` is what messages call the archive when ``path`` is not for the caller's eyes (``/proc/self/fd/N``
+    of an upload or an import-directory file opened without following links)."""
+    if label is not None:
+        try:
+            return read_export_manifest(path)
+        except InvalidInput as exc:
+            message = exc.message.replace(str(path), label)
+            for word in ("archive ", "of ", "in "):
+                message = message.replace(f"{word}{path.name}", f"{word}{label}")
+            raise InvalidInput(message, exc.hint) from None
     if not tarfile.is_tarfile(path):
         raise InvalidInput(f"{path} is not a tar archive", "give a file made by `corral vm export`")
     try:

@@ -8,9 +8,11 @@ first table on, so a store made today upgrades in place, on either database.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -71,11 +73,16 @@ class Notifier:
         self._condition = threading.Condition()
         self.generation = 0
         self._callbacks: list[object] = []
+        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
     def notify(self) -> None:
         with self._condition:
             self.generation += 1
             self._condition.notify_all()
+            waiters = list(self._async_waiters)
+        for loop, flag in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has ended
+                loop.call_soon_threadsafe(flag.set)
         for callback in list(self._callbacks):
             callback()  # type: ignore[operator]
 
@@ -83,6 +90,29 @@ class Notifier:
         with self._condition:
             self._condition.wait_for(lambda: self.generation != since, timeout)
             return self.generation
+
+    async def wait_async(self, since: int, timeout: float) -> int:
+        """:meth:`wait` for a coroutine: it holds no thread while it waits, so the API's long-polls cost a
+        coroutine each rather than one of the few worker threads every other request needs."""
+        flag = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), flag)
+        with self._condition:
+            if self.generation != since:
+                return self.generation
+            self._async_waiters.add(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flag.wait(), timeout)
+        finally:
+            with self._condition:
+                self._async_waiters.discard(waiter)
+        return self.generation
+
+    @property
+    def async_waiters(self) -> int:
+        """How many coroutines wait now (a leak would show here)."""
+        with self._condition:
+            return len(self._async_waiters)
 
     def subscribe(self, callback: object) -> None:
         self._callbacks.append(callback)
@@ -199,8 +229,40 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql(f"BEGIN {mode}")
 
 
+STATE_FILE_MODE = 0o600
+
+
+def sqlite_files(url: str) -> list[Path]:
+    """The database file of a SQLite URL and its WAL companions (none for an in-memory database)."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return []
+    path = Path(database)
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def secure_sqlite_files(url: str) -> None:
+    """Make the database root's alone (0600) before SQLite opens it: it holds token hashes and every VM.
+
+    SQLite creates the file with 0644 (less the umask) and gives its -wal and -shm files the database's own
+    mode, so creating the database 0600 first is what keeps all three private; files an older version left
+    readable are narrowed here too."""
+    files = sqlite_files(url)
+    if not files:
+        return
+    files[0].parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(files[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, STATE_FILE_MODE))
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode) and info.st_mode & 0o077:
+                os.chmod(path, STATE_FILE_MODE)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        secure_sqlite_files(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)

@@ -166,25 +166,27 @@ def discard_pending(session: Session, job: Job) -> None:
         if snapshot is not None:
             session.delete(snapshot)
     else:
-        model = {"template.create": Template, "image.build": Image, "image.import": Image,
-                 "volume.create": Volume}.get(job.kind)
+        model = {"template.create": Template, "image.build": Image, "image.import": Image, "volume.create": Volume}.get(
+            job.kind
+        )
         row = session.get(model, job.target_id) if model is not None and job.target_id else None
         if row is not None:
             session.delete(row)
 
 
-def fail_orphans(store: Store, host: str) -> int:
-    """Jobs left running by a daemon that died cannot be resumed safely; mark them failed with the reason."""
+def fail_orphans(store: Store, host: str) -> list[Job]:
+    """Jobs left running by a daemon that died cannot be resumed safely; mark them failed with the reason and
+    return them, so the agent can settle what each left half done."""
     with store.session() as session:
-        count = session.execute(
-            update(Job)
-            .where(Job.host == host, Job.state == JobState.RUNNING)
-            .values(
-                state=JobState.FAILED,
-                error="the agent restarted while this job ran",
-                error_code="internal",
-                finished_at=utcnow(),
-                version=Job.version + 1,
-            )
-        ).rowcount
-    return count
+        orphans = list(
+            session.scalars(select(Job).where(Job.host == host, Job.state == JobState.RUNNING).with_for_update())
+        )
+        for job in orphans:
+            job.state = JobState.FAILED
+            job.error = "the agent restarted while this job ran"
+            job.error_code = "internal"
+            job.finished_at = utcnow()
+            job.version = job.version + 1
+        session.flush()
+        session.expunge_all()
+    return orphans

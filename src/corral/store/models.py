@@ -32,6 +32,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def volume_file(volume_id: str) -> str:
+    """The pool-relative file of a new volume: named by its id, never by its name. Names are unique only per
+    project, so two projects' ``web-root`` would otherwise be one file (issue 11). Old rows keep their path."""
+    return f"vol-{volume_id}.qcow2"
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timestamps stored in UTC and always read back timezone-aware (SQLite forgets the zone otherwise)."""
 
@@ -208,7 +214,11 @@ class Template(Base):
 
 class Volume(Base):
     __tablename__ = "volumes"
-    __table_args__ = (UniqueConstraint("project", "name"),)
+    # One file, one row: no two volumes of a host's pool may name the same file (migration 0010).
+    __table_args__ = (
+        UniqueConstraint("project", "name"),
+        Index("uq_volumes_host_pool_path", "host", "pool", "path", unique=True),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(63))

@@ -115,6 +115,27 @@ class Timeout(CorralError):
     code = "timeout"
 
 
+class BodyTooLarge(CorralError):
+    """A request body over its route's limit: refused before (or while) it arrives; nothing was changed."""
+
+    http_status = 413
+    code = "body-too-large"
+
+
+class BodyTimeout(CorralError):
+    """A request body that stopped arriving: the connection is closed rather than held."""
+
+    http_status = 408
+    code = "body-timeout"
+
+
+class TooManyRequests(CorralError):
+    """A caller over its share of long-lived requests (waits, streams, consoles)."""
+
+    http_status = 429
+    code = "too-many-requests"
+
+
 ERRORS_BY_CODE: dict[str, type[CorralError]] = {
     cls.code: cls
     for cls in (
@@ -132,6 +153,9 @@ ERRORS_BY_CODE: dict[str, type[CorralError]] = {
         GuestAgentError,
         JobFailed,
         Timeout,
+        BodyTooLarge,
+        BodyTimeout,
+        TooManyRequests,
     )
 }
 

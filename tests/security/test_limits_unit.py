@@ -22,6 +22,7 @@ from corral.api.auth import LOCAL
 from corral.cluster import identity
 from corral.cluster.identity import Role
 from corral.config import Settings
+from corral.errors import TooManyRequests
 from corral.store.db import Notifier, Store
 from corral.store.models import VM, AuditEntry
 
@@ -191,7 +192,7 @@ def test_caller_slots_cap_each_token_and_never_the_local_root(bench) -> None:  #
         return HTTPConnection(scope)
 
     first, second = slots.take(connection(), "job wait"), slots.take(connection(), "job wait")
-    with pytest.raises(limits.TooManyRequests, match="at most 2"):
+    with pytest.raises(TooManyRequests, match="at most 2"):
         slots.take(connection(), "job wait")
     slots.take(connection(), "console")()  # another kind has its own count
     for _ in range(5):

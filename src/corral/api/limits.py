@@ -28,32 +28,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from corral.api.audit import PROBLEM as AUDIT_PROBLEM
 from corral.api.auth import LOCAL, PUBLIC, principal
 from corral.config import Settings
-from corral.errors import CorralError
+from corral.errors import BodyTimeout, BodyTooLarge, CorralError, TooManyRequests
 from corral.spec.sizes import format_size
 
 PROBLEM_TYPE = "application/problem+json"
 UPLOAD_PREFIX = "/uploads"
-
-
-class BodyTooLarge(CorralError):
-    """A request body over its route's limit: refused before (or while) it arrives; nothing was changed."""
-
-    http_status = 413
-    code = "body-too-large"
-
-
-class BodyTimeout(CorralError):
-    """A request body that stopped arriving: the connection is closed rather than held."""
-
-    http_status = 408
-    code = "body-timeout"
-
-
-class TooManyRequests(CorralError):
-    """A caller over its share of long-lived requests (waits, streams, consoles)."""
-
-    http_status = 429
-    code = "too-many-requests"
 
 
 @dataclass(frozen=True)
@@ -103,6 +82,13 @@ class RequestLimits:
         await _problem_response(error)(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and not scope.get(LOCAL):
+            try:
+                await asyncio.to_thread(principal, HTTPConnection(scope))
+            except CorralError:
+                # Closing before accepting answers the handshake with 403: no upgrade without a valid token.
+                await send({"type": "websocket.close", "code": 1008})
+                return
         if scope["type"] != "http" or scope.get(LOCAL):
             await self.app(scope, receive, send)
             return

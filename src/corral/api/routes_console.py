@@ -20,11 +20,11 @@ from fastapi.responses import StreamingResponse
 
 from corral.api.auth import PROJECT_QUERY, Caller, resolve, viewer
 from corral.api.disclosure import tell
-from corral.api.limits import HeldStream, TooManyRequests, slots
+from corral.api.limits import HeldStream, slots
 from corral.api.state import AppState, app_state
 from corral.cluster import vms
 from corral.cluster.identity import Role
-from corral.errors import Conflict, CorralError
+from corral.errors import Conflict, CorralError, TooManyRequests
 
 router = APIRouter(prefix="/vms", tags=["console"])
 log = logging.getLogger("corral.api")

@@ -6,15 +6,28 @@ import contextlib
 import json
 import os
 import select
+import ssl
 import sys
 import termios
 import time
 import tty
+from urllib.parse import urlencode
 
 from corral.errors import Conflict, DaemonNotRunning
 
 DETACH = b"\x1d"  # Ctrl-]
 PIPE_IDLE_EXIT = 1.5  # seconds of guest silence after piped input ends
+
+
+def _tls_context(verify: object) -> ssl.SSLContext:
+    """The client's choice as an SSL context: a pinned certificate's context, no verification, or the system CAs."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    context = ssl.create_default_context()
+    if verify is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _connect(name: str):  # type: ignore[no-untyped-def]
@@ -26,8 +39,12 @@ def _connect(name: str):  # type: ignore[no-untyped-def]
     path = f"/vms/{name}/console"
     try:
         if corral.url:
+            # The same token, project and certificate trust as every other request of this client.
             base = corral.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/")
-            return connect(base + path)
+            query = f"?{urlencode({'project': corral.project})}" if corral.project else ""
+            headers = {"Authorization": f"Bearer {corral.token}"} if corral.token else {}
+            return connect(base + path + query, additional_headers=headers, ssl=_tls_context(corral.tls_verify)
+                           if base.startswith("wss://") else None)  # fmt: skip
         return unix_connect(str(corral.socket_path), f"ws://corral{path}")
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise DaemonNotRunning("the corral daemon is not running", "start it with `corral serve`") from exc

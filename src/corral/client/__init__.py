@@ -18,7 +18,15 @@ from typing import Any
 
 import httpx
 
-from corral.errors import CorralError, DaemonNotRunning, JobFailed, Timeout, Unauthorized, error_from_problem
+from corral.errors import (
+    CorralError,
+    DaemonNotRunning,
+    JobFailed,
+    Timeout,
+    TooManyRequests,
+    Unauthorized,
+    error_from_problem,
+)
 from corral.paths import default_home
 
 Progress = Callable[[dict[str, Any]], None]
@@ -68,12 +76,14 @@ class Client:
         insecure = _truthy(os.environ.get("CORRAL_INSECURE")) if insecure is None else insecure
         headers = {"Authorization": f"Bearer {self.token}"} if self.token and self.url else {}
         params = {"project": self.project} if self.project else {}
+        self.tls_verify: bool | object = True
         if self.url:
             verify: bool | object = True
             if insecure:
                 verify = False
             elif remote is not None and remote.get("certificate"):
                 verify = remotes.pinned_context(remote["certificate"])
+            self.tls_verify = verify  # what the websocket console trusts too
             self._http = httpx.Client(
                 base_url=self.url, timeout=timeout, headers=headers, params=params, verify=verify  # type: ignore[arg-type]
             )
@@ -204,9 +214,14 @@ class Client:
                     f"follow it with `corral job wait {job_id[:12]}`",
                 )
             wait = 20.0 if deadline is None else max(0.0, min(20.0, deadline - time.monotonic()))
-            job = self.request(
-                "GET", f"/jobs/{job_id}", params={"wait": wait, "version": job["version"]}, timeout=wait + 10
-            )
+            try:
+                job = self.request(
+                    "GET", f"/jobs/{job_id}", params={"wait": wait, "version": job["version"]}, timeout=wait + 10
+                )
+            except TooManyRequests:
+                # This token already holds its share of long polls (many commands at once): poll plainly.
+                time.sleep(min(1.0, wait))
+                job = self.job(job_id)
         if raise_on_failure and job["state"] != "succeeded":
             error = error_from_problem(
                 {
@@ -317,6 +332,25 @@ class Client:
     def restore_backup(self, vm: str, name: str, as_name: str | None = None) -> dict[str, Any]:
         """Into a new VM (``as_name``), or over ``vm`` when it is stopped (or anew when it no longer exists)."""
         return self.request("POST", f"/vms/{vm}/backups/{name}/restore", json={"as_name": as_name})
+
+    def verify_backup(self, vm: str, name: str) -> dict[str, Any]:
+        """Read the backup's chain back against its recorded checksums; follow the returned job."""
+        return self.request("POST", f"/vms/{vm}/backups/{name}/verify")
+
+    def backup_schedules(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/backup-schedules")
+
+    def set_backup_schedule(
+        self, vm: str, every: str, keep_last: int = 24, keep_daily: int = 7, keep_weekly: int = 4,
+        incremental_every: int = 0,
+    ) -> dict[str, Any]:
+        """Make or replace a VM's backup schedule (``every``: 30s, 15m, 1h, 1d, 1w or seconds)."""
+        return self.request("PUT", f"/vms/{vm}/backup-schedule", json={
+            "every": every, "keep_last": keep_last, "keep_daily": keep_daily, "keep_weekly": keep_weekly,
+            "incremental_every": incremental_every})
+
+    def remove_backup_schedule(self, vm: str) -> None:
+        self.request("DELETE", f"/vms/{vm}/backup-schedule")
 
     def export_vm(self, vm: str, file: str | None = None, compress: bool = False) -> dict[str, Any]:
         """Write spec and flattened disks to a tar: at ``file``, an absolute path on the server host (the local

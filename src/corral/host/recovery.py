@@ -105,3 +105,28 @@ def settle_unrun(agent: Agent, wanting: set[str]) -> dict[str, list[str]]:
         for name in names:
             log.warning("VM %s wanted to run but had no QEMU after an agent restart: %s", name, what)
     return outcome
+
+
+def settle_unstopped(agent: Agent, interrupted: list[Job]) -> dict[str, list[str]]:
+    """VMs adopted running although their desired state is stopped (a stop or delete died with the agent after
+    the intent was recorded): the interrupted delete is submitted again, or a stop with the interrupted job's
+    options, so the VM ends as asked instead of running against its desired state."""
+    by_vm = {job.target_id: job for job in interrupted if job.target_kind == "vm" and job.target_id}
+    outcome: dict[str, list[str]] = {"stopping": [], "deleting": []}
+    with agent.store.session() as session:
+        for vm_id in sorted(agent.vms):
+            vm = session.get(VM, vm_id)
+            if vm is None or vm.desired_state != PowerState.STOPPED or jobs.active_for(session, "vm", vm_id):
+                continue
+            earlier = by_vm.get(vm_id)
+            if earlier is not None and earlier.kind == JobKind.VM_DELETE:
+                kind, params, what = JobKind.VM_DELETE, dict(earlier.params or {}), "deleting"
+            else:
+                stop_params = earlier.params if earlier is not None and earlier.kind == JobKind.VM_STOP else None
+                kind, params, what = JobKind.VM_STOP, dict(stop_params or {"force": False}), "stopping"
+            jobs.submit(session, kind, "vm", vm.name, target_id=vm.id, host=agent.host_name, project=vm.project,
+                        params=params)  # fmt: skip
+            vm.status_message = f"{what} again: the agent restarted while it was being done"
+            outcome[what].append(vm.name)
+            log.warning("VM %s runs though it should be stopped (interrupted job): %s it again", vm.name, what)
+    return outcome

@@ -298,9 +298,15 @@ def namespace_pids(netns: str) -> list[int]:
 
 
 def demo_root(home: Path | None = None) -> Path:
+    """The demo's directory: ``cluster-demo`` under the home, or the demo itself when the home is one of its
+    hosts' (after `eval "$(make -s cluster-demo)"`, CORRAL_HOME is the control plane's home inside it)."""
     from corral.paths import default_home
 
-    return Path(home or os.environ.get("CORRAL_HOME") or default_home()).absolute() / "cluster-demo"
+    base = Path(home or os.environ.get("CORRAL_HOME") or default_home()).absolute()
+    for candidate in (base, base.parent):
+        if candidate.name == "cluster-demo" and (candidate / "state.json").exists():
+            return candidate
+    return base / "cluster-demo"
 
 
 def demo_tag(root: Path) -> str:

@@ -88,8 +88,11 @@ def test_demo_pool_comes_up_moves_a_vm_and_goes_away_completely(demo_home: Path)
     agents = [pid for netns in namespaces for pid in namespace_pids(netns)]
     assert agents, "agents and QEMU run inside the namespaces"
 
-    down = _make("cluster-down", demo_home, timeout=180)
-    assert down.returncode == 0, down.stderr
+    # As the README says, in the same shell: CORRAL_HOME now names the control plane's home inside the demo.
+    assert env["CORRAL_HOME"] != str(demo_home)
+    down = subprocess.run(["make", "-s", "cluster-down"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert down.returncode == 0 and "is gone" in down.stderr, down.stderr
     assert not pids_mentioning(root), [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids_mentioning(root)]
     assert not any(alive(pid) for pid in agents), "every process in the namespaces ended"
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout

@@ -62,8 +62,16 @@ class Settings(BaseModel):
     database: str | None = None
     # Placement weights: spread VMs over the least allocated hosts, or pack them onto the fullest that fit.
     placement_strategy: Literal["spread", "pack"] = "spread"
+    # Power commands for hosts put in standby by consolidation and woken for placement (an IPMI or wake-on-LAN
+    # hook), run by the control plane with the host's name and address as arguments (docs/optimization.md).
+    standby_command: str | None = None
+    wake_command: str | None = None
     # Seconds without a heartbeat after which a host is marked unreachable (agents beat every third of it, <= 10 s).
     host_timeout: float = Field(default=60.0, ge=3)
+    # HA leases (PostgreSQL pools, docs/ha.md): an agent's lease lasts this long on the database clock and is renewed
+    # every fifth of it; the agent fences itself (kills its HA VMs) when it could not renew for 80 % of it, and the
+    # control plane takes the host over only after expiry plus half of it.
+    lease_time: float = Field(default=10.0, ge=2, le=600)
     # Make the "default" NAT network (a bridge, dnsmasq, nftables rules) on first start.
     default_network: bool = True
     # Imports by remote callers: a directory whose <project>/ subdirectories hold files an administrator put there
@@ -78,6 +86,19 @@ class Settings(BaseModel):
     # Host bridges project admins may join with bridge-mode networks; cluster admins may name any host bridge.
     # corral's own bridges are never uplinks, whatever this says.
     bridge_uplinks: list[str] = Field(default_factory=list)
+    # Where backups are written (docs/backups.md): None keeps them in CORRAL_HOME/backups. Any directory works, an
+    # NFS mount for one, so that another host mounting it can restore them when this one is gone.
+    backup_dir: Path | None = None
+    # The shortest interval a backup schedule may have: an hour-scale default keeps a typo from filling the disk;
+    # tests lower it to seconds.
+    backup_min_interval: float = Field(default=60.0, gt=0)
+
+    @field_validator("backup_dir")
+    @classmethod
+    def _absolute_backup_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("give an absolute path, e.g. /mnt/backups")
+        return value
 
     @field_validator("port_forward_range")
     @classmethod
@@ -117,8 +138,11 @@ _ENV = {
     "CORRAL_DB": "database",
     "CORRAL_PLACEMENT": "placement_strategy",
     "CORRAL_HOST_TIMEOUT": "host_timeout",
+    "CORRAL_LEASE_TIME": "lease_time",
     "CORRAL_DEFAULT_NETWORK": "default_network",
     "CORRAL_PORT_FORWARD_RANGE": "port_forward_range",
+    "CORRAL_BACKUP_DIR": "backup_dir",
+    "CORRAL_BACKUP_MIN_INTERVAL": "backup_min_interval",
 }
 
 

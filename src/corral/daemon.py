@@ -123,12 +123,14 @@ def _ensure_default_network(settings: Settings, store: Any) -> None:
 
 
 class HostWatch:
-    """The control plane's liveness check: hosts whose heartbeat stopped are marked unreachable. Every control
-    plane of a pool runs one; the update is idempotent, so several do no harm."""
+    """The control plane's liveness check: hosts whose heartbeat stopped are marked unreachable, and on PostgreSQL
+    hosts whose lease expired are taken over and their HA VMs restarted elsewhere (corral.cluster.ha). Every
+    control plane of a pool runs one; both steps lock or re-check what they change, so several do no harm."""
 
-    def __init__(self, store: Store, interval: float) -> None:
+    def __init__(self, store: Store, interval: float, lease_time: float = 10.0) -> None:
         self.store = store
         self.interval = interval
+        self.lease_time = lease_time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="corral-hostwatch", daemon=True)
 
@@ -136,7 +138,7 @@ class HostWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        from corral.cluster import hosts
+        from corral.cluster import ha, hosts
 
         while not self._stop.wait(self.interval):
             try:
@@ -144,6 +146,9 @@ class HostWatch:
                     marked = hosts.mark_unreachable(session)
                 if marked:
                     log.warning("%d host(s) stopped sending heartbeats: marked unreachable", marked)
+                if self.store.shared:
+                    with self.store.session() as session:
+                        ha.watch(session, self.lease_time)
             except Exception as exc:  # the store may be restarting; the next pass tries again
                 log.warning("host check failed: %s", exc)
 
@@ -196,6 +201,7 @@ def serve(
     ``with_agent`` (the default) also runs this host's agent, so one command gives a working single host; a pool's
     control plane on a machine that runs no VMs passes False (``corral serve --no-agent``)."""
     from corral.api.app import create_app
+    from corral.cluster.backup_schedules import ScheduleRunner
     from corral.host.agent import Agent
     from corral.store.db import Store
 
@@ -206,6 +212,7 @@ def serve(
     sockets: list[socket.socket] = []
     agent: Agent | None = None
     watch: HostWatch | None = None
+    schedules: ScheduleRunner | None = None
     try:
         store.migrate()
         tls = None
@@ -221,8 +228,12 @@ def serve(
             agent.start_in_thread()
             _ensure_default_network(settings, store)
         app = create_app(settings, store)
-        watch = HostWatch(store, max(1.0, settings.host_timeout / 4))
+        # At least once a second on a pool: HA takes a host over within a second of its lease's margin.
+        interval = max(1.0, settings.host_timeout / 4)
+        watch = HostWatch(store, 1.0 if store.shared else interval, settings.lease_time)
         watch.start()
+        schedules = ScheduleRunner(store)  # every control plane runs one; a store claim makes one fire each
+        schedules.start()
         print(
             f"corral: serving on {settings.socket_path}" + (f" and https://{listen}" if listen else ""),
             file=sys.stderr,
@@ -237,6 +248,8 @@ def serve(
 
         serving.run(app, sockets[0], sockets[1] if listen else None, tls, log_level)
     finally:
+        if schedules is not None:
+            schedules.stop()
         if watch is not None:
             watch.stop()
         if agent is not None:

@@ -106,7 +106,7 @@ def test_names_that_would_collide_or_escape_after_normalisation_are_refused(
         with tenants.https("pb-admin") as client:
             answer = client.post("/vms/src/clone", json={"name": name})
         assert answer.status_code in (400, 404, 422), answer.text
-        assert words in answer.text.lower()
+        assert words in answer.text.lower(), answer.text
         assert str(tenants.daemon.home) not in answer.text, "no host path in a refusal"
         assert pool_entries(tenants) == before, "a refused clone changes no file"
     finally:

@@ -148,6 +148,10 @@ def test_two_homes_get_distinct_slots_and_stale_claims_are_taken_over(tmp_path: 
     slot_b, _ = b.claim("vm9", None, {})
     assert slot_b != slot_a, "another installation never gets a claimed uid"
     assert a.claim("vm1", slot_a, {"vm1": slot_a}) == (slot_a, False), "a VM keeps its own claim"
+    # The same VM moving to b (agents of one machine sharing a store) keeps its uid; the claim is b's now.
+    assert b.claim("vm1", slot_a, {"vm1": slot_a}) == (slot_a, False)
+    assert a.release("vm1") == [], "a's release after the move leaves b's claim"
+    assert a.claim("vm1", slot_a, {"vm1": slot_a}) == (slot_a, False)  # and back again
     # b's store was restored with a's slot: b's VM is moved to a free slot, a's claim stays.
     moved, fresh = b.claim("vm8", slot_a, {"vm8": slot_a, "vm9": slot_b})
     assert moved not in (slot_a, slot_b) and fresh

@@ -22,6 +22,7 @@ from corral.api import (
     routes_jobs,
     routes_migrations,
     routes_networks,
+    routes_pool,
     routes_resize,
     routes_snapshots,
     routes_storage,
@@ -127,6 +128,10 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(routes_events.router)
     app.include_router(routes_networks.router)
     app.include_router(routes_resize.router)
+    app.include_router(routes_pool.router)
+    from corral.cluster import plans
+
+    plans.configure(settings.standby_command, settings.wake_command)
 
     @app.get("/health", tags=["host"])
     def health() -> dict[str, str]:

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from corral.cluster import placement
 from corral.spec.vm import VMSpec
 from corral.store.db import Store
-from corral.store.models import VM, Host, Job
+from corral.store.models import VM, Backup, Host, Job
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -34,6 +34,7 @@ class StoreCollector(Collector):
             yield from self._vms(session)
             yield from self._hosts(session)
             yield from self._jobs(session)
+            yield from self._backups(session)
 
     def _vms(self, session):  # type: ignore[no-untyped-def]
         info = GaugeMetricFamily("corral_vm_info", "A VM and its state (always 1).",
@@ -121,6 +122,35 @@ class StoreCollector(Collector):
         for kind, total in totals.items():
             duration.add_metric([kind], total)
         yield from (jobs, duration)
+
+
+    def _backups(self, session):  # type: ignore[no-untyped-def]
+        """Per VM: when its newest backup was taken and last verified good, and how many were found corrupt, so
+        an alert can fire on a schedule that stopped or a backup that rots."""
+        labels = ["vm", "project"]
+        last = GaugeMetricFamily("corral_backup_last_timestamp_seconds", "When the VM's newest backup was taken.",
+                                 labels=labels)
+        verified = GaugeMetricFamily("corral_backup_last_verified_timestamp_seconds",
+                                     "When a backup of the VM was last verified good.", labels=labels)
+        corrupt = GaugeMetricFamily("corral_backups_corrupt", "The VM's backups whose last verify found them corrupt.",
+                                    labels=labels)
+        newest: dict[tuple[str, str], float] = {}
+        good: dict[tuple[str, str], float] = {}
+        bad: dict[tuple[str, str], int] = {}
+        rows = session.execute(select(Backup.vm_name, Backup.project, Backup.created_at, Backup.verify_state,
+                                      Backup.verified_at).where(Backup.state == "ready")).all()
+        for vm_name, project, created, state, checked in rows:
+            key = (vm_name, project)
+            newest[key] = max(newest.get(key, 0.0), created.timestamp())
+            bad[key] = bad.get(key, 0) + (state == "corrupt")
+            if state == "ok" and checked is not None:
+                good[key] = max(good.get(key, 0.0), checked.timestamp())
+        for key, value in newest.items():
+            last.add_metric(list(key), value)
+            corrupt.add_metric(list(key), bad[key])
+        for key, value in good.items():
+            verified.add_metric(list(key), value)
+        yield from (last, verified, corrupt)
 
 
 def _seconds(start: datetime, end: datetime) -> float:

@@ -1,4 +1,4 @@
-"""Backup routes (create, list, show, delete, restore) and VM export / import, each a job."""
+"""Backup routes (create, list, show, delete, restore, verify, schedules) and VM export / import, each a job."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from corral.api.auth import Caller, operator, viewer
 from corral.api.routes_uploads import origin_of
 from corral.api.state import AppState, app_state, db_session
 from corral.api.views import Accepted, JobView
-from corral.cluster import backups
+from corral.cluster import backup_schedules, backups
 from corral.errors import NotFound
 from corral.spec.sources import TRANSFER_ID, expire, exports_dir
-from corral.store.models import Backup
+from corral.store.models import Backup, BackupSchedule
 
 router = APIRouter(tags=["backups"])
 ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
@@ -73,6 +73,11 @@ class BackupView(BaseModel):
     disks: list[dict[str, Any]]
     created_at: datetime
     spec: dict[str, Any] | None = None
+    scheduled: bool = False
+    verify_state: str | None = Field(default=None, description="ok or corrupt; None: never verified")
+    verified_at: datetime | None = None
+    verify_error: str | None = None
+    backup_store: str | None = Field(default=None, description="identity of the backup directory it is in")
 
     @classmethod
     def of(cls, session: Session, row: Backup, detail: bool = False) -> BackupView:
@@ -89,7 +94,40 @@ class BackupView(BaseModel):
             disks=row.disks,
             created_at=row.created_at,
             spec=row.spec if detail else None,
+            scheduled=row.schedule_id is not None,
+            verify_state=row.verify_state,
+            verified_at=row.verified_at,
+            verify_error=row.verify_error,
+            backup_store=row.backup_store,
         )
+
+
+class ScheduleSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    every: str = Field(max_length=32, description="interval: 30s, 15m, 1h, 1d, 1w or plain seconds")
+    keep_last: int = Field(default=24, ge=0, le=backup_schedules.MAX_KEEP)
+    keep_daily: int = Field(default=7, ge=0, le=backup_schedules.MAX_KEEP)
+    keep_weekly: int = Field(default=4, ge=0, le=backup_schedules.MAX_KEEP)
+    incremental_every: int = Field(default=0, ge=0, le=backup_schedules.MAX_KEEP,
+                                   description="incremental backups after each full one (0: every backup full)")
+
+
+class ScheduleView(BaseModel):
+    vm: str
+    every: float
+    keep_last: int
+    keep_daily: int
+    keep_weekly: int
+    incremental_every: int
+    next_at: datetime
+    last_at: datetime | None
+    last_error: str | None
+
+    @classmethod
+    def of(cls, row: BackupSchedule) -> ScheduleView:
+        return cls(vm=row.vm_name, every=row.every, keep_last=row.keep_last, keep_daily=row.keep_daily,
+                   keep_weekly=row.keep_weekly, incremental_every=row.incremental_every, next_at=row.next_at,
+                   last_at=row.last_at, last_error=row.last_error)
 
 
 @router.get("/backups", response_model=list[BackupView])
@@ -134,6 +172,42 @@ def restore_backup(
     with state.store.session() as session:
         as_name = (request or BackupRestore()).as_name
         return Accepted(job=JobView.of(backups.restore(session, vm_name, name, as_name, caller.project)))
+
+
+@router.post("/vms/{vm_name}/backups/{name}/verify", **ACCEPTED)
+def verify_backup(
+    vm_name: str, name: str, caller: Caller = Depends(operator), state: AppState = Depends(app_state)
+) -> Accepted:
+    """Read the backup's chain back against its recorded checksums; the outcome is stored on the backup."""
+    with state.store.session() as session:
+        return Accepted(job=JobView.of(backup_schedules.verify(session, vm_name, name, caller.project)))
+
+
+@router.get("/backup-schedules", response_model=list[ScheduleView])
+def list_schedules(caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> list[ScheduleView]:
+    return [ScheduleView.of(row) for row in backup_schedules.list_schedules(session, caller.project)]
+
+
+@router.put("/vms/{vm_name}/backup-schedule", response_model=ScheduleView)
+def set_schedule(
+    vm_name: str, request: ScheduleSet, caller: Caller = Depends(operator), state: AppState = Depends(app_state)
+) -> ScheduleView:
+    """Make or replace the VM's schedule; its first backup is due one interval from now."""
+    with state.store.session() as session:
+        row = backup_schedules.set_schedule(
+            session, vm_name, request.every, request.keep_last, request.keep_daily, request.keep_weekly,
+            request.incremental_every, caller.project, state.settings.backup_min_interval,
+        )
+        return ScheduleView.of(row)
+
+
+@router.delete("/vms/{vm_name}/backup-schedule", status_code=status.HTTP_204_NO_CONTENT)
+def remove_schedule(
+    vm_name: str, caller: Caller = Depends(operator), state: AppState = Depends(app_state)
+) -> None:
+    """The schedule goes; the backups it made stay."""
+    with state.store.session() as session:
+        backup_schedules.remove_schedule(session, vm_name, caller.project)
 
 
 @router.post("/vms/{vm_name}/export", **ACCEPTED)

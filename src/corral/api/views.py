@@ -202,12 +202,16 @@ class HostView(BaseModel):
     storage_overcommit: float = 1.0
     address: str | None = None
     drained: bool = False
+    standby: bool = False  # emptied by consolidation: no placements until woken (docs/optimization.md)
     usage: dict[str, Any] = {}
     allocated_storage: int = 0
     allocated_cpus: int = 0
     allocated_memory: int = 0
     vms: int = 0
     heartbeat_at: datetime
+    # HA (docs/ha.md): the lease's expiry on the database clock (None: holds none) and the takeover epoch.
+    lease_expires_at: datetime | None = None
+    epoch: int = 0
 
     @classmethod
     def of(cls, host: Host, **allocation: int) -> HostView:

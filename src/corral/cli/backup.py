@@ -50,9 +50,9 @@ def list_backups(vm: str = typer.Argument(None, help="Only this VM's backups."),
         elif not rows:
             print(f"VM {vm} has no backups" if vm else "no backups")
         else:
-            table(["VM", "NAME", "KIND", "BASED ON", "SIZE", "STATE", "CREATED"],
+            table(["VM", "NAME", "KIND", "BASED ON", "SIZE", "STATE", "CREATED", "VERIFIED"],
                   [(r["vm"], r["name"], r["kind"] + (" (live)" if r["live"] else ""), r["parent"] or "-",
-                    human_size(r["size"]), r["state"], r["created_at"][:19]) for r in rows])
+                    human_size(r["size"]), r["state"], r["created_at"][:19], _verified(r)) for r in rows])
 
     run(action)
 
@@ -69,13 +69,137 @@ def show(vm: str, name: str, as_json: bool = JSON_OPTION) -> None:
             return
         print(f"backup {row['name']} of {row['vm']}: {row['kind']}, {row['state']}, {human_size(row['size'])}")
         print(f"  chain: {' -> '.join(row['chain'])}")
-        print(f"  taken: {row['created_at'][:19]} ({'live' if row['live'] else 'offline'})")
+        print(f"  taken: {row['created_at'][:19]} ({'live' if row['live'] else 'offline'}"
+              f"{', by its schedule' if row.get('scheduled') else ''})")
+        print(f"  verified: {_verified(row)}" + (f": {row['verify_error']}" if row.get("verify_error") else ""))
         spec = row.get("spec") or {}
         print(f"  spec: {spec.get('cpus')} vCPUs, {human_size(spec.get('memory'))}, image {spec.get('image')}")
         for disk in row["disks"]:
             print(f"  disk{disk['index']}: {human_size(disk['size'])}, {human_size(disk['written'])} in this backup")
 
     run(action)
+
+
+def _verified(row: dict[str, Any]) -> str:
+    """``ok 2025-01-01T12:00:00``, ``CORRUPT ...`` or ``never``."""
+    state = row.get("verify_state")
+    if state is None:
+        return "never"
+    return f"{'ok' if state == 'ok' else state.upper()} {(row.get('verified_at') or '')[:19]}"
+
+
+@app.command()
+def verify(
+    vm: str,
+    name: str,
+    boot: bool = typer.Option(False, "--boot", help="Then restore it into a scratch VM, start it until its guest "
+                              "agent answers, and delete the scratch VM."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Read a backup's whole chain back: each file against the SHA-256 recorded when it was made, qemu-img check,
+    and every block of every disk. The outcome is kept and shown by `backup list/show`; corrupt exits 1."""
+
+    def action() -> None:
+        with client() as corral:
+            job = follow_job(corral, corral.verify_backup(vm, name), f"verify {name}", quiet=as_json)
+            assert job is not None
+            if boot:
+                job["result"]["boot"] = _boot_test(corral, vm, name, as_json)
+        if as_json:
+            print_json(job)
+            return
+        result = job["result"]
+        print(f"backup {name} of {vm} is ok: {len(result['chain'])} backup(s) read back, "
+              f"{human_size(result['bytes'])} checked against their checksums")
+        if boot:
+            print(f"  restored into scratch VM {result['boot']['vm']}, whose guest agent answered after "
+                  f"{result['boot']['seconds']:.1f} s; the scratch VM is deleted")
+        if result["unrecorded"]:
+            print(f"  no checksum was recorded for {', '.join(result['unrecorded'])} (made before corral recorded "
+                  "them): read back and checked, not compared")
+
+    run(action)
+
+
+@app.command()
+def schedule(
+    what: str = typer.Argument(..., metavar="VM | list | rm VM | set VM",
+                               help="A VM to schedule (or `set VM`), `list`, or `rm VM`."),
+    vm: str = typer.Argument(None, help="The VM, after `rm` or `set`."),
+    every: str = typer.Option(None, "--every", help="Interval: 30s, 15m, 1h, 1d, 1w."),
+    keep_last: int = typer.Option(24, "--keep-last", help="Keep the N newest scheduled backups."),
+    keep_daily: int = typer.Option(7, "--keep-daily", help="Keep the newest of each of the last N days."),
+    keep_weekly: int = typer.Option(4, "--keep-weekly", help="Keep the newest of each of the last N weeks."),
+    incremental_every: int = typer.Option(0, "--incremental-every",
+                                          help="N incremental backups after each full one (0: all full)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Back a VM up periodically and prune by retention (never a backup others build on). The control plane
+    fires it; `backup schedule list` shows when next, `backup schedule rm VM` ends it (its backups stay)."""
+
+    def action() -> None:
+        with client() as corral:
+            if what == "list" and vm is None:
+                rows = corral.backup_schedules()
+                if as_json:
+                    print_json(rows)
+                elif not rows:
+                    print("no backup schedules")
+                else:
+                    table(["VM", "EVERY", "KEEP LAST/DAILY/WEEKLY", "INCREMENTALS", "NEXT", "LAST", "ERROR"],
+                          [(r["vm"], _seconds(r["every"]), f"{r['keep_last']}/{r['keep_daily']}/{r['keep_weekly']}",
+                            str(r["incremental_every"]), r["next_at"][:19], (r["last_at"] or "-")[:19],
+                            r["last_error"] or "-") for r in rows])
+                return
+            if what == "rm":
+                if vm is None:
+                    raise InvalidInput("`backup schedule rm` needs the VM", "write `corral backup schedule rm VM`")
+                corral.remove_backup_schedule(vm)
+                print_json({"vm": vm, "removed": True}) if as_json else print(
+                    f"removed the backup schedule of {vm} (its backups stay)")
+                return
+            target = vm if what == "set" else what
+            if vm is not None and what != "set":
+                raise InvalidInput(f"unexpected argument {vm!r}", "write `corral backup schedule VM --every 1h`")
+            if target is None or every is None:
+                raise InvalidInput("a schedule needs the VM and --every",
+                                   "write `corral backup schedule VM --every 1h`")
+            row = corral.set_backup_schedule(target, every, keep_last, keep_daily, keep_weekly, incremental_every)
+            if as_json:
+                print_json(row)
+            else:
+                print(f"backing up {target} every {_seconds(row['every'])}, keeping the last {row['keep_last']}, "
+                      f"{row['keep_daily']} daily, {row['keep_weekly']} weekly; next at {row['next_at'][:19]}")
+
+    run(action)
+
+
+def _boot_test(corral: Any, vm: str, name: str, quiet: bool) -> dict[str, Any]:
+    """The restore test: the backup made into a new VM (its own name, MACs and machine id), started until its
+    guest agent answers, then deleted whatever happened. Any failure fails the command."""
+    import contextlib
+    import secrets
+    import time
+
+    from corral.errors import CorralError
+
+    scratch = f"verify-{secrets.token_hex(4)}"
+    started = time.monotonic()
+    try:
+        follow_job(corral, corral.restore_backup(vm, name, scratch), f"restore into {scratch}", quiet=quiet)
+        follow_job(corral, corral.start_vm(scratch, wait=True, ready_timeout=120), f"boot {scratch}", quiet=quiet,
+                   timeout=180)
+        return {"vm": scratch, "ok": True, "seconds": time.monotonic() - started}
+    finally:
+        with contextlib.suppress(CorralError):
+            follow_job(corral, corral.delete_vm(scratch, force=True), f"delete {scratch}", quiet=True)
+
+
+def _seconds(value: float) -> str:
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{int(value // size)}{unit}"
+    return f"{value:g}s"
 
 
 @app.command()

@@ -13,7 +13,7 @@ app = typer.Typer(help="Hosts and their capacity (cluster-wide roles only).", no
 
 
 def _state(host: dict[str, Any]) -> str:
-    return host["state"] + (" (drained)" if host.get("drained") else "")
+    return host["state"] + (" (drained)" if host.get("drained") else "") + (" (standby)" if host.get("standby") else "")
 
 
 @app.command("list")
@@ -63,6 +63,8 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
             ("state", _state(h)),
             ("address", h.get("address") or "-"),
             ("heartbeat", h["heartbeat_at"]),
+            ("ha lease", f"until {h['lease_expires_at']} (epoch {h.get('epoch', 0)})" if h.get("lease_expires_at")
+             else f"none (epoch {h.get('epoch', 0)})"),
             ("accelerator", h["accel"]),
             ("qemu", h["qemu_version"] or "missing"),
             (

@@ -34,13 +34,16 @@ def set_vm(
     cpu_weight: int = typer.Option(None, "--cpu-weight", help="CPU share under contention, 1-10000 (live)."),
     max_memory: str = typer.Option(None, "--max-memory", help="Ceiling for live memory growth (next start)."),
     max_cpus: int = typer.Option(None, "--max-cpus", help="Ceiling for live vCPU growth (next start)."),
+    ha: bool = typer.Option(None, "--ha/--no-ha", help="Restart it elsewhere when its host dies (docs/ha.md)."),
+    ha_priority: int = typer.Option(None, "--ha-priority", help="Higher restarts first (-1000..1000)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Change a VM's memory, CPUs or CPU limits; a running VM follows live where it can (docs/resize.md)."""
+    """Change a VM's memory, CPUs, CPU limits or HA; a running VM follows live where it can (docs/resize.md)."""
     changes = {"memory": memory, "cpus": cpus, "cpu_limit": cpu_limit, "cpu_weight": cpu_weight,
-               "max_memory": max_memory, "max_cpus": max_cpus}
+               "max_memory": max_memory, "max_cpus": max_cpus, "ha": ha, "ha_priority": ha_priority}
     if all(value is None for value in changes.values()):
-        fail("nothing to change", "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory or --max-cpus", 2)
+        fail("nothing to change", "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, --max-cpus or "
+             "--ha/--no-ha", 2)
 
     def action() -> None:
         with client() as corral:

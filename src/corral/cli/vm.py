@@ -35,6 +35,8 @@ DISK_WRITE_BPS = typer.Option(None, "--disk-write-bps", help="Disk write bandwid
 DISK_IOPS = typer.Option(None, "--disk-iops", help="Disk operations per second limit.")
 MAX_MEMORY = typer.Option(None, "--max-memory", help="Memory `vm set` may grow to live, e.g. 1G (default: --memory).")
 MAX_CPUS = typer.Option(None, "--max-cpus", help="vCPUs `vm set` may grow to live (default: --cpus).")
+HA = typer.Option(False, "--ha", help="Restart it on another host when its host dies (pools; docs/ha.md).")
+HA_PRIORITY = typer.Option(0, "--ha-priority", help="With --ha: higher restarts first (-1000..1000).")
 
 
 def parse_nic(text: str) -> dict[str, Any]:
@@ -99,6 +101,12 @@ def _spec(
         "user_data": _read_text(user_data, "user-data file") if user_data else None,
         "password_login": password_login,
     }
+
+
+def _ha(ha: bool, priority: int) -> dict[str, Any]:
+    if priority and not ha:
+        fail("--ha-priority needs --ha", "add --ha, or leave out --ha-priority", 2)
+    return {"ha": True, "ha_priority": priority} if ha else {}
 
 
 def _placement(host: str | None, group: str | None, policy: str | None, accel: str | None) -> dict[str, Any]:
@@ -214,6 +222,8 @@ def create(
     disk_iops: int = DISK_IOPS,
     max_memory: str = MAX_MEMORY,
     max_cpus: int = MAX_CPUS,
+    ha: bool = HA,
+    ha_priority: int = HA_PRIORITY,
     firmware: str = FIRMWARE,
     timeout: float = TIMEOUT,
     on_host: str = ON_HOST,
@@ -227,6 +237,7 @@ def create(
     spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
     spec.update(_extras(nic, cpu_limit, cpu_weight, disk_read_bps, disk_write_bps, disk_iops))
     spec.update({key: value for key, value in (("max_memory", max_memory), ("max_cpus", max_cpus)) if value})
+    spec.update(_ha(ha, ha_priority))
     if firmware is not None:
         spec["firmware"] = firmware
     _create(spec, volume, start, wait and start, as_json, timeout, template, _placement(on_host, group, policy, accel),
@@ -257,6 +268,8 @@ def run_vm(
     disk_iops: int = DISK_IOPS,
     max_memory: str = MAX_MEMORY,
     max_cpus: int = MAX_CPUS,
+    ha: bool = HA,
+    ha_priority: int = HA_PRIORITY,
     firmware: str = FIRMWARE,
     timeout: float = TIMEOUT,
     on_host: str = ON_HOST,
@@ -270,6 +283,7 @@ def run_vm(
     spec = _spec(name, image, cpus, memory, disk, restart, kernel_args, forkable, ssh_key, user_data, password_login)
     spec.update(_extras(nic, cpu_limit, cpu_weight, disk_read_bps, disk_write_bps, disk_iops))
     spec.update({key: value for key, value in (("max_memory", max_memory), ("max_cpus", max_cpus)) if value})
+    spec.update(_ha(ha, ha_priority))
     if firmware is not None:
         spec["firmware"] = firmware
     _create(spec, volume, True, wait, as_json, timeout, template, _placement(on_host, group, policy, accel), dry_run)

@@ -178,6 +178,55 @@ class Client:
     def pool(self) -> dict[str, Any]:
         return self.request("GET", "/pool")
 
+    # -- usage history, plans, standby (docs/optimization.md) ------------------------------------------------
+
+    def vm_stats(self, name: str, since: str | None = None) -> dict[str, Any]:
+        """A VM's usage history: points at the finest tier that covers ``since`` (30m, 1h, 1d), averages, peaks."""
+        return self.request("GET", f"/vms/{name}/stats", params={"since": since} if since else None)
+
+    def host_stats(self, name: str, since: str | None = None) -> dict[str, Any]:
+        return self.request("GET", f"/hosts/{name}/stats", params={"since": since} if since else None)
+
+    def balance_pool(self, threshold: int = 3, apply: bool = False, max_moves: int = 10) -> dict[str, Any]:
+        """A stored balancing plan (``apply``: approved and running already); follow it with :meth:`wait_plan`."""
+        return self.request("POST", "/pool/balance",
+                            json={"threshold": threshold, "apply": apply, "max_moves": max_moves})
+
+    def consolidate_pool(self, apply: bool = False, solver_time_limit: float = 5.0) -> dict[str, Any]:
+        return self.request("POST", "/pool/consolidate", json={"apply": apply, "solver_time_limit": solver_time_limit})
+
+    def plans(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.request("GET", "/pool/plans", params={"limit": limit})
+
+    def plan(self, plan_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/pool/plans/{plan_id}")
+
+    def approve_plan(self, plan_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/pool/plans/{plan_id}/approve")
+
+    def cancel_plan(self, plan_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/pool/plans/{plan_id}/cancel")
+
+    def wait_plan(self, plan_id: str, timeout: float | None = None, interval: float = 1.0,
+                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll a plan until it is no longer approved or running; returns its last view."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            plan = self.plan(plan_id)
+            if on_progress is not None:
+                on_progress(plan)
+            if plan["state"] not in ("approved", "running"):
+                return plan
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"plan {plan_id} is still {plan['state']}", "follow it with `corral pool plan show`")
+            time.sleep(interval)
+
+    def standby_host(self, name: str) -> dict[str, Any]:
+        return self.request("POST", f"/hosts/{name}/standby")
+
+    def wake_host(self, name: str) -> dict[str, Any]:
+        return self.request("POST", f"/hosts/{name}/wake")
+
     def metrics(self) -> str:
         """The Prometheus exposition text of /metrics."""
         return self.request("GET", "/metrics")

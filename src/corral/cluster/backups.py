@@ -22,7 +22,7 @@ from corral.spec.sizes import format_size
 from corral.spec.sources import Origin
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
-from corral.store.models import VM, Backup, Image, Job, Project
+from corral.store.models import VM, Backup, Host, Image, Job, Project
 
 LIVE = (PowerState.RUNNING, PowerState.PAUSED)
 MAX_WAITING_EXPORTS = 4  # exports for download a project may leave on the server at once (each a full copy)
@@ -58,6 +58,19 @@ def chain(session: Session, backup: Backup) -> list[Backup]:
 
 def children(session: Session, backup: Backup) -> list[Backup]:
     return list(session.scalars(select(Backup).where(Backup.parent_id == backup.id).order_by(Backup.created_at)))
+
+
+def reader_host(session: Session, backup: Backup) -> str | None:
+    """Where a job that reads the backup's files runs: the host that wrote it while it is online, else an online
+    host whose backup directory is the same one (a shared ``backup_dir``: the same store id), so a backup on an
+    NFS mount outlives its host. None (the job waits for the writer) when no online host sees it."""
+    online = placement.online_hosts(session)
+    if backup.host is None or any(h.name == backup.host for h in online) or backup.backup_store is None:
+        return backup.host
+    for host in online:
+        if (host.usage or {}).get("backup_store") == backup.backup_store:
+            return host.name
+    return backup.host
 
 
 def _check_disk_quota(session: Session, project: str) -> None:
@@ -110,11 +123,18 @@ def create(
     backup = Backup(
         name=name, project=project, vm_name=vm.name, vm_id=vm.id, host=vm.host, kind=kind,
         parent_id=parent.id if parent else None, live=vm.observed_state in LIVE, spec=dict(vm.spec),
+        backup_store=_store_of(session, vm.host),
     )
     session.add(backup)
     session.flush()
     return jobs.submit(session, JobKind.BACKUP_CREATE, "vm", vm.name, target_id=vm.id, host=vm.host,
                        project=project, params={"backup_id": backup.id, "name": name})
+
+
+def _store_of(session: Session, host_name: str | None) -> str | None:
+    """The backup directory identity the host reports (corral.host.backup_jobs.store_identity)."""
+    host = session.scalars(select(Host).where(Host.name == host_name)).first() if host_name else None
+    return (host.usage or {}).get("backup_store") if host is not None else None
 
 
 def delete(session: Session, vm_name: str, name: str, project: str = "default") -> Job:
@@ -126,7 +146,8 @@ def delete(session: Session, vm_name: str, name: str, project: str = "default") 
                        "delete the newer incremental backups first")
     if backup.state != "ready" or jobs.active_for(session, "backup", backup.id):
         raise Conflict(f"backup {name} of {vm_name} is busy ({backup.state})", "wait for its job to finish")
-    return jobs.submit(session, JobKind.BACKUP_DELETE, "backup", name, target_id=backup.id, host=backup.host,
+    return jobs.submit(session, JobKind.BACKUP_DELETE, "backup", name, target_id=backup.id,
+                       host=reader_host(session, backup),
                        project=project, params={"vm": vm_name})
 
 
@@ -184,7 +205,7 @@ def restore(
     spec = VMSpec.model_validate(backup.spec)
     spec = fresh_identity(spec, target_name) if as_name else spec.model_copy(update={"name": target_name})
     image = _image_present(session, spec, project)
-    host = backup.host or placement.online_hosts(session)[0].name
+    host = reader_host(session, backup) or placement.online_hosts(session)[0].name
     with placement.placement_lock:
         vm = _new_vm_with_disks(session, spec, host, project, sizes, image)
         return jobs.submit(session, JobKind.BACKUP_RESTORE, "vm", vm.name, target_id=vm.id, host=host,

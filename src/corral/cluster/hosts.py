@@ -2,7 +2,8 @@
 
 Agents own their row's inventory, usage and heartbeat (``corral.host.agent``); the control plane owns the rest.
 A host whose heartbeat is older than the timeout is marked ``unreachable`` here, so placement skips it and
-people see it; nothing is restarted elsewhere (HA is a later step). Its next heartbeat makes it ``online`` again.
+people see it; that alone restarts nothing elsewhere (leases decide that: corral.cluster.ha). Its next heartbeat
+makes it ``online`` again.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from enum import StrEnum
 from typing import Any
@@ -154,15 +154,15 @@ class PlacementRequest(BaseModel):
 
 HOST_COLUMNS = ("name", "state", "heartbeat_at", "drained", "qemu_version", "accel", "cpus", "memory",
                 "reserved_memory", "cpu_overcommit", "memory_overcommit", "storage_total", "storage_overcommit",
-                "usage")
+                "usage", "standby")
 
 
 class HostLoad:
     """One host as the scheduler sees it: its row's capacity and what is allocated on it now."""
 
     __slots__ = ("accel", "bridges", "cpu_cap", "cpus", "cpus_alloc", "drained", "groups", "mem_cap", "mem_usable",
-                 "memory_alloc", "name", "networking", "online", "pool_ids", "qemu", "state", "storage_alloc",
-                 "storage_cap", "vms")
+                 "memory_alloc", "name", "networking", "online", "pool_ids", "qemu", "standby", "state",
+                 "storage_alloc", "storage_cap", "vms")
 
     def __init__(self, host: Any, online: bool) -> None:
         """``host``: a Host, or a row with its HOST_COLUMNS."""
@@ -170,6 +170,9 @@ class HostLoad:
         self.state = host.state if online or host.state != "online" else "unreachable"
         self.online = online
         self.drained = host.drained
+        # Emptied by consolidation (corral.cluster.plans): no placements until woken, which ``pick`` does when
+        # nothing else fits.
+        self.standby = bool(getattr(host, "standby", False))
         self.qemu = host.qemu_version is not None
         self.accel = host.accel
         self.cpus = host.cpus
@@ -210,6 +213,8 @@ class HostLoad:
             return f"host is {self.state}"
         if self.drained:
             return "host is drained"
+        if self.standby:
+            return "host is in standby"
         if not self.qemu:
             return "QEMU is not installed"
         if request.accel and request.accel != self.accel:
@@ -573,7 +578,45 @@ def pick(session: Session, request: PlacementRequest, strategy: Strategy | str |
             return host
         savepoint.rollback()  # releases the lock
         scheduler.view[load.name] = fresh
+    woken = wake_for(session, scheduler, request)
+    if woken is not None:
+        return woken
     raise scheduler.no_host(request)
+
+
+# Run on the control plane when placement wakes a standby host (the power-on command; corral.cluster.plans).
+wake_hook: Callable[[str, str | None], None] | None = None
+
+
+def wake_for(session: Session, scheduler: Scheduler, request: PlacementRequest) -> Host | None:
+    """When nothing awake fits, the standby host that would take ``request`` is woken (standby cleared, the
+    wake hook run) and chosen. One switched off by the power command is not back yet: its wake hook runs and the
+    caller is told to try again; the host keeps its standby flag until a placement finds its agent online and
+    takes it (so a host that never comes back never looks awake)."""
+    for load in sorted(scheduler.view.values(), key=lambda load: (scheduler.weight(load), load.name)):
+        if not load.standby:
+            continue
+        state, load.standby = load.state, False
+        load.state = "online"  # as it will be once awake
+        reason = scheduler.verdict(load, request)
+        load.state = state
+        if reason is not None:
+            load.standby = True
+            continue
+        query = select(Host).where(Host.name == load.name)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()
+        host = session.scalars(query).one()
+        if wake_hook is not None:
+            wake_hook(host.name, host.address)
+        if state != "online":
+            load.standby = True
+            raise Conflict(f"host {host.name} was in standby and is waking up to take this VM",
+                           "try again once `corral host list` shows it online")
+        host.standby = False
+        scheduler.commit(load, request)
+        return host
+    return None
 
 
 def place_many(session: Session, requests: list[PlacementRequest], strategy: Strategy | str | None = None

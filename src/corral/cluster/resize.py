@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
-from corral.cluster.vms import _busy, _check_pool_space, _free_volume_name, _host_id, get_vm, new_volume
+from corral.cluster.vms import _busy, _check_pool_space, _free_volume_name, _host_id, check_ha, get_vm, new_volume
 from corral.cluster.volumes import get_volume
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
@@ -41,12 +41,15 @@ class VMResize(BaseModel):
     cpu_weight: int | None = Field(default=None, ge=1, le=10_000)
     max_memory: Size | None = None
     max_cpus: int | None = None
+    # HA (docs/ha.md): takes effect at once, for the next time the VM's host dies.
+    ha: bool | None = None
+    ha_priority: int | None = Field(default=None, ge=-1000, le=1000)
 
     @model_validator(mode="after")
     def _something(self) -> VMResize:
         if all(value is None for value in self.model_dump().values()):
-            raise InvalidInput("nothing to change", "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory "
-                               "or --max-cpus")
+            raise InvalidInput("nothing to change", "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, "
+                               "--max-cpus or --ha/--no-ha")
         return self
 
 
@@ -95,6 +98,7 @@ def resize(session: Session, name: str, request: VMResize, project: str = "defau
     _busy(session, vm)
     old = VMSpec.model_validate(vm.spec)
     new = resized_spec(old, request)
+    check_ha(session, new)
     grow_cpus, grow_memory = max(0, new.cpus - old.cpus), max(0, new.memory - old.memory)
     with placement.placement_lock:
         if grow_cpus or grow_memory:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from corral.cluster import networks, placement, quotas
 from corral.cluster.images import find_image
 from corral.cluster.requests import VMCreate, VMDelete, VMExec, VMRestart, VMStart, VMStop
-from corral.errors import AlreadyExists, Conflict, InsufficientResources, NotFound
+from corral.errors import AlreadyExists, Conflict, InsufficientResources, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.sizes import format_size
 from corral.spec.vm import PowerState, VMSpec
@@ -51,6 +51,7 @@ def _check_pool_space(pool_dir: Path, size: int, what: str) -> None:
 def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "default") -> Job:
     """Validate everything, then write the VM, its volume rows and one job in a single transaction."""
     spec = request.spec.with_macs()
+    check_ha(session, spec)
     if session.scalars(select(VM.id).where(VM.project == project, VM.name == spec.name)).first():
         raise AlreadyExists(f"VM {spec.name!r} already exists", "choose another name or delete it first")
     if request.template is not None:
@@ -120,6 +121,13 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
             params={"start": request.start, "wait": request.wait, "ready_timeout": request.ready_timeout},
         )
     return job
+
+
+def check_ha(session: Session, spec: VMSpec) -> None:
+    """HA needs leases, which only a pool on PostgreSQL has (docs/ha.md): on a single SQLite host it is refused."""
+    if spec.ha and session.get_bind().dialect.name != "postgresql":
+        raise InvalidInput("HA needs a pool of hosts on PostgreSQL; this is a single host on SQLite",
+                           "leave out --ha, or run the VM in a pool (docs/cluster.md, docs/ha.md)")
 
 
 def _free_volume_name(session: Session, project: str, wanted: str) -> str:

@@ -28,6 +28,7 @@ from corral.host.inventory import Inventory, bridges, read_inventory, read_usage
 from corral.host.layout import HostLayout
 from corral.host.migration_handlers import pool_identity, reclaim_moved
 from corral.spec.names import NAME_PATTERN
+from corral.spec.vm import PowerState
 from corral.store import jobs
 from corral.store.db import Store
 from corral.store.models import VM, Host, Job, utcnow
@@ -141,6 +142,10 @@ class Agent:
         from corral.host.handlers import build_handlers
 
         self.handlers: dict[str, Handler] = build_handlers()
+        from corral.host.lease import Lease
+
+        # HA lease and self-fence (PostgreSQL pools only; corral.host.lease).
+        self.lease = Lease(self, self._fenceable)
 
     # -- running in a thread of the daemon -------------------------------------------------------------------
 
@@ -183,6 +188,9 @@ class Agent:
         self._stop = asyncio.Event()
         self.layout.ensure()
         self.register()
+        # Before anything may start a VM: the watchdog covers start-up too (corral.host.lease).
+        self.lease.acquire()
+        self.lease.start()
         # Before failing this host's interrupted jobs: the other half of a move waits for exactly that.
         for name in reclaim_moved(self):
             log.warning("VM %s had moved to another host while this agent was down", name)
@@ -197,6 +205,7 @@ class Agent:
         await self.adopt_all()
         recovery.settle_interrupted_creates(self, interrupted)
         recovery.settle_unrun(self, wanting)
+        recovery.settle_unstopped(self, interrupted)
         await self.sync_networks()
         self.store.notifier.subscribe(self.wake)
         self._started.set()
@@ -205,7 +214,10 @@ class Agent:
             now = time.monotonic()
             # One failing pass (a database hiccup, a guest that vanished mid-call) must not end the agent.
             try:
-                self._dispatch_jobs()
+                if self.lease.taken_over or self.lease.killed:
+                    await self._after_fence()
+                if self.lease.valid():  # a fenced host claims nothing: it may not start anything
+                    self._dispatch_jobs()
                 if now - last_reconcile >= RECONCILE_INTERVAL:
                     last_reconcile = now
                     await self.reconcile()
@@ -221,6 +233,7 @@ class Agent:
 
     async def _shutdown(self) -> None:
         """Let running jobs end briefly, then let go of QEMU processes without stopping them."""
+        self.lease.release()
         if self._job_tasks:
             await asyncio.wait(list(self._job_tasks.values()), timeout=5.0)
         for task in self._job_tasks.values():
@@ -238,6 +251,8 @@ class Agent:
 
     def register(self) -> None:
         """Record this host's inventory; QEMU's version is asked once (a subprocess), storage every time."""
+        from corral.host.backup_jobs import store_identity
+
         inventory = read_inventory(self.layout.pool(), self.settings.accel, self.settings.qemu_binary,
                                    qemu=self.inventory.qemu_version if self.inventory else None)
         self.inventory = inventory
@@ -253,12 +268,15 @@ class Agent:
             host.cpu_overcommit = self.settings.cpu_overcommit
             host.memory_overcommit = self.settings.memory_overcommit
             host.reserved_memory = self.settings.reserved_host_memory
-            host.state = "online"
+            # A host taken over stays "dead" until this agent learned it (its lease renewal) and rejoined.
+            if self.lease.epoch is None or host.epoch == self.lease.epoch:
+                host.state = "online"
             host.storage_overcommit = self.settings.storage_overcommit
             # pool_id: hosts that report the same one share their storage pool (corral.cluster.migrations).
             # bridges: bridge-mode networks are placed only where their uplink is (corral.cluster.placement).
             host.usage = {**read_usage(self.layout.pool()), "pool_id": pool_identity(self.layout.pool()),
-                          "bridges": bridges(), "networking": self.networks.enabled}
+                          "bridges": bridges(), "networking": self.networks.enabled,
+                          "backup_store": store_identity(self)}
             if self.address is not None:
                 host.address = self.address
             host.heartbeat_at = utcnow()
@@ -315,6 +333,68 @@ class Agent:
             except Exception:
                 log.exception("cannot record the end of job %s (attempt %d)", job_id, attempt + 1)
                 await asyncio.sleep(min(10.0, 0.5 * (attempt + 1)))
+
+    # -- HA fencing (corral.host.lease) -----------------------------------------------------------------------
+
+    def _fenceable(self) -> list[tuple[str, int, Callable[[], None]]]:
+        """For the watchdog thread: every QEMU this agent runs, and how to mark its exit as expected."""
+        return [(vm_id, running.proc.pid, lambda running=running: setattr(running, "expected_exit", True))
+                for vm_id, running in list(self.vms.items()) if running.proc.pid]
+
+    async def _after_fence(self) -> None:
+        """Once the store answers again after a fence. Taken over (a newer epoch): drop the stale copies, whose
+        VMs run elsewhere now, and rejoin under the new epoch; VMs still recorded here (non-HA ones, lost) are
+        reported running again if their QEMU lives. Not taken over: restart the HA VMs the fence killed."""
+        from corral.host import vm_lifecycle
+        from corral.host.lease import fence_event
+
+        if not self.lease.taken_over and not self.lease.valid():
+            return  # still fenced: nothing can be decided without the store
+        killed = set(self.lease.killed)
+        for vm_id in killed:
+            running = self.vms.get(vm_id)
+            if running is not None:
+                await running.proc.wait()
+                await vm_lifecycle.forget(self, running)
+        if self.lease.taken_over:
+            moved = reclaim_moved(self)
+            with self.store.session() as session:
+                here = set(session.scalars(select(VM.id).where(VM.host == self.host_name)))
+            for vm_id, running in list(self.vms.items()):
+                if vm_id not in here:
+                    await vm_lifecycle.forget(self, running)
+            self.lease.acquire()
+            self.lease.killed.difference_update(killed)
+            with self.store.session() as session:
+                host = session.scalars(select(Host).where(Host.name == self.host_name)).one()
+                host.state = "online"
+                session.add(fence_event(self.host_name, len(killed), self.lease.epoch))
+                for vm in session.scalars(select(VM).where(VM.host == self.host_name)):
+                    if vm.id in self.vms and not self.vms[vm.id].proc.exited:
+                        vm.observed_state = PowerState.RUNNING
+                        vm.pid = self.vms[vm.id].proc.pid
+                        vm.status_message = "its host is back: it never stopped"
+            log.warning("host %s rejoined under epoch %s after a takeover; dropped %d stale copies",
+                        self.host_name, self.lease.epoch, len(moved) + len(killed))
+            restart = [vm_id for vm_id in killed if vm_id in here]
+        else:
+            with self.store.session() as session:
+                session.add(fence_event(self.host_name, len(killed), self.lease.epoch))
+            self.lease.killed.difference_update(killed)
+            restart = list(killed)
+        for vm_id in restart:
+            try:
+                async with self.vm_locks[vm_id]:
+                    with self.store.reading() as session:
+                        vm = session.get(VM, vm_id)
+                        if vm is None or vm.host != self.host_name or vm.desired_state == PowerState.STOPPED:
+                            continue
+                    vm_lifecycle.update_vm(self, vm_id, observed_state=PowerState.CRASHED,
+                                           status_message="fenced: its host could not renew its HA lease")
+                    await vm_lifecycle.start(self, vm_id)
+                    vm_lifecycle.update_vm(self, vm_id, status_message="restarted after its host's fence")
+            except Exception:
+                log.exception("cannot restart VM %s after the fence", vm_id)
 
     # -- VMs --------------------------------------------------------------------------------------------------
 

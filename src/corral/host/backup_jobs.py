@@ -1,7 +1,9 @@
 """Backup, restore, export and import jobs on this host.
 
-Backups live in ``CORRAL_HOME/backups/<backup id>/disk<N>.qcow2``: a root-only directory outside every storage
-pool, so no VM (sandboxed QEMUs run under their own uids) can read or change another's backups, or its own.
+Backups live in ``<backup directory>/<backup id>/disk<N>.qcow2``, the directory being the ``backup_dir`` setting
+(default ``CORRAL_HOME/backups``): a root-only directory outside every storage pool, so no VM (sandboxed QEMUs run
+under their own uids) can read or change another's backups, or its own. Each file's SHA-256 is recorded when it is
+made, and ``verify`` reads the whole chain back against them.
 A running VM writes its backup through file descriptors the agent opens and hands over (``add-fd``).
 """
 
@@ -16,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,21 +32,47 @@ from corral.host import storage, vm_lifecycle
 from corral.host.snapshot_jobs import _frozen, out_of_space
 from corral.spec.backup import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, ExportManifest, read_export_manifest
 from corral.spec.sources import Source, SourceKind, opened, private_dir
+from corral.store import events
 from corral.store.models import VM, Backup, Snapshot, Volume
 
 if TYPE_CHECKING:
     from corral.host.agent import Agent, JobContext
 
 CHUNK = 1 << 20
+STORE_ID_FILE = "store-id"  # never a backup's name: those are 32 hex digits
+_identities: dict[Path, str] = {}  # backup directory -> its identity, read once
 
 
 def backup_root(agent: Agent) -> Path:
-    """The backup directory: made root-only on first use, and kept so."""
-    root = agent.layout.home / "backups"
-    root.mkdir(mode=0o700, exist_ok=True)
+    """The backup directory (``backup_dir``, else CORRAL_HOME/backups): made root-only on first use, and kept so."""
+    root = agent.settings.backup_dir or agent.layout.home / "backups"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if root.stat().st_mode & 0o077:
         root.chmod(0o700)
     return root
+
+
+def store_identity(agent: Agent) -> str | None:
+    """A random id kept in the backup directory, made by the first host to use it: hosts that report the same id
+    (in their inventory) see the same backups, a shared mount, so any of them can restore or verify one. None
+    when the directory cannot be used (the host still serves everything else). Read once per directory: the
+    heartbeat asks every few seconds, and a hung mount must not stall it."""
+    configured = agent.settings.backup_dir or agent.layout.home / "backups"
+    if configured in _identities:
+        return _identities[configured]
+    try:
+        path = backup_root(agent) / STORE_ID_FILE
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(uuid.uuid4().hex)
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if len(text) != 32 or not text.isalnum():
+        return None
+    _identities[configured] = text
+    return text
 
 
 def backup_file(agent: Agent, relative: str) -> Path:
@@ -145,10 +174,11 @@ async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> di
     disks = []
     for index, copy in enumerate(copies):
         await asyncio.to_thread(qemu_img.check, copy.target, binary)
+        os.chmod(copy.target, 0o400)
         disks.append({"index": index, "file": f"{backup_id}/{copy.target.name}",
                       "size": int(qemu_img.info(copy.target, binary)["virtual-size"]),
-                      "written": engine_backup.allocated_bytes(copy.target)})
-        os.chmod(copy.target, 0o400)
+                      "written": engine_backup.allocated_bytes(copy.target),
+                      "sha256": await asyncio.to_thread(_sha256, copy.target)})
     total = sum(d["written"] for d in disks)
     with agent.store.session() as session:
         row = session.get(Backup, backup_id)
@@ -201,6 +231,90 @@ async def delete(ctx: JobContext) -> dict[str, Any]:
         freed = backup.size
         session.delete(backup)
     return {"backup": ctx.target_name, "freed": freed}
+
+
+# -- verify ----------------------------------------------------------------------------------------------------
+
+
+def read_back(
+    files: list[tuple[str, Path, str | None]], tops: list[tuple[str, Path, int]], binary: str = "qemu-img"
+) -> tuple[list[str], int]:
+    """The verify itself, on plain paths (benchmarks/backup.py times it): each ``(label, file, recorded sha256)``
+    hashed and compared, then qemu-img check; when all are sound, each ``(label, newest file, virtual size)`` read
+    whole through its backing chain into QEMU's null driver. Returns the problems found and the bytes hashed."""
+    problems: list[str] = []
+    hashed = 0
+    for where, path, recorded in files:
+        if not path.is_file():
+            problems.append(f"{where}: its file is missing")
+            continue
+        if recorded is not None:
+            actual = _sha256(path)
+            hashed += path.stat().st_size
+            if actual != recorded:
+                problems.append(f"{where}: SHA-256 {actual[:12]}... differs from the recorded {recorded[:12]}...")
+        try:  # the format is given: a damaged header must not make the file pass as raw
+            qemu_img.run(["check", "-q", "-f", "qcow2", str(path)], binary, timeout=3600)
+        except CorralError as exc:
+            problems.append(f"{where}: qemu-img check failed: {exc.message.splitlines()[0]}")
+    if problems:
+        return problems, hashed
+    for where, path, size in tops:
+        try:
+            qemu_img.run(["convert", "-n", "-f", "qcow2", "--target-image-opts", str(path),
+                          f"driver=null-co,size={size}"], binary, timeout=3600)
+        except CorralError as exc:
+            problems.append(f"{where}: reading it back failed: {exc.message}")
+    return problems, hashed
+
+
+def _verify_chain(agent: Agent, links: list[Backup]) -> tuple[list[str], int]:
+    """Every file of the chain (the full backup first), then each disk of the newest read through the chain."""
+    files: list[tuple[str, Path, str | None]] = []
+    problems: list[str] = []
+    for link in links:
+        for disk in sorted(link.disks, key=lambda d: d["index"]):
+            where = f"backup {link.name} disk{disk['index']}"
+            try:
+                files.append((where, backup_file(agent, disk["file"]), disk.get("sha256")))
+            except InvalidInput as exc:
+                problems.append(f"{where}: {exc.message}")
+    if problems:
+        return problems, 0
+    tops = [(f"backup {links[-1].name} disk{d['index']}", backup_file(agent, d["file"]), int(d["size"]))
+            for d in links[-1].disks]
+    return read_back(files, tops, agent.settings.qemu_img_binary)
+
+
+async def verify(ctx: JobContext) -> dict[str, Any]:
+    """Read a backup's whole chain back and compare it with what was recorded when it was made. The outcome is
+    stored on the backup (shown by `backup list/show`); a corrupt backup also fails the job, so scripts see it."""
+    agent = ctx.agent
+    with agent.store.session() as session:
+        backup = session.get(Backup, ctx.target_id)
+        if backup is None or backup.state != "ready":
+            raise NotFound(f"backup {ctx.target_name} not found")
+        links = [backup]
+        while links[-1].parent_id is not None and (parent := session.get(Backup, links[-1].parent_id)) is not None:
+            links.append(parent)
+        links.reverse()  # the full one first
+        session.expunge_all()
+    unrecorded = [link.name for link in links if any("sha256" not in d for d in link.disks)]
+    ctx.progress(0.05, f"reading {len(links)} backup(s) back")
+    problems, hashed = await asyncio.to_thread(_verify_chain, agent, links)
+    with agent.store.session() as session:
+        row = session.get(Backup, ctx.target_id)
+        if row is not None:
+            row.verify_state = "corrupt" if problems else "ok"
+            row.verified_at = datetime.now(UTC)
+            row.verify_error = "; ".join(problems) if problems else None
+            session.add(events.make(session, row, "backup", "backup.verified",
+                                    {"vm": row.vm_name, "state": row.verify_state, "error": row.verify_error}))
+    if problems:
+        raise CorralError(f"backup {ctx.target_name} of {ctx.params.get('vm')} is corrupt: {problems[0]}",
+                          "restore from another backup, and take a new full one")
+    return {"backup": ctx.target_name, "state": "ok", "chain": [link.name for link in links], "bytes": hashed,
+            "unrecorded": unrecorded}
 
 
 # -- restore ---------------------------------------------------------------------------------------------------
@@ -403,8 +517,8 @@ async def import_(ctx: JobContext) -> dict[str, Any]:
                 ctx.progress(0.05 + 0.9 * index / len(volumes), f"importing {disk.file}")
                 target = storage.volume_path(agent, volume)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                made.add(volume.id)
                 await asyncio.to_thread(_extract_checked, path, disk.file, target, disk.sha256, label)
+                made.add(volume.id)  # after its O_EXCL create: a file found at the target is not ours to remove
                 facts = await asyncio.to_thread(qemu_img.check_importable, target, binary, "qcow2", disk.file)
                 if facts.get("format") != "qcow2" or int(facts.get("virtual-size", 0)) != disk.size:
                     raise InvalidInput(f"{disk.file} in {label} is not the qcow2 disk of {disk.size} bytes "
@@ -413,8 +527,7 @@ async def import_(ctx: JobContext) -> dict[str, Any]:
                 for volume in volumes:
                     session.get(Volume, volume.id).state = "ready"
     except BaseException:
-        _, volumes = _vm_volumes(agent, ctx.target_id)
-        await discard_vm(ctx, ctx.target_id, made | {v.id for v in volumes})
+        await discard_vm(ctx, ctx.target_id, made)  # the files this job made; the pending rows go regardless
         raise
     finally:
         if source.kind is SourceKind.UPLOAD:

@@ -310,6 +310,7 @@ def build_handlers() -> dict[str, Handler]:
         JobKind.BACKUP_CREATE: backup_jobs.create,
         JobKind.BACKUP_DELETE: backup_jobs.delete,
         JobKind.BACKUP_RESTORE: backup_jobs.restore,
+        JobKind.BACKUP_VERIFY: backup_jobs.verify,
         JobKind.VM_EXPORT: backup_jobs.export,
         JobKind.VM_IMPORT: backup_jobs.import_,
     }

@@ -144,7 +144,11 @@ class UidClaims:
                 if record is None:
                     if self._write(wanted, vm_id, exclusive=True):
                         return wanted, True  # unclaimed until now (an older version): grants start afresh
-                elif record.get("vm") == vm_id and self._mine(record):
+                elif record.get("vm") == vm_id:
+                    # The same VM, ours or moving here from another installation on this machine (a cluster
+                    # demo's agents): it keeps its uid, so a shared pool's files stay readable by both copies.
+                    if not self._mine(record):
+                        self._write(wanted, vm_id, exclusive=False)
                     return wanted, False
                 elif self._stale(record, wanted, slots):
                     self._write(wanted, vm_id, exclusive=False)

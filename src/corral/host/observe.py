@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from corral.cluster import usage
 from corral.errors import CorralError
 from corral.host import cgroups
 from corral.store.models import VM
@@ -43,6 +44,10 @@ async def _sample(agent: Agent, running: RunningVM) -> dict[str, Any]:
             pass
     if "memory_bytes" not in stats:
         stats["memory_bytes"] = _rss(running.proc.pid)
+    if "cpu_seconds" not in stats:  # no cgroup (isolation off): QEMU's own CPU time says the same
+        cpu = _cpu_seconds(running.proc.pid)
+        if cpu is not None:
+            stats["cpu_seconds"] = cpu
     # No balloon device (a VM started before it existed) leaves the figure out.
     with contextlib.suppress(CorralError, KeyError, TypeError):
         stats["balloon_bytes"] = int((await running.proc.execute("query-balloon"))["actual"])
@@ -76,6 +81,16 @@ def _tap_counters(agent: Agent, vm_id: str) -> dict[str, dict[str, int]]:
                 counters[tap] = {"receive_bytes": int((base / "tx_bytes").read_text()),
                                  "transmit_bytes": int((base / "rx_bytes").read_text())}
     return counters
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of a process and its finished children (/proc/PID/stat fields 14-17)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            fields = stat_file.read().rsplit(")", 1)[1].split()
+        return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _rss(pid: int) -> int | None:
@@ -136,15 +151,41 @@ def rotate_serial_logs(agent: Agent) -> None:
             log.warning("cannot rotate the serial log of VM %s: %s", vm_id, exc)
 
 
+# When each host last wrote its own usage point and rolled its history up (monotonic seconds), by host name.
+_host_sampled: dict[str, float] = {}
+_history_kept: dict[str, float] = {}
+
+
 async def sample_all(agent: Agent) -> None:
+    """Sample each running VM (every SAMPLE_INTERVAL), keep its last stats for /metrics and write the usage
+    history (corral.cluster.usage): a point per VM and one for the host, roll-ups about once a minute."""
     await asyncio.to_thread(rotate_serial_logs, agent)
     now = time.monotonic()
+    host = agent.host_name
+    # One round for every VM at once, so that the host's point sums the same moment of each of its VMs; a VM
+    # never sampled yet is sampled at once (its metrics appear without waiting for the round).
+    due = now - _host_sampled.get(host, -SAMPLE_INTERVAL) >= SAMPLE_INTERVAL
+    if due:
+        _host_sampled[host] = now
+    samples: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = []
     for vm_id, running in list(agent.vms.items()):
-        if running.proc.exited or now - running.stats_sampled < SAMPLE_INTERVAL:
+        if running.proc.exited or (not due and running.stats_sampled):
             continue
         running.stats_sampled = now
         stats = await _sample(agent, running)
         with agent.store.session() as session:
             vm = session.get(VM, vm_id)
             if vm is not None:
+                if due:
+                    samples.append((vm_id, vm.stats, stats))
                 vm.stats = stats
+    if not due:
+        return
+    try:
+        with agent.store.session() as session:
+            usage.record(session, host, samples, load=round(os.getloadavg()[0], 2))
+            if now - _history_kept.get(host, -60.0) >= 60.0:
+                _history_kept[host] = now
+                usage.maintain(session, host)
+    except Exception:  # history is for people and planners: its trouble must not stop the agent's loop
+        log.exception("cannot write the usage history of host %s", host)

@@ -634,3 +634,10 @@ async def wait_ready(running: RunningVM, timeout: float) -> None:
         await asyncio.wait_for(asyncio.shield(running.ready), timeout)
     except TimeoutError as exc:
         raise GuestAgentError(f"the guest agent did not answer within {timeout:.0f} s") from exc
+
+
+async def forget(agent: Agent, running: RunningVM) -> None:
+    """Drop a process the agent no longer owns (a fenced or stale copy: corral.host.lease) without writing its VM
+    row, which may belong to another host by now."""
+    running.expected_exit = True
+    await _forget(agent, running)

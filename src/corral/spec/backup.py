@@ -25,6 +25,24 @@ MAX_MANIFEST_BYTES = 1 << 20
 EXPORT_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_INTERVAL = 366 * 86400
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``1h``, ``7d``, ``2w`` or plain seconds, as seconds; zero, negative or absurd is refused."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:])
+    number = value[:-1] if unit is not None else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise InvalidInput(f"interval {text!r} is not a duration", "write it like 30s, 15m, 1h, 1d or 1w") from None
+    if not 0 < seconds <= MAX_INTERVAL:
+        raise InvalidInput(f"interval {text!r} is out of range", "give more than 0 s and at most a year")
+    return seconds
+
+
 def default_backup_name(kind: str, now: datetime | None = None) -> str:
     """A sortable name when the user gives none: ``full-20250101-120000``."""
     return f"{kind}-{(now or datetime.now(UTC)).strftime('%Y%m%d-%H%M%S')}"

@@ -53,5 +53,6 @@ class JobKind(StrEnum):
     BACKUP_CREATE = "backup.create"
     BACKUP_DELETE = "backup.delete"
     BACKUP_RESTORE = "backup.restore"
+    BACKUP_VERIFY = "backup.verify"
     VM_EXPORT = "vm.export"
     VM_IMPORT = "vm.import"

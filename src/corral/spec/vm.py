@@ -47,6 +47,8 @@ class PowerState(StrEnum):
     PAUSED = "paused"
     STOPPING = "stopping"
     CRASHED = "crashed"
+    # Its host died (lease expired and the control plane took the host over) and HA could not restart it.
+    LOST = "lost"
 
 
 class DiskSpec(BaseModel):
@@ -118,6 +120,10 @@ class VMSpec(BaseModel):
     disks: list[DiskSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=lambda: [NicSpec()])
     restart_policy: RestartPolicy = RestartPolicy.NEVER
+    # High availability (PostgreSQL pools, docs/ha.md): when its host dies, the control plane restarts it on a
+    # survivor that reaches its disks, higher ``ha_priority`` first.
+    ha: bool = False
+    ha_priority: int = Field(default=0, ge=-1000, le=1000)
     kernel_args: str = ""
     # Run with guest RAM in a shared file so the VM can be forked (instant clones). Opt-in: children share
     # memory pages with the parent, which matters for side channels between tenants.

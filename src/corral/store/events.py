@@ -54,6 +54,16 @@ EVENT_TYPES = (
     "job.created",
     "job.state",
     "job.progress",
+    # HA (corral.cluster.ha, corral.host.lease; docs/ha.md)
+    "host.takeover",
+    "host.fenced",
+    "vm.ha_restart",
+    "vm.ha_failed",
+    "pool.ha_suspended",
+    # Backup schedules and verify (corral.cluster.backup_schedules, corral.host.backup_jobs; docs/backups.md)
+    "backup.scheduled",
+    "backup.pruned",
+    "backup.verified",
 )
 
 

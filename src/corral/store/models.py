@@ -79,9 +79,16 @@ class Host(Base):
     storage_overcommit: Mapped[float] = mapped_column(Float, default=4.0)
     # An operator's "no new VMs here": kept apart from ``state``, which the agent's heartbeat owns.
     drained: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Emptied by consolidation: takes no placements until woken (a power command may have switched it off).
+    standby: Mapped[bool] = mapped_column(Boolean, default=False)
     # What the agent measured at its last heartbeat: memory_used, load1, storage_used (bytes).
     usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # HA (PostgreSQL pools, corral.host.lease and corral.cluster.ha): the agent's lease runs until this instant of
+    # the database clock; None means the host holds no lease (SQLite, or an agent stopped on purpose).
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    # Bumped by the control plane when it takes the host over: an agent renewing under an older epoch lost its VMs.
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -191,6 +198,40 @@ class Backup(Base):
     spec: Mapped[dict[str, Any]] = mapped_column()
     disks: Mapped[list[Any]] = mapped_column(default=list)
     size: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes this backup's own files take
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The schedule that made it (None: taken by hand); only a schedule's own backups are pruned by it.
+    schedule_id: Mapped[str | None] = mapped_column(String(32))
+    # The identity of the backup directory it was written to (corral.host.backup_jobs.store_identity): any host
+    # reporting the same one (a shared mount) can read it, so a restore need not run where it was made.
+    backup_store: Mapped[str | None] = mapped_column(String(64))
+    # The last `backup verify`: "ok" or "corrupt" (None: never verified), when, and what was wrong.
+    verify_state: Mapped[str | None] = mapped_column(String(16))
+    verified_at: Mapped[datetime | None] = mapped_column()
+    verify_error: Mapped[str | None] = mapped_column(Text)
+
+
+class BackupSchedule(Base):
+    """A VM's periodic backups and their retention (corral.cluster.backup_schedules). ``next_at`` is when it
+    fires next; ``version`` is bumped by every control plane pass that claims the row, so in a pool with several
+    control planes exactly one of them fires it (a conditional UPDATE, as job claims are)."""
+
+    __tablename__ = "backup_schedules"
+    __table_args__ = (UniqueConstraint("project", "vm_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    project: Mapped[str] = mapped_column(String(63), default="default")
+    vm_name: Mapped[str] = mapped_column(String(63))
+    vm_id: Mapped[str] = mapped_column(String(32))
+    every: Mapped[float] = mapped_column(Float)  # seconds between backups
+    keep_last: Mapped[int] = mapped_column(Integer, default=0)
+    keep_daily: Mapped[int] = mapped_column(Integer, default=0)
+    keep_weekly: Mapped[int] = mapped_column(Integer, default=0)
+    incremental_every: Mapped[int] = mapped_column(Integer, default=0)  # incrementals after each full (0: all full)
+    next_at: Mapped[datetime] = mapped_column()
+    last_at: Mapped[datetime | None] = mapped_column()
+    last_job_id: Mapped[str | None] = mapped_column(String(32))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -404,3 +445,50 @@ class Event(Base):
     resource_name: Mapped[str] = mapped_column(String(63))
     resource_id: Mapped[str | None] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class UsagePoint(Base):
+    """One usage figure of a VM or a host over an interval (corral.cluster.usage): raw points as the agent samples
+    them (``resolution`` 0), rolled up to 60 s and 600 s averages. Rates are per second over the interval; a VM's
+    history follows its id across hosts, ``host`` says where each point was measured."""
+
+    __tablename__ = "usage_points"
+    __table_args__ = (Index("ix_usage_points_lookup", "kind", "resource_id", "resolution", "at"),
+                      Index("ix_usage_points_host", "host", "resolution", "at"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(8))  # vm or host
+    resource_id: Mapped[str] = mapped_column(String(63))  # the VM's id, or the host's name
+    host: Mapped[str | None] = mapped_column(String(63))
+    resolution: Mapped[int] = mapped_column(Integer, default=0)  # 0 (raw), 60 or 600 seconds
+    at: Mapped[datetime] = mapped_column()
+    samples: Mapped[int] = mapped_column(Integer, default=1)
+    cpu: Mapped[float] = mapped_column(Float, default=0.0)  # CPUs busy
+    memory: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes
+    balloon: Mapped[int | None] = mapped_column(BigInteger)  # bytes the guest may use (the balloon's size)
+    disk_read: Mapped[float] = mapped_column(Float, default=0.0)  # bytes per second
+    disk_write: Mapped[float] = mapped_column(Float, default=0.0)
+    net_rx: Mapped[float] = mapped_column(Float, default=0.0)
+    net_tx: Mapped[float] = mapped_column(Float, default=0.0)
+    load: Mapped[float | None] = mapped_column(Float)  # hosts: the 1-minute load average
+
+
+class Plan(Base):
+    """A balancing or consolidation plan (corral.cluster.plans): moves an admin approves, run one at a time.
+
+    ``state``: recommended, approved, running, succeeded, failed, cancelled or superseded. ``moves`` lists
+    ``{"vm", "vm_id", "project", "from", "to", "state", "job", "reason"}``; ``summary`` holds the scores, hosts
+    freed by the heuristic and by the solver, and the gap. ``signature`` fingerprints the pool the plan was made
+    from, so a plan whose pool changed is re-validated (or superseded) before it runs."""
+
+    __tablename__ = "plans"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(16))  # balance or consolidate
+    state: Mapped[str] = mapped_column(String(16), default="recommended")
+    signature: Mapped[str] = mapped_column(String(64), default="")
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    moves: Mapped[list[Any]] = mapped_column(default=list)
+    message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

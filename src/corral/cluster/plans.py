@@ -1,0 +1,413 @@
+"""Stored action plans (balancing, consolidation), their approval and their run; standby and wake of hosts.
+
+A plan is what the planners (corral.cluster.planner) recommend, written down with a fingerprint of the pool it
+was made from. Its life: ``recommended`` -> ``approved`` -> ``running`` -> ``succeeded`` or ``failed``; or
+``cancelled``; or ``superseded`` (a newer plan of the same kind, or a pool that changed before it was approved).
+
+Running a plan is a series of ordinary live migrations (corral.cluster.migrations), **one at a time**: before
+each move the plan looks again (the VM is still where the plan found it, running, not busy; the target still
+takes it, by placement's filters), and a move that no longer holds is skipped with its reason rather than
+forced. :func:`advance` makes one step; a thread of the control plane calls it until the plan ends (and every
+read of the plan calls it too, so a restarted control plane picks a running plan up again). A consolidation
+ends by putting the hosts it emptied in **standby**: they take no placements (placement wakes one when nothing
+else fits) and the configured power command may switch them off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from corral.cluster import placement, planner, usage
+from corral.errors import Conflict, CorralError, InvalidInput, NotFound
+from corral.spec.job import JobState
+from corral.spec.vm import USER_NETWORK, PowerState, VMSpec
+from corral.store.db import Store
+from corral.store.models import VM, Host, Job, Plan, Volume
+
+log = logging.getLogger("corral.plans")
+ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING)
+OPEN_STATES = ("recommended", "approved", "running")
+WINDOW = timedelta(minutes=10)
+
+# Power commands (config: standby_command, wake_command): run with the host's name and address as arguments.
+_commands: dict[str, str | None] = {"standby": None, "wake": None}
+
+
+def configure(standby_command: str | None = None, wake_command: str | None = None) -> None:
+    """Set this control plane's power commands; placement's wake of a standby host runs ``wake_command`` too."""
+    _commands["standby"], _commands["wake"] = standby_command, wake_command
+    placement.wake_hook = lambda name, address: _power("wake", name, address)
+
+
+def _power(action: str, name: str, address: str | None) -> None:
+    command = _commands.get(action)
+    if not command:
+        return
+    try:
+        subprocess.run([*shlex.split(command), name, address or ""], timeout=120, check=True, capture_output=True)
+        log.info("%s command ran for host %s", action, name)
+    except (OSError, subprocess.SubprocessError) as exc:  # the host's flag is what placement reads
+        log.warning("the %s command for host %s failed: %s", action, name, exc)
+
+
+# -- standby --------------------------------------------------------------------------------------------------
+
+
+def set_standby(session: Session, name: str) -> Host:
+    """Put an empty host in standby: no placements, then the power command. Refused while it holds VMs."""
+    from corral.cluster.hosts import get_host
+
+    host = get_host(session, name)
+    count = session.scalar(select(func.count()).select_from(VM).where(VM.host == name)) or 0
+    if count:
+        raise Conflict(
+            f"host {name} still has {count} VM(s): only an empty host goes to standby",
+            f"move them first: `corral host drain {name}`, or `corral pool consolidate`",
+        )
+    if not host.standby:
+        host.standby = True
+        _power("standby", host.name, host.address)
+    return host
+
+
+def wake(session: Session, name: str) -> Host:
+    from corral.cluster.hosts import get_host
+
+    host = get_host(session, name)
+    if host.standby:
+        host.standby = False
+        _power("wake", host.name, host.address)
+    return host
+
+
+# -- the pool as the planners see it --------------------------------------------------------------------------
+
+
+def load(session: Session, window: timedelta = WINDOW) -> tuple[dict[str, placement.HostLoad], list[planner.Guest]]:
+    """Hosts (placement's view) and every placed VM with its needs and its history's averages."""
+    view = placement.load_pool(session)
+    averages = usage.averages(session, "vm", window)
+    busy = set(
+        session.scalars(
+            select(Job.target_id).where(
+                Job.target_kind == "vm", Job.state.in_(ACTIVE_JOB_STATES), Job.target_id.is_not(None)
+            )
+        )
+    )
+    storage = dict(
+        session.execute(
+            select(Volume.vm_id, func.sum(Volume.size)).where(Volume.vm_id.is_not(None)).group_by(Volume.vm_id)
+        ).all()
+    )
+    guests: list[planner.Guest] = []
+    rows = session.execute(
+        select(
+            VM.id,
+            VM.name,
+            VM.project,
+            VM.host,
+            VM.spec,
+            VM.desired_state,
+            VM.observed_state,
+            VM.placement_group,
+            VM.placement_policy,
+        )
+        .where(VM.host.is_not(None))
+        .order_by(VM.project, VM.name)
+    )
+    for vm_id, name, project, host, spec, desired, observed, group, policy in rows:
+        running = desired in placement.RUNNING_STATES and observed in placement.RUNNING_STATES
+        extra: dict[str, Any] = {}
+        if any((nic or {}).get("network", USER_NETWORK) != USER_NETWORK for nic in spec.get("nics") or []):
+            extra = placement.needs(session, VMSpec.model_validate(spec), project)
+            extra.pop("volumes", None)
+        anti = policy == placement.Policy.ANTI_AFFINITY and group
+        request = placement.PlacementRequest(
+            cpus=int(spec["cpus"]),
+            memory=int(spec["memory"]),
+            storage=int(storage.get(vm_id) or 0),
+            will_run=running,
+            group=group if anti else None,
+            policy=placement.Policy.ANTI_AFFINITY if anti else None,
+            project=project,
+            **extra,
+        )
+        why = (
+            "not running"
+            if not running
+            else "a job is running on it"
+            if vm_id in busy
+            else f"affinity group {group}"
+            if group and not anti
+            else ""
+        )
+        average = averages.get(vm_id)
+        guests.append(
+            planner.Guest(
+                id=vm_id,
+                name=name,
+                project=project,
+                host=host,
+                request=request,
+                movable=not why,
+                why_pinned=why,
+                cpu_used=average.cpu if average else None,
+                memory_used=average.memory if average else None,
+            )
+        )
+    return view, guests
+
+
+def signature(session: Session) -> str:
+    """A fingerprint of what the plans depend on: where each VM is and whether it runs, and which hosts take
+    work. Usage is left out on purpose: it changes every ten seconds."""
+    digest = hashlib.sha256()
+    for row in session.execute(select(VM.id, VM.host, VM.desired_state).order_by(VM.id)):
+        digest.update(repr(tuple(row)).encode())
+    for row in session.execute(select(Host.name, Host.state, Host.drained, Host.standby).order_by(Host.name)):
+        digest.update(repr(tuple(row)).encode())
+    return digest.hexdigest()
+
+
+# -- plans ----------------------------------------------------------------------------------------------------
+
+
+class PlanView(BaseModel):
+    id: str
+    kind: str
+    state: str
+    summary: dict[str, Any]
+    moves: list[dict[str, Any]]
+    message: str = ""
+    created_at: Any = None
+    updated_at: Any = None
+
+    @classmethod
+    def of(cls, plan: Plan) -> PlanView:
+        return cls(
+            id=plan.id,
+            kind=plan.kind,
+            state=plan.state,
+            summary=plan.summary or {},
+            moves=list(plan.moves or []),
+            message=plan.message,
+            created_at=plan.created_at,
+            updated_at=plan.updated_at,
+        )
+
+
+class BalanceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    threshold: int = Field(default=planner.DEFAULT_THRESHOLD)
+    max_moves: int = Field(default=10, ge=1, le=1000)
+    apply: bool = False
+
+
+class ConsolidateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    apply: bool = False
+    keep_spare: bool = True
+    solver_time_limit: float = Field(default=5.0, ge=0.0, le=60.0)
+
+
+def _supersede(session: Session, kind: str) -> None:
+    for plan in session.scalars(select(Plan).where(Plan.kind == kind, Plan.state.in_(("recommended", "approved")))):
+        plan.state = "superseded"
+        plan.message = "a newer plan replaced it"
+
+
+def _store(session: Session, kind: str, summary: dict[str, Any], moves: list[planner.Move]) -> Plan:
+    _supersede(session, kind)
+    plan = Plan(
+        kind=kind,
+        state="recommended",
+        signature=signature(session),
+        summary=summary,
+        moves=[{**move.as_dict(), "state": "pending", "job": None} for move in moves],
+        message="" if moves else "nothing to do",
+    )
+    if not moves and not summary.get("freed"):
+        plan.state = "succeeded"
+    session.add(plan)
+    session.flush()
+    return plan
+
+
+def recommend_balance(session: Session, request: BalanceRequest) -> Plan:
+    if request.threshold not in planner.THRESHOLDS:
+        raise InvalidInput(
+            f"threshold {request.threshold} is out of range", "give 1 (only large gains) to 5 (small gains too)"
+        )
+    view, guests = load(session)
+    result = planner.balance(view, guests, request.threshold, request.max_moves)
+    return _store(session, "balance", result.summary(), result.moves)
+
+
+def recommend_consolidation(session: Session, request: ConsolidateRequest) -> Plan:
+    view, guests = load(session)
+    result = planner.consolidate(view, guests, request.keep_spare, request.solver_time_limit or None)
+    return _store(session, "consolidate", result.summary(), result.moves)
+
+
+def get_plan(session: Session, plan_id: str) -> Plan:
+    plan = session.get(Plan, plan_id)
+    if plan is None:
+        raise NotFound(f"plan {plan_id!r} not found", "list plans with `corral pool plan list`")
+    return plan
+
+
+def list_plans(session: Session, limit: int = 50) -> list[Plan]:
+    return list(session.scalars(select(Plan).order_by(Plan.created_at.desc()).limit(limit)))
+
+
+def approve(session: Session, plan_id: str) -> Plan:
+    """Approve a recommended plan; refused (and the plan superseded) when the pool changed since it was made."""
+    plan = get_plan(session, plan_id)
+    if plan.state != "recommended":
+        raise Conflict(
+            f"plan {plan.id} is {plan.state}, not recommended",
+            f"make a new one with `corral pool {'balance' if plan.kind == 'balance' else 'consolidate'}`",
+        )
+    if plan.signature != signature(session):
+        plan.state = "superseded"
+        plan.message = "the pool changed after the plan was made"
+        session.flush()
+        raise Conflict(
+            f"plan {plan.id} is stale: VMs or hosts changed since it was made",
+            f"make a new one with `corral pool {plan.kind}`",
+        )
+    plan.state = "running"
+    plan.message = "approved"
+    return plan
+
+
+def cancel(session: Session, plan_id: str) -> Plan:
+    """Stop a plan: no further move starts (one already migrating finishes)."""
+    plan = get_plan(session, plan_id)
+    if plan.state not in OPEN_STATES:
+        raise Conflict(f"plan {plan.id} is already {plan.state}", "nothing to cancel")
+    plan.state = "cancelled"
+    plan.message = "cancelled"
+    return plan
+
+
+def _set_move(plan: Plan, index: int, **changes: Any) -> None:
+    moves = [dict(move) for move in plan.moves]
+    moves[index].update(changes)
+    plan.moves = moves
+
+
+def _check_move(session: Session, move: dict[str, Any]) -> tuple[VM, Host, bool]:
+    from corral.cluster import migrations
+
+    vm = session.get(VM, move["vm_id"])
+    if vm is None:
+        raise Conflict(f"VM {move['vm']} no longer exists")
+    if vm.host != move["from"]:
+        raise Conflict(f"VM {vm.name} is now on {vm.host}, not {move['from']}")
+    if not (vm.desired_state in placement.RUNNING_STATES and vm.observed_state == PowerState.RUNNING):
+        raise Conflict(f"VM {vm.name} is {vm.observed_state}, not running")
+    busy = session.scalar(
+        select(func.count()).select_from(Job).where(Job.target_id == vm.id, Job.state.in_(ACTIVE_JOB_STATES))
+    )
+    if busy:
+        raise Conflict(f"VM {vm.name} has a job running")
+    target, copy = migrations.choose_target(session, vm, move["to"], None)
+    return vm, target, copy
+
+
+def advance(session: Session, plan: Plan) -> bool:
+    """One step of a running plan; True when it may go on (a move runs or was just started)."""
+    from corral.cluster import migrations
+
+    if plan.state != "running":
+        return False
+    if session.get_bind().dialect.name == "postgresql":
+        # The control plane's thread and a reader of the plan may step at once: the row lock makes them take
+        # turns (SQLite's write lock, taken at BEGIN, does it already), so no move starts twice.
+        session.refresh(plan, with_for_update=True)
+        if plan.state != "running":
+            return False
+    for index, move in enumerate(plan.moves):
+        if move["state"] == "running":
+            job = session.get(Job, move["job"]) if move.get("job") else None
+            if job is None or job.state in ACTIVE_JOB_STATES:
+                return job is not None
+            if job.state == JobState.SUCCEEDED:
+                _set_move(plan, index, state="done")
+                continue
+            _set_move(plan, index, state="failed", reason=f"{move['reason']}; failed: {job.error or job.state}")
+            plan.state = "failed"
+            plan.message = f"moving VM {move['vm']} failed: {job.error or job.state}"
+            return False
+        if move["state"] != "pending":
+            continue
+        with placement.placement_lock:
+            try:
+                vm, target, copy = _check_move(session, move)
+            except CorralError as exc:
+                _set_move(plan, index, state="skipped", reason=f"skipped: {exc.message}")
+                continue
+            job = migrations.submit_pair(session, vm, target, copy)
+            session.flush()
+        _set_move(plan, index, state="running", job=job.id)
+        plan.message = f"moving VM {move['vm']} to {move['to']}"
+        return True
+    _finish(session, plan)
+    return False
+
+
+def _finish(session: Session, plan: Plan) -> None:
+    skipped = [move for move in plan.moves if move["state"] == "skipped"]
+    if plan.kind == "consolidate":
+        parked, kept = [], []
+        for name in plan.summary.get("freed", []):
+            try:
+                set_standby(session, name)
+                parked.append(name)
+            except CorralError as exc:
+                kept.append(f"{name} ({exc.message})")
+        plan.summary = {**plan.summary, "standby": parked}
+        plan.message = f"hosts in standby: {', '.join(parked) or 'none'}" + (
+            f"; not: {'; '.join(kept)}" if kept else ""
+        )
+    else:
+        plan.message = f"{len(plan.moves) - len(skipped)} move(s) done"
+    if skipped:
+        plan.message += f"; {len(skipped)} move(s) skipped"
+    plan.state = "succeeded"
+
+
+def drive(
+    store: Store, plan_id: str, interval: float = 1.0, timeout: float = 6 * 3600, stop: Callable[[], bool] | None = None
+) -> None:
+    """Advance a plan until it ends (a control-plane thread; see the module's docstring)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (stop and stop()):
+        try:
+            with store.session() as session:
+                plan = session.get(Plan, plan_id)
+                if plan is None or plan.state != "running":
+                    return
+                advance(session, plan)
+        except Exception:  # the store may be restarting; the next pass (or a read of the plan) goes on
+            log.exception("plan %s: step failed", plan_id)
+        time.sleep(interval)
+
+
+def start_driving(store: Store, plan_id: str) -> threading.Thread:
+    thread = threading.Thread(target=drive, args=(store, plan_id), name=f"corral-plan-{plan_id[:8]}", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,322 @@
+"""The balancing and consolidation planners on synthetic pools (affinity, overcommit, unlike hosts), and the
+usage history and stored plans on the real store (SQLite and PostgreSQL)."""
+
+import random
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import pytest
+
+from corral.cluster import planner, plans, usage
+from corral.cluster.placement import HostLoad, PlacementRequest, Policy
+from corral.errors import Conflict, InvalidInput
+from corral.store.models import VM, Host, Plan, UsagePoint
+
+G = 1 << 30
+
+
+def _host(name, cpus=8, memory=32 * G, cpu_overcommit=1.0, memory_overcommit=1.0, **changes):
+    row = SimpleNamespace(
+        name=name,
+        state="online",
+        heartbeat_at=datetime.now(UTC),
+        drained=False,
+        qemu_version="7.2",
+        accel="tcg",
+        cpus=cpus,
+        memory=memory,
+        reserved_memory=0,
+        cpu_overcommit=cpu_overcommit,
+        memory_overcommit=memory_overcommit,
+        storage_total=1 << 40,
+        storage_overcommit=1.0,
+        usage={},
+        standby=False,
+    )
+    for key, value in changes.items():
+        setattr(row, key, value)
+    return HostLoad(row, True)
+
+
+def _pool(hosts, placed, **guest_fields):
+    """``placed``: (vm name, host, cpus, memory GiB[, group, policy]) -> the hosts loaded and the guests."""
+    guests = []
+    for index, item in enumerate(placed):
+        name, where, cpus, memory = item[:4]
+        group, policy = (item[4], item[5]) if len(item) > 4 else (None, None)
+        request = PlacementRequest(
+            cpus=cpus, memory=memory * G, group=group, policy=policy if policy == Policy.ANTI_AFFINITY else None
+        )
+        hosts[where].add(request)
+        guests.append(
+            planner.Guest(
+                id=f"id{index}",
+                name=name,
+                project="default",
+                host=where,
+                request=request,
+                movable=policy != Policy.AFFINITY,
+                **guest_fields.get(name, {}),
+            )
+        )
+    return hosts, guests
+
+
+# -- balancing --------------------------------------------------------------------------------------------------
+
+
+def test_busy_vms_on_one_host_are_spread_and_the_score_falls():
+    hosts = {name: _host(name) for name in ("a", "b", "c")}
+    busy = {f"vm{i}": {"cpu_used": 1.8, "memory_used": 2 * G} for i in range(4)}
+    hosts, guests = _pool(hosts, [(f"vm{i}", "a", 2, 2) for i in range(4)], **busy)
+    result = planner.balance(hosts, guests, threshold=3)
+    assert result.moves, result.summary()
+    assert result.score_after < result.score_before
+    assert {move.target for move in result.moves} == {"b", "c"}
+    assert all(move.source == "a" for move in result.moves)
+
+
+def test_a_low_threshold_asks_for_bigger_gains():
+    hosts = {name: _host(name) for name in ("a", "b")}
+    # a little imbalance: one small VM more on a
+    hosts, guests = _pool(
+        hosts,
+        [("x", "a", 1, 1), ("y", "a", 1, 1), ("z", "b", 1, 1)],
+        x={"cpu_used": 0.5},
+        y={"cpu_used": 0.5},
+        z={"cpu_used": 0.5},
+    )
+    assert planner.balance(hosts, guests, threshold=1).moves == []
+
+
+def test_balancing_respects_anti_affinity_and_capacity():
+    hosts = {"a": _host("a"), "b": _host("b"), "small": _host("small", cpus=1, memory=1 * G)}
+    placed = [
+        ("w1", "a", 2, 4, "web", Policy.ANTI_AFFINITY),
+        ("w2", "b", 2, 4, "web", Policy.ANTI_AFFINITY),
+        ("db", "a", 2, 4),
+    ]
+    busy = {name: {"cpu_used": 2.0} for name in ("w1", "w2", "db")}
+    hosts, guests = _pool(hosts, placed, **busy)
+    result = planner.balance(hosts, guests, threshold=5)
+    for move in result.moves:
+        assert move.target != "small"  # too small for any of them
+        assert move.vm != "w1" or move.target != "b"  # never beside its group's other member
+
+
+def test_affinity_groups_and_drained_or_standby_hosts_are_left_alone():
+    hosts = {"a": _host("a"), "b": _host("b", drained=True), "c": _host("c", standby=True)}
+    hosts, guests = _pool(
+        hosts,
+        [("p", "a", 2, 2, "pair", Policy.AFFINITY), ("q", "a", 2, 2, "pair", Policy.AFFINITY)],
+        p={"cpu_used": 2.0},
+        q={"cpu_used": 2.0},
+    )
+    assert planner.balance(hosts, guests, threshold=5).moves == []
+
+
+# -- consolidation ----------------------------------------------------------------------------------------------
+
+
+def test_consolidation_frees_hosts_keeps_n_plus_1_and_matches_the_optimum():
+    random.seed(7)
+    hosts = {f"h{i}": _host(f"h{i}") for i in range(8)}
+    placed = [(f"vm{i}", f"h{i % 8}", random.choice([1, 2]), random.choice([1, 2, 4])) for i in range(16)]
+    hosts, guests = _pool(hosts, placed)
+    result = planner.consolidate(hosts, guests)
+    assert result.freed and result.hosts_used == 8 - len(result.freed)
+    assert result.optimum_hosts_used is not None, result.summary()
+    assert result.hosts_used >= result.optimum_hosts_used
+    assert result.gap is not None and result.gap <= 0.34
+    awake = [load for name, load in hosts.items() if name not in result.freed]
+    # N+1: the awake hosts less their largest still hold every allocation.
+    assert sum(h.cpu_cap for h in awake) - max(h.cpu_cap for h in awake) >= sum(h.cpus_alloc for h in awake)
+    for name in result.freed:
+        assert hosts[name].vms == 0
+    assert all(hosts[name].cpus_alloc <= hosts[name].cpu_cap for name in hosts)
+
+
+def test_consolidation_with_unlike_hosts_and_overcommit_uses_the_big_ones():
+    hosts = {
+        "big1": _host("big1", cpus=16, memory=64 * G, cpu_overcommit=4.0),
+        "big2": _host("big2", cpus=16, memory=64 * G, cpu_overcommit=4.0),
+        **{f"s{i}": _host(f"s{i}", cpus=2, memory=4 * G) for i in range(4)},
+    }
+    placed = [(f"vm{i}", f"s{i % 4}", 2, 2) for i in range(4)] + [("x", "big1", 8, 8)]
+    hosts, guests = _pool(hosts, placed)
+    result = planner.consolidate(hosts, guests)
+    assert set(result.freed) >= {"s0", "s1", "s2", "s3"}
+    assert hosts["big1"].cpus_alloc + hosts["big2"].cpus_alloc == 16
+    assert result.gap == 0.0
+
+
+def test_consolidation_never_splits_anti_affinity_or_moves_pinned_vms():
+    hosts = {f"h{i}": _host(f"h{i}") for i in range(4)}
+    placed = [
+        ("a1", "h0", 1, 1, "g", Policy.ANTI_AFFINITY),
+        ("a2", "h1", 1, 1, "g", Policy.ANTI_AFFINITY),
+        ("a3", "h2", 1, 1, "g", Policy.ANTI_AFFINITY),
+        ("p", "h3", 1, 1, "pair", Policy.AFFINITY),
+    ]
+    hosts, guests = _pool(hosts, placed)
+    result = planner.consolidate(hosts, guests)
+    on = {}
+    for guest in guests:
+        on.setdefault(guest.host, []).append(guest.name)
+    assert all(len([n for n in names if n.startswith("a")]) <= 1 for names in on.values())
+    assert "h3" not in result.freed  # its VM is pinned
+    assert result.optimum_hosts_used is not None and result.hosts_used >= result.optimum_hosts_used
+
+
+def test_large_pools_get_a_bound_from_host_shapes():
+    hosts = {f"h{i}": _host(f"h{i}", cpus=[8, 16][i % 2], memory=[32, 64][i % 2] * G) for i in range(300)}
+    placed = [(f"vm{i}", f"h{i % 300}", 1 + i % 3, 1 + i % 5) for i in range(1200)]
+    hosts, guests = _pool(hosts, placed)
+    result = planner.consolidate(hosts, guests)
+    assert result.bound_hosts_used is not None and result.optimum_hosts_used is None
+    assert result.bound_hosts_used <= result.hosts_used
+    assert result.gap is not None and result.gap <= 0.1, result.summary()
+
+
+# -- the store: usage history and plans -------------------------------------------------------------------------
+
+
+def _stats(at, cpu_seconds, memory=G, read=0):
+    return {
+        "sampled_at": at,
+        "cpu_seconds": cpu_seconds,
+        "memory_bytes": memory,
+        "disks": {"vda": {"read_bytes": read, "write_bytes": 0}},
+        "nics": {},
+    }
+
+
+def test_usage_points_become_rates_roll_up_and_prune(store):
+    start = datetime.now(UTC).timestamp() - 3 * 3600
+    with store.session() as session:
+        for step in range(1, 60):  # ten minutes of samples, three hours ago
+            before, now = start + (step - 1) * 10, start + step * 10
+            usage.record(
+                session,
+                "h1",
+                [
+                    (
+                        "vm1",
+                        _stats(before, step * 5.0, read=step * 1000),
+                        _stats(now, (step + 1) * 5.0, read=(step + 1) * 1000),
+                    )
+                ],
+                load=1.0,
+            )
+    with store.session() as session:
+        raw = session.query(UsagePoint).filter_by(kind="vm", resolution=0).order_by(UsagePoint.at).first()
+        assert raw.cpu == pytest.approx(0.5) and raw.disk_read == pytest.approx(100.0)
+        host = session.query(UsagePoint).filter_by(kind="host", resolution=0).first()
+        assert host.cpu == pytest.approx(0.5) and host.load == 1.0
+        done = usage.maintain(session, "h1", now=datetime.fromtimestamp(start + 700, UTC))
+        assert done["minute"] >= 9
+    with store.session() as session:
+        done = usage.maintain(session, "h1")  # now: the raw points are past their hour
+        assert done["pruned"] >= 59
+        assert session.query(UsagePoint).filter_by(resolution=0).count() == 0
+        assert session.query(UsagePoint).filter_by(kind="vm", resolution=60).count() >= 9
+        history = usage.history(session, "vm", "vm1", "vm1", usage.parse_since("1d"))
+        assert history.resolution == 60 and history.average["cpu"] == pytest.approx(0.5)
+
+
+def test_bad_windows_are_refused():
+    for text in ("-1h", "soon", "40d", "0", "9" * 400 + "d"):
+        with pytest.raises(InvalidInput):
+            usage.parse_since(text)
+    assert usage.parse_since("90m") == timedelta(minutes=90)
+
+
+def _add_host(session, name, cpus=4, memory=8 * G):
+    session.add(
+        Host(
+            name=name,
+            cpus=cpus,
+            memory=memory,
+            cpu_overcommit=1.0,
+            memory_overcommit=1.0,
+            qemu_version="7.2",
+            storage_total=100 * G,
+            storage_free=100 * G,
+            state="online",
+        )
+    )
+
+
+def _add_vm(session, name, host, cpus=1, memory=G):
+    vm = VM(
+        name=name,
+        host=host,
+        spec={"name": name, "image": "tiny", "cpus": cpus, "memory": memory},
+        desired_state="running",
+        observed_state="running",
+    )
+    session.add(vm)
+    return vm
+
+
+def test_plans_are_stored_and_a_stale_one_is_refused(store):
+    with store.session() as session:
+        for name in ("a", "b", "c"):
+            _add_host(session, name)
+        for index in range(3):
+            _add_vm(session, f"vm{index}", "abc"[index])
+    with store.session() as session:
+        with pytest.raises(InvalidInput, match="threshold"):
+            plans.recommend_balance(session, plans.BalanceRequest(threshold=9))
+        plan = plans.recommend_consolidation(session, plans.ConsolidateRequest())
+        assert plan.state == "recommended" and plan.moves and plan.summary["hosts_freed"] >= 1
+        plan_id = plan.id
+    with store.session() as session:
+        _add_vm(session, "newcomer", "a")  # the pool changes under the plan
+    with store.session() as session, pytest.raises(Conflict, match="stale"):
+        plans.approve(session, plan_id)
+    with store.session() as session:
+        assert session.get(Plan, plan_id).state == "superseded"
+        fresh = plans.recommend_consolidation(session, plans.ConsolidateRequest())
+        assert plans.approve(session, fresh.id).state == "running"
+        with pytest.raises(Conflict, match="running"):
+            plans.approve(session, fresh.id)
+
+
+def test_standby_refuses_a_host_with_vms_and_placement_wakes_one(store):
+    from corral.cluster import placement
+    from corral.spec.vm import VMSpec
+
+    with store.session() as session:
+        _add_host(session, "a", cpus=2, memory=2 * G)
+        _add_host(session, "b")
+        _add_vm(session, "busy", "a", cpus=2, memory=2 * G)
+    with store.session() as session, pytest.raises(Conflict, match="still has 1 VM"):
+        plans.set_standby(session, "a")
+    with store.session() as session:
+        plans.set_standby(session, "b")
+    with store.session() as session:
+        assert session.query(Host).filter_by(name="b").one().standby
+        # a is full and b in standby: placement wakes b rather than refusing
+        chosen = placement.pick_host(session, VMSpec(name="x", image="tiny", cpus=1, memory="1G"))
+        assert chosen.name == "b" and not chosen.standby
+
+
+def test_a_switched_off_standby_host_is_woken_and_the_create_told_to_retry(store, monkeypatch):
+    from corral.cluster import placement
+    from corral.spec.vm import VMSpec
+
+    woken = []
+    monkeypatch.setattr(placement, "wake_hook", lambda name, address: woken.append(name))
+    with store.session() as session:
+        _add_host(session, "a", cpus=1, memory=G)
+        _add_host(session, "b")
+        _add_vm(session, "busy", "a", cpus=1, memory=G)
+    with store.session() as session:
+        plans.set_standby(session, "b")
+        session.query(Host).filter_by(name="b").one().state = "offline"  # the power command switched it off
+    with store.session() as session, pytest.raises(Conflict, match="waking up"):
+        placement.pick_host(session, VMSpec(name="x", image="tiny", cpus=1, memory="1G"))
+    assert woken == ["b"]
+    with store.session() as session:
+        assert session.query(Host).filter_by(name="b").one().standby  # not awake until its agent reports

@@ -160,8 +160,10 @@ class Chaos:
             known.add(path)
             if backing:
                 known.add(backing)
-            if state == "ready" and not (pool / path).exists():
-                problems.append(f"volume {name} has no file {path}")
+            if not (pool / path).exists():
+                problems.append(f"volume {name} ({state}) has no file {path}")
+            elif state != "ready":
+                problems.append(f"volume {name} left {state}")
         for disks in templates:
             import json
 

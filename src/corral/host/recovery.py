@@ -108,13 +108,16 @@ def settle_unrun(agent: Agent, wanting: set[str]) -> dict[str, list[str]]:
 
 
 def settle_unstopped(agent: Agent, interrupted: list[Job]) -> dict[str, list[str]]:
-    """VMs adopted running although their desired state is stopped (a stop or delete died with the agent after
-    the intent was recorded): the interrupted delete is submitted again, or a stop with the interrupted job's
-    options, so the VM ends as asked instead of running against its desired state."""
+    """VMs whose interrupted delete left them half removed (running or not, some files perhaps already gone), and
+    VMs adopted running although their desired state is stopped (a stop died with the agent after the intent was
+    recorded): the delete is submitted again, or a stop with the interrupted job's options, so the VM ends as
+    asked instead of lingering against its desired state."""
     by_vm = {job.target_id: job for job in interrupted if job.target_kind == "vm" and job.target_id}
     outcome: dict[str, list[str]] = {"stopping": [], "deleting": []}
     with agent.store.session() as session:
-        for vm_id in sorted(agent.vms):
+        # A delete is finished whatever state it was left in: its files may already be gone.
+        deletes = {vm_id for vm_id, job in by_vm.items() if job.kind == JobKind.VM_DELETE}
+        for vm_id in sorted(set(agent.vms) | deletes):
             vm = session.get(VM, vm_id)
             if vm is None or vm.desired_state != PowerState.STOPPED or jobs.active_for(session, "vm", vm_id):
                 continue
@@ -128,5 +131,10 @@ def settle_unstopped(agent: Agent, interrupted: list[Job]) -> dict[str, list[str
                         params=params)  # fmt: skip
             vm.status_message = f"{what} again: the agent restarted while it was being done"
             outcome[what].append(vm.name)
-            log.warning("VM %s runs though it should be stopped (interrupted job): %s it again", vm.name, what)
+            log.warning(
+                "VM %s: its %s was interrupted by an agent restart; %s it again",
+                vm.name,
+                earlier.kind if earlier else "stop",
+                what,
+            )
     return outcome

@@ -7,9 +7,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup system run test test-unit lint bench clean cluster-demo cluster-down
+.PHONY: setup system ui run test test-unit lint bench clean cluster-demo cluster-down
 
-setup: system $(STAMP)
+setup: system $(STAMP) ui
+
+# The web console's browser packages (xterm.js), from npm with the lockfile, copied where the daemon serves them.
+ui: src/corral/ui/static/vendor/xterm.js
+
+src/corral/ui/static/vendor/xterm.js: frontend/package-lock.json frontend/copy-vendor.mjs
+	cd frontend && npm ci --no-audit --no-fund --loglevel=error
+	node frontend/copy-vendor.mjs
 
 system:
 	@bash scripts/install-system-deps.sh

@@ -3,7 +3,11 @@ the bridge, and host to guest over user-mode networking (QEMU's slirp) for compa
 the guest's clock; busybox has no iperf). Then the cost of
 isolation on boot (benchmarks/isolation.py's measurement, run here too so one run gives the whole table).
 
-Run as root: python benchmarks/network.py [--runs 3] [--megabytes 32]
+With --pool: the same pair on one host against a pair across two hosts of a netns pool (corral.localpool, one
+PostgreSQL), whose network spans them over VXLAN, and the pings a guest loses while its peer is live-migrated
+to the other host (disks copied: the hosts do not share storage).
+
+Run as root: python benchmarks/network.py [--runs 3] [--megabytes 32] [--pool]
 """
 
 from __future__ import annotations
@@ -88,12 +92,103 @@ def ping_ms(bench: BenchDaemon, vm: str, target: str) -> float:
     return float(match[1])
 
 
+def cross_host(runs: int, megabytes: int) -> list[list[str]]:
+    """Rows of the overlay: throughput and RTT on one host against across hosts, and pings lost in a move."""
+    import json
+    import tempfile
+    import uuid
+
+    from corral.localpool import LocalPool
+    from corral.store.db import Store
+    from corral.store.pgserver import PgServer
+
+    images = Path(tempfile.mkdtemp(prefix="bn-img-", dir="/tmp"))
+    pool = LocalPool("", prefix="bn", settings={"CORRAL_ACCEL": "tcg"})
+    results: dict[str, list[float]] = {}
+    with PgServer() as server:
+        try:
+            name = f"net_{uuid.uuid4().hex[:8]}"
+            server.create_database(name)
+            pool.url = f"postgresql+psycopg://corral@/{name}?host={server.root}&port={server.port}"
+            store = Store(pool.url)
+            store.migrate()
+            store.close()
+            pool.network()
+            pool.start_control()
+            pool.add_host("h1", images=images)
+            pool.add_host("h2", images=images)
+            pool.wait_online(["h1", "h2"])
+            pool.cli("image", "build", "tiny", timeout=1800)
+            pool.cli("network", "create", "bench", "--mode", "nat")
+            for vm, host in (("pa", "h1"), ("pb", "h1"), ("pc", "h2")):
+                pool.cli("vm", "run", vm, "--host", host, "--memory", "160M", "--nic", "network=bench", timeout=400)
+
+            def sh(vm: str, script: str) -> str:
+                return pool.cli("vm", "exec", vm, "--timeout", "300", "--", "sh", "-c", script).stdout
+
+            ips = {vm: json.loads(pool.cli("vm", "show", vm, "--json").stdout)["nics"][0]["ip"]
+                   for vm in ("pa", "pb", "pc")}
+            for vm, ip in ips.items():
+                deadline = time.monotonic() + 60
+                while "ok" not in sh(vm, f"ip -4 addr | grep -q 'inet {ip}/' && echo ok || true"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{vm} never got {ip}")
+                    time.sleep(0.5)
+            for vm in ("pb", "pc"):
+                sh(vm, f"mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/blob bs=1M count={megabytes} 2>/dev/null"
+                       " && httpd -p 8000 -h /tmp/www")
+
+            def fetch(server_vm: str) -> float:
+                out = sh("pa", f"read s _ </proc/uptime; wget -q -O /dev/null http://{ips[server_vm]}:8000/blob && "
+                               "read e _ </proc/uptime && awk -v s=$s -v e=$e 'BEGIN {print e - s}'")
+                return megabytes / float(out.strip().splitlines()[-1])
+
+            def rtt(target: str) -> float:
+                out = sh("pa", f"ping -c 20 -i 0.2 -q {target}")
+                match = re.search(r"= [\d.]+/([\d.]+)/", out)
+                if match is None:
+                    raise RuntimeError(f"no ping summary: {out}")
+                return float(match[1])
+
+            for _ in range(runs):
+                results.setdefault("pool: guest -> guest, one host (MB/s)", []).append(fetch("pb"))
+                results.setdefault("pool: guest -> guest, across hosts (MB/s)", []).append(fetch("pc"))
+                results.setdefault("pool: RTT one host (ms)", []).append(rtt(ips["pb"]))
+                results.setdefault("pool: RTT across hosts (ms)", []).append(rtt(ips["pc"]))
+            for index in range(runs):
+                sh("pa", f"rm -f /tmp/ping.log; setsid sh -c 'ping -i 0.1 -c 1200 -W 1 {ips['pc']} > /tmp/ping.log'"
+                         " </dev/null >/dev/null 2>&1 &")
+                pool.cli("vm", "migrate", "pc", "--to", "h1" if index % 2 == 0 else "h2", timeout=900)
+                sh("pa", "kill -INT $(pidof ping) 2>/dev/null; sleep 1")
+                summary = sh("pa", "cat /tmp/ping.log")
+                match = re.search(r"(\d+) packets transmitted, (\d+) packets received", summary)
+                if match is None:
+                    raise RuntimeError(f"no ping summary: {summary[-300:]}")
+                results.setdefault("pool: pings lost in a live move (0.1 s apart)", []).append(
+                    float(int(match[1]) - int(match[2])))
+        finally:
+            pool.close()
+            import shutil
+
+            shutil.rmtree(images, ignore_errors=True)
+    return [[name, f"{median(values):.2f}", " ".join(f"{v:.2f}" for v in values)] for name, values in results.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--megabytes", type=int, default=32)
     parser.add_argument("--skip-isolation", action="store_true", help="leave out the boot cost of isolation")
+    parser.add_argument("--pool", action="store_true", help="only the cross-host rows, on a netns pool of two hosts")
     args = parser.parse_args()
+    if args.pool:
+        rows = cross_host(args.runs, args.megabytes)
+        same = {r[0]: float(r[1]) for r in rows}
+        one, across = same["pool: guest -> guest, one host (MB/s)"], same["pool: guest -> guest, across hosts (MB/s)"]
+        rows.append(["pool: throughput across / one host (ratio)", f"{across / one:.2f}", ""])
+        print_table(f"Networks across hosts (VXLAN), tiny guests under TCG, {args.megabytes} MiB, {args.runs} runs",
+                    ["measure", "median", "runs"], rows)
+        return
     results: dict[str, list[float]] = {}
     with BenchDaemon(env={"CORRAL_DEFAULT_NETWORK": "1"}) as bench:
         bench.cli("vm", "run", "nb-a", "--nic", "network=default")

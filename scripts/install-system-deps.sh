@@ -21,6 +21,8 @@ packages=(
   fdisk dosfstools mtools syslinux syslinux-common grub-efi-amd64-bin grub-common
   postgresql        # a pool's shared store; the tests start throw-away servers from its initdb/pg_ctl
   acl               # per-VM read grants (setfacl) on shared read-only bases: a tenant's QEMU reads only its own images
+  nodejs npm        # the web console's browser packages come from npm (frontend/package.json, `make setup`)
+  chromium chromium-driver   # the web console's browser tests (Playwright drives Debian's chromium)
 )
 
 missing=()
@@ -30,6 +32,11 @@ done
 # A pyenv or other non-Debian Python may already have venv; then python3-venv is not needed.
 if python3 -c 'import ensurepip, venv' 2>/dev/null; then
   missing=("${missing[@]/python3-venv}")
+fi
+# A node from another source (e.g. NodeSource's nodejs, which ships npm itself) serves as well as Debian's.
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  missing=("${missing[@]/nodejs}")
+  missing=("${missing[@]/npm}")
 fi
 missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
 

@@ -12,7 +12,8 @@ else
   corral_cmd="$corral"
 fi
 
-"$corral" serve --detach
+# HTTPS on the loopback for the web console (and remote clients): CORRAL_LISTEN=0.0.0.0:8443 serves the network.
+"$corral" serve --detach --listen "${CORRAL_LISTEN:-127.0.0.1:8443}"
 "$corral" image build tiny
 if ! "$corral" vm show demo >/dev/null 2>&1; then
   "$corral" vm run demo --image tiny
@@ -36,4 +37,9 @@ corral is running (home: ${CORRAL_HOME:-/var/lib/corral}) with the VM "demo". Tr
   $corral_cmd vm show demo             # state, disks, addresses
   $corral_cmd vm run web --image tiny  # another VM
   $corral_cmd --help
+  $corral_cmd ui                       # a new one-time login link to the web console
+
+The web console: https://${CORRAL_LISTEN:-127.0.0.1:8443}/ui/ (log in with a token from \`corral token create\`,
+or open this one-time link, good for a minute, as the local admin; the certificate is self-signed):
 MSG
+"$corral" ui || echo "(no web console: the daemon was started without --listen; restart it with \`corral shutdown\`)"

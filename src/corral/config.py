@@ -83,6 +83,10 @@ class Settings(BaseModel):
     # The host ports port forwards may take ("LOW-HIGH"): the administrator's, for every caller (the local root
     # too), so a forward can never land on a port a host service uses or will use (docs/networking.md).
     port_forward_range: str = Field(default="20000-29999", pattern=r"^\s*\d{1,5}\s*-\s*\d{1,5}\s*$")
+    # Networks across a pool's hosts: VXLAN's UDP port between hosts, and the MTU of the hosts' underlay links
+    # (guests get 50 bytes less, what VXLAN's headers take).
+    overlay_port: int = Field(default=4789, ge=1, le=65535)
+    underlay_mtu: int = Field(default=1500, ge=1280, le=65535)
     # Host bridges project admins may join with bridge-mode networks; cluster admins may name any host bridge.
     # corral's own bridges are never uplinks, whatever this says.
     bridge_uplinks: list[str] = Field(default_factory=list)
@@ -141,6 +145,8 @@ _ENV = {
     "CORRAL_LEASE_TIME": "lease_time",
     "CORRAL_DEFAULT_NETWORK": "default_network",
     "CORRAL_PORT_FORWARD_RANGE": "port_forward_range",
+    "CORRAL_OVERLAY_PORT": "overlay_port",
+    "CORRAL_UNDERLAY_MTU": "underlay_mtu",
     "CORRAL_BACKUP_DIR": "backup_dir",
     "CORRAL_BACKUP_MIN_INTERVAL": "backup_min_interval",
 }

@@ -228,6 +228,7 @@ def serve(
             agent.start_in_thread()
             _ensure_default_network(settings, store)
         app = create_app(settings, store)
+        app.state.listen = listen  # the HTTPS address `corral ui` sends a browser to
         # At least once a second on a pool: HA takes a host over within a second of its lease's margin.
         interval = max(1.0, settings.host_timeout / 4)
         watch = HostWatch(store, 1.0 if store.shared else interval, settings.lease_time)

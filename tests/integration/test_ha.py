@@ -214,7 +214,10 @@ def test_a_crashed_hosts_ha_vm_runs_again_on_a_survivor(pool: Pool, sampler: Sam
         f"{recovered:.1f} s"
     )
     assert vm["host"] == "h2", "the only survivor that reaches h1's storage pool"
-    assert recovered < 30, f"the HA VM answered {recovered:.1f} s after the crash"
+    # The pool's part (lease expiry, margin, takeover, start job) is ~15 s with the default timings; the guest's
+    # TCG boot after it takes 5 s on a quiet machine and up to ~20 s on a loaded 2-core one (docs/ha.md).
+    assert launched < 30, f"the HA VM ran again {launched:.1f} s after the crash"
+    assert recovered < 45, f"the HA VM's guest answered {recovered:.1f} s after the crash"
     assert sampler.copies(hv_id) == {"h2": 1}
     lost = pool.vm("nv")
     assert lost["state"] == "lost" and lost["host"] == "h1", lost

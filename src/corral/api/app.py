@@ -132,6 +132,9 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     from corral.cluster import plans
 
     plans.configure(settings.standby_command, settings.wake_command)
+    from corral.api import routes_ui
+
+    routes_ui.install(app)  # the web console at /ui/
 
     @app.get("/health", tags=["host"])
     def health() -> dict[str, str]:

@@ -18,12 +18,19 @@ from fastapi import Query, Request
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from corral.api import ui_sessions
 from corral.cluster import identity
 from corral.cluster.identity import ROOT, Principal, Role
 from corral.errors import Forbidden, NotFound, Unauthorized
 
 LOCAL = "corral.local"
 PUBLIC = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+UI_PREFIX = "/ui"  # the web console's static shell and its login routes (corral.api.routes_ui): no token needed
+
+
+def is_public(path: str) -> bool:
+    """Whether ``path`` is served without a caller: the listed routes, and the web console's shell."""
+    return path in PUBLIC or path == UI_PREFIX or path.startswith(UI_PREFIX + "/")
 
 
 def trusted(app: ASGIApp) -> ASGIApp:
@@ -59,15 +66,52 @@ def principal(connection: HTTPConnection) -> Principal:
     else:
         header = connection.headers.get("authorization", "")
         scheme, _, secret = header.partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
+        if not header and ui_sessions.COOKIE in connection.cookies:
+            who = _from_ui_session(connection)
+        elif scheme.lower() != "bearer" or not secret.strip():
             raise Unauthorized(
                 "this API needs a token", "send `Authorization: Bearer <token>` (CORRAL_TOKEN for the CLI and SDK)"
             )
-        state = connection.app.state.corral
-        with state.store.reading() as session:
-            who = identity.authenticate(session, secret.strip())
+        else:
+            state = connection.app.state.corral
+            with state.store.reading() as session:
+                who = identity.authenticate(session, secret.strip())
     connection.scope["corral.principal"] = who
     return who
+
+
+def same_origin(connection: HTTPConnection) -> bool:
+    """Whether a browser request comes from a page of this daemon: its Origin (browsers send one on every
+    websocket and every unsafe request) names this very host."""
+    origin = connection.headers.get("origin")
+    if origin is None:
+        return connection.scope["type"] == "http"  # a browser omits it only on same-origin GET/HEAD
+    scheme = "https" if connection.url.scheme in ("https", "wss") else "http"
+    return origin == f"{scheme}://{connection.headers.get('host', '')}"
+
+
+def _from_ui_session(connection: HTTPConnection) -> Principal:
+    """The caller of a web-console request, from its session cookie. A cookie rides along on any request the
+    browser makes to this host, also from another site's page, so it counts only with a same-origin proof: the
+    UI's custom header on plain requests (a cross-site page cannot send one without a CORS preflight, which this
+    API never grants), and a matching Origin on websockets (where a page cannot set headers). The cookie is also
+    SameSite=Strict, HttpOnly and Secure."""
+    proven = same_origin(connection) and (
+        connection.scope["type"] == "websocket" or connection.headers.get(ui_sessions.CSRF_HEADER) == "1"
+    )
+    if not proven:
+        raise Forbidden(
+            "a web-console session is accepted only from the console's own pages",
+            "use the console at /ui/, or send `Authorization: Bearer <token>`",
+        )
+    login = ui_sessions.of(connection.app).get(connection.cookies[ui_sessions.COOKIE])
+    if login is None:
+        raise Unauthorized("the web-console session has ended", "log in again at /ui/")
+    if login.secret is None:
+        return ROOT
+    state = connection.app.state.corral
+    with state.store.reading() as session:
+        return identity.authenticate(session, login.secret)
 
 
 def resolve(connection: HTTPConnection, project: str | None, need: Role) -> Caller:

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.api.audit import PROBLEM as AUDIT_PROBLEM
-from corral.api.auth import LOCAL, PUBLIC, principal
+from corral.api.auth import LOCAL, is_public, principal
 from corral.config import Settings
 from corral.errors import BodyTimeout, BodyTooLarge, CorralError, TooManyRequests
 from corral.spec.sizes import format_size
@@ -93,7 +93,7 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        if path not in PUBLIC:
+        if not is_public(path):
             try:
                 # Headers only: the body stays unread in the socket's buffer (uvicorn reads ahead 64 KiB at most).
                 await asyncio.to_thread(principal, HTTPConnection(scope))

@@ -91,6 +91,11 @@ class StoreCollector(Collector):
         storage_free = GaugeMetricFamily("corral_host_storage_free_bytes", "Free space in the default pool.",
                                          labels=labels)
         up = GaugeMetricFamily("corral_host_up", "1 when the host's agent heartbeat is recent.", labels=labels)
+        # HA (docs/ha.md): how often the host was taken over, and when its lease runs out (0: it holds none).
+        epoch = GaugeMetricFamily("corral_host_epoch", "Times the control plane took the host over.", labels=labels)
+        lease = GaugeMetricFamily("corral_host_lease_expiry_timestamp_seconds",
+                                  "When the host's HA lease runs out (database clock; 0 when it holds none).",
+                                  labels=labels)
         online = {h.name for h in placement.online_hosts(session)}
         for host in session.scalars(select(Host)):
             allocation = placement.allocated(session, host.name)
@@ -103,7 +108,9 @@ class StoreCollector(Collector):
             mem_alloc.add_metric([host.name], allocation.memory)
             storage_free.add_metric([host.name], host.storage_free)
             up.add_metric([host.name], 1 if host.name in online else 0)
-        yield from (cpus, vcpus_cap, vcpus_alloc, mem, mem_cap, mem_alloc, storage_free, up)
+            epoch.add_metric([host.name], host.epoch)
+            lease.add_metric([host.name], host.lease_expires_at.timestamp() if host.lease_expires_at else 0)
+        yield from (cpus, vcpus_cap, vcpus_alloc, mem, mem_cap, mem_alloc, storage_free, up, epoch, lease)
 
     def _jobs(self, session):  # type: ignore[no-untyped-def]
         jobs = CounterMetricFamily("corral_jobs", "Jobs by kind and state.", labels=["kind", "state"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, status
 from fastapi.responses import FileResponse
@@ -46,6 +46,7 @@ class VMExport(BaseModel):
         ),
     )
     compress: bool = False
+    format: Literal["tar", "ova"] = Field(default="tar", description="tar: corral's own; ova: OVF 1.x with VMDKs")
 
 
 class VMImport(BaseModel):
@@ -59,6 +60,8 @@ class VMImport(BaseModel):
     )
     upload: str | None = Field(default=None, description="the id of an upload (POST /uploads) of the archive")
     name: str | None = None
+    network: str | None = Field(default=None, description="the network every NIC goes on (default: as exported, "
+                                "or user-mode NAT for an OVA or a libvirt domain)")
 
 
 class BackupView(BaseModel):
@@ -220,7 +223,8 @@ def export_vm(
 ) -> Accepted:
     """To a host path (the local admin only), or kept for download: the job's result names the export's id."""
     with state.store.session() as session:
-        job = backups.export(session, vm_name, request.file, request.compress, caller.project, origin_of(http))
+        job = backups.export(session, vm_name, request.file, request.compress, caller.project, origin_of(http),
+                             request.format)
         return Accepted(job=JobView.of(job))
 
 
@@ -229,7 +233,8 @@ def import_vm(
     request: VMImport, http: Request, caller: Caller = Depends(operator), state: AppState = Depends(app_state)
 ) -> Accepted:
     with state.store.session() as session:
-        job = backups.import_(session, request.file, request.name, caller.project, origin_of(http), request.upload)
+        job = backups.import_(session, request.file, request.name, caller.project, origin_of(http), request.upload,
+                              request.network)
         return Accepted(job=JobView.of(job))
 
 

@@ -15,7 +15,7 @@ from corral.api.views import Accepted, JobView, NetworkView, VMView
 from corral.cluster import networks
 from corral.cluster.identity import Role
 from corral.cluster.vms import _busy, get_vm
-from corral.spec.network import NetworkSpec, PortForwardSpec
+from corral.spec.network import VXLAN_OVERHEAD, NetworkSpec, PortForwardSpec
 from corral.spec.vm import NicSpec
 from corral.store.models import VM, Job, NetworkPort
 
@@ -40,13 +40,16 @@ def _users(session: Session, network_id: str) -> list[str]:
 
 @router.get("/networks", response_model=list[NetworkView])
 def list_networks(caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> list[NetworkView]:
-    return [NetworkView.of(net, _users(session, net.id)) for net in networks.list_networks(session, caller.project)]
+    return [
+        NetworkView.of(net, _users(session, net.id), networks.network_hosts(session, net.id))
+        for net in networks.list_networks(session, caller.project)
+    ]
 
 
 @router.get("/networks/{name}", response_model=NetworkView)
 def show_network(name: str, caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> NetworkView:
     network = networks.get_network(session, name, caller.project)
-    return NetworkView.of(network, _users(session, network.id))
+    return NetworkView.of(network, _users(session, network.id), networks.network_hosts(session, network.id))
 
 
 @router.post("/networks", **ACCEPTED)
@@ -57,7 +60,12 @@ def create_network(
     any_bridge = caller.principal.cluster and caller.principal.role >= Role.ADMIN
     with state.store.session() as session:
         job = networks.create(
-            session, request, caller.project, any_host_bridge=any_bridge, allowed_uplinks=state.settings.bridge_uplinks
+            session,
+            request,
+            caller.project,
+            any_host_bridge=any_bridge,
+            allowed_uplinks=state.settings.bridge_uplinks,
+            max_mtu=state.settings.underlay_mtu - VXLAN_OVERHEAD if state.store.shared else None,
         )
         network = networks.get_network(session, request.name, caller.project)
         return Accepted(job=JobView.of(job), network=NetworkView.of(network, []))

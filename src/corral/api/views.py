@@ -96,13 +96,17 @@ class NetworkView(BaseModel):
     status: str
     vms: list[str]
     created_at: datetime
+    vni: int | None = Field(default=None, description="the VXLAN identifier the network spans a pool's hosts with")
+    mtu: int | None = None
+    hosts: list[str] = Field(default_factory=list, description="the hosts with a VM on the network")
 
     @classmethod
-    def of(cls, network: Network, vms: list[str] | None = None) -> NetworkView:
+    def of(cls, network: Network, vms: list[str] | None = None, hosts: list[str] | None = None) -> NetworkView:
         return cls(name=network.name, id=network.id, project=network.project, mode=network.mode,
                    subnet=network.subnet, gateway=network.gateway, dhcp=network.dhcp, uplink=network.uplink,
                    bridge=network.bridge, state=network.state, status=network.status_message,
-                   vms=sorted(vms or []), created_at=network.created_at)
+                   vms=sorted(vms or []), created_at=network.created_at, vni=network.vni, mtu=network.mtu,
+                   hosts=hosts or [])
 
 
 class VMView(BaseModel):

@@ -240,21 +240,28 @@ def export_vm(
     vm: str = typer.Argument(..., help="VM name."),
     file: str = typer.Argument(..., help="The archive to write (FILE.tar): here when the server is remote, "
                                "on the server host on the local socket."),
-    compress: bool = typer.Option(False, "--compress", help="gzip the archive."),
+    compress: bool = typer.Option(False, "--compress", help="gzip the archive (tar only)."),
+    format: str = typer.Option(None, "--format", help="tar (corral's own) or ova (OVF 1.x with streamOptimized "
+                               "VMDKs, for VirtualBox, VMware and qemu-img); default: ova for FILE.ova, else tar."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Write a VM's spec and flattened disks, with checksums, to one tar archive (downloaded from a remote)."""
+    """Write a VM's spec and flattened disks, with checksums, to one tar archive or an OVA (downloaded from a
+    remote)."""
     from corral.cli.image import transfer_bar
 
+    kind = format or ("ova" if file.endswith(".ova") else "tar")
+
     def action() -> None:
+        if kind not in ("tar", "ova"):
+            raise InvalidInput(f"unknown export format {kind!r}", "choose --format tar or --format ova")
         with client() as corral:
             if corral.url is None:
-                job = follow_job(corral, corral.export_vm(vm, os.path.abspath(file), compress), f"export {vm}",
+                job = follow_job(corral, corral.export_vm(vm, os.path.abspath(file), compress, kind), f"export {vm}",
                                  quiet=as_json)
             else:
                 if os.path.lexists(file):
                     raise InvalidInput(f"{file} already exists", "choose a new file name, or remove the old one")
-                job = follow_job(corral, corral.export_vm(vm, None, compress), f"export {vm}", quiet=as_json)
+                job = follow_job(corral, corral.export_vm(vm, None, compress, kind), f"export {vm}", quiet=as_json)
                 assert job is not None
                 with transfer_bar(f"downloading {os.path.basename(file)}", as_json) as progress:
                     corral.download_export(job["result"]["export"], file, progress)
@@ -267,13 +274,18 @@ def export_vm(
 
 
 def import_vm(
-    file: str = typer.Argument(..., help="An archive made by `corral vm export`: uploaded when the server is "
-                               "remote, on the server host on the local socket."),
+    file: str = typer.Argument(..., help="A corral export (.tar), an OVA, or a libvirt domain XML (`virsh dumpxml`; "
+                               "the local socket only): uploaded when the server is remote, on the server host on "
+                               "the local socket."),
     name: str = typer.Option(None, "--name", "-n", help="Name of the new VM (default: the exported VM's)."),
+    network: str = typer.Option(None, "--network", help="Put every NIC on this corral network (default: as "
+                                "exported; user-mode NAT for an OVA or a libvirt domain)."),
+    start: bool = typer.Option(False, "--start", help="Start the VM once imported."),
     import_dir: bool = typer.Option(False, "--import-dir", help="FILE is a name in the server's import directory."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Make a new VM from an export; the archive is checked in full before the VM can be used."""
+    """Make a new VM from an export, an OVA or a libvirt domain (told apart by content); the input is checked in
+    full before the VM can be used, and what corral cannot map is listed, one line each."""
     from pathlib import Path
 
     from corral.cli.image import upload_file
@@ -281,15 +293,25 @@ def import_vm(
     def action() -> None:
         with client() as corral:
             if import_dir:
-                accepted = corral.import_vm(file, name)
+                accepted = corral.import_vm(file, name, network=network)
             elif corral.url is None:
-                accepted = corral.import_vm(os.path.abspath(file), name)
+                accepted = corral.import_vm(os.path.abspath(file), name, network=network)
             else:
-                accepted = corral.import_vm(None, name, upload=upload_file(corral, Path(file), as_json))
+                accepted = corral.import_vm(None, name, upload=upload_file(corral, Path(file), as_json),
+                                            network=network)
             job = follow_job(corral, accepted, f"import {os.path.basename(file)}", quiet=as_json)
-        assert job is not None
-        print_json(job) if as_json else print(f"imported VM {job['result']['vm']} (start it with "
-                                              f"`corral vm start {job['result']['vm']}`)")
+            assert job is not None
+            if start:
+                follow_job(corral, corral.start_vm(job["result"]["vm"]), f"start {job['result']['vm']}",
+                           quiet=as_json)
+        if as_json:
+            print_json(job)
+            return
+        for line in job["result"].get("warnings") or []:
+            print(f"warning: {line}")
+        vm_name = job["result"]["vm"]
+        print(f"imported VM {vm_name}" + (" and started it" if start else
+                                          f" (start it with `corral vm start {vm_name}`)"))
 
     run(action)
 

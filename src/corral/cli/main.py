@@ -6,7 +6,8 @@ from __future__ import annotations
 import typer
 
 from corral import __version__
-from corral.cli import access, agent, backup, host, image, job, network, pool, serve, snapshot, template, vm, volume
+from corral.cli import access, agent, backup, host, image, job, network, pool, serve, snapshot, template, ui, vm, volume
+from corral.cli import env as env_cli
 
 app = typer.Typer(
     name="corral",
@@ -31,6 +32,8 @@ app.add_typer(network.app, name="network")
 serve.register(app)
 access.register(app)
 agent.register(app)
+ui.register(app)
+env_cli.register(app)
 
 
 def _version(value: bool) -> None:

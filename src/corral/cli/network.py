@@ -48,11 +48,11 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
         if as_json:
             print_json(network)
             return
-        rows = [
-            (key, network[key] if network[key] not in (None, "") else "-")
-            for key in ("name", "mode", "subnet", "gateway", "dhcp", "uplink", "bridge", "state", "status")
-        ]
+        keys = ("name", "mode", "subnet", "gateway", "dhcp", "uplink", "bridge", "vni", "mtu", "state", "status")
+        rows = [(key, network.get(key) if network.get(key) not in (None, "") else "-") for key in keys]
         rows.append(("vms", ", ".join(network["vms"]) or "-"))
+        # The hosts whose VMs are on it: in a pool, the network's VXLAN segment spans exactly these.
+        rows.append(("hosts", ", ".join(network.get("hosts") or []) or "-"))
         table(["FIELD", "VALUE"], rows)
 
     run(action)
@@ -70,13 +70,17 @@ def create(
         " uplinks the administrator allows in bridge_uplinks).",
     ),
     dhcp: bool = typer.Option(True, "--dhcp/--no-dhcp", help="Hand out addresses with DHCP (nat and isolated)."),
+    vni: int = typer.Option(None, "--vni", help="VXLAN identifier between a pool's hosts (chosen if omitted)."),
+    mtu: int = typer.Option(
+        None, "--mtu", help="The guests' MTU, told by DHCP (in a pool: at most the underlay's MTU less 50)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a network; VMs join it with --nic network=NAME."""
 
     def action() -> None:
         with client() as corral:
-            accepted = corral.create_network(name, mode=mode, subnet=subnet, uplink=uplink, dhcp=dhcp)
+            accepted = corral.create_network(name, mode=mode, subnet=subnet, uplink=uplink, dhcp=dhcp, vni=vni, mtu=mtu)
             follow_job(corral, accepted, f"network {name}", quiet=as_json)
             network = corral.network(name)
         if as_json:

@@ -401,16 +401,26 @@ class Client:
     def remove_backup_schedule(self, vm: str) -> None:
         self.request("DELETE", f"/vms/{vm}/backup-schedule")
 
-    def export_vm(self, vm: str, file: str | None = None, compress: bool = False) -> dict[str, Any]:
-        """Write spec and flattened disks to a tar: at ``file``, an absolute path on the server host (the local
-        admin only), or, with no ``file``, kept on the server for :meth:`download_export` (the finished job's
-        result names the export's id)."""
-        return self.request("POST", f"/vms/{vm}/export", json={"file": file, "compress": compress})
+    def export_vm(
+        self, vm: str, file: str | None = None, compress: bool = False, format: str = "tar"
+    ) -> dict[str, Any]:
+        """Write spec and flattened disks to a tar (``format="ova"``: an OVF 1.x OVA): at ``file``, an absolute
+        path on the server host (the local admin only), or, with no ``file``, kept on the server for
+        :meth:`download_export` (the finished job's result names the export's id)."""
+        body: dict[str, Any] = {"file": file, "compress": compress}
+        if format != "tar":
+            body["format"] = format
+        return self.request("POST", f"/vms/{vm}/export", json=body)
 
-    def import_vm(self, file: str | None = None, name: str | None = None, upload: str | None = None) -> dict[str, Any]:
+    def import_vm(
+        self, file: str | None = None, name: str | None = None, upload: str | None = None, network: str | None = None
+    ) -> dict[str, Any]:
         """From an upload id (:meth:`upload`), a plain name in the server's import directory, or a host path
-        (the local admin only)."""
-        return self.request("POST", "/vms/import", json={"file": file, "name": name, "upload": upload})
+        (the local admin only): a corral export, an OVA, or (the local admin only) a libvirt domain XML."""
+        body: dict[str, Any] = {"file": file, "name": name, "upload": upload}
+        if network is not None:
+            body["network"] = network
+        return self.request("POST", "/vms/import", json=body)
 
     def download_export(self, export_id: str, target: Path | str, progress: Transfer | None = None) -> int:
         """Stream an export made without a file to ``target`` (a new file, 0600; written beside it and renamed
@@ -547,8 +557,8 @@ class Client:
         return self.request("GET", f"/networks/{name}")
 
     def create_network(self, name: str, mode: str = "nat", subnet: str | None = None, uplink: str | None = None,
-                       dhcp: bool = True) -> dict[str, Any]:
-        body = {"name": name, "mode": mode, "subnet": subnet, "uplink": uplink, "dhcp": dhcp}
+                       dhcp: bool = True, vni: int | None = None, mtu: int | None = None) -> dict[str, Any]:
+        body = {"name": name, "mode": mode, "subnet": subnet, "uplink": uplink, "dhcp": dhcp, "vni": vni, "mtu": mtu}
         return self.request("POST", "/networks", json={k: v for k, v in body.items() if v is not None})
 
     def delete_network(self, name: str) -> dict[str, Any]:

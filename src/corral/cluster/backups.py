@@ -176,6 +176,14 @@ def _new_vm_with_disks(
     return vm
 
 
+def make_vm_with_disks(
+    session: Session, spec: VMSpec, host: str, project: str, sizes: list[int], image: Image
+) -> VM:
+    """A new stopped VM with pending volumes of ``sizes`` (quotas checked): for imports of other formats
+    (corral.cluster.appliances)."""
+    return _new_vm_with_disks(session, spec, host, project, sizes, image)
+
+
 def restore(
     session: Session, vm_name: str, name: str, as_name: str | None = None, project: str = "default"
 ) -> Job:
@@ -224,10 +232,13 @@ def _export_path(file: str) -> Path:
 
 def export(
     session: Session, vm_name: str, file: str | None, compress: bool = False, project: str = "default",
-    origin: Origin | None = None,
+    origin: Origin | None = None, format: str = "tar",
 ) -> Job:
     """To a host path (the local admin only), or, with no ``file``, to the project's export directory, from where
-    the caller downloads it (``GET /exports/{id}``, named in the job's result) before it expires."""
+    the caller downloads it (``GET /exports/{id}``, named in the job's result) before it expires. ``format``:
+    ``tar`` (corral's own) or ``ova`` (OVF 1.x, corral.cluster.appliances)."""
+    if format not in ("tar", "ova"):
+        raise InvalidInput(f"unknown export format {format!r}", "choose tar (corral's own) or ova")
     local = origin is not None and origin.local
     if file is not None and not local:
         raise Forbidden("exporting to a path on the server is for the local admin",
@@ -236,8 +247,12 @@ def export(
     _busy(session, vm)
     if vm.observed_state not in (*LIVE, *STOPPED):
         raise Conflict(f"VM {vm_name} is {vm.observed_state}", "wait until it is running or stopped")
-    if file is not None:
-        params: dict[str, object] = {"file": str(_export_path(file)), "compress": compress}
+    if file is not None and format == "ova":
+        from corral.cluster.appliances import check_ova_path
+
+        params: dict[str, object] = {"file": str(check_ova_path(file)), "compress": False}
+    elif file is not None:
+        params = {"file": str(_export_path(file)), "compress": compress}
     else:
         if origin is None:
             raise InvalidInput("an export needs a file or a server home", "give the archive path")
@@ -248,24 +263,34 @@ def export(
                            "download them (`corral vm export` does, then deletes them) or wait for them to expire")
         ident = secrets.token_hex(16)
         params = {"file": str(sources.exports_dir(origin.home, project) / f"{ident}.tar"), "download": ident,
-                  "compress": compress}
+                  "compress": compress and format == "tar"}
+    if format == "ova":
+        params["format"] = "ova"  # an OVA is a tar too: downloads keep the .tar name on the server
     return jobs.submit(session, JobKind.VM_EXPORT, "vm", vm.name, target_id=vm.id, host=vm.host, project=project,
                        params=params)
 
 
 def import_(
     session: Session, file: str | None, name: str | None = None, project: str = "default",
-    origin: Origin | None = None, upload: str | None = None,
+    origin: Origin | None = None, upload: str | None = None, network: str | None = None,
 ) -> Job:
     """The archive's manifest, members and spec are checked here; the disks' checksums and qemu-img's check run
     in the job, before the VM is usable, and a failure there removes the VM again. The archive is a host path
-    (the local admin only), a name in the project's import directory, or an upload (corral.spec.sources)."""
+    (the local admin only), a name in the project's import directory, or an upload (corral.spec.sources).
+    An OVA or a libvirt domain XML (told apart by content) goes to corral.cluster.appliances."""
+    from corral.cluster import appliances
+
     if origin is None:
         raise InvalidInput("an import needs to know who asks", "call it through the API")
     source = sources.resolve(origin, project, file=file, upload=upload, what="archive")
-    if source.kind is sources.SourceKind.PATH:
+    if source.kind is sources.SourceKind.PATH and not source.path.is_file():
         check_export_path(str(source.path), must_exist=True)
     with sources.opened(source) as (_fd, readable):
+        kind = appliances.detect(readable)
+        if kind == "libvirt":
+            return appliances.import_libvirt(session, source, readable, name, network, project, origin)
+        if kind == "ova":
+            return appliances.import_ova(session, source, readable, name, network, project)
         manifest = read_export_manifest(readable, source.label)
     try:
         spec = VMSpec.model_validate(manifest.vm.spec)
@@ -276,6 +301,8 @@ def import_(
     if session.scalars(select(VM.id).where(VM.project == project, VM.name == new_name)).first():
         raise AlreadyExists(f"VM {new_name!r} already exists", "import under another name with --name NEW")
     spec = fresh_identity(spec, new_name)
+    if network is not None:
+        spec = spec.model_copy(update={"nics": [n.model_copy(update={"network": network}) for n in spec.nics]})
     image = _image_present(session, spec, project)
     hosts = placement.online_hosts(session)
     if not hosts:

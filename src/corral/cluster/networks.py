@@ -29,6 +29,8 @@ DEFAULT_NETWORK = "default"
 AUTO_SUBNET_POOL = ipaddress.IPv4Network("10.87.0.0/16")
 BRIDGE_PREFIX = "crl"
 TAP_PREFIX = "crt"
+VXLAN_PREFIX = "crx"
+FIRST_VNI = 10000  # automatic VNIs start here, away from the small numbers people pick by hand
 
 
 def get_network(session: Session, name: str, project: str = "default") -> Network:
@@ -77,6 +79,29 @@ def pick_subnet(session: Session, avoid: list[ipaddress.IPv4Network] | None = No
         if not any(candidate.overlaps(other) for other in taken):
             return candidate
     raise Conflict("no free /24 left in 10.87.0.0/16 for a new network", "pass --subnet explicitly")
+
+
+def pick_vni(session: Session, wanted: int | None = None) -> int:
+    """The VXLAN identifier of a new network: ``wanted`` if no network has it, else the lowest free from
+    FIRST_VNI. VNIs are unique across projects: they share the hosts' underlay, so a clash would join two
+    networks into one segment."""
+    taken = set(session.scalars(select(Network.vni).where(Network.vni.is_not(None))))
+    if wanted is not None:
+        if wanted in taken:
+            raise Conflict(f"VNI {wanted} is taken by another network", "choose another --vni, or leave it out")
+        return wanted
+    vni = FIRST_VNI
+    while vni in taken:
+        vni += 1
+    return vni
+
+
+def network_hosts(session: Session, network_id: str) -> list[str]:
+    """The hosts a network spans: those that run or keep a VM with a NIC on it."""
+    rows = session.scalars(
+        select(VM.host).join(NetworkPort, NetworkPort.vm_id == VM.id).where(NetworkPort.network_id == network_id)
+    )
+    return sorted({host for host in rows if host})
 
 
 def _job_host(session: Session, uplink: str | None = None) -> str:
@@ -128,13 +153,21 @@ def create(
     *,
     any_host_bridge: bool = False,
     allowed_uplinks: Collection[str] = (),
+    max_mtu: int | None = None,
 ) -> Job:
     """Record the network and submit the job that makes it. ``any_host_bridge``: the caller is a cluster admin,
-    who may name any host bridge as a bridge-mode uplink; others only those in ``allowed_uplinks``."""
+    who may name any host bridge as a bridge-mode uplink; others only those in ``allowed_uplinks``. ``max_mtu``:
+    in a pool, the largest guest MTU the overlay carries (the underlay's MTU less VXLAN's headers)."""
     if spec.mode == NetworkMode.BRIDGE and spec.uplink is not None:
         check_uplink(session, spec.uplink, any_host_bridge, allowed_uplinks)
     if session.scalars(select(Network.id).where(Network.project == project, Network.name == spec.name)).first():
         raise AlreadyExists(f"network {spec.name!r} already exists", "choose another name or delete it first")
+    if spec.mtu is not None and max_mtu is not None and spec.mtu > max_mtu:
+        raise InvalidInput(
+            f"MTU {spec.mtu} cannot be carried by the overlay between hosts (at most {max_mtu})",
+            f"choose --mtu {max_mtu} or less, or raise underlay_mtu if the hosts' links carry jumbo frames",
+        )
+    vni = None if spec.mode == NetworkMode.BRIDGE else pick_vni(session, spec.vni)
     subnet = gateway = None
     if spec.mode != NetworkMode.BRIDGE:
         if spec.subnet is None:
@@ -161,6 +194,8 @@ def create(
         dhcp=spec.dhcp and spec.mode != NetworkMode.BRIDGE,
         uplink=spec.uplink,
         bridge=spec.uplink if spec.mode == NetworkMode.BRIDGE else f"{BRIDGE_PREFIX}{network_id[:8]}",
+        vni=vni,
+        mtu=spec.mtu,
         state="pending",
     )
     session.add(network)

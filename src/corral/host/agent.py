@@ -3,6 +3,8 @@
 It runs on its own asyncio loop (in a thread of ``corral serve``, or alone as ``corral agent`` in a cluster) and
 talks to the rest of corral only through the store. QEMU processes outlive it: on start it adopts every VM whose
 runtime record still matches a live process, and a VM that died meanwhile is treated like any other crash.
+On a PostgreSQL pool it also holds this host's HA lease and fences itself when it cannot renew it
+(corral.host.lease, docs/ha.md).
 """
 
 from __future__ import annotations
@@ -339,7 +341,7 @@ class Agent:
     def _fenceable(self) -> list[tuple[str, int, Callable[[], None]]]:
         """For the watchdog thread: every QEMU this agent runs, and how to mark its exit as expected."""
         return [(vm_id, running.proc.pid, lambda running=running: setattr(running, "expected_exit", True))
-                for vm_id, running in list(self.vms.items()) if running.proc.pid]
+                for vm_id, running in list(self.vms.items()) if running.proc.pid and not running.proc.exited]
 
     async def _after_fence(self) -> None:
         """Once the store answers again after a fence. Taken over (a newer epoch): drop the stale copies, whose

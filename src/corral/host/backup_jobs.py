@@ -447,7 +447,12 @@ async def export(ctx: JobContext) -> dict[str, Any]:
             "vm": {"name": vm.name, "spec": vm.spec}, "disks": disks,
         })
         ctx.note(0.93, "writing the archive")
-        await asyncio.to_thread(_write_tar, partial, manifest, copies, bool(ctx.params.get("compress")))
+        if ctx.params.get("format") == "ova":
+            from corral.host.appliance_jobs import write_vm_ova
+
+            await asyncio.to_thread(write_vm_ova, partial, vm.name, vm.spec, copies, staging, binary)
+        else:
+            await asyncio.to_thread(_write_tar, partial, manifest, copies, bool(ctx.params.get("compress")))
         if target.exists():
             shown = target.name if download else target
             raise Conflict(f"{shown} appeared during the export", "choose a new file name")
@@ -500,6 +505,10 @@ async def import_(ctx: JobContext) -> dict[str, Any]:
     metadata, the size the manifest says) before the VM is marked ready; any failure removes the VM."""
     from corral.host.handlers import discard_vm
 
+    if ctx.params.get("foreign"):  # an OVA or a libvirt domain (corral.cluster.appliances)
+        from corral.host.appliance_jobs import import_foreign
+
+        return await import_foreign(ctx)
     agent = ctx.agent
     source = Source.of(ctx.params["source"]) if "source" in ctx.params else Source(
         SourceKind.PATH, Path(ctx.params["file"]), ctx.params["file"])

@@ -37,7 +37,9 @@ def dnsmasq_binary() -> str:
     return found
 
 
-def command(directory: Path, bridge: str, subnet: str, gateway: str, isolated: bool) -> list[str]:
+def command(
+    directory: Path, bridge: str, subnet: str, gateway: str, isolated: bool, mtu: int | None = None
+) -> list[str]:
     network = ipaddress.IPv4Network(subnet)
     args = [
         dnsmasq_binary(),
@@ -58,6 +60,9 @@ def command(directory: Path, bridge: str, subnet: str, gateway: str, isolated: b
         "--domain-needed",
         "--bogus-priv",
     ]
+    if mtu is not None:
+        # Option 26: a network spanning hosts carries 50 bytes less per frame than the hosts' links (VXLAN).
+        args.append(f"--dhcp-option=option:mtu,{mtu}")
     if isolated:
         # No default route and no upstream DNS: nothing in the guest should even try to leave.
         args += ["--dhcp-option=option:router", "--no-resolv"]
@@ -90,10 +95,10 @@ def running_pid(directory: Path) -> int | None:
     return pid
 
 
-def start(directory: Path, bridge: str, subnet: str, gateway: str, isolated: bool) -> int:
+def start(directory: Path, bridge: str, subnet: str, gateway: str, isolated: bool, mtu: int | None = None) -> int:
     (directory / "leases").touch()
-    result = subprocess.run(command(directory, bridge, subnet, gateway, isolated), capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(command(directory, bridge, subnet, gateway, isolated, mtu), capture_output=True,
+                            text=True, timeout=30)
     if result.returncode != 0:
         raise EngineError(f"dnsmasq for bridge {bridge} failed to start: {result.stderr.strip()[:300]}",
                           "another DHCP/DNS server may hold the bridge's address; see `ss -lunp`")

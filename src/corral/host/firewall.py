@@ -30,6 +30,10 @@ class BridgeRules:
     bridge: str
     mode: str  # nat, isolated or bridge
     subnet: str | None
+    # In a pool: the network's VXLAN device here, the gateway every host has, and the guests' MTU.
+    vxlan: str | None = None
+    gateway: str | None = None
+    mtu: int | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,35 @@ def render(tag: str, rules: Ruleset) -> str:
         if port.ip:
             bridge_body.append(f'  iifname "{port.tap}" ip saddr != {{ 0.0.0.0, {port.ip} }} drop')
             bridge_body.append(f'  iifname "{port.tap}" arp saddr ip != {port.ip} drop')
+    overlays = [net for net in own if net.vxlan]
+    for net in overlays:
+        # Each host answers for the gateway and DHCP of its own guests: neither crosses to another host.
+        vx = f'"{net.vxlan}"'
+        bridge_body.append(f"  iifname {vx} udp dport {{ 67, 68 }} drop")
+        if net.gateway:
+            bridge_body.append(f"  iifname {vx} arp daddr ip {net.gateway} drop")
+            bridge_body.append(f"  iifname {vx} arp saddr ip {net.gateway} drop")
     bridge_body.append("}")
+    if overlays:
+        out = []
+        for net in overlays:
+            vx = f'"{net.vxlan}"'
+            out.append(f"  oifname {vx} udp dport {{ 67, 68 }} drop")
+            if net.gateway:
+                out.append(f"  oifname {vx} arp daddr ip {net.gateway} drop")
+                out.append(f"  oifname {vx} arp saddr ip {net.gateway} drop")
+        clamp = []
+        for net in overlays:
+            # Guests that ignore DHCP's MTU still get TCP through: their handshakes promise segments that fit.
+            mss = (net.mtu or 1450) - 40
+            for direction in ("iifname", "oifname"):
+                clamp.append(
+                    f'  {direction} "{net.vxlan}" tcp flags syn / syn,rst tcp option maxseg size > {mss} '
+                    f"tcp option maxseg size set {mss}"
+                )
+        bridge_body += ["chain forward {", "  type filter hook forward priority filter; policy accept;",
+                        *out, *clamp, "}"]
+        bridge_body += ["chain output {", "  type filter hook output priority filter; policy accept;", *out, "}"]
     table("bridge", f"corral_{tag}", bridge_body)
     return "\n".join(lines) + "\n"
 

@@ -9,12 +9,21 @@ Port forwards of NAT networks: the agent holds each forwarded host port with bou
 forward exists, and writes a DNAT rule only for ports it holds. A port some program already has is never
 forwarded (the job that adds the forward fails), and no program can take a forwarded port later, so the rules
 never capture traffic meant for a host service. Ports outside the administrator's range get no rule either.
+
+Networks across a pool (PostgreSQL store): a nat or isolated network is one layer-2 segment over every host with
+a VM on it. Such a host enslaves a VXLAN device (the network's VNI, the ``overlay_port``, its own registered
+address as the source) to the network's bridge, with one all-zeros FDB entry per other host of the network:
+broadcasts go to each of them by unicast (no multicast in the underlay) and the kernel learns where each MAC is.
+Every host keeps the same gateway address on its bridge and its own dnsmasq with the whole network's
+reservations; the firewall stops ARP for the gateway and DHCP at the VXLAN device, so a guest always talks to its
+own host's gateway, DHCP server and masquerade (NAT egress leaves from the host the VM runs on).
 """
 
 from __future__ import annotations
 
 import fcntl
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -27,13 +36,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from corral.cluster.networks import hold_port
+from corral.cluster.networks import VXLAN_PREFIX, hold_port
 from corral.config import Settings
 from corral.errors import CorralError, EngineError
 from corral.host import dnsmasq, firewall
-from corral.spec.network import NetworkMode
+from corral.spec.network import VXLAN_OVERHEAD, NetworkMode
 from corral.store.db import Store
-from corral.store.models import VM, Network, NetworkPort, PortForward
+from corral.store.models import VM, Host, Network, NetworkPort, PortForward
 
 log = logging.getLogger("corral.agent")
 
@@ -44,6 +53,17 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+
+
+def _bridge(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["bridge", *args], capture_output=True, text=True, timeout=30)
+    if check and result.returncode != 0:
+        raise EngineError(f"bridge {' '.join(args)} failed: {result.stderr.strip()}", "is iproute2's bridge there?")
+    return result
+
+
+def vxlan_name(network_id: str) -> str:
+    return f"{VXLAN_PREFIX}{network_id[:8]}"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -79,11 +99,18 @@ class NetworkHost:
         self._checked = 0.0
         self._held: dict[tuple[str, int], list[socket.socket]] = {}
         self._unheld: dict[tuple[str, int], str] = {}  # forwards whose port some program holds: why
+        self._overlay_errors: dict[str, str] = {}  # network id: why its overlay could not be joined
 
     def directory(self, network_id: str) -> Path:
         return self.root / network_id[:12]
 
     # -- networks ---------------------------------------------------------------------------------------------
+
+    def guest_mtu(self, network: Network) -> int | None:
+        """The MTU guests are told by DHCP: the network's own, or in a pool what the overlay carries."""
+        if network.mtu is not None:
+            return network.mtu
+        return self.settings.underlay_mtu - VXLAN_OVERHEAD if self.store.shared else None
 
     def ensure(self, network: Network, hosts: list[dnsmasq.DhcpHost]) -> None:
         """Make the network's bridge and DHCP server exist as the row says; raise with the reason if not."""
@@ -113,6 +140,7 @@ class NetworkHost:
                         network.subnet,
                         network.gateway,
                         isolated=network.mode == NetworkMode.ISOLATED,
+                        mtu=self.guest_mtu(network),
                     )
                 elif changed:
                     dnsmasq.reload(directory)
@@ -154,6 +182,41 @@ class NetworkHost:
                     f"subnet {network.subnet} overlaps an address range the host uses",
                     "delete the network and create it again with another --subnet, or without one to get a free one",
                 )
+
+    # -- the overlay between hosts ----------------------------------------------------------------------------
+
+    def join(self, network: Network, local: str, peers: set[str]) -> str:
+        """This host's part of the network's VXLAN segment: the device on the bridge, one flood entry per peer.
+        Returns the device's name."""
+        name = vxlan_name(network.id)
+        directory = self.directory(network.id)
+        wanted = {"id": network.vni, "port": self.settings.overlay_port, "local": local}
+        if link_exists(name) and _vxlan_params(name) != wanted:
+            log.info("network %s: re-making %s (VNI, port or address changed)", network.name, name)
+            _ip("link", "del", name, check=False)
+        if not link_exists(name):
+            (directory / "vxlan").write_text(f"{name}\n")
+            _ip("link", "add", name, "mtu", str(self.settings.underlay_mtu - VXLAN_OVERHEAD), "type", "vxlan",
+                "id", str(network.vni), "dstport", str(self.settings.overlay_port), "local", local, "ttl", "64")
+            log.info("network %s joins its overlay (VNI %s) through %s", network.name, network.vni, name)
+        master = Path("/sys/class/net", name, "master")
+        if not master.exists() or master.resolve().name != network.bridge:
+            _ip("link", "set", name, "master", network.bridge)
+        _ip("link", "set", name, "up")
+        have = _flood_peers(name)
+        for peer in sorted(peers - have):
+            _bridge("fdb", "append", "00:00:00:00:00:00", "dev", name, "dst", peer)
+        for peer in sorted(have - peers):
+            _bridge("fdb", "del", "00:00:00:00:00:00", "dev", name, "dst", peer, check=False)
+        return name
+
+    def leave(self, network_id: str) -> None:
+        """No VM of the network here any more: out of its segment (the bridge and dnsmasq stay, as on one host)."""
+        name = vxlan_name(network_id)
+        if link_exists(name):
+            log.info("leaving the overlay of network %s", network_id[:12])
+            _ip("link", "del", name, check=False)
+        (self.directory(network_id) / "vxlan").unlink(missing_ok=True)
 
     def teardown(self, network_id: str) -> None:
         """Stop the network's dnsmasq and remove its bridge if corral made it; an external bridge stays."""
@@ -220,6 +283,9 @@ class NetworkHost:
                 ports = list(
                     session.execute(select(NetworkPort, VM.name, VM.host).join(VM, VM.id == NetworkPort.vm_id)).all()
                 )
+                addresses = {
+                    name: address for name, address in session.execute(select(Host.name, Host.address)).all()
+                }
                 forwards = list(
                     session.execute(
                         select(PortForward, NetworkPort.ip)
@@ -266,9 +332,14 @@ class NetworkHost:
             for port, _name, host in ports:
                 if host == self.host_name and port.network_id in bridges:
                     self._reattach(port.tap, bridges[port.network_id])
+            overlays = self._sync_overlays(
+                [n for n in networks if states.get(n.id, ("",))[0] == "ready"], ports, addresses
+            )
             rules = firewall.Ruleset(
                 networks=[
-                    firewall.BridgeRules(n.bridge, n.mode, n.subnet)
+                    firewall.BridgeRules(
+                        n.bridge, n.mode, n.subnet, overlays.get(n.id), n.gateway, self.guest_mtu(n)
+                    )
                     for n in networks
                     if n.state != "deleting" and states.get(n.id, ("",))[0] == "ready"
                 ],
@@ -284,6 +355,44 @@ class NetworkHost:
                 ],
             )
             self.apply(rules, nat=any(n.mode == NetworkMode.NAT for n in networks))
+
+    def _sync_overlays(
+        self,
+        networks: list[Network],
+        ports: list[tuple[NetworkPort, str, str | None]],
+        addresses: dict[str, str | None],
+    ) -> dict[str, str]:
+        """Join the segments of the networks with a VM here, leave the others; {network id: VXLAN device}.
+
+        A network is this host's when a VM of it is placed here, or when one of its TAPs exists here (a VM
+        arriving by live migration, before the store names this host): the guest is then on the segment from its
+        first frame. Peers are the other hosts the store places the network's VMs on."""
+        joined: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        local = addresses.get(self.host_name)
+        for net in networks:
+            if net.mode == NetworkMode.BRIDGE or net.vni is None or not self.store.shared:
+                continue
+            members = {host for port, _n, host in ports if port.network_id == net.id and host}
+            here = self.host_name in members or any(
+                port.network_id == net.id and link_exists(port.tap) for port, _n, _h in ports
+            )
+            try:
+                if not here:
+                    if link_exists(vxlan_name(net.id)):
+                        self.leave(net.id)
+                    continue
+                if not local:
+                    log.warning("network %s cannot span hosts: this host has no registered address", net.name)
+                    continue
+                peers = {addresses[h] for h in members if h != self.host_name and addresses.get(h)} - {local}
+                joined[net.id] = self.join(net, local, {str(p) for p in peers})
+            except CorralError as exc:
+                if self._overlay_errors.get(net.id) != exc.message:  # once, not at every 2 s reconcile
+                    log.warning("network %s: overlay: %s", net.name, exc.message)
+                failed[net.id] = exc.message
+        self._overlay_errors = failed
+        return joined
 
     # -- forwarded ports --------------------------------------------------------------------------------------
 
@@ -357,9 +466,36 @@ class NetworkHost:
             self._last_rules = None
 
 
+def _vxlan_params(name: str) -> dict[str, object]:
+    """VNI, UDP port and source address of an existing VXLAN device."""
+    result = _ip("-d", "-j", "link", "show", "dev", name, check=False)
+    try:
+        data = json.loads(result.stdout)[0]["linkinfo"]["info_data"]
+    except (ValueError, LookupError, TypeError):
+        return {}
+    return {"id": data.get("id"), "port": data.get("port"), "local": data.get("local")}
+
+
+def _flood_peers(name: str) -> set[str]:
+    """The peers of a VXLAN device's all-zeros (flood) FDB entries."""
+    shown = _bridge("fdb", "show", "dev", name, check=False).stdout
+    peers = set()
+    for line in shown.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "00:00:00:00:00:00" and "dst" in fields:
+            peers.add(fields[fields.index("dst") + 1])
+    return peers
+
+
 def remove_network_dir(directory: Path) -> None:
-    """Stop a network's dnsmasq, delete its bridge if corral made it (an external one stays), forget it."""
+    """Stop a network's dnsmasq, delete its VXLAN device and its bridge if corral made it (an external one
+    stays), forget it."""
     dnsmasq.stop(directory)
+    vxlan = directory / "vxlan"
+    if vxlan.exists():
+        name = vxlan.read_text().strip()
+        if name and link_exists(name):
+            _ip("link", "del", name, check=False)
     marker = directory / "bridge"
     if marker.exists():
         name, _, ownership = marker.read_text().partition("\n")

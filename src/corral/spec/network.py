@@ -15,6 +15,9 @@ from corral.spec.names import validate_name
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _FORWARD = re.compile(r"^(\d{1,5}):(\d{1,5})(?:/(tcp|udp))?$")
 MIN_PREFIX, MAX_PREFIX = 16, 29
+MIN_VNI, MAX_VNI = 1, (1 << 24) - 1  # VXLAN's 24-bit network identifier
+MIN_MTU, MAX_MTU = 576, 9000
+VXLAN_OVERHEAD = 50  # outer Ethernet (14), IPv4 (20), UDP (8) and VXLAN (8) headers
 
 
 class NetworkMode(StrEnum):
@@ -52,6 +55,22 @@ class NetworkSpec(BaseModel):
     subnet: str | None = Field(default=None, description="CIDR such as 10.20.0.0/24; chosen when omitted")
     uplink: str | None = Field(default=None, description="bridge mode: the existing host bridge to join")
     dhcp: bool = True
+    vni: int | None = Field(default=None, description="VXLAN network identifier in a pool; chosen when omitted")
+    mtu: int | None = Field(default=None, description="the guests' MTU; in a pool at most the underlay's less 50")
+
+    @field_validator("vni")
+    @classmethod
+    def _vni(cls, value: int | None) -> int | None:
+        if value is not None and not MIN_VNI <= value <= MAX_VNI:
+            raise InvalidInput(f"VNI {value} is out of range", f"choose a VNI between {MIN_VNI} and {MAX_VNI}")
+        return value
+
+    @field_validator("mtu")
+    @classmethod
+    def _mtu(cls, value: int | None) -> int | None:
+        if value is not None and not MIN_MTU <= value <= MAX_MTU:
+            raise InvalidInput(f"MTU {value} is out of range", f"choose an MTU between {MIN_MTU} and {MAX_MTU}")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -79,6 +98,9 @@ class NetworkSpec(BaseModel):
             if self.subnet is not None:
                 raise InvalidInput("a bridge-mode network uses its LAN's addresses, not a subnet of its own",
                                    "leave out --subnet")
+            if self.vni is not None or self.mtu is not None:
+                raise InvalidInput("a bridge-mode network stays on its host's LAN: it has no VNI or MTU of corral's",
+                                   "leave out --vni and --mtu")
         elif self.uplink is not None:
             raise InvalidInput(f"--uplink only applies to bridge mode, not {self.mode.value}",
                                "leave out --uplink, or use --mode bridge")

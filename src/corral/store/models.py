@@ -314,7 +314,7 @@ class Network(Base):
     mode, masquerade and port forwards (nftables). Rows are desired state; agents reconcile bridges to them."""
 
     __tablename__ = "networks"
-    __table_args__ = (UniqueConstraint("project", "name"),)
+    __table_args__ = (UniqueConstraint("project", "name"), UniqueConstraint("vni", name="uq_networks_vni"))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(63))
@@ -325,6 +325,10 @@ class Network(Base):
     dhcp: Mapped[bool] = mapped_column(Boolean, default=True)
     uplink: Mapped[str | None] = mapped_column(String(15))  # bridge mode: the existing host bridge to join
     bridge: Mapped[str] = mapped_column(String(15))  # Linux interface name of the bridge
+    # In a pool, nat and isolated networks span hosts as one VXLAN segment with this VNI (unique pool-wide).
+    vni: Mapped[int | None] = mapped_column(Integer)
+    # The guests' MTU (DHCP option 26); None: the default (the underlay's MTU less VXLAN's 50 bytes in a pool).
+    mtu: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, ready, error, deleting
     status_message: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

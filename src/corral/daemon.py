@@ -138,7 +138,10 @@ class HostWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        from corral.cluster import ha, hosts
+        from sqlalchemy import select
+
+        from corral.cluster import ha, hosts, plans
+        from corral.store.models import Plan
 
         while not self._stop.wait(self.interval):
             try:
@@ -146,6 +149,10 @@ class HostWatch:
                     marked = hosts.mark_unreachable(session)
                 if marked:
                     log.warning("%d host(s) stopped sending heartbeats: marked unreachable", marked)
+                # Plans whose driving thread died with an earlier control plane go on from here.
+                with self.store.session() as session:
+                    for plan in session.scalars(select(Plan).where(Plan.state == "running")):
+                        plans.advance(session, plan)
                 if self.store.shared:
                     with self.store.session() as session:
                         ha.watch(session, self.lease_time)

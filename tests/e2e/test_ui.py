@@ -233,6 +233,7 @@ def test_other_pages_render(admin) -> None:  # type: ignore[no-untyped-def]
         ("#/jobs", "jobs"),
         ("#/images", "images"),
         ("#/audit", "audit"),
+        ("#/projects", "projects"),
     ):
         page.goto(f"/ui/{hash_}")
         page.wait_for_selector(f"main[data-page='{hash_}']", state="attached")
@@ -328,6 +329,10 @@ def test_corral_ui_prints_a_one_time_link_for_root(browser, secure) -> None:  # 
         page.goto("/ui/#/hosts")
         page.wait_for_selector("main[data-page='#/hosts'] table")
         _shot(page, "hosts")
+        page.goto("/ui/#/tokens")  # cluster admins manage tokens: wendy's are listed, with a revoke button each
+        page.wait_for_selector("main[data-page='#/tokens'] table")
+        assert page.locator("main td:text-is('wendy')").count() >= 2
+        assert page.locator("main button:has-text('Revoke')").count() >= 2
     finally:
         context.close()
     context = _context(browser, secure)

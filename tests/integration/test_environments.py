@@ -130,6 +130,11 @@ def test_up_status_diff_down_with_the_example_file(env_daemon: Daemon, tmp_path:
     assert states == {"shop-web": "stopped", "shop-db": "stopped", "shop-app-1": "stopped"}
     listed = json.loads(corral_in(env_daemon, project, "env", "list", "--json").stdout)
     assert [(row["env"], len(row["vms"])) for row in listed] == [("shop", 3)]
+    # An entry dropped from the file is reported, not deleted behind the user's back; down --destroy removes it.
+    (project / "corral.yaml").write_text(
+        changed.replace("  db:  {image: tiny, memory: 256M, cpus: 2, networks: [lan]}\n", "")
+    )
+    assert ("orphan", "shop-db") in [(s["action"], s["target"]) for s in steps(env_daemon, project, "diff")]
     steps(env_daemon, project, "down", "--destroy")
     assert env_daemon.cli_json("vm", "list") == []
     assert not [n for n in env_daemon.cli_json("network", "list") if n["name"].startswith("shop-")]  # type: ignore[union-attr]
@@ -146,9 +151,12 @@ def test_env_names_keep_two_checkouts_apart_and_bad_files_change_nothing(env_dae
     (bad / "corral.yaml").write_text("vms:\n  box: {image: nosuch, memory: 128M}\n  box: {image: tiny}\n")
     refused = corral_in(env_daemon, bad, "up", check=False)
     assert refused.returncode == 2 and "corral.yaml:3: duplicate name 'box'" in refused.stderr
-    (bad / "corral.yaml").write_text("vms:\n  box: {image: nosuch, memory: 128M}\n")
+    (bad / "corral.yaml").write_text(
+        "networks:\n  lan: {}\nvms:\n  box: {image: nosuch, memory: 128M, networks: [lan]}\n"
+    )
     unknown = corral_in(env_daemon, bad, "up", check=False)
-    assert unknown.returncode != 0 and "nosuch" in unknown.stderr
+    assert unknown.returncode != 0 and "image 'nosuch' does not exist" in unknown.stderr
+    assert env_daemon.cli_json("network", "list") == []  # refused before the first step: nothing made
     assert env_daemon.cli_json("vm", "list") == []
     try:
         corral_in(env_daemon, one, "up")

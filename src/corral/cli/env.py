@@ -48,7 +48,7 @@ def _show_steps(env: str, steps: list[Any], as_json: bool, verb: str) -> None:
         ],
         title=f"environment {env}: {verb}",
     )
-    notes = [step for step in steps if step.action in ("needs-recreate", "needs-restart")]
+    notes = [step for step in steps if step.action in ("needs-recreate", "needs-restart", "orphan")]
     for step in notes:
         print(f"note: {step.target}: {step.detail}", file=sys.stderr)
 

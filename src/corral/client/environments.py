@@ -48,6 +48,7 @@ class State:
     file: str = ""
     daemon: str = ""
     provisioned: dict[str, str] = field(default_factory=dict)  # scoped VM name -> provision digest
+    made: list[str] = field(default_factory=list)  # scoped VM names `up` made: finds those the file dropped
     # `corral scale NAME N`: file entry -> [the file's count when scaled, the count asked]. The file wins again
     # once its count changes, so "edit count and run up" and "corral scale" both work.
     scaled: dict[str, list[int]] = field(default_factory=dict)
@@ -67,7 +68,7 @@ def load_state(env: str) -> State:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return State(env=env)
-    known = {key: data[key] for key in ("file", "daemon", "provisioned", "scaled") if key in data}
+    known = {key: data[key] for key in ("file", "daemon", "provisioned", "scaled", "made") if key in data}
     return State(env=env, **known)
 
 
@@ -172,6 +173,11 @@ class Environment:
                     extra.append((name, int(suffix), vm_name))
         return [vm_name for _, _, vm_name in sorted(extra, key=lambda item: (item[0], -item[1]))]
 
+    def _orphans(self, vms: dict[str, dict[str, Any]]) -> list[str]:
+        """VMs `up` made for entries the file no longer has: reported by `up`, removed by `down --destroy`."""
+        known = set(self.wanted()) | set(self._extra_members(vms))
+        return [name for name in self.state.made if name in vms and name not in known]
+
     def status(self) -> list[dict[str, Any]]:
         """Each resource the file names, with what the daemon has for it."""
         vms, networks = self._existing()
@@ -200,7 +206,7 @@ class Environment:
                     "addresses": _addresses(vm) if vm else "",
                 }
             )
-        for full in self._extra_members(vms):
+        for full in [*self._extra_members(vms), *self._orphans(vms)]:
             rows.append(
                 {
                     "kind": "vm",
@@ -233,6 +239,8 @@ class Environment:
                 )
         for full in self._extra_members(vms):
             steps.append(Step("delete-vm", full, "beyond the group's count (newest first)"))
+        for full in self._orphans(vms):
+            steps.append(Step("orphan", full, "no longer in the file: `corral down --destroy` removes it"))
         groups_running: dict[str, str] = {}
         for full, (short, _entry) in self.wanted().items():
             vm = vms.get(full)
@@ -298,6 +306,7 @@ class Environment:
         steps = self.plan()
         if dry_run:
             return steps
+        self._check_sources(steps)
         self.state.file = self.file or self.state.file
         self.state.daemon = self.corral.url or str(self.corral.socket_path)
         wanted = self.wanted()
@@ -337,13 +346,29 @@ class Environment:
                 self.corral.add_port_forward(step.target, host_port, guest_port, protocol or "tcp")
             elif step.action == "delete-vm":
                 self._delete(step.target)
-            else:  # needs-recreate: reported, never done behind the user's back
+            else:  # needs-recreate, orphan: reported, never done behind the user's back
                 continue
+            if step.action in ("create-vm", "fork-vm") and step.target not in self.state.made:
+                self.state.made.append(step.target)
             step.done = True
             step.seconds = round(time.monotonic() - started, 3)
             save_state(self.state)
         save_state(self.state)
         return steps
+
+    def _check_sources(self, steps: list[Step]) -> None:
+        """Refuse an unknown image or template before the first step, so a bad file changes nothing."""
+        entries = [self.wanted()[step.target][1] for step in steps if step.action == "create-vm"]
+        images = {entry.image for entry in entries if entry.image}
+        templates = {entry.template for entry in entries if entry.template}
+        if images:
+            known = {image["name"] for image in self.corral.images()}
+            for image in sorted(images - known):
+                raise NotFound(f"image {image!r} does not exist", "see `corral image list`, or build it first")
+        if templates:
+            known = {template["name"] for template in self.corral.templates()}
+            for template in sorted(templates - known):
+                raise NotFound(f"template {template!r} does not exist", "see `corral template list`")
 
     def _fork(self, parent: str, child: str, timeout: float) -> None:
         accepted = self.corral.fork_vm(parent, child)
@@ -367,6 +392,8 @@ class Environment:
             if accepted and accepted.get("job"):
                 self.corral.wait_job(accepted["job"]["id"], timeout=120)
         self.state.provisioned.pop(name, None)
+        if name in self.state.made:
+            self.state.made.remove(name)
 
     def provision(self, name: str, entry: EnvVM) -> None:
         """Run the entry's commands in order through the guest agent; the first failure stops `up`."""
@@ -385,6 +412,7 @@ class Environment:
         """Stop every VM of the environment (disks kept), or with ``destroy`` delete VMs and networks."""
         vms, networks = self._existing()
         ours = [name for name in vms if name in self.wanted() or name in self._extra_members(vms)]
+        ours += self._orphans(vms)
         steps: list[Step] = []
         for name in sorted(ours, reverse=True):
             if destroy:

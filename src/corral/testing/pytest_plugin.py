@@ -3,7 +3,8 @@
 The first such test of a session boots a *warm template* (a forkable VM, booted once per image, memory and
 network); each test then gets a fork of it (an instant clone: the child resumes the template's memory, with its
 own disk overlay, name and MACs), and the fork is deleted after the test, pass or fail. Nothing a test does in
-its VM reaches the template or another test's VM.
+its VM reaches the template or another test's VM. While a test runs, the next test's fork is made in the
+background (one spare per template; ``--corral-no-spare`` turns it off), so setup rarely waits for a fork.
 
     def test_service(corral_vm):
         result = corral_vm.exec(["cat", "/etc/hostname"])
@@ -26,6 +27,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--corral-image", default=None, help=f"image of corral_vm's VMs (default {DEFAULT_IMAGE})")
     group.addoption("--corral-memory", default=None, help=f"memory of corral_vm's VMs (default {DEFAULT_MEMORY})")
     group.addoption("--corral-network", default=None, help="corral network for the VMs' NIC (default: user)")
+    group.addoption(
+        "--corral-no-spare", action="store_true", help="do not keep a fork ready for the next test (one VM less)"
+    )
     group.addoption("--corral-env-file", default=None, help="corral.yaml for corral_env (default: rootdir's)")
     parser.addini("corral_image", "image of corral_vm's VMs", default=DEFAULT_IMAGE)
     parser.addini("corral_memory", "memory of corral_vm's VMs", default=DEFAULT_MEMORY)
@@ -57,12 +62,17 @@ def pytest_configure(config: pytest.Config) -> None:
 class Templates:
     """Warm templates of one session (one per image, memory and network), forked for each test."""
 
-    def __init__(self, corral: Any, prefix: str) -> None:
+    def __init__(self, corral: Any, prefix: str, spare: bool = True) -> None:
         self.corral = corral
         self.prefix = prefix
         self.templates: dict[tuple[str, str, str | None], str] = {}
         self.children = 0
         self.lock = threading.Lock()
+        # One fork kept ready per template, made in the background while a test runs, so the next test's setup
+        # does not wait for a fork. Its own SDK client: the test's thread keeps using ``corral``.
+        self.spares: dict[str, Future[str]] = {}
+        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-spare") if spare else None
+        self.background_client: Any = None
 
     def template(self, image: str, memory: str, network: str | None, timeout: float = 300) -> str:
         from corral.client.environments import wait_ready
@@ -81,22 +91,59 @@ class Templates:
             wait_ready(self.corral, name, timeout)
             return name
 
-    def fork(self, template: str, timeout: float = 120) -> str:
+    def take(self, template: str) -> str:
+        """A fork of ``template`` for one test: the spare made while the previous test ran, else a new one."""
+        name = None
+        future = self.spares.pop(template, None)
+        if future is not None:
+            with contextlib.suppress(Exception):  # a spare that failed is replaced by a fork made now
+                name = future.result()
+        if name is None:
+            name = self.fork(template)
+        if self.background is not None:
+            self.spares[template] = self.background.submit(self._spare, template)
+        return name
+
+    def _spare(self, template: str) -> str:
+        from corral.client import Client
+
+        if self.background_client is None:
+            corral = self.corral
+            self.background_client = Client(
+                url=corral.url,
+                home=None if corral.url else corral.home,
+                timeout=60,
+                token=corral.token,
+                project=corral.project,
+            )
+        return self.fork(template, corral=self.background_client)
+
+    def fork(self, template: str, timeout: float = 120, corral: Any = None) -> str:
         from corral.client.environments import wait_ready
 
+        corral = corral or self.corral
         with self.lock:
             self.children += 1
             name = f"{self.prefix}-{self.children}"
-        accepted = self.corral.fork_vm(template, name)
+        accepted = corral.fork_vm(template, name)
         try:
-            self.corral.wait_job(accepted["job"]["id"], timeout=timeout)
-            wait_ready(self.corral, name, timeout)
+            corral.wait_job(accepted["job"]["id"], timeout=timeout)
+            wait_ready(corral, name, timeout)
         except BaseException:
-            remove(self.corral, name)
+            remove(corral, name)
             raise
         return name
 
     def close(self) -> None:
+        """Spares first (waiting for one still being made), then the templates."""
+        for future in self.spares.values():
+            with contextlib.suppress(Exception):
+                remove(self.corral, future.result(timeout=300))
+        self.spares.clear()
+        if self.background is not None:
+            self.background.shutdown(wait=True)
+        if self.background_client is not None:
+            self.background_client.close()
         for name in self.templates.values():
             remove(self.corral, name)
 
@@ -126,9 +173,9 @@ def corral_client() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def corral_templates(corral_client: Any) -> Iterator[Templates]:
+def corral_templates(request: pytest.FixtureRequest, corral_client: Any) -> Iterator[Templates]:
     """The session's warm templates; removed when the session ends."""
-    templates = Templates(corral_client, _prefix())
+    templates = Templates(corral_client, _prefix(), spare=not request.config.getoption("--corral-no-spare"))
     try:
         yield templates
     finally:
@@ -152,7 +199,7 @@ def corral_vm(request: pytest.FixtureRequest, corral_client: Any, corral_templat
     memory = _choice(request, "memory", "--corral-memory", "corral_memory") or DEFAULT_MEMORY
     network = _choice(request, "network", "--corral-network", None)
     template = corral_templates.template(image, memory, network)
-    name = corral_templates.fork(template)
+    name = corral_templates.take(template)
     try:
         yield VM(corral_client, name)
     finally:

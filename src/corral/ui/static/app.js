@@ -174,10 +174,10 @@ function dataTable(rows, columns, { filter = true, select = null, empty = "none"
 
 // -- server-sent events over fetch (EventSource cannot send the X-Corral-UI header) -----------------------------
 
-function followEvents(query, onEvent) {
+// ``after``: the newest event already shown, so that nothing that happened since the page loaded is missed.
+function followEvents(query, onEvent, after = null) {
   const stop = new AbortController();
   (async () => {
-    let after = null;
     while (!stop.signal.aborted) {
       try {
         const url = `/events?follow=true&${query}${after ? `&after=${after}` : ""}`;
@@ -262,6 +262,8 @@ const PAGES = [
   ["#/backups", "Backups", () => true],
   ["#/jobs", "Jobs", () => true],
   ["#/hosts", "Hosts", () => me.cluster],
+  ["#/projects", "Projects", () => true],
+  ["#/tokens", "Tokens", () => me.cluster && can("admin")],
   ["#/audit", "Audit", () => can("admin")],
 ];
 
@@ -307,8 +309,9 @@ async function dashboard() {
       : null,
     h("section", { class: "card" }, h("h2", {}, "Recent events"), recent),
   );
-  for (const event of await eventsOnce("limit=20")) recent.append(eventLine(event));
-  followEvents("", (event) => recent.prepend(eventLine(event)));
+  const seen = await eventsOnce("limit=20");
+  for (const event of seen) recent.append(eventLine(event));
+  followEvents("", (event) => recent.prepend(eventLine(event)), seen.length ? seen[0].id : 0);
 }
 
 async function eventsOnce(query) {
@@ -453,7 +456,7 @@ function chart(points, value, label, format) {
   svg.setAttribute("role", "img");
   svg.setAttribute("aria-label", `${label}, last ${format(values.at(-1))}, peak ${format(peak)}`);
   const poly = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  poly.setAttribute("points", line);
+  poly.setAttribute("points", values.length > 1 ? line : `0,${line.split(",")[1]} 300,${line.split(",")[1]}`);
   svg.append(poly);
   return h("div", {}, h("div", {}, `${label}: ${format(values.at(-1))} (peak ${format(peak)})`), svg);
 }
@@ -626,18 +629,25 @@ async function vmPage(name) {
       chart(points, (p) => p.net_rx + p.net_tx, "Network", (x) => `${size(x)}/s`),
     );
   }).catch((error) => graphs.replaceChildren(h("p", { class: "muted" }, error.message)));
-  for (const event of await eventsOnce(`resource=${encodeURIComponent(name)}&limit=30`)) events.append(eventLine(event));
+  const seen = await eventsOnce(`resource=${encodeURIComponent(name)}&limit=30`);
+  for (const event of seen) events.append(eventLine(event));
+  // The badge follows the VM's state: on its events, and every 15 s in case a stream was cut (the console
+  // reconnects by itself when the VM (re)starts or moves).
   let shownState = vm.state;
-  followEvents(`resource=${encodeURIComponent(name)}`, async (event) => {
-    events.prepend(eventLine(event));
-    if (event.resource.kind !== "vm") return;
+  const refreshState = async () => {
     const now = await api("GET", path).catch(() => null);
-    // The badge follows the VM's state live; the console reconnects by itself when the VM (re)starts.
     if (now && now.state !== shownState) {
       shownState = now.state;
       document.getElementById("vm-state")?.replaceChildren(stateTag(now.state));
     }
-  });
+  };
+  followEvents(`resource=${encodeURIComponent(name)}`, (event) => {
+    events.prepend(eventLine(event));
+    if (event.resource.kind === "vm") refreshState();
+  }, seen.length ? seen[0].id : 0);
+  const timer = setInterval(refreshState, 15000);
+  leaving.push(() => clearInterval(timer));
+  refreshState();
 }
 
 async function simpleList(title, path, columns, actions = null) {
@@ -665,6 +675,24 @@ const ROUTES = [
     ["", (x) => x.name, (x) => (me.cluster && can("admin")
       ? h("button", { type: "button", onclick: () => act("POST", `/hosts/${encodeURIComponent(x.name)}/${x.drained ? "undrain" : "drain"}`, `${x.drained ? "undrain" : "drain"} ${x.name}`, route) }, x.drained ? "Undrain" : "Drain")
       : "")]])],
+  [/^#\/projects$/, () => simpleList("Projects", "/projects", [
+    ["Project", (x) => x.name], ["Description", (x) => x.description, null, "hide-narrow"],
+    ["VMs", (x) => x.usage.vms, (x) => `${x.usage.vms} / ${x.max_vms ?? "∞"}`],
+    ["vCPUs", (x) => x.usage.vcpus, (x) => `${x.usage.vcpus} / ${x.max_vcpus ?? "∞"}`],
+    ["Memory", (x) => x.usage.memory, (x) => `${size(x.usage.memory)} / ${x.max_memory ? size(x.max_memory) : "∞"}`],
+    ["Disk", (x) => x.usage.disk, (x) => `${size(x.usage.disk)} / ${x.max_disk ? size(x.max_disk) : "∞"}`]])],
+  [/^#\/tokens$/, () => simpleList("Tokens", "/tokens", [
+    ["Id", (x) => x.id], ["User", (x) => x.user], ["Project", (x) => x.project], ["Role", (x) => x.role],
+    ["Expires", (x) => x.expires_at], ["Revoked", (x) => (x.revoked ? "yes" : "no")],
+    ["", (x) => x.id, (x) => (x.revoked ? "" : h("button", { type: "button", class: "danger", onclick: async () => {
+      if (!confirm(`Revoke token ${x.id} of ${x.user}?`)) return;
+      try {
+        await api("POST", `/tokens/${encodeURIComponent(x.id)}/revoke`, {}, null);
+      } catch (error) {
+        fail(error);
+      }
+      route();
+    } }, "Revoke"))]])],
   [/^#\/audit$/, () => simpleList("Audit log", "/audit?limit=200", [
     ["When", (x) => x.at], ["User", (x) => x.user], ["Request", (x) => `${x.method} ${x.path}`], ["Status", (x) => x.status], ["Result", (x) => x.result]])],
 ];

@@ -121,7 +121,8 @@ def import_(session: Session, request: ImageImport, project: str, origin: Origin
             origin, project, file=request.initrd, upload=request.initrd_upload, what="initrd"
         ).params()
     shown = {
-        sources.SourceKind.PATH: f"file:{disk.path}",
+        # A file name, not the host path: default-project images are every tenant's catalog.
+        sources.SourceKind.PATH: f"file:{disk.path.name}",
         sources.SourceKind.IMPORT_DIR: f"import-dir:{disk.label}",
         sources.SourceKind.UPLOAD: f"upload:{disk.path.name[:12]}",
     }[disk.kind]

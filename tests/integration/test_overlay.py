@@ -207,9 +207,13 @@ def test_a_host_joins_and_leaves_and_a_deleted_network_leaves_nothing(pool: Pool
     pool.cli("network", "delete", "tmpnet")
     for host in ("h1", "h2"):
         # The delete job ran on one host; the other's reconcile loop (every 2 s) takes its part down.
-        until(lambda host=host: not {device, shown["bridge"]} & set(pool.links(host)), 30, f"{host} to clean up")
-        rules = pool.host_sh(host, "nft", "list", "ruleset")
-        assert shown["bridge"] not in rules and device not in rules
+        # Links and firewall rules go in the same reconcile pass, the rules a moment after the links.
+        def cleaned(host: str = host) -> bool:
+            rules = pool.host_sh(host, "nft", "list", "ruleset")
+            gone = not {device, shown["bridge"]} & set(pool.links(host))
+            return gone and shown["bridge"] not in rules and device not in rules
+
+        until(cleaned, 30, f"{host} to clean up its links and rules")
         assert not list((pool.homes[host] / "run" / "networks").glob(f"{shown['id'][:12]}*"))
     assert not [
         line

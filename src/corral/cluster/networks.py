@@ -462,16 +462,15 @@ def add_forward(session: Session, vm: VM, forward: PortForwardSpec, allowed: ran
     )
     session.add(row)
     session.flush()
+    return _forward_job(session, vm, {"add": row.id})
+
+
+def _forward_job(session: Session, vm: VM, params: dict[str, object]) -> Job:
+    """The job that applies a forward's change on the VM's host (its rules, or a live hostfwd)."""
     return jobs.submit(
-        session,
-        JobKind.VM_PORT_FORWARD,
-        "vm",
-        vm.name,
-        target_id=vm.id,
-        host=vm.host,
-        project=vm.project,
-        params={"add": row.id},
-    )
+        session, JobKind.VM_PORT_FORWARD, "vm", vm.name, target_id=vm.id, host=vm.host, project=vm.project,
+        params=params,
+    )  # fmt: skip
 
 
 def remove_forward(session: Session, vm: VM, host_port: int, protocol: str = "tcp") -> Job:
@@ -494,16 +493,7 @@ def remove_forward(session: Session, vm: VM, host_port: int, protocol: str = "tc
         }
     }
     session.delete(row)
-    return jobs.submit(
-        session,
-        JobKind.VM_PORT_FORWARD,
-        "vm",
-        vm.name,
-        target_id=vm.id,
-        host=vm.host,
-        project=vm.project,
-        params=params,
-    )
+    return _forward_job(session, vm, params)
 
 
 def forwards_of(session: Session, vm_id: str) -> list[PortForward]:

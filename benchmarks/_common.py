@@ -20,8 +20,13 @@ class BenchDaemon:
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="corral-b-", dir="/tmp"))
-        self.env = {**os.environ, "CORRAL_HOME": str(self.home), "CORRAL_ACCEL": "tcg", "CORRAL_DEFAULT_NETWORK": "0",
-                    **(env or {})}
+        self.env = {
+            **os.environ,
+            "CORRAL_HOME": str(self.home),
+            "CORRAL_ACCEL": "tcg",
+            "CORRAL_DEFAULT_NETWORK": "0",
+            **(env or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> BenchDaemon:

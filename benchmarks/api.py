@@ -49,12 +49,21 @@ def seed(home: Path, count: int) -> None:
     with store.session() as session:
         for index in range(count):
             name = f"seed-{index:04d}"
-            vm = VM(name=name, spec={"name": name, "image": "tiny", "memory": 64 << 20}, host=None,
-                    status_message="stopped")
+            vm = VM(
+                name=name, spec={"name": name, "image": "tiny", "memory": 64 << 20}, host=None, status_message="stopped"
+            )
             session.add(vm)
             session.flush()
-            session.add(Volume(name=f"{name}-root", path=f"{name}-root.qcow2", size=64 << 20, state="ready",
-                               role="root", vm_id=vm.id))
+            session.add(
+                Volume(
+                    name=f"{name}-root",
+                    path=f"{name}-root.qcow2",
+                    size=64 << 20,
+                    state="ready",
+                    role="root",
+                    vm_id=vm.id,
+                )
+            )
     store.close()
 
 
@@ -89,8 +98,13 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="corral-b-", dir="/tmp"))
     port = free_port()
-    env = {**os.environ, "CORRAL_HOME": str(home), "CORRAL_ACCEL": "tcg", "CORRAL_DEFAULT_NETWORK": "0",
-           "XDG_CONFIG_HOME": str(home / "config")}
+    env = {
+        **os.environ,
+        "CORRAL_HOME": str(home),
+        "CORRAL_ACCEL": "tcg",
+        "CORRAL_DEFAULT_NETWORK": "0",
+        "XDG_CONFIG_HOME": str(home / "config"),
+    }
     for variable in ("CORRAL_URL", "CORRAL_TOKEN", "CORRAL_PROJECT"):
         env.pop(variable, None)
 
@@ -119,11 +133,15 @@ def main() -> None:
 
         from corral.client.remotes import pinned_context
 
-        local = httpx.Client(base_url="http://corral", transport=httpx.HTTPTransport(uds=str(home / "corral.sock")),
-                             timeout=120)
-        remote = httpx.Client(base_url=f"https://127.0.0.1:{port}", timeout=120,
-                              verify=pinned_context((home / "tls" / "server.crt").read_text()),
-                              headers={"Authorization": f"Bearer {token}"})
+        local = httpx.Client(
+            base_url="http://corral", transport=httpx.HTTPTransport(uds=str(home / "corral.sock")), timeout=120
+        )
+        remote = httpx.Client(
+            base_url=f"https://127.0.0.1:{port}",
+            timeout=120,
+            verify=pinned_context((home / "tls" / "server.crt").read_text()),
+            headers={"Authorization": f"Bearer {token}"},
+        )
         paths = {"baseline (unix socket)": local, "authenticated (HTTPS + token)": remote}
         for client in paths.values():  # warm up: connections, TLS session, caches
             for _ in range(3):
@@ -149,8 +167,11 @@ def main() -> None:
         wait_idle(local)
 
         rows = []
-        for label, samples in ((f"GET /vms ({listed} VMs)", lists), ("POST /vms (stopped)", creates),
-                               ("DELETE /vms/NAME (stopped)", deletes)):
+        for label, samples in (
+            (f"GET /vms ({listed} VMs)", lists),
+            ("POST /vms (stopped)", creates),
+            ("DELETE /vms/NAME (stopped)", deletes),
+        ):
             base, auth = (samples[name] for name in paths)
             rows.append([
                 label,

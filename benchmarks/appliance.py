@@ -81,10 +81,18 @@ def main() -> None:
         ["step", "seconds", "archive MiB", "vs tar"],
         [
             ["tar export (qcow2 as is)", f"{median(times['tar']):.2f}", f"{sizes['tar'] / MIB:.1f}", "1.00"],
-            ["ova export (streamOptimized VMDK + SHA-256)", f"{median(times['ova']):.2f}",
-             f"{sizes['ova'] / MIB:.1f}", f"{median(times['ova']) / median(times['tar']):.2f}"],
-            ["ova import (checks + convert to qcow2)", f"{median(times['import']):.2f}", "-",
-             f"{median(times['import']) / median(times['tar']):.2f}"],
+            [
+                "ova export (streamOptimized VMDK + SHA-256)",
+                f"{median(times['ova']):.2f}",
+                f"{sizes['ova'] / MIB:.1f}",
+                f"{median(times['ova']) / median(times['tar']):.2f}",
+            ],
+            [
+                "ova import (checks + convert to qcow2)",
+                f"{median(times['import']):.2f}",
+                "-",
+                f"{median(times['import']) / median(times['tar']):.2f}",
+            ],
         ],
     )
 

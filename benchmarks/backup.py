@@ -49,12 +49,16 @@ async def _backup(disk: Path, target: Path, backup_id: str, parent_id: str | Non
     if parent_id is None:
         qemu_img.create_blank(target, size)
     else:
-        qemu_img.run(["create", "-q", "-f", "qcow2", "-b", f"../{parent_id}/disk0.qcow2", "-F", "qcow2",
-                      str(target), str(size)])
+        qemu_img.run(
+            ["create", "-q", "-f", "qcow2", "-b", f"../{parent_id}/disk0.qcow2", "-F", "qcow2", str(target), str(size)]
+        )
     async with engine_backup.StorageDaemon([disk], work / "qsd.sock") as daemon:
-        run = engine_backup.BackupRun(daemon, [engine_backup.DiskCopy(node="disk0", target=target)],
-                                      engine_backup.bitmap_name(backup_id),
-                                      engine_backup.bitmap_name(parent_id) if parent_id else None)
+        run = engine_backup.BackupRun(
+            daemon,
+            [engine_backup.DiskCopy(node="disk0", target=target)],
+            engine_backup.bitmap_name(backup_id),
+            engine_backup.bitmap_name(parent_id) if parent_id else None,
+        )
         if parent_id is not None:
             await engine_backup.check_parent_bitmap(daemon, ["disk0"], run.parent_bitmap or "")
         await engine_backup.open_targets(run, None)
@@ -85,8 +89,9 @@ def one_run(work: Path, data_mib: int, changed_mib: int) -> dict[str, float]:
             sums.append(hashlib.file_digest(handle, "sha256").hexdigest())
     checksum_s = time.perf_counter() - started
     started = time.perf_counter()
-    problems, _ = read_back([("full", full_target, sums[0]), ("inc", inc_target, sums[1])],
-                            [("inc", inc_target, 1 << 30)])
+    problems, _ = read_back(
+        [("full", full_target, sums[0]), ("inc", inc_target, sums[1])], [("inc", inc_target, 1 << 30)]
+    )
     verify_s = time.perf_counter() - started
     if problems:
         raise SystemExit(f"verify found {problems}")
@@ -103,10 +108,15 @@ def one_run(work: Path, data_mib: int, changed_mib: int) -> dict[str, float]:
     qemu_img.run(["convert", "-O", "qcow2", str(disk), str(baseline)])
     convert_s = time.perf_counter() - started
     result = {
-        "full_s": full_s, "full_mib": engine_backup.allocated_bytes(full_target) / MIB,
-        "inc_s": inc_s, "inc_mib": engine_backup.allocated_bytes(inc_target) / MIB,
-        "restore_s": restore_s, "checksum_s": checksum_s, "verify_s": verify_s,
-        "convert_s": convert_s, "convert_mib": engine_backup.allocated_bytes(baseline) / MIB,
+        "full_s": full_s,
+        "full_mib": engine_backup.allocated_bytes(full_target) / MIB,
+        "inc_s": inc_s,
+        "inc_mib": engine_backup.allocated_bytes(inc_target) / MIB,
+        "restore_s": restore_s,
+        "checksum_s": checksum_s,
+        "verify_s": verify_s,
+        "convert_s": convert_s,
+        "convert_mib": engine_backup.allocated_bytes(baseline) / MIB,
     }
     for path in (disk, restored, baseline):
         path.unlink()
@@ -131,14 +141,25 @@ def main() -> None:
         ["operation", "time (s)", "written (MiB)", "vs qemu-img convert"],
         [
             ["full backup", f"{m['full_s']:.2f}", f"{m['full_mib']:.1f}", f"{m['full_s'] / m['convert_s']:.2f}x"],
-            ["incremental backup", f"{m['inc_s']:.3f}", f"{m['inc_mib']:.1f}",
-             f"{m['inc_s'] / m['convert_s']:.2f}x"],
-            ["restore (flatten chain + check)", f"{m['restore_s']:.2f}", "-",
-             f"{m['restore_s'] / m['convert_s']:.2f}x"],
-            ["checksums recorded (both files)", f"{m['checksum_s']:.2f}", "-",
-             f"{m['checksum_s'] / m['convert_s']:.2f}x"],
-            ["verify the incremental (whole chain)", f"{m['verify_s']:.2f}", "-",
-             f"{m['verify_s'] / m['convert_s']:.2f}x"],
+            ["incremental backup", f"{m['inc_s']:.3f}", f"{m['inc_mib']:.1f}", f"{m['inc_s'] / m['convert_s']:.2f}x"],
+            [
+                "restore (flatten chain + check)",
+                f"{m['restore_s']:.2f}",
+                "-",
+                f"{m['restore_s'] / m['convert_s']:.2f}x",
+            ],
+            [
+                "checksums recorded (both files)",
+                f"{m['checksum_s']:.2f}",
+                "-",
+                f"{m['checksum_s'] / m['convert_s']:.2f}x",
+            ],
+            [
+                "verify the incremental (whole chain)",
+                f"{m['verify_s']:.2f}",
+                "-",
+                f"{m['verify_s'] / m['convert_s']:.2f}x",
+            ],
             ["qemu-img convert (baseline)", f"{m['convert_s']:.2f}", f"{m['convert_mib']:.1f}", "1.00x"],
         ],
     )

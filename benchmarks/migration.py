@@ -145,8 +145,11 @@ def main() -> None:
         help="guest memory sizes in MiB",
     )
     parser.add_argument("--postcopy", default="fallback", choices=["never", "fallback", "always"])
-    parser.add_argument("--tcg-live", action="store_true",
-                        help="copy live under TCG too (50 ms downtime limit): loses writes of busy guests here")
+    parser.add_argument(
+        "--tcg-live",
+        action="store_true",
+        help="copy live under TCG too (50 ms downtime limit): loses writes of busy guests here",
+    )
     args = parser.parse_args()
     rows = asyncio.run(main_async(args))
     table = []

@@ -45,15 +45,23 @@ def _wait_address(bench: BenchDaemon, vm: str, ip: str) -> None:
 def _timed_fetch(bench: BenchDaemon, vm: str, url: str, megabytes: int) -> float:
     """MB/s of an HTTP download into the guest (busybox wget to /dev/null), timed by the guest's own clock."""
     # /proc/uptime has centisecond resolution: plenty for transfers of seconds (busybox date has no %N).
-    out = _exec(bench, vm, f"read s _ </proc/uptime; wget -q -O /dev/null {url} && read e _ </proc/uptime && "
-                           "awk -v s=$s -v e=$e 'BEGIN {print e - s}'")
+    out = _exec(
+        bench,
+        vm,
+        f"read s _ </proc/uptime; wget -q -O /dev/null {url} && read e _ </proc/uptime && "
+        "awk -v s=$s -v e=$e 'BEGIN {print e - s}'",
+    )
     return megabytes / float(out.strip().splitlines()[-1])
 
 
 def guest_to_guest(bench: BenchDaemon, server: str, client: str, server_ip: str, megabytes: int) -> float:
     """One guest serves a file from RAM with busybox httpd, the other downloads it across the bridge."""
-    _exec(bench, server, f"mkdir -p /tmp/www && [ -s /tmp/www/blob ] || dd if=/dev/zero of=/tmp/www/blob bs=1M "
-                         f"count={megabytes} 2>/dev/null; pidof httpd >/dev/null || httpd -p 8000 -h /tmp/www")
+    _exec(
+        bench,
+        server,
+        f"mkdir -p /tmp/www && [ -s /tmp/www/blob ] || dd if=/dev/zero of=/tmp/www/blob bs=1M "
+        f"count={megabytes} 2>/dev/null; pidof httpd >/dev/null || httpd -p 8000 -h /tmp/www",
+    )
     return _timed_fetch(bench, client, f"http://{server_ip}:8000/blob", megabytes)
 
 
@@ -126,8 +134,10 @@ def cross_host(runs: int, megabytes: int) -> list[list[str]]:
             def sh(vm: str, script: str) -> str:
                 return pool.cli("vm", "exec", vm, "--timeout", "300", "--", "sh", "-c", script).stdout
 
-            ips = {vm: json.loads(pool.cli("vm", "show", vm, "--json").stdout)["nics"][0]["ip"]
-                   for vm in ("pa", "pb", "pc")}
+            ips = {
+                vm: json.loads(pool.cli("vm", "show", vm, "--json").stdout)["nics"][0]["ip"]
+                for vm in ("pa", "pb", "pc")
+            }
             for vm, ip in ips.items():
                 deadline = time.monotonic() + 60
                 while "ok" not in sh(vm, f"ip -4 addr | grep -q 'inet {ip}/' && echo ok || true"):
@@ -135,12 +145,18 @@ def cross_host(runs: int, megabytes: int) -> list[list[str]]:
                         raise RuntimeError(f"{vm} never got {ip}")
                     time.sleep(0.5)
             for vm in ("pb", "pc"):
-                sh(vm, f"mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/blob bs=1M count={megabytes} 2>/dev/null"
-                       " && httpd -p 8000 -h /tmp/www")
+                sh(
+                    vm,
+                    f"mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/blob bs=1M count={megabytes} 2>/dev/null"
+                    " && httpd -p 8000 -h /tmp/www",
+                )
 
             def fetch(server_vm: str) -> float:
-                out = sh("pa", f"read s _ </proc/uptime; wget -q -O /dev/null http://{ips[server_vm]}:8000/blob && "
-                               "read e _ </proc/uptime && awk -v s=$s -v e=$e 'BEGIN {print e - s}'")
+                out = sh(
+                    "pa",
+                    f"read s _ </proc/uptime; wget -q -O /dev/null http://{ips[server_vm]}:8000/blob && "
+                    "read e _ </proc/uptime && awk -v s=$s -v e=$e 'BEGIN {print e - s}'",
+                )
                 return megabytes / float(out.strip().splitlines()[-1])
 
             def rtt(target: str) -> float:
@@ -156,8 +172,11 @@ def cross_host(runs: int, megabytes: int) -> list[list[str]]:
                 results.setdefault("pool: RTT one host (ms)", []).append(rtt(ips["pb"]))
                 results.setdefault("pool: RTT across hosts (ms)", []).append(rtt(ips["pc"]))
             for index in range(runs):
-                sh("pa", f"rm -f /tmp/ping.log; setsid sh -c 'ping -i 0.1 -c 1200 -W 1 {ips['pc']} > /tmp/ping.log'"
-                         " </dev/null >/dev/null 2>&1 &")
+                sh(
+                    "pa",
+                    f"rm -f /tmp/ping.log; setsid sh -c 'ping -i 0.1 -c 1200 -W 1 {ips['pc']} > /tmp/ping.log'"
+                    " </dev/null >/dev/null 2>&1 &",
+                )
                 pool.cli("vm", "migrate", "pc", "--to", "h1" if index % 2 == 0 else "h2", timeout=900)
                 sh("pa", "kill -INT $(pidof ping) 2>/dev/null; sleep 1")
                 summary = sh("pa", "cat /tmp/ping.log")
@@ -165,7 +184,8 @@ def cross_host(runs: int, megabytes: int) -> list[list[str]]:
                 if match is None:
                     raise RuntimeError(f"no ping summary: {summary[-300:]}")
                 results.setdefault("pool: pings lost in a live move (0.1 s apart)", []).append(
-                    float(int(match[1]) - int(match[2])))
+                    float(int(match[1]) - int(match[2]))
+                )
         finally:
             pool.close()
             import shutil
@@ -186,8 +206,11 @@ def main() -> None:
         same = {r[0]: float(r[1]) for r in rows}
         one, across = same["pool: guest -> guest, one host (MB/s)"], same["pool: guest -> guest, across hosts (MB/s)"]
         rows.append(["pool: throughput across / one host (ratio)", f"{across / one:.2f}", ""])
-        print_table(f"Networks across hosts (VXLAN), tiny guests under TCG, {args.megabytes} MiB, {args.runs} runs",
-                    ["measure", "median", "runs"], rows)
+        print_table(
+            f"Networks across hosts (VXLAN), tiny guests under TCG, {args.megabytes} MiB, {args.runs} runs",
+            ["measure", "median", "runs"],
+            rows,
+        )
         return
     results: dict[str, list[float]] = {}
     with BenchDaemon(env={"CORRAL_DEFAULT_NETWORK": "1"}) as bench:
@@ -201,17 +224,23 @@ def main() -> None:
         host = BlobServer(args.megabytes)
         for _ in range(args.runs):
             results.setdefault("guest -> guest, NAT bridge (MB/s)", []).append(
-                guest_to_guest(bench, "nb-b", "nb-a", ips["nb-b"], args.megabytes))
+                guest_to_guest(bench, "nb-b", "nb-a", ips["nb-b"], args.megabytes)
+            )
             results.setdefault("host -> guest, NAT bridge (MB/s)", []).append(
-                _timed_fetch(bench, "nb-a", f"http://{gateway}:{host.port}/", args.megabytes))
+                _timed_fetch(bench, "nb-a", f"http://{gateway}:{host.port}/", args.megabytes)
+            )
             results.setdefault("host -> guest, user-mode (MB/s)", []).append(
-                _timed_fetch(bench, "nb-u", f"http://10.0.2.2:{host.port}/", args.megabytes))
+                _timed_fetch(bench, "nb-u", f"http://10.0.2.2:{host.port}/", args.megabytes)
+            )
             results.setdefault("RTT guest -> guest (ms)", []).append(ping_ms(bench, "nb-a", ips["nb-b"]))
             results.setdefault("RTT guest -> host (ms)", []).append(ping_ms(bench, "nb-a", gateway))
         host.close()
     rows = [[name, f"{median(values):.2f}", " ".join(f"{v:.2f}" for v in values)] for name, values in results.items()]
-    print_table(f"Network, tiny guests under TCG, {args.megabytes} MiB streams, {args.runs} runs",
-                ["measure", "median", "runs"], rows)
+    print_table(
+        f"Network, tiny guests under TCG, {args.megabytes} MiB streams, {args.runs} runs",
+        ["measure", "median", "runs"],
+        rows,
+    )
     if not args.skip_isolation:
         import isolation
 

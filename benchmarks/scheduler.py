@@ -43,13 +43,27 @@ def make_hosts(store: Store, count: int, rng: random.Random) -> None:
     now = utcnow()
     for index in range(count):
         cpus = rng.choice([8, 16, 32, 64])
-        rows.append({
-            "id": new_id(), "name": f"h{index:04d}", "state": "online", "cpus": cpus,
-            "memory": rng.choice([16, 32, 64, 128]) * GIB, "storage_total": rng.choice([500, 1000, 2000]) * GIB,
-            "storage_free": 400 * GIB, "accel": "tcg", "qemu_version": "7.2.22", "cpu_overcommit": 4.0,
-            "memory_overcommit": 1.0, "storage_overcommit": 4.0, "reserved_memory": GIB, "drained": False,
-            "usage": {}, "heartbeat_at": now, "created_at": now,
-        })
+        rows.append(
+            {
+                "id": new_id(),
+                "name": f"h{index:04d}",
+                "state": "online",
+                "cpus": cpus,
+                "memory": rng.choice([16, 32, 64, 128]) * GIB,
+                "storage_total": rng.choice([500, 1000, 2000]) * GIB,
+                "storage_free": 400 * GIB,
+                "accel": "tcg",
+                "qemu_version": "7.2.22",
+                "cpu_overcommit": 4.0,
+                "memory_overcommit": 1.0,
+                "storage_overcommit": 4.0,
+                "reserved_memory": GIB,
+                "drained": False,
+                "usage": {},
+                "heartbeat_at": now,
+                "created_at": now,
+            }
+        )
     with store.session() as session:
         session.execute(insert(Host), rows)
         session.add(Image(name="tiny", state="ready", kind="kernel", virtual_size=GIB))
@@ -57,8 +71,12 @@ def make_hosts(store: Store, count: int, rng: random.Random) -> None:
 
 def vm_specs(count: int, rng: random.Random) -> list[VMSpec]:
     return [
-        VMSpec(name=f"vm{index:05d}", image="tiny", cpus=rng.choice([1, 1, 2, 4]),
-               memory=rng.choice([512 << 20, GIB, 2 * GIB, 4 * GIB]))
+        VMSpec(
+            name=f"vm{index:05d}",
+            image="tiny",
+            cpus=rng.choice([1, 1, 2, 4]),
+            memory=rng.choice([512 << 20, GIB, 2 * GIB, 4 * GIB]),
+        )
         for index in range(count)
     ]
 
@@ -72,11 +90,25 @@ def place_batch(store: Store, specs: list[VMSpec], strategy: str) -> tuple[float
         placed = time.perf_counter()
         now = utcnow()
         rows = [
-            {"id": new_id(), "name": spec.name, "project": "default", "spec": spec.model_dump(mode="json"),
-             "host": host, "desired_state": "running", "observed_state": "stopped", "status_message": "",
-             "ready": False, "interfaces": [], "restart_count": 0, "created_at": now, "updated_at": now,
-             "ports": {}, "stats": {}}
-            for spec, host in zip(specs, chosen, strict=True) if host is not None
+            {
+                "id": new_id(),
+                "name": spec.name,
+                "project": "default",
+                "spec": spec.model_dump(mode="json"),
+                "host": host,
+                "desired_state": "running",
+                "observed_state": "stopped",
+                "status_message": "",
+                "ready": False,
+                "interfaces": [],
+                "restart_count": 0,
+                "created_at": now,
+                "updated_at": now,
+                "ports": {},
+                "stats": {},
+            }
+            for spec, host in zip(specs, chosen, strict=True)
+            if host is not None
         ]
         session.execute(insert(VM), rows)
         session.flush()
@@ -88,8 +120,13 @@ def balance(store: Store) -> dict[str, float]:
     with store.reading() as session:
         view = placement.load_pool(session)
     ratios = [load.utilisation() for load in view.values()]
-    return {"mean": statistics.fmean(ratios), "stddev": statistics.pstdev(ratios), "min": min(ratios),
-            "max": max(ratios), "hosts_used": sum(1 for load in view.values() if load.vms)}
+    return {
+        "mean": statistics.fmean(ratios),
+        "stddev": statistics.pstdev(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "hosts_used": sum(1 for load in view.values() if load.vms),
+    }
 
 
 def one_by_one(store: Store, count: int, rng: random.Random, pool_dir: Path) -> float:
@@ -116,9 +153,21 @@ def run(backend: str, url: str, args: argparse.Namespace, pool_dir: Path) -> lis
     finally:
         store.close()
     total = place_s + write_s
-    return [backend, args.hosts, args.vms, f"{place_s:.2f}", f"{write_s:.2f}", f"{total:.2f}",
-            "yes" if total <= 2.0 else "NO", unplaced, f"{quality['mean']:.3f}", f"{quality['stddev']:.4f}",
-            f"{quality['min']:.3f}-{quality['max']:.3f}", quality["hosts_used"], f"{per_create * 1000:.1f}"]
+    return [
+        backend,
+        args.hosts,
+        args.vms,
+        f"{place_s:.2f}",
+        f"{write_s:.2f}",
+        f"{total:.2f}",
+        "yes" if total <= 2.0 else "NO",
+        unplaced,
+        f"{quality['mean']:.3f}",
+        f"{quality['stddev']:.4f}",
+        f"{quality['min']:.3f}-{quality['max']:.3f}",
+        quality["hosts_used"],
+        f"{per_create * 1000:.1f}",
+    ]
 
 
 def main() -> None:
@@ -137,8 +186,21 @@ def main() -> None:
             rows.append(run("postgresql", pg.create_database("bench"), args, pool_dir))
     print_table(
         f"Placement of {args.vms} VMs on {args.hosts} hosts ({args.strategy}); goal: batch total <= 2 s",
-        ["STORE", "HOSTS", "VMS", "PLACE S", "WRITE S", "TOTAL S", "GOAL", "UNPLACED", "ALLOC MEAN", "STDDEV",
-         "MIN-MAX", "HOSTS USED", "MS/CREATE (1 BY 1)"],
+        [
+            "STORE",
+            "HOSTS",
+            "VMS",
+            "PLACE S",
+            "WRITE S",
+            "TOTAL S",
+            "GOAL",
+            "UNPLACED",
+            "ALLOC MEAN",
+            "STDDEV",
+            "MIN-MAX",
+            "HOSTS USED",
+            "MS/CREATE (1 BY 1)",
+        ],
         rows,
     )
 

@@ -104,8 +104,10 @@ class Chaos:
             return operation, anyone, ["backup", "create", anyone, "--name", f"b{self.counter}"]
         if operation == "delete":
             return operation, anyone, ["vm", "delete", anyone, "--force"]
-        return "start" if stopped else "stop", anyone, (
-            ["vm", "start", anyone, "--wait"] if stopped else ["vm", "stop", anyone, "--timeout", "5"]
+        return (
+            "start" if stopped else "stop",
+            anyone,
+            (["vm", "start", anyone, "--wait"] if stopped else ["vm", "stop", anyone, "--timeout", "5"]),
         )
 
     def run_round(self, index: int) -> Round:

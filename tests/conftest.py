@@ -63,8 +63,13 @@ class Daemon:
     def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
         self.home = home
         # No default network unless a test asks for one: most tests need no bridge, and each would make its own.
-        self.env = {**os.environ, "CORRAL_HOME": str(home), "CORRAL_ACCEL": "tcg", "CORRAL_DEFAULT_NETWORK": "0",
-                    **(extra_env or {})}
+        self.env = {
+            **os.environ,
+            "CORRAL_HOME": str(home),
+            "CORRAL_ACCEL": "tcg",
+            "CORRAL_DEFAULT_NETWORK": "0",
+            **(extra_env or {}),
+        }
         for variable in ("CORRAL_URL", "CORRAL_TOKEN", "CORRAL_PROJECT", "CORRAL_INSECURE"):
             self.env.pop(variable, None)
         self.env.setdefault("XDG_CONFIG_HOME", str(home / "config"))  # no remote of the user's own redirects the CLI

@@ -185,8 +185,11 @@ def run_agent(settings: Settings, address: str | None = None) -> None:
         store.migrate()
         agent = Agent(settings, store, address=address)
         agent.start_in_thread()
-        print(f"corral: agent {agent.host_name} registered" + (f" at {address}" if address else ""),
-              file=sys.stderr, flush=True)
+        print(
+            f"corral: agent {agent.host_name} registered" + (f" at {address}" if address else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         stop.wait()
     finally:
         if agent is not None:

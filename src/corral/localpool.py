@@ -130,8 +130,14 @@ class Proc:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         with self.log.open("ab") as log:
             # `ip netns exec` execs the command: the pid is corral's own.
-            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "corral", *self.argv], env=self.env,
-                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "corral", *self.argv],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -160,8 +166,14 @@ class LocalPool:
     process's CORRAL_HOME. ``settings`` are extra CORRAL_* variables for every process.
     """
 
-    def __init__(self, url: str, tag: str | None = None, prefix: str = "cm",
-                 make_home: Callable[[str], Path] | None = None, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        tag: str | None = None,
+        prefix: str = "cm",
+        make_home: Callable[[str], Path] | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.url = url
         self.tag = tag or uuid.uuid4().hex[:5]
         self.prefix = prefix
@@ -172,8 +184,12 @@ class LocalPool:
         self.agents: dict[str, Proc] = {}
         self.control: Proc | None = None
         self.make_home = make_home or _temp_home(prefix)
-        self.settings = {"CORRAL_HOST_TIMEOUT": "5", "CORRAL_DEFAULT_NETWORK": "0", "CORRAL_ISOLATION": "0",
-                         **(settings or {})}
+        self.settings = {
+            "CORRAL_HOST_TIMEOUT": "5",
+            "CORRAL_DEFAULT_NETWORK": "0",
+            "CORRAL_ISOLATION": "0",
+            **(settings or {}),
+        }
 
     # -- plumbing ------------------------------------------------------------------------------------------------
 
@@ -214,14 +230,23 @@ class LocalPool:
             (home / "pools" / "default").mkdir(parents=True)
         if images is not None:
             (home / "images").symlink_to(images)
-        self.agents[name] = Proc(home, self.env(home), ["agent", "--name", name, "--address", self.address(name),
-                                                        "--log-level", "info"], netns)
+        self.agents[name] = Proc(
+            home,
+            self.env(home),
+            ["agent", "--name", name, "--address", self.address(name), "--log-level", "info"],
+            netns,
+        )
         return self.agents[name]
 
     def env(self, home: Path) -> dict[str, str]:
         """The environment of a process (or a CLI call) of this pool on ``home``."""
-        env = {**os.environ, "CORRAL_HOME": str(home), "CORRAL_DB": self.url, **self.settings,
-               "XDG_CONFIG_HOME": str(home / "config")}  # no remote of the user's own redirects the CLI
+        env = {
+            **os.environ,
+            "CORRAL_HOME": str(home),
+            "CORRAL_DB": self.url,
+            **self.settings,
+            "XDG_CONFIG_HOME": str(home / "config"),
+        }  # no remote of the user's own redirects the CLI
         for variable in FOREIGN_ENV:
             env.pop(variable, None)
         return env
@@ -241,8 +266,13 @@ class LocalPool:
 
     def cli(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """The CLI as a user of this pool runs it (on the control plane's socket)."""
-        result = subprocess.run([sys.executable, "-m", "corral", *argv], env=self.env(self.homes["control"]),
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-m", "corral", *argv],
+            env=self.env(self.homes["control"]),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"corral {' '.join(argv)} exited {result.returncode}:\n{result.stderr}")
         return result
@@ -257,15 +287,16 @@ class LocalPool:
             for proc in [*([self.control] if self.control else []), *self.agents.values()]:
                 if proc.exited() is not None:
                     tail = proc.log.read_text(errors="replace").strip().splitlines()[-1:] if proc.log.exists() else []
-                    raise PoolError(f"corral {proc.argv[0]} on {proc.home} exited: {' '.join(tail)}",
-                                    f"see {proc.log}")
+                    raise PoolError(f"corral {proc.argv[0]} on {proc.home} exited: {' '.join(tail)}", f"see {proc.log}")
             with contextlib.suppress(CorralError), self.client(10) as corral:
                 hosts = {h["name"]: h["state"] for h in corral.hosts()}
                 if all(hosts.get(name) == "online" for name in names):
                     return
             if time.monotonic() > deadline:
-                raise PoolError(f"hosts {', '.join(names)} were not all online after {timeout:.0f} s",
-                                "see the agents' logs under their homes")
+                raise PoolError(
+                    f"hosts {', '.join(names)} were not all online after {timeout:.0f} s",
+                    "see the agents' logs under their homes",
+                )
             time.sleep(0.2)
 
     def close(self) -> None:
@@ -360,8 +391,10 @@ def demo_up(root: Path, say: Callable[[str], None]) -> list[str]:
     root.chmod(0o755)
     blocked = _reachable_by("postgres", root)
     if blocked is not None:
-        raise PoolError(f"PostgreSQL runs as the postgres user, which cannot enter {blocked}",
-                        f"chmod o+x {blocked}, or set CORRAL_HOME to a directory it can reach")
+        raise PoolError(
+            f"PostgreSQL runs as the postgres user, which cannot enter {blocked}",
+            f"chmod o+x {blocked}, or set CORRAL_HOME to a directory it can reach",
+        )
     tag = demo_tag(root)
     state: dict[str, Any] = {"tag": tag, "prefix": "cd", "pg": None}
     state_file.write_text(json.dumps(state))
@@ -411,8 +444,10 @@ def demo_up(root: Path, say: Callable[[str], None]) -> list[str]:
     except BaseException:
         demo_down(root, say=lambda _: None)
         raise
-    say(f"the demo pool is up under {root}: hosts h1, h2 (sharing a storage pool) and h3 at "
-        f"{pool.address('h1')}, {pool.address('h2')}, {pool.address('h3')}")
+    say(
+        f"the demo pool is up under {root}: hosts h1, h2 (sharing a storage pool) and h3 at "
+        f"{pool.address('h1')}, {pool.address('h2')}, {pool.address('h3')}"
+    )
     return exports(root)
 
 
@@ -436,8 +471,11 @@ def demo_down(root: Path, say: Callable[[str], None]) -> None:
     # and everything else started under the demo's directory, except PostgreSQL, which pg_ctl stops.
     pg_root = Path(state["pg"]["root"]) if state.get("pg") else None
     pg_pids = set(pids_mentioning(pg_root)) if pg_root else set()
-    daemons = [pid for name in ("control", *DEMO_HOSTS)
-               if (root / name).is_dir() and (pid := running_daemon_pid(root / name)) and pid > 0]
+    daemons = [
+        pid
+        for name in ("control", *DEMO_HOSTS)
+        if (root / name).is_dir() and (pid := running_daemon_pid(root / name)) and pid > 0
+    ]
     terminate(daemons)
     for netns in namespaces:
         terminate(namespace_pids(netns), grace=5)
@@ -456,6 +494,7 @@ def demo_down(root: Path, say: Callable[[str], None]) -> None:
 
 def main(argv: list[str]) -> int:
     """`python -m corral.localpool up|down`: progress on stderr, the export lines on stdout."""
+
     def say(line: str) -> None:
         print(f"corral: {line}", file=sys.stderr, flush=True)
 
@@ -466,8 +505,10 @@ def main(argv: list[str]) -> int:
     try:
         if argv[0] == "up":
             print("\n".join(demo_up(root, say)), flush=True)
-            print("corral: now try: corral host list; corral vm run web1 --host h1; corral vm migrate web1 --to h3",
-                  file=sys.stderr)
+            print(
+                "corral: now try: corral host list; corral vm run web1 --host h1; corral vm migrate web1 --to h3",
+                file=sys.stderr,
+            )
         else:
             demo_down(root, say)
     except PoolError as exc:

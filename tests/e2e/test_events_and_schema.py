@@ -33,9 +33,12 @@ def test_events_follow_a_vm_through_its_life(team) -> None:  # type: ignore[no-u
     ready = threading.Event()
 
     def follow() -> None:
-        with team.client("alpha-viewer") as viewer, viewer.stream(
-            "GET", "/events", params={"follow": True, "kind": "vm", "resource": "life"}, timeout=None
-        ) as stream:
+        with (
+            team.client("alpha-viewer") as viewer,
+            viewer.stream(
+                "GET", "/events", params={"follow": True, "kind": "vm", "resource": "life"}, timeout=None
+            ) as stream,
+        ):
             assert stream.headers["content-type"].startswith("text/event-stream")
             ready.set()
             for line in stream.iter_lines():

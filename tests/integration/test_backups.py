@@ -31,8 +31,11 @@ def _check_disks(daemon, vm: str) -> None:  # type: ignore[no-untyped-def]
         path = pool / disk["path"]
         result = subprocess.run(["qemu-img", "check", "-U", str(path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
-                                         capture_output=True, text=True, check=True).stdout)
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True, check=True
+            ).stdout
+        )
         assert "backing-filename" not in info, "a restored disk stands alone"
 
 
@@ -86,8 +89,14 @@ def test_incremental_backup_holds_only_the_changes(daemon, vm, chain):
     backups = daemon.home / "backups"
     assert backups.stat().st_mode & 0o777 == 0o700
     for disk in shown["disks"]:  # the chain: the incremental's backing file is the full backup's disk
-        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(backups / disk["file"])],
-                                         capture_output=True, text=True, check=True).stdout)
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", str(backups / disk["file"])],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         assert info["backing-filename"].startswith("../")
 
 

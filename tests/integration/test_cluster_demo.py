@@ -19,8 +19,7 @@ from tests.conftest import ROOT, new_home, require
 
 def _make(target: str, home: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CORRAL_HOME": str(home), "CORRAL_ACCEL": "tcg"}
-    return subprocess.run(["make", "-s", target], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(["make", "-s", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _user_env(exports: str, config: Path) -> dict[str, str]:
@@ -58,8 +57,9 @@ def test_demo_pool_comes_up_moves_a_vm_and_goes_away_completely(demo_home: Path)
     env = _user_env(up.stdout.strip(), demo_home / "config")
 
     def corral(*argv: str, timeout: float = 300) -> str:
-        result = subprocess.run([sys.executable, "-m", "corral", *argv], env=env, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            [sys.executable, "-m", "corral", *argv], env=env, capture_output=True, text=True, timeout=timeout
+        )
         assert result.returncode == 0, f"corral {' '.join(argv)}: {result.stderr}"
         return result.stdout
 
@@ -79,9 +79,13 @@ def test_demo_pool_comes_up_moves_a_vm_and_goes_away_completely(demo_home: Path)
 
     # What the demo made on the machine, to check that cluster-down takes all of it.
     tag = demo_tag(root)
-    namespaces = [line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                                               text=True, check=True).stdout.splitlines()
-                  if line.startswith(f"cd{tag}")]
+    namespaces = [
+        line.split()[0]
+        for line in subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        if line.startswith(f"cd{tag}")
+    ]
     assert len(namespaces) == 3, namespaces
     assert sum(f"cd{tag}" in line or f"cdb{tag}" in line for line in _links().splitlines()) >= 4  # bridge, veths
     assert pids_mentioning(root), "the demo's processes run"
@@ -90,8 +94,9 @@ def test_demo_pool_comes_up_moves_a_vm_and_goes_away_completely(demo_home: Path)
 
     # As the README says, in the same shell: CORRAL_HOME now names the control plane's home inside the demo.
     assert env["CORRAL_HOME"] != str(demo_home)
-    down = subprocess.run(["make", "-s", "cluster-down"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=180)
+    down = subprocess.run(
+        ["make", "-s", "cluster-down"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
     assert down.returncode == 0 and "is gone" in down.stderr, down.stderr
     assert not pids_mentioning(root), [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids_mentioning(root)]
     assert not any(alive(pid) for pid in agents), "every process in the namespaces ended"

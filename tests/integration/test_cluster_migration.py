@@ -41,8 +41,9 @@ class Cluster(LocalPool):
     """The pool of corral.localpool with what these tests read from the store and the guests."""
 
     def __init__(self, url: str, root: Path) -> None:
-        super().__init__(url, prefix="cm", make_home=lambda name: new_home(f"cm-{name}-"),
-                         settings={"CORRAL_ACCEL": "tcg"})
+        super().__init__(
+            url, prefix="cm", make_home=lambda name: new_home(f"cm-{name}-"), settings={"CORRAL_ACCEL": "tcg"}
+        )
         self.root = root
         self.store = Store(url)
 
@@ -223,15 +224,18 @@ def test_live_move_on_shared_storage_keeps_the_guest_counting(cluster: Cluster) 
         assert result["from"] == "h1" and result["to"] == "h2" and result["with_storage"] is False
         assert result["downtime_ms"] is not None and result["total_s"] > 0
         gap = assert_counter_continued(before, after, result["paused_ms"])
-        MEASURED.append(f"shared  h1->h2: total {result['total_s']:.2f} s, downtime {result['downtime_ms']} ms, "
-                        f"paused {result['paused_ms']} ms, counter gap {gap * 1000:.0f} ms")
+        MEASURED.append(
+            f"shared  h1->h2: total {result['total_s']:.2f} s, downtime {result['downtime_ms']} ms, "
+            f"paused {result['paused_ms']} ms, counter gap {gap * 1000:.0f} ms"
+        )
         vm = cluster.vm_row("mv1")
         assert vm.host == "h2" and vm.observed_state == "running"
         assert {v.host for v in cluster.volumes("mv1")} == {"h2"}
         assert cluster.copies("mv1").keys() == {"h2"}, cluster.copies("mv1")
         assert not (cluster.homes["h1"] / "run" / vm.id[:12]).exists(), "the source's run directory went"
-        assert (cluster.homes["h1"] / "pools" / "default" / cluster.volumes("mv1")[0].path).exists(), \
+        assert (cluster.homes["h1"] / "pools" / "default" / cluster.volumes("mv1")[0].path).exists(), (
             "shared storage: the disk stays where both hosts see it"
+        )
         assert float(cluster.sh("mv1", "cut -d' ' -f1 /proc/uptime")) > uptime, "no reboot"
         assert cluster.sh("mv1", "cat /root/marker") == "before-move\n"
         assert not kernel_trouble(after.text()), kernel_trouble(after.text())
@@ -246,8 +250,9 @@ def test_live_move_on_shared_storage_keeps_the_guest_counting(cluster: Cluster) 
 def test_storage_move_copies_the_disks_to_a_host_without_the_pool(cluster: Cluster) -> None:
     cluster.run_vm("mv2", "h1", "--disk", "64M")
     try:
-        blob = cluster.sh("mv2", "dd if=/dev/urandom of=/root/blob bs=1M count=4 2>/dev/null; sync; "
-                                 "md5sum /root/blob | cut -d' ' -f1").strip()
+        blob = cluster.sh(
+            "mv2", "dd if=/dev/urandom of=/root/blob bs=1M count=4 2>/dev/null; sync; md5sum /root/blob | cut -d' ' -f1"
+        ).strip()
         cluster.start_counter("mv2")
         before = SerialWatch(cluster.serial("mv2", "h1"))
         after = SerialWatch(cluster.serial("mv2", "h3"))
@@ -260,9 +265,11 @@ def test_storage_move_copies_the_disks_to_a_host_without_the_pool(cluster: Clust
         after.stop()
         assert result["with_storage"] is True and result["disk_s"] > 0
         gap = assert_counter_continued(before, after, result["paused_ms"])
-        MEASURED.append(f"storage h1->h3: total {result['total_s']:.2f} s (disks {result['disk_s']:.2f} s), "
-                        f"downtime {result['downtime_ms']} ms, paused {result['paused_ms']} ms, "
-                        f"counter gap {gap * 1000:.0f} ms")
+        MEASURED.append(
+            f"storage h1->h3: total {result['total_s']:.2f} s (disks {result['disk_s']:.2f} s), "
+            f"downtime {result['downtime_ms']} ms, paused {result['paused_ms']} ms, "
+            f"counter gap {gap * 1000:.0f} ms"
+        )
         volumes = cluster.volumes("mv2")
         assert {v.host for v in volumes} == {"h3"}
         assert all(v.backing_image is None and v.backing_path is None for v in volumes), "copied disks stand alone"
@@ -283,6 +290,7 @@ def test_bad_moves_are_refused_with_one_line_and_change_nothing(cluster: Cluster
     cluster.run_vm("mv3", "h1")
     cluster.cli("vm", "create", "mv4", "--host", "h1", "--memory", "192M")
     try:
+
         def refused(*argv: str) -> str:
             result = cluster.cli("vm", "migrate", *argv, check=False)
             assert result.returncode != 0, result.stdout
@@ -349,14 +357,18 @@ def test_killed_source_agent_leaves_exactly_one_running_copy(cluster: Cluster) -
 
         def sending() -> bool:
             row = cluster.job_row(job["id"])
-            return row.state != "queued" and ("ram" in row.message or "disks" in row.message or row.progress > 0.04
-                                              or row.state != "running")
+            return row.state != "queued" and (
+                "ram" in row.message or "disks" in row.message or row.progress > 0.04 or row.state != "running"
+            )
 
         until(sending, 60, "the source to start sending")
         cluster.agents["h1"].stop(signal.SIGKILL)
         dest_job = cluster.job_row(job["id"]).params["dest_job"]
-        until(lambda: cluster.job_row(dest_job).state in ("succeeded", "failed", "cancelled"), 120,
-              "the destination's job to end")
+        until(
+            lambda: cluster.job_row(dest_job).state in ("succeeded", "failed", "cancelled"),
+            120,
+            "the destination's job to end",
+        )
         cluster.agents["h1"].start()  # a restarted agent sweeps what the move left on its host
 
         def settled() -> dict[str, list[int]] | None:
@@ -373,7 +385,8 @@ def test_killed_source_agent_leaves_exactly_one_running_copy(cluster: Cluster) -
         assert len(watch.ticks()) >= 3, "the guest keeps counting where the store says it runs"
         assert cluster.sh("mv5", "echo alive").strip() == "alive"
         outcome = "moved to h2" if vm.host == "h2" else "stayed on h1"
-        MEASURED.append(f"source agent killed mid-move: the VM {outcome}, "
-                        f"destination job {cluster.job_row(dest_job).state}")
+        MEASURED.append(
+            f"source agent killed mid-move: the VM {outcome}, destination job {cluster.job_row(dest_job).state}"
+        )
     finally:
         cluster.cli("vm", "delete", "mv5", "--force", check=False)

@@ -29,8 +29,20 @@ def web(daemon, debian, key, tmp_path_factory):  # type: ignore[no-untyped-def]
     user_data = tmp_path_factory.mktemp("ud") / "cloud.yaml"
     user_data.write_text("#cloud-config\nruncmd:\n  - echo made-by-user-data > /root/user-data-ran\n")
     name = unique("web")
-    daemon.cli("vm", "run", name, "--image", debian, "--memory", "1G", "--ssh-key", f"{key}.pub",
-               "--user-data", str(user_data), timeout=600)
+    daemon.cli(
+        "vm",
+        "run",
+        name,
+        "--image",
+        debian,
+        "--memory",
+        "1G",
+        "--ssh-key",
+        f"{key}.pub",
+        "--user-data",
+        str(user_data),
+        timeout=600,
+    )
     yield name
     daemon.cli("vm", "delete", name, "--force", check=False)
 

@@ -176,8 +176,21 @@ def test_a_fork_of_a_resized_vm_resumes_with_its_cpus_balloon_and_disk(daemon: D
     disk hot-plugged on its port, the balloon where it was). Hot-plugged vCPUs are refused until a restart."""
     parent = unique("rzf")
     child = f"{parent}-k"
-    daemon.cli("vm", "run", parent, "--image", tiny, "--forkable", "--memory", "192M", "--max-memory", "256M",
-               "--max-cpus", "2", timeout=300)
+    daemon.cli(
+        "vm",
+        "run",
+        parent,
+        "--image",
+        tiny,
+        "--forkable",
+        "--memory",
+        "192M",
+        "--max-memory",
+        "256M",
+        "--max-cpus",
+        "2",
+        timeout=300,
+    )
     try:
         daemon.cli("vm", "set", parent, "--cpus", "2")
         daemon.cli("vm", "disk", "add", parent, "--size", "32M")

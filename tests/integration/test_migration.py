@@ -305,8 +305,9 @@ def test_precopy_that_does_not_converge_falls_back_to_postcopy(in_lab) -> None: 
         # The live machinery itself is under test here, so the TCG-safe paused copy is off (see
         # TCG_DOWNTIME_LIMIT_MS: live copies of a busy guest under TCG can lose writes, so only the mechanics of the
         # fallback are checked, not the guest's memory).
-        tuning = MigrationTuning(max_bandwidth=24 << 20, auto_converge=False, postcopy="fallback", converge_within=3.0,
-                                 tcg_safe=False)
+        tuning = MigrationTuning(
+            max_bandwidth=24 << 20, auto_converge=False, postcopy="fallback", converge_within=3.0, tcg_safe=False
+        )
         _plan, destination = await lab.destination(guest)
         with pytest.raises(NotConverging):
             await migrate(guest.proc, destination, tuning=tuning)

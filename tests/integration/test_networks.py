@@ -105,8 +105,9 @@ def test_default_nat_network_is_made_on_first_start(net_daemon: Daemon) -> None:
     assert default["mode"] == "nat" and default["state"] == "ready", default
     bridge = Path("/sys/class/net", default["bridge"])
     assert (bridge / "bridge").is_dir(), "the default network's Linux bridge is missing"
-    addresses = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", default["bridge"]],
-                               capture_output=True, text=True, check=True).stdout
+    addresses = subprocess.run(
+        ["ip", "-o", "-4", "addr", "show", "dev", default["bridge"]], capture_output=True, text=True, check=True
+    ).stdout
     assert f"{default['gateway']}/" in addresses
     pid_file = net_daemon.home / "run" / "networks" / default["id"][:12] / "dnsmasq.pid"
     pid = int(pid_file.read_text())
@@ -163,8 +164,9 @@ def test_nat_masquerades_guest_traffic_leaving_the_host(net_daemon: Daemon, pair
         subprocess.run([*inside, "ip", "addr", "add", "198.51.100.2/30", "dev", far_end], check=True)
         subprocess.run([*inside, "ip", "link", "set", far_end, "up"], check=True)
         subprocess.run([*inside, "ip", "link", "set", "lo", "up"], check=True)
-        listener = subprocess.Popen([*inside, sys.executable, "-c", LISTEN_ONCE, "198.51.100.2", "7777"],
-                                    stdout=subprocess.PIPE, text=True)
+        listener = subprocess.Popen(
+            [*inside, sys.executable, "-c", LISTEN_ONCE, "198.51.100.2", "7777"], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
             guest(net_daemon, a, "echo hi | nc -w 5 198.51.100.2 7777", check=False)

@@ -26,17 +26,25 @@ class Proc:
 
     def __init__(self, url: str, *argv: str) -> None:
         self.home = new_home()
-        self.env = {**os.environ, "CORRAL_HOME": str(self.home), "CORRAL_DB": url, "CORRAL_ACCEL": "tcg",
-                    "CORRAL_HOST_TIMEOUT": "3", "CORRAL_DEFAULT_NETWORK": "0"}
+        self.env = {
+            **os.environ,
+            "CORRAL_HOME": str(self.home),
+            "CORRAL_DB": url,
+            "CORRAL_ACCEL": "tcg",
+            "CORRAL_HOST_TIMEOUT": "3",
+            "CORRAL_DEFAULT_NETWORK": "0",
+        }
         self.env.pop("CORRAL_URL", None)
         self.log = self.home / "out.log"
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "corral", *argv], env=self.env, stdout=log,
-                                         stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "corral", *argv], env=self.env, stdout=log, stderr=log, start_new_session=True
+            )
 
     def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "corral", *argv], env=self.env, capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "corral", *argv], env=self.env, capture_output=True, text=True, timeout=120
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -88,11 +96,16 @@ def _hosts(control: Proc) -> dict[str, dict]:  # type: ignore[type-arg]
 def test_agents_register_heartbeat_and_go_offline_or_unreachable(pool):
     url, start = pool
     control = start("serve", "--no-agent")
-    agents = {name: start("agent", "--name", name, "--address", f"10.99.0.{index + 1}")
-              for index, name in enumerate(("h1", "h2", "h3"))}
+    agents = {
+        name: start("agent", "--name", name, "--address", f"10.99.0.{index + 1}")
+        for index, name in enumerate(("h1", "h2", "h3"))
+    }
     hosts = _until(lambda: (h := _hosts(control)) and len(h) == 3 and h)
-    assert {name: h["address"] for name, h in hosts.items()} == {"h1": "10.99.0.1", "h2": "10.99.0.2",
-                                                                 "h3": "10.99.0.3"}
+    assert {name: h["address"] for name, h in hosts.items()} == {
+        "h1": "10.99.0.1",
+        "h2": "10.99.0.2",
+        "h3": "10.99.0.3",
+    }
     assert all(h["state"] == "online" and h["usage"]["memory_used"] > 0 for h in hosts.values())
     first_beat = hosts["h1"]["heartbeat_at"]
     _until(lambda: _hosts(control)["h1"]["heartbeat_at"] != first_beat, 15)
@@ -131,8 +144,9 @@ def test_agents_register_heartbeat_and_go_offline_or_unreachable(pool):
 def test_an_agent_needs_a_store(tmp_path: Path):
     env = {**os.environ, "CORRAL_HOME": str(tmp_path)}
     env.pop("CORRAL_DB", None)
-    result = subprocess.run([sys.executable, "-m", "corral", "agent", "--name", "h1"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "corral", "agent", "--name", "h1"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: an agent needs the pool's store (hint: pass --db postgresql://USER@HOST/DB (or set CORRAL_DB))"

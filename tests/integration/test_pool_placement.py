@@ -33,8 +33,13 @@ def pool_api(postgres):  # type: ignore[no-untyped-def]
     env = {**os.environ, "CORRAL_HOME": str(home), "CORRAL_DB": url, "CORRAL_DEFAULT_NETWORK": "0"}
     env.pop("CORRAL_URL", None)
     log = (home / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "corral", "serve", "--no-agent", "--log-level", "info"],
-                            env=env, stdout=log, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral", "serve", "--no-agent", "--log-level", "info"],
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
 
     from corral.client import Client
 
@@ -68,9 +73,18 @@ def _register(store: Store, hosts: dict[str, dict[str, object]]) -> None:
     """Hosts as their agents would register them (fresh heartbeats), and a ready 1 GiB image."""
     with store.session() as session:
         for name, extra in hosts.items():
-            values = {"cpus": 2, "memory": 4 * GIB, "storage_total": 3 * GIB, "storage_free": 3 * GIB,
-                      "qemu_version": "7.2.22", "cpu_overcommit": 1.0, "memory_overcommit": 1.0,
-                      "storage_overcommit": 1.0, "reserved_memory": 0, **extra}
+            values = {
+                "cpus": 2,
+                "memory": 4 * GIB,
+                "storage_total": 3 * GIB,
+                "storage_free": 3 * GIB,
+                "qemu_version": "7.2.22",
+                "cpu_overcommit": 1.0,
+                "memory_overcommit": 1.0,
+                "storage_overcommit": 1.0,
+                "reserved_memory": 0,
+                **extra,
+            }
             session.add(Host(name=name, **values))
         session.add(Image(name="tiny", state="ready", kind="kernel", virtual_size=GIB))
 

@@ -109,10 +109,14 @@ def test_placement_follows_the_networks_and_storage_a_vm_needs(pool: Pool) -> No
 
         # A bridge-mode network's uplink exists only in h3's namespace: once h3's heartbeat reported it, the
         # network is made there and its VMs go only there.
-        subprocess.run(["ip", "netns", "exec", pool.netns("h3"), "ip", "link", "add", "brup", "type", "bridge"],
-                       check=True)
-        until(lambda: "brup" in pool.hosts().get("h3", {}).get("usage", {}).get("bridges", []), 30,
-              "h3's heartbeat to report its bridge")
+        subprocess.run(
+            ["ip", "netns", "exec", pool.netns("h3"), "ip", "link", "add", "brup", "type", "bridge"], check=True
+        )
+        until(
+            lambda: "brup" in pool.hosts().get("h3", {}).get("usage", {}).get("bridges", []),
+            30,
+            "h3's heartbeat to report its bridge",
+        )
         assert "brup" not in pool.hosts()["h1"]["usage"]["bridges"]
         pool.cli("network", "create", "lan", "--mode", "bridge", "--uplink", "brup")
         assert pool.json("network", "show", "lan")["state"] == "ready"
@@ -162,7 +166,8 @@ def test_the_pool_survives_a_postgresql_restart(pool: Pool, pg: Any) -> None:
             hosts = pool.hosts()
             return len(hosts) == 3 and all(
                 h["state"] == "online" and datetime.fromisoformat(h["heartbeat_at"]) > stopped_at
-                for h in hosts.values())
+                for h in hosts.values()
+            )
 
         until(recovered, 60, "every host to heartbeat again")
         until(lambda: _listeners(pg) == 4, 30, "every process to LISTEN again")
@@ -174,8 +179,9 @@ def test_the_pool_survives_a_postgresql_restart(pool: Pool, pg: Any) -> None:
         started = time.monotonic()
         pool.cli("vm", "stop", "r2", "--force")
         assert pool.json("vm", "show", "r2")["state"] == "stopped"
-        print(f"\npool back {back_after:.1f} s after PostgreSQL restarted; a stop took "
-              f"{time.monotonic() - started:.2f} s")
+        print(
+            f"\npool back {back_after:.1f} s after PostgreSQL restarted; a stop took {time.monotonic() - started:.2f} s"
+        )
     finally:
         pool.cli("vm", "delete", "r1", "--force", check=False)
         pool.cli("vm", "delete", "r2", "--force", check=False)

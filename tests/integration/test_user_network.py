@@ -43,8 +43,15 @@ def fetch(port: int, timeout: float = 20) -> str:
 
 
 def serve_page(daemon: Daemon, vm: str) -> None:
-    daemon.cli("vm", "exec", vm, "--", "sh", "-c",
-               "mkdir -p /tmp/www && echo user-mode-ok > /tmp/www/index.html && httpd -p 80 -h /tmp/www")
+    daemon.cli(
+        "vm",
+        "exec",
+        vm,
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /tmp/www && echo user-mode-ok > /tmp/www/index.html && httpd -p 80 -h /tmp/www",
+    )
 
 
 def test_port_forward_on_a_user_mode_nic_lives_and_survives_a_restart(daemon: Daemon, tiny: str) -> None:

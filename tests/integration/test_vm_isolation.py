@@ -41,9 +41,24 @@ def vm(daemon: Daemon, name: str) -> dict[str, Any]:
 
 def spin(daemon: Daemon, name: str, seconds: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "corral", "vm", "exec", name, "--timeout", str(seconds + 60), "--", "sh", "-c",
-         SPIN.format(seconds=seconds)],
-        env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "corral",
+            "vm",
+            "exec",
+            name,
+            "--timeout",
+            str(seconds + 60),
+            "--",
+            "sh",
+            "-c",
+            SPIN.format(seconds=seconds),
+        ],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -107,19 +122,32 @@ def test_a_vm_over_its_memory_limit_is_the_only_one_to_die(daemon: Daemon, tiny:
         pid = vm(daemon, greedy)["pid"]
         driver = detect()
         cgroup_dirs = [d for d in driver.directories(f"vm-{vm(daemon, greedy)['id'][:16]}") if d.exists()]
-        memory_dir = next(d for d in cgroup_dirs
-                          if (d / "memory.limit_in_bytes").exists() or (d / "memory.max").exists())
+        memory_dir = next(
+            d for d in cgroup_dirs if (d / "memory.limit_in_bytes").exists() or (d / "memory.max").exists()
+        )
         procs = (memory_dir / "cgroup.procs").read_text().split()
         assert str(pid) in procs, "the VM's QEMU is not in its own cgroup"
         # Tighten the VM's limit to well under what a guest filling its RAM needs, then fill it.
-        limit_file = memory_dir / ("memory.limit_in_bytes" if (memory_dir / "memory.limit_in_bytes").exists()
-                                   else "memory.max")
-        current = int((memory_dir / ("memory.usage_in_bytes" if limit_file.name.endswith("bytes")
-                                     else "memory.current")).read_text())
+        limit_file = memory_dir / (
+            "memory.limit_in_bytes" if (memory_dir / "memory.limit_in_bytes").exists() else "memory.max"
+        )
+        current = int(
+            (
+                memory_dir / ("memory.usage_in_bytes" if limit_file.name.endswith("bytes") else "memory.current")
+            ).read_text()
+        )
         limit_file.write_text(str(current + (48 << 20)))
-        daemon.cli("vm", "exec", greedy, "--", "sh", "-c",
-                   "mkdir -p /mnt; mount -t tmpfs -o size=220m none /mnt; dd if=/dev/zero of=/mnt/fill bs=1M count=200",
-                   check=False, timeout=120)
+        daemon.cli(
+            "vm",
+            "exec",
+            greedy,
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /mnt; mount -t tmpfs -o size=220m none /mnt; dd if=/dev/zero of=/mnt/fill bs=1M count=200",
+            check=False,
+            timeout=120,
+        )
         deadline = time.monotonic() + 60
         while vm(daemon, greedy)["state"] != "crashed" and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -153,8 +181,18 @@ def test_disk_bandwidth_limit_is_enforced(daemon: Daemon, tiny: str) -> None:
     daemon.cli("vm", "run", slow, "--image", tiny, "--disk", "256M", "--disk-write-bps", "4M", timeout=300)
     try:
         started = time.monotonic()
-        result = daemon.cli("vm", "exec", slow, "--timeout", "120", "--", "sh", "-c",
-                            "dd if=/dev/zero of=/dev/vdb bs=1M count=16 conv=fsync 2>&1", timeout=180)
+        result = daemon.cli(
+            "vm",
+            "exec",
+            slow,
+            "--timeout",
+            "120",
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/vdb bs=1M count=16 conv=fsync 2>&1",
+            timeout=180,
+        )
         elapsed = time.monotonic() - started
         assert "16+0 records out" in result.stdout, result.stdout
         # 16 MiB at 4 MiB/s takes about 4 s (QEMU's throttling allows a short burst first).

@@ -139,4 +139,3 @@ def test_delete_removes_the_vm_and_its_disks(daemon, vm):
     assert not any((pool / path).exists() for path in disks)
     missing = daemon.cli("vm", "show", vm, check=False)
     assert missing.returncode != 0 and "not found" in missing.stderr
-

@@ -59,8 +59,7 @@ PLANS = {
         ),
         disks=(
             DiskPlan(node="disk0", path=Path("/var/lib/corral/pools/default/cloud-root.qcow2")),
-            DiskPlan(node="seed", path=Path("/var/lib/corral/run/0123456789ab/seed.iso"), format="raw",
-                     read_only=True),
+            DiskPlan(node="seed", path=Path("/var/lib/corral/run/0123456789ab/seed.iso"), format="raw", read_only=True),
         ),
         nics=(NicPlan(id="net0", mac="52:54:00:12:34:56", forwards=("tcp:127.0.0.1:40022-:22",)),),
     ),
@@ -71,8 +70,14 @@ PLANS = {
         accel="tcg",
         disks=(DiskPlan(node="disk0", path=Path("/srv/pool/web-root.qcow2")),),
         nics=(
-            NicPlan(id="net0", mac="52:54:00:00:00:01", mode="tap", ifname="crt0123456789", bridge="crl01234567",
-                    bus="nicport0"),
+            NicPlan(
+                id="net0",
+                mac="52:54:00:00:00:01",
+                mode="tap",
+                ifname="crt0123456789",
+                bridge="crl01234567",
+                bus="nicport0",
+            ),
             NicPlan(id="net2", mac="52:54:00:00:00:02", forwards=("tcp:0.0.0.0:8080-:80",), bus="nicport2"),
         ),
         hotplug_ports=("nicport0", "nicport1", "nicport2"),

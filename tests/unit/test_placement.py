@@ -61,8 +61,20 @@ def test_no_online_host(store):
 
 
 def _host(session, name, cpus=4, memory=8 << 30, **extra):
-    session.add(Host(name=name, cpus=cpus, memory=memory, storage_total=100 << 30, storage_free=90 << 30,
-                     qemu_version="7.2.22", cpu_overcommit=1.0, memory_overcommit=1.0, reserved_memory=0, **extra))
+    session.add(
+        Host(
+            name=name,
+            cpus=cpus,
+            memory=memory,
+            storage_total=100 << 30,
+            storage_free=90 << 30,
+            qemu_version="7.2.22",
+            cpu_overcommit=1.0,
+            memory_overcommit=1.0,
+            reserved_memory=0,
+            **extra,
+        )
+    )
 
 
 def _place(session, name, **hints):
@@ -70,8 +82,16 @@ def _place(session, name, **hints):
     spec = VMSpec(name=name, image="tiny", cpus=hints.pop("cpus", 1), memory=hints.pop("memory", 1 << 30))
     host = placement.pick_host(session, spec, hints.pop("wanted", None), **hints)
     policy = placement.group_policy(session, "default", hints.get("group"), hints.get("policy"))
-    session.add(VM(name=name, spec=spec.model_dump(mode="json"), host=host.name, desired_state="running",
-                   placement_group=hints.get("group"), placement_policy=policy))
+    session.add(
+        VM(
+            name=name,
+            spec=spec.model_dump(mode="json"),
+            host=host.name,
+            desired_state="running",
+            placement_group=hints.get("group"),
+            placement_policy=policy,
+        )
+    )
     session.flush()
     return host.name
 

@@ -17,11 +17,22 @@ from corral.store.models import Host, Network, Volume
 def _hosts(store: Any, usage: dict[str, dict[str, Any]]) -> None:
     with store.session() as session:
         for name, used in usage.items():
-            session.add(Host(name=name, cpus=4, memory=8 << 30, storage_total=100 << 30, storage_free=100 << 30,
-                             qemu_version="7.2.22", reserved_memory=0, usage=used))
+            session.add(
+                Host(
+                    name=name,
+                    cpus=4,
+                    memory=8 << 30,
+                    storage_total=100 << 30,
+                    storage_free=100 << 30,
+                    qemu_version="7.2.22",
+                    reserved_memory=0,
+                    usage=used,
+                )
+            )
         session.add(Network(name="lan", mode="bridge", uplink="br0", bridge="br0", state="ready"))
-        session.add(Network(name="nat1", mode="nat", subnet="10.87.9.0/24", gateway="10.87.9.1", bridge="crlx",
-                            state="ready"))
+        session.add(
+            Network(name="nat1", mode="nat", subnet="10.87.9.0/24", gateway="10.87.9.1", bridge="crlx", state="ready")
+        )
 
 
 def _plan(store: Any, spec: VMSpec, volumes: list[str] = ()) -> dict[str, str]:  # type: ignore[assignment]
@@ -33,14 +44,19 @@ def _plan(store: Any, spec: VMSpec, volumes: list[str] = ()) -> dict[str, str]: 
 
 
 def _spec(*networks: str) -> VMSpec:
-    return VMSpec(name="v", image="tiny", nics=[NicSpec(network=n, mac=f"52:54:00:00:00:0{i}", slot=i)
-                                                for i, n in enumerate(networks)])
+    return VMSpec(
+        name="v",
+        image="tiny",
+        nics=[NicSpec(network=n, mac=f"52:54:00:00:00:0{i}", slot=i) for i, n in enumerate(networks)],
+    )
 
 
 def test_a_bridge_mode_network_goes_only_where_its_uplink_is(store: Any) -> None:
     _hosts(store, {"h1": {"bridges": ["crl1"]}, "h2": {"bridges": ["br0", "crl1"]}})
-    assert _plan(store, _spec("lan")) == {"h1": "no bridge br0 here (the uplink of a bridge-mode network)",
-                                          "h2": "chosen"}
+    assert _plan(store, _spec("lan")) == {
+        "h1": "no bridge br0 here (the uplink of a bridge-mode network)",
+        "h2": "chosen",
+    }
     # nat (and isolated) networks are made on any host; user-mode NICs need nothing.
     assert set(_plan(store, _spec("nat1", "user")).values()) == {"chosen", "fits"}
     with store.session() as session, pytest.raises(InsufficientResources, match="no bridge br0"):

@@ -74,14 +74,21 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     if isinstance(exc, IntegrityError):
-        return _problem(AlreadyExists("another request made the same resource at the same moment",
-                                      "list it, or choose another name"))
+        return _problem(
+            AlreadyExists(
+                "another request made the same resource at the same moment", "list it, or choose another name"
+            )
+        )
     if isinstance(exc, OperationalError):
         log.warning("store error: %s", exc)
         if exc.connection_invalidated or "connection" in str(exc.orig).lower():
             # The server is down or restarting: the pool's pre-ping replaces dead connections once it is back.
-            return _problem(StoreUnavailable("cannot reach the store; nothing was changed",
-                                             "check that the database server runs; try again once it does"))
+            return _problem(
+                StoreUnavailable(
+                    "cannot reach the store; nothing was changed",
+                    "check that the database server runs; try again once it does",
+                )
+            )
         busy = Timeout("the store is busy; nothing was changed", "try again in a moment")
         busy.http_status = 503
         return _problem(busy)
@@ -145,8 +152,13 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     def list_hosts(session: Session = Depends(db_session)) -> list[HostView]:
         view = placement.load_pool(session)  # three queries, however many hosts
         return [
-            HostView.of(host, allocated_cpus=view[host.name].cpus_alloc, allocated_memory=view[host.name].memory_alloc,
-                        allocated_storage=view[host.name].storage_alloc, vms=view[host.name].vms)
+            HostView.of(
+                host,
+                allocated_cpus=view[host.name].cpus_alloc,
+                allocated_memory=view[host.name].memory_alloc,
+                allocated_storage=view[host.name].storage_alloc,
+                vms=view[host.name].vms,
+            )
             for host in session.query(Host).order_by(Host.name)
         ]
 

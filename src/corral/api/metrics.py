@@ -37,24 +37,31 @@ class StoreCollector(Collector):
             yield from self._backups(session)
 
     def _vms(self, session):  # type: ignore[no-untyped-def]
-        info = GaugeMetricFamily("corral_vm_info", "A VM and its state (always 1).",
-                                 labels=["vm", "project", "host", "state", "image"])
+        info = GaugeMetricFamily(
+            "corral_vm_info", "A VM and its state (always 1).", labels=["vm", "project", "host", "state", "image"]
+        )
         running = GaugeMetricFamily("corral_vm_running", "1 when the VM's QEMU runs.", labels=["vm", "project"])
         vcpus = GaugeMetricFamily("corral_vm_vcpus", "vCPUs of the VM.", labels=["vm", "project"])
         memory = GaugeMetricFamily("corral_vm_memory_bytes", "Guest memory size.", labels=["vm", "project"])
-        used = GaugeMetricFamily("corral_vm_memory_used_bytes", "Memory used by the VM's QEMU (cgroup or RSS).",
-                                 labels=["vm", "project"])
+        used = GaugeMetricFamily(
+            "corral_vm_memory_used_bytes", "Memory used by the VM's QEMU (cgroup or RSS).", labels=["vm", "project"]
+        )
         cpu = CounterMetricFamily("corral_vm_cpu_seconds", "CPU time used by the VM's QEMU.", labels=["vm", "project"])
-        disk_read = CounterMetricFamily("corral_vm_disk_read_bytes", "Bytes read by the guest, per disk.",
-                                        labels=["vm", "project", "disk"])
-        disk_write = CounterMetricFamily("corral_vm_disk_written_bytes", "Bytes written by the guest, per disk.",
-                                         labels=["vm", "project", "disk"])
-        restarts = CounterMetricFamily("corral_vm_restarts", "Restarts by the VM's restart policy.",
-                                       labels=["vm", "project"])
-        net_rx = CounterMetricFamily("corral_vm_network_receive_bytes", "Bytes the guest received, per TAP NIC.",
-                                     labels=["vm", "project", "nic"])
-        net_tx = CounterMetricFamily("corral_vm_network_transmit_bytes", "Bytes the guest sent, per TAP NIC.",
-                                     labels=["vm", "project", "nic"])
+        disk_read = CounterMetricFamily(
+            "corral_vm_disk_read_bytes", "Bytes read by the guest, per disk.", labels=["vm", "project", "disk"]
+        )
+        disk_write = CounterMetricFamily(
+            "corral_vm_disk_written_bytes", "Bytes written by the guest, per disk.", labels=["vm", "project", "disk"]
+        )
+        restarts = CounterMetricFamily(
+            "corral_vm_restarts", "Restarts by the VM's restart policy.", labels=["vm", "project"]
+        )
+        net_rx = CounterMetricFamily(
+            "corral_vm_network_receive_bytes", "Bytes the guest received, per TAP NIC.", labels=["vm", "project", "nic"]
+        )
+        net_tx = CounterMetricFamily(
+            "corral_vm_network_transmit_bytes", "Bytes the guest sent, per TAP NIC.", labels=["vm", "project", "nic"]
+        )
         for vm in session.scalars(select(VM)):
             spec = VMSpec.model_validate(vm.spec)
             key = [vm.name, vm.project]
@@ -80,22 +87,26 @@ class StoreCollector(Collector):
     def _hosts(self, session):  # type: ignore[no-untyped-def]
         labels = ["host"]
         cpus = GaugeMetricFamily("corral_host_cpus", "CPUs of the host.", labels=labels)
-        vcpus_cap = GaugeMetricFamily("corral_host_vcpus_capacity", "vCPUs the host may hand out (overcommit).",
-                                      labels=labels)
+        vcpus_cap = GaugeMetricFamily(
+            "corral_host_vcpus_capacity", "vCPUs the host may hand out (overcommit).", labels=labels
+        )
         vcpus_alloc = GaugeMetricFamily("corral_host_vcpus_allocated", "vCPUs of VMs meant to run.", labels=labels)
         mem = GaugeMetricFamily("corral_host_memory_bytes", "Memory of the host.", labels=labels)
-        mem_cap = GaugeMetricFamily("corral_host_memory_capacity_bytes", "Memory the host may hand out.",
-                                    labels=labels)
-        mem_alloc = GaugeMetricFamily("corral_host_memory_allocated_bytes", "Memory of VMs meant to run.",
-                                      labels=labels)
-        storage_free = GaugeMetricFamily("corral_host_storage_free_bytes", "Free space in the default pool.",
-                                         labels=labels)
+        mem_cap = GaugeMetricFamily("corral_host_memory_capacity_bytes", "Memory the host may hand out.", labels=labels)
+        mem_alloc = GaugeMetricFamily(
+            "corral_host_memory_allocated_bytes", "Memory of VMs meant to run.", labels=labels
+        )
+        storage_free = GaugeMetricFamily(
+            "corral_host_storage_free_bytes", "Free space in the default pool.", labels=labels
+        )
         up = GaugeMetricFamily("corral_host_up", "1 when the host's agent heartbeat is recent.", labels=labels)
         # HA (docs/ha.md): how often the host was taken over, and when its lease runs out (0: it holds none).
         epoch = GaugeMetricFamily("corral_host_epoch", "Times the control plane took the host over.", labels=labels)
-        lease = GaugeMetricFamily("corral_host_lease_expiry_timestamp_seconds",
-                                  "When the host's HA lease runs out (database clock; 0 when it holds none).",
-                                  labels=labels)
+        lease = GaugeMetricFamily(
+            "corral_host_lease_expiry_timestamp_seconds",
+            "When the host's HA lease runs out (database clock; 0 when it holds none).",
+            labels=labels,
+        )
         online = {h.name for h in placement.online_hosts(session)}
         for host in session.scalars(select(Host)):
             allocation = placement.allocated(session, host.name)
@@ -117,11 +128,13 @@ class StoreCollector(Collector):
         rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
         for kind, state, count in rows:
             jobs.add_metric([kind, state], count)
-        duration = GaugeMetricFamily("corral_job_duration_seconds_sum",
-                                     "Total run time of finished jobs, by kind.", labels=["kind"])
+        duration = GaugeMetricFamily(
+            "corral_job_duration_seconds_sum", "Total run time of finished jobs, by kind.", labels=["kind"]
+        )
         finished = session.execute(
-            select(Job.kind, Job.started_at, Job.finished_at).where(Job.finished_at.is_not(None),
-                                                                     Job.started_at.is_not(None))
+            select(Job.kind, Job.started_at, Job.finished_at).where(
+                Job.finished_at.is_not(None), Job.started_at.is_not(None)
+            )
         ).all()
         totals: dict[str, float] = {}
         for kind, started, ended in finished:
@@ -130,22 +143,29 @@ class StoreCollector(Collector):
             duration.add_metric([kind], total)
         yield from (jobs, duration)
 
-
     def _backups(self, session):  # type: ignore[no-untyped-def]
         """Per VM: when its newest backup was taken and last verified good, and how many were found corrupt, so
         an alert can fire on a schedule that stopped or a backup that rots."""
         labels = ["vm", "project"]
-        last = GaugeMetricFamily("corral_backup_last_timestamp_seconds", "When the VM's newest backup was taken.",
-                                 labels=labels)
-        verified = GaugeMetricFamily("corral_backup_last_verified_timestamp_seconds",
-                                     "When a backup of the VM was last verified good.", labels=labels)
-        corrupt = GaugeMetricFamily("corral_backups_corrupt", "The VM's backups whose last verify found them corrupt.",
-                                    labels=labels)
+        last = GaugeMetricFamily(
+            "corral_backup_last_timestamp_seconds", "When the VM's newest backup was taken.", labels=labels
+        )
+        verified = GaugeMetricFamily(
+            "corral_backup_last_verified_timestamp_seconds",
+            "When a backup of the VM was last verified good.",
+            labels=labels,
+        )
+        corrupt = GaugeMetricFamily(
+            "corral_backups_corrupt", "The VM's backups whose last verify found them corrupt.", labels=labels
+        )
         newest: dict[tuple[str, str], float] = {}
         good: dict[tuple[str, str], float] = {}
         bad: dict[tuple[str, str], int] = {}
-        rows = session.execute(select(Backup.vm_name, Backup.project, Backup.created_at, Backup.verify_state,
-                                      Backup.verified_at).where(Backup.state == "ready")).all()
+        rows = session.execute(
+            select(Backup.vm_name, Backup.project, Backup.created_at, Backup.verify_state, Backup.verified_at).where(
+                Backup.state == "ready"
+            )
+        ).all()
         for vm_name, project, created, state, checked in rows:
             key = (vm_name, project)
             newest[key] = max(newest.get(key, 0.0), created.timestamp())
@@ -186,9 +206,13 @@ def install(app: FastAPI, store: Store) -> None:
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
     registry.register(HeldCollector(app))
-    latency = Histogram("corral_api_request_duration_seconds", "API request latency.",
-                        ["method", "route", "status"], registry=registry,
-                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+    latency = Histogram(
+        "corral_api_request_duration_seconds",
+        "API request latency.",
+        ["method", "route", "status"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    )
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -60,8 +60,11 @@ class VMImport(BaseModel):
     )
     upload: str | None = Field(default=None, description="the id of an upload (POST /uploads) of the archive")
     name: str | None = None
-    network: str | None = Field(default=None, description="the network every NIC goes on (default: as exported, "
-                                "or user-mode NAT for an OVA or a libvirt domain)")
+    network: str | None = Field(
+        default=None,
+        description="the network every NIC goes on (default: as exported, "
+        "or user-mode NAT for an OVA or a libvirt domain)",
+    )
 
 
 class BackupView(BaseModel):
@@ -111,8 +114,12 @@ class ScheduleSet(BaseModel):
     keep_last: int = Field(default=24, ge=0, le=backup_schedules.MAX_KEEP)
     keep_daily: int = Field(default=7, ge=0, le=backup_schedules.MAX_KEEP)
     keep_weekly: int = Field(default=4, ge=0, le=backup_schedules.MAX_KEEP)
-    incremental_every: int = Field(default=0, ge=0, le=backup_schedules.MAX_KEEP,
-                                   description="incremental backups after each full one (0: every backup full)")
+    incremental_every: int = Field(
+        default=0,
+        ge=0,
+        le=backup_schedules.MAX_KEEP,
+        description="incremental backups after each full one (0: every backup full)",
+    )
 
 
 class ScheduleView(BaseModel):
@@ -128,9 +135,17 @@ class ScheduleView(BaseModel):
 
     @classmethod
     def of(cls, row: BackupSchedule) -> ScheduleView:
-        return cls(vm=row.vm_name, every=row.every, keep_last=row.keep_last, keep_daily=row.keep_daily,
-                   keep_weekly=row.keep_weekly, incremental_every=row.incremental_every, next_at=row.next_at,
-                   last_at=row.last_at, last_error=row.last_error)
+        return cls(
+            vm=row.vm_name,
+            every=row.every,
+            keep_last=row.keep_last,
+            keep_daily=row.keep_daily,
+            keep_weekly=row.keep_weekly,
+            incremental_every=row.incremental_every,
+            next_at=row.next_at,
+            last_at=row.last_at,
+            last_error=row.last_error,
+        )
 
 
 @router.get("/backups", response_model=list[BackupView])
@@ -198,16 +213,21 @@ def set_schedule(
     """Make or replace the VM's schedule; its first backup is due one interval from now."""
     with state.store.session() as session:
         row = backup_schedules.set_schedule(
-            session, vm_name, request.every, request.keep_last, request.keep_daily, request.keep_weekly,
-            request.incremental_every, caller.project, state.settings.backup_min_interval,
+            session,
+            vm_name,
+            request.every,
+            request.keep_last,
+            request.keep_daily,
+            request.keep_weekly,
+            request.incremental_every,
+            caller.project,
+            state.settings.backup_min_interval,
         )
         return ScheduleView.of(row)
 
 
 @router.delete("/vms/{vm_name}/backup-schedule", status_code=status.HTTP_204_NO_CONTENT)
-def remove_schedule(
-    vm_name: str, caller: Caller = Depends(operator), state: AppState = Depends(app_state)
-) -> None:
+def remove_schedule(vm_name: str, caller: Caller = Depends(operator), state: AppState = Depends(app_state)) -> None:
     """The schedule goes; the backups it made stay."""
     with state.store.session() as session:
         backup_schedules.remove_schedule(session, vm_name, caller.project)
@@ -223,8 +243,9 @@ def export_vm(
 ) -> Accepted:
     """To a host path (the local admin only), or kept for download: the job's result names the export's id."""
     with state.store.session() as session:
-        job = backups.export(session, vm_name, request.file, request.compress, caller.project, origin_of(http),
-                             request.format)
+        job = backups.export(
+            session, vm_name, request.file, request.compress, caller.project, origin_of(http), request.format
+        )
         return Accepted(job=JobView.of(job))
 
 
@@ -233,8 +254,9 @@ def import_vm(
     request: VMImport, http: Request, caller: Caller = Depends(operator), state: AppState = Depends(app_state)
 ) -> Accepted:
     with state.store.session() as session:
-        job = backups.import_(session, request.file, request.name, caller.project, origin_of(http), request.upload,
-                              request.network)
+        job = backups.import_(
+            session, request.file, request.name, caller.project, origin_of(http), request.upload, request.network
+        )
         return Accepted(job=JobView.of(job))
 
 

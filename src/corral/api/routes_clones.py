@@ -37,7 +37,13 @@ def clone_vm(
 ) -> Accepted:
     with state.store.session() as session:
         job = clones.clone(
-            session, name, request.name, request.linked, request.from_snapshot, request.start, request.wait,
+            session,
+            name,
+            request.name,
+            request.linked,
+            request.from_snapshot,
+            request.start,
+            request.wait,
             caller.project,
         )
         session.flush()

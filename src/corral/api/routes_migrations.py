@@ -30,8 +30,7 @@ def migrate_vm(
         return Accepted(job=JobView.of(job) if job else None, vm=VMView.of(vm))
 
 
-@router.post("/hosts/{name}/evacuate", status_code=status.HTTP_202_ACCEPTED,
-             dependencies=[Depends(cluster_admin)])
+@router.post("/hosts/{name}/evacuate", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(cluster_admin)])
 def evacuate_host(name: str, state: AppState = Depends(app_state)) -> dict[str, Any]:
     """Drain the host and move every VM off it (``host drain``): ``job`` follows the moves (None when nothing
     had to move live); ``plan`` says where each VM goes and which cannot move."""

@@ -78,8 +78,9 @@ class ForwardView(BaseModel):
 
     @classmethod
     def of(cls, forward: PortForward) -> ForwardView:
-        return cls(protocol=forward.protocol, host_port=forward.host_port, guest_port=forward.guest_port,
-                   nic=forward.nic_index)
+        return cls(
+            protocol=forward.protocol, host_port=forward.host_port, guest_port=forward.guest_port, nic=forward.nic_index
+        )
 
 
 class NetworkView(BaseModel):
@@ -102,11 +103,24 @@ class NetworkView(BaseModel):
 
     @classmethod
     def of(cls, network: Network, vms: list[str] | None = None, hosts: list[str] | None = None) -> NetworkView:
-        return cls(name=network.name, id=network.id, project=network.project, mode=network.mode,
-                   subnet=network.subnet, gateway=network.gateway, dhcp=network.dhcp, uplink=network.uplink,
-                   bridge=network.bridge, state=network.state, status=network.status_message,
-                   vms=sorted(vms or []), created_at=network.created_at, vni=network.vni, mtu=network.mtu,
-                   hosts=hosts or [])
+        return cls(
+            name=network.name,
+            id=network.id,
+            project=network.project,
+            mode=network.mode,
+            subnet=network.subnet,
+            gateway=network.gateway,
+            dhcp=network.dhcp,
+            uplink=network.uplink,
+            bridge=network.bridge,
+            state=network.state,
+            status=network.status_message,
+            vms=sorted(vms or []),
+            created_at=network.created_at,
+            vni=network.vni,
+            mtu=network.mtu,
+            hosts=hosts or [],
+        )
 
 
 class VMView(BaseModel):
@@ -169,8 +183,9 @@ class VMView(BaseModel):
 def _nics(spec: VMSpec, vm: VM) -> list[NicView]:
     addresses = {port.nic_index: port.ip for port in vm.network_ports}
     return [
-        NicView(slot=spec.nic_slot(position), network=nic.network, mac=nic.mac,
-                ip=addresses.get(spec.nic_slot(position)))
+        NicView(
+            slot=spec.nic_slot(position), network=nic.network, mac=nic.mac, ip=addresses.get(spec.nic_slot(position))
+        )
         for position, nic in enumerate(spec.nics)
     ]
 

@@ -10,15 +10,15 @@ import typer
 from corral.cli.common import JSON_OPTION, client, follow_job, human_size, print_json, run, table
 from corral.errors import InvalidInput
 
-app = typer.Typer(help="Back up VMs (full or incremental, running or stopped) and restore them.",
-                  no_args_is_help=True)
+app = typer.Typer(help="Back up VMs (full or incremental, running or stopped) and restore them.", no_args_is_help=True)
 
 
 @app.command()
 def create(
     vm: str = typer.Argument(..., help="VM name."),
-    incremental: bool = typer.Option(False, "--incremental", "-i",
-                                     help="Copy only what changed since the VM's last backup."),
+    incremental: bool = typer.Option(
+        False, "--incremental", "-i", help="Copy only what changed since the VM's last backup."
+    ),
     name: str = typer.Option(None, "--name", "-n", help="Backup name (default: kind and time)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -32,8 +32,9 @@ def create(
             return
         result = job["result"]
         how = "live" + (", filesystems frozen" if result["frozen"] else "") if result["live"] else "offline"
-        print(f"backed up {vm}: {result['kind']} backup {result['backup']}, {human_size(result['bytes'])} "
-              f"written ({how})")
+        print(
+            f"backed up {vm}: {result['kind']} backup {result['backup']}, {human_size(result['bytes'])} written ({how})"
+        )
 
     run(action)
 
@@ -50,9 +51,22 @@ def list_backups(vm: str = typer.Argument(None, help="Only this VM's backups."),
         elif not rows:
             print(f"VM {vm} has no backups" if vm else "no backups")
         else:
-            table(["VM", "NAME", "KIND", "BASED ON", "SIZE", "STATE", "CREATED", "VERIFIED"],
-                  [(r["vm"], r["name"], r["kind"] + (" (live)" if r["live"] else ""), r["parent"] or "-",
-                    human_size(r["size"]), r["state"], r["created_at"][:19], _verified(r)) for r in rows])
+            table(
+                ["VM", "NAME", "KIND", "BASED ON", "SIZE", "STATE", "CREATED", "VERIFIED"],
+                [
+                    (
+                        r["vm"],
+                        r["name"],
+                        r["kind"] + (" (live)" if r["live"] else ""),
+                        r["parent"] or "-",
+                        human_size(r["size"]),
+                        r["state"],
+                        r["created_at"][:19],
+                        _verified(r),
+                    )
+                    for r in rows
+                ],
+            )
 
     run(action)
 
@@ -69,8 +83,10 @@ def show(vm: str, name: str, as_json: bool = JSON_OPTION) -> None:
             return
         print(f"backup {row['name']} of {row['vm']}: {row['kind']}, {row['state']}, {human_size(row['size'])}")
         print(f"  chain: {' -> '.join(row['chain'])}")
-        print(f"  taken: {row['created_at'][:19]} ({'live' if row['live'] else 'offline'}"
-              f"{', by its schedule' if row.get('scheduled') else ''})")
+        print(
+            f"  taken: {row['created_at'][:19]} ({'live' if row['live'] else 'offline'}"
+            f"{', by its schedule' if row.get('scheduled') else ''})"
+        )
         print(f"  verified: {_verified(row)}" + (f": {row['verify_error']}" if row.get("verify_error") else ""))
         spec = row.get("spec") or {}
         print(f"  spec: {spec.get('cpus')} vCPUs, {human_size(spec.get('memory'))}, image {spec.get('image')}")
@@ -92,8 +108,11 @@ def _verified(row: dict[str, Any]) -> str:
 def verify(
     vm: str,
     name: str,
-    boot: bool = typer.Option(False, "--boot", help="Then restore it into a scratch VM, start it until its guest "
-                              "agent answers, and delete the scratch VM."),
+    boot: bool = typer.Option(
+        False,
+        "--boot",
+        help="Then restore it into a scratch VM, start it until its guest agent answers, and delete the scratch VM.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Read a backup's whole chain back: each file against the SHA-256 recorded when it was made, qemu-img check,
@@ -109,29 +128,37 @@ def verify(
             print_json(job)
             return
         result = job["result"]
-        print(f"backup {name} of {vm} is ok: {len(result['chain'])} backup(s) read back, "
-              f"{human_size(result['bytes'])} checked against their checksums")
+        print(
+            f"backup {name} of {vm} is ok: {len(result['chain'])} backup(s) read back, "
+            f"{human_size(result['bytes'])} checked against their checksums"
+        )
         if boot:
-            print(f"  restored into scratch VM {result['boot']['vm']}, whose guest agent answered after "
-                  f"{result['boot']['seconds']:.1f} s; the scratch VM is deleted")
+            print(
+                f"  restored into scratch VM {result['boot']['vm']}, whose guest agent answered after "
+                f"{result['boot']['seconds']:.1f} s; the scratch VM is deleted"
+            )
         if result["unrecorded"]:
-            print(f"  no checksum was recorded for {', '.join(result['unrecorded'])} (made before corral recorded "
-                  "them): read back and checked, not compared")
+            print(
+                f"  no checksum was recorded for {', '.join(result['unrecorded'])} (made before corral recorded "
+                "them): read back and checked, not compared"
+            )
 
     run(action)
 
 
 @app.command()
 def schedule(
-    what: str = typer.Argument(..., metavar="VM | list | rm VM | set VM",
-                               help="A VM to schedule (or `set VM`), `list`, or `rm VM`."),
+    what: str = typer.Argument(
+        ..., metavar="VM | list | rm VM | set VM", help="A VM to schedule (or `set VM`), `list`, or `rm VM`."
+    ),
     vm: str = typer.Argument(None, help="The VM, after `rm` or `set`."),
     every: str = typer.Option(None, "--every", help="Interval: 30s, 15m, 1h, 1d, 1w."),
     keep_last: int = typer.Option(24, "--keep-last", help="Keep the N newest scheduled backups."),
     keep_daily: int = typer.Option(7, "--keep-daily", help="Keep the newest of each of the last N days."),
     keep_weekly: int = typer.Option(4, "--keep-weekly", help="Keep the newest of each of the last N weeks."),
-    incremental_every: int = typer.Option(0, "--incremental-every",
-                                          help="N incremental backups after each full one (0: all full)."),
+    incremental_every: int = typer.Option(
+        0, "--incremental-every", help="N incremental backups after each full one (0: all full)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Back a VM up periodically and prune by retention (never a backup others build on). The control plane
@@ -146,30 +173,45 @@ def schedule(
                 elif not rows:
                     print("no backup schedules")
                 else:
-                    table(["VM", "EVERY", "KEEP LAST/DAILY/WEEKLY", "INCREMENTALS", "NEXT", "LAST", "ERROR"],
-                          [(r["vm"], _seconds(r["every"]), f"{r['keep_last']}/{r['keep_daily']}/{r['keep_weekly']}",
-                            str(r["incremental_every"]), r["next_at"][:19], (r["last_at"] or "-")[:19],
-                            r["last_error"] or "-") for r in rows])
+                    table(
+                        ["VM", "EVERY", "KEEP LAST/DAILY/WEEKLY", "INCREMENTALS", "NEXT", "LAST", "ERROR"],
+                        [
+                            (
+                                r["vm"],
+                                _seconds(r["every"]),
+                                f"{r['keep_last']}/{r['keep_daily']}/{r['keep_weekly']}",
+                                str(r["incremental_every"]),
+                                r["next_at"][:19],
+                                (r["last_at"] or "-")[:19],
+                                r["last_error"] or "-",
+                            )
+                            for r in rows
+                        ],
+                    )
                 return
             if what == "rm":
                 if vm is None:
                     raise InvalidInput("`backup schedule rm` needs the VM", "write `corral backup schedule rm VM`")
                 corral.remove_backup_schedule(vm)
                 print_json({"vm": vm, "removed": True}) if as_json else print(
-                    f"removed the backup schedule of {vm} (its backups stay)")
+                    f"removed the backup schedule of {vm} (its backups stay)"
+                )
                 return
             target = vm if what == "set" else what
             if vm is not None and what != "set":
                 raise InvalidInput(f"unexpected argument {vm!r}", "write `corral backup schedule VM --every 1h`")
             if target is None or every is None:
-                raise InvalidInput("a schedule needs the VM and --every",
-                                   "write `corral backup schedule VM --every 1h`")
+                raise InvalidInput(
+                    "a schedule needs the VM and --every", "write `corral backup schedule VM --every 1h`"
+                )
             row = corral.set_backup_schedule(target, every, keep_last, keep_daily, keep_weekly, incremental_every)
             if as_json:
                 print_json(row)
             else:
-                print(f"backing up {target} every {_seconds(row['every'])}, keeping the last {row['keep_last']}, "
-                      f"{row['keep_daily']} daily, {row['keep_weekly']} weekly; next at {row['next_at'][:19]}")
+                print(
+                    f"backing up {target} every {_seconds(row['every'])}, keeping the last {row['keep_last']}, "
+                    f"{row['keep_daily']} daily, {row['keep_weekly']} weekly; next at {row['next_at'][:19]}"
+                )
 
     run(action)
 
@@ -187,8 +229,9 @@ def _boot_test(corral: Any, vm: str, name: str, quiet: bool) -> dict[str, Any]:
     started = time.monotonic()
     try:
         follow_job(corral, corral.restore_backup(vm, name, scratch), f"restore into {scratch}", quiet=quiet)
-        follow_job(corral, corral.start_vm(scratch, wait=True, ready_timeout=120), f"boot {scratch}", quiet=quiet,
-                   timeout=180)
+        follow_job(
+            corral, corral.start_vm(scratch, wait=True, ready_timeout=120), f"boot {scratch}", quiet=quiet, timeout=180
+        )
         return {"vm": scratch, "ok": True, "seconds": time.monotonic() - started}
     finally:
         with contextlib.suppress(CorralError):
@@ -230,19 +273,27 @@ def restore(
             print_json(job)
         else:
             target = job["result"]["vm"]
-            print(f"restored backup {name} of {vm} into {'new VM ' if job['result']['new'] else ''}{target} "
-                  f"(start it with `corral vm start {target}`)")
+            print(
+                f"restored backup {name} of {vm} into {'new VM ' if job['result']['new'] else ''}{target} "
+                f"(start it with `corral vm start {target}`)"
+            )
 
     run(action)
 
 
 def export_vm(
     vm: str = typer.Argument(..., help="VM name."),
-    file: str = typer.Argument(..., help="The archive to write (FILE.tar): here when the server is remote, "
-                               "on the server host on the local socket."),
+    file: str = typer.Argument(
+        ...,
+        help="The archive to write (FILE.tar): here when the server is remote, on the server host on the local socket.",
+    ),
     compress: bool = typer.Option(False, "--compress", help="gzip the archive (tar only)."),
-    format: str = typer.Option(None, "--format", help="tar (corral's own) or ova (OVF 1.x with streamOptimized "
-                               "VMDKs, for VirtualBox, VMware and qemu-img); default: ova for FILE.ova, else tar."),
+    format: str = typer.Option(
+        None,
+        "--format",
+        help="tar (corral's own) or ova (OVF 1.x with streamOptimized "
+        "VMDKs, for VirtualBox, VMware and qemu-img); default: ova for FILE.ova, else tar.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Write a VM's spec and flattened disks, with checksums, to one tar archive or an OVA (downloaded from a
@@ -256,8 +307,9 @@ def export_vm(
             raise InvalidInput(f"unknown export format {kind!r}", "choose --format tar or --format ova")
         with client() as corral:
             if corral.url is None:
-                job = follow_job(corral, corral.export_vm(vm, os.path.abspath(file), compress, kind), f"export {vm}",
-                                 quiet=as_json)
+                job = follow_job(
+                    corral, corral.export_vm(vm, os.path.abspath(file), compress, kind), f"export {vm}", quiet=as_json
+                )
             else:
                 if os.path.lexists(file):
                     raise InvalidInput(f"{file} already exists", "choose a new file name, or remove the old one")
@@ -267,19 +319,27 @@ def export_vm(
                     corral.download_export(job["result"]["export"], file, progress)
                 job["result"]["file"] = os.path.abspath(file)
         assert job is not None
-        print_json(job) if as_json else print(f"exported {vm} to {job['result']['file']} "
-                                              f"({human_size(job['result']['bytes'])})")
+        print_json(job) if as_json else print(
+            f"exported {vm} to {job['result']['file']} ({human_size(job['result']['bytes'])})"
+        )
 
     run(action)
 
 
 def import_vm(
-    file: str = typer.Argument(..., help="A corral export (.tar), an OVA, or a libvirt domain XML (`virsh dumpxml`; "
-                               "the local socket only): uploaded when the server is remote, on the server host on "
-                               "the local socket."),
+    file: str = typer.Argument(
+        ...,
+        help="A corral export (.tar), an OVA, or a libvirt domain XML (`virsh dumpxml`; "
+        "the local socket only): uploaded when the server is remote, on the server host on "
+        "the local socket.",
+    ),
     name: str = typer.Option(None, "--name", "-n", help="Name of the new VM (default: the exported VM's)."),
-    network: str = typer.Option(None, "--network", help="Put every NIC on this corral network (default: as "
-                                "exported; user-mode NAT for an OVA or a libvirt domain)."),
+    network: str = typer.Option(
+        None,
+        "--network",
+        help="Put every NIC on this corral network (default: as "
+        "exported; user-mode NAT for an OVA or a libvirt domain).",
+    ),
     start: bool = typer.Option(False, "--start", help="Start the VM once imported."),
     import_dir: bool = typer.Option(False, "--import-dir", help="FILE is a name in the server's import directory."),
     as_json: bool = JSON_OPTION,
@@ -297,21 +357,22 @@ def import_vm(
             elif corral.url is None:
                 accepted = corral.import_vm(os.path.abspath(file), name, network=network)
             else:
-                accepted = corral.import_vm(None, name, upload=upload_file(corral, Path(file), as_json),
-                                            network=network)
+                accepted = corral.import_vm(
+                    None, name, upload=upload_file(corral, Path(file), as_json), network=network
+                )
             job = follow_job(corral, accepted, f"import {os.path.basename(file)}", quiet=as_json)
             assert job is not None
             if start:
-                follow_job(corral, corral.start_vm(job["result"]["vm"]), f"start {job['result']['vm']}",
-                           quiet=as_json)
+                follow_job(corral, corral.start_vm(job["result"]["vm"]), f"start {job['result']['vm']}", quiet=as_json)
         if as_json:
             print_json(job)
             return
         for line in job["result"].get("warnings") or []:
             print(f"warning: {line}")
         vm_name = job["result"]["vm"]
-        print(f"imported VM {vm_name}" + (" and started it" if start else
-                                          f" (start it with `corral vm start {vm_name}`)"))
+        print(
+            f"imported VM {vm_name}" + (" and started it" if start else f" (start it with `corral vm start {vm_name}`)")
+        )
 
     run(action)
 

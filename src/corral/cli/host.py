@@ -63,8 +63,12 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
             ("state", _state(h)),
             ("address", h.get("address") or "-"),
             ("heartbeat", h["heartbeat_at"]),
-            ("ha lease", f"until {h['lease_expires_at']} (epoch {h.get('epoch', 0)})" if h.get("lease_expires_at")
-             else f"none (epoch {h.get('epoch', 0)})"),
+            (
+                "ha lease",
+                f"until {h['lease_expires_at']} (epoch {h.get('epoch', 0)})"
+                if h.get("lease_expires_at")
+                else f"none (epoch {h.get('epoch', 0)})",
+            ),
             ("accelerator", h["accel"]),
             ("qemu", h["qemu_version"] or "missing"),
             (

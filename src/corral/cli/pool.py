@@ -22,12 +22,20 @@ def show(as_json: bool = JSON_OPTION) -> None:
         if as_json:
             print_json(pool)
             return
-        print(f"hosts: {pool['hosts']} ({pool['online']} online, {pool['unreachable']} unreachable, "
-              f"{pool['drained']} drained); VMs: {pool['vms']}")
+        print(
+            f"hosts: {pool['hosts']} ({pool['online']} online, {pool['unreachable']} unreachable, "
+            f"{pool['drained']} drained); VMs: {pool['vms']}"
+        )
 
         def row(label: str, r: dict[str, Any], fmt: Any) -> list[str]:
-            return [label, fmt(r["capacity"]), fmt(r["limit"]), fmt(r["allocated"]), fmt(r["used"]),
-                    f"{r['overcommit']:.2f}"]
+            return [
+                label,
+                fmt(r["capacity"]),
+                fmt(r["limit"]),
+                fmt(r["allocated"]),
+                fmt(r["used"]),
+                f"{r['overcommit']:.2f}",
+            ]
 
         def cpus(value: float) -> str:
             return f"{value:g}"
@@ -35,9 +43,10 @@ def show(as_json: bool = JSON_OPTION) -> None:
         def size(value: float) -> str:
             return human_size(int(value))
 
-        table(["RESOURCE", "CAPACITY", "LIMIT", "ALLOCATED", "USED", "OVERCOMMIT"],
-              [row("cpu", pool["cpu"], cpus), row("memory", pool["memory"], size),
-               row("storage", pool["storage"], size)])
+        table(
+            ["RESOURCE", "CAPACITY", "LIMIT", "ALLOCATED", "USED", "OVERCOMMIT"],
+            [row("cpu", pool["cpu"], cpus), row("memory", pool["memory"], size), row("storage", pool["storage"], size)],
+        )
 
     run(action)
 
@@ -60,11 +69,18 @@ def _print_history(history: dict[str, Any], as_json: bool) -> None:
     rows = []
     for label, key in (("average", "average"), ("peak", "peak")):
         figures = history[key]
-        rows.append([label, "-" if figures["cpu"] is None else f"{figures['cpu']:.2f}",
-                     human_size(None if figures["memory"] is None else int(figures["memory"])),
-                     human_size(None if figures["balloon"] is None else int(figures["balloon"])),
-                     _rate(figures["disk_read"]), _rate(figures["disk_write"]), _rate(figures["net_rx"]),
-                     _rate(figures["net_tx"])])
+        rows.append(
+            [
+                label,
+                "-" if figures["cpu"] is None else f"{figures['cpu']:.2f}",
+                human_size(None if figures["memory"] is None else int(figures["memory"])),
+                human_size(None if figures["balloon"] is None else int(figures["balloon"])),
+                _rate(figures["disk_read"]),
+                _rate(figures["disk_write"]),
+                _rate(figures["net_rx"]),
+                _rate(figures["net_tx"]),
+            ]
+        )
     table(["", "CPUS BUSY", "MEMORY", "BALLOON", "DISK READ", "DISK WRITE", "NET RX", "NET TX"], rows)
 
 
@@ -124,19 +140,25 @@ def _print_plan(plan: dict[str, Any]) -> None:
     summary = plan["summary"]
     print(f"plan {plan['id']} ({plan['kind']}): {plan['state']}" + (f" - {plan['message']}" if plan["message"] else ""))
     if plan["kind"] == "balance":
-        print(f"imbalance score {summary.get('score_before')} -> {summary.get('score_after')} "
-              f"(threshold {summary.get('threshold')}: moves gain at least {summary.get('min_gain')})")
+        print(
+            f"imbalance score {summary.get('score_before')} -> {summary.get('score_after')} "
+            f"(threshold {summary.get('threshold')}: moves gain at least {summary.get('min_gain')})"
+        )
     else:
-        reference = ("optimum" if summary.get("optimum_hosts_used") is not None else "bound")
+        reference = "optimum" if summary.get("optimum_hosts_used") is not None else "bound"
         value = summary.get("optimum_hosts_used", summary.get("bound_hosts_used"))
         if value is None:
             value = summary.get("bound_hosts_used")
-        print(f"hosts awake {summary.get('hosts_before')} -> {summary.get('hosts_used')} "
-              f"({summary.get('hosts_freed')} freed: {', '.join(summary.get('freed', [])) or 'none'}); "
-              f"solver {reference}: {value}, gap {summary.get('gap')} ({summary.get('solver')})")
+        print(
+            f"hosts awake {summary.get('hosts_before')} -> {summary.get('hosts_used')} "
+            f"({summary.get('hosts_freed')} freed: {', '.join(summary.get('freed', [])) or 'none'}); "
+            f"solver {reference}: {value}, gap {summary.get('gap')} ({summary.get('solver')})"
+        )
     if plan["moves"]:
-        table(["VM", "PROJECT", "FROM", "TO", "STATE", "WHY"],
-              [[m["vm"], m["project"], m["from"], m["to"], m["state"], m["reason"]] for m in plan["moves"]])
+        table(
+            ["VM", "PROJECT", "FROM", "TO", "STATE", "WHY"],
+            [[m["vm"], m["project"], m["from"], m["to"], m["state"], m["reason"]] for m in plan["moves"]],
+        )
 
 
 def _follow(corral: Any, plan: dict[str, Any], as_json: bool) -> dict[str, Any]:
@@ -210,8 +232,10 @@ def plan_list(as_json: bool = JSON_OPTION) -> None:
         if as_json:
             print_json(items)
             return
-        table(["ID", "KIND", "STATE", "MOVES", "CREATED", "MESSAGE"],
-              [[p["id"], p["kind"], p["state"], len(p["moves"]), p["created_at"], p["message"]] for p in items])
+        table(
+            ["ID", "KIND", "STATE", "MOVES", "CREATED", "MESSAGE"],
+            [[p["id"], p["kind"], p["state"], len(p["moves"]), p["created_at"], p["message"]] for p in items],
+        )
 
     run(action)
 

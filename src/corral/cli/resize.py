@@ -17,8 +17,10 @@ def _report(vm: dict[str, Any], job: dict[str, Any] | None) -> None:
     actual = vm.get("memory_actual")
     memory = human_size(vm["memory"]) + (f" (guest has {human_size(actual)})" if actual else "")
     ceiling = f", live up to {human_size(spec['max_memory'])}" if spec.get("max_memory") else ""
-    print(f"{vm['name']}: memory {memory}{ceiling}; CPUs {vm['cpus']}"
-          + (f" (live up to {spec['max_cpus']})" if spec.get("max_cpus") else ""))
+    print(
+        f"{vm['name']}: memory {memory}{ceiling}; CPUs {vm['cpus']}"
+        + (f" (live up to {spec['max_cpus']})" if spec.get("max_cpus") else "")
+    )
     result = (job or {}).get("result") or {}
     for note in result.get("notes", []) or ([result["note"]] if result.get("note") else []):
         print(f"note: {note}")
@@ -39,11 +41,22 @@ def set_vm(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Change a VM's memory, CPUs, CPU limits or HA; a running VM follows live where it can (docs/resize.md)."""
-    changes = {"memory": memory, "cpus": cpus, "cpu_limit": cpu_limit, "cpu_weight": cpu_weight,
-               "max_memory": max_memory, "max_cpus": max_cpus, "ha": ha, "ha_priority": ha_priority}
+    changes = {
+        "memory": memory,
+        "cpus": cpus,
+        "cpu_limit": cpu_limit,
+        "cpu_weight": cpu_weight,
+        "max_memory": max_memory,
+        "max_cpus": max_cpus,
+        "ha": ha,
+        "ha_priority": ha_priority,
+    }
     if all(value is None for value in changes.values()):
-        fail("nothing to change", "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, --max-cpus or "
-             "--ha/--no-ha", 2)
+        fail(
+            "nothing to change",
+            "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, --max-cpus or --ha/--no-ha",
+            2,
+        )
 
     def action() -> None:
         with client() as corral:

@@ -81,8 +81,11 @@ def _detach(  # type: ignore[no-untyped-def]
             stdout=log,
             stderr=log,
             start_new_session=True,
-            env={**os.environ, "CORRAL_HOME": str(settings.home), **({"CORRAL_DB": settings.database}
-                                                                       if settings.database else {})},
+            env={
+                **os.environ,
+                "CORRAL_HOME": str(settings.home),
+                **({"CORRAL_DB": settings.database} if settings.database else {}),
+            },
         )
     deadline = time.monotonic() + 30
     with Client(home=settings.home) as corral:

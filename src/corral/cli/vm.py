@@ -52,10 +52,21 @@ def parse_nic(text: str) -> dict[str, Any]:
     return nic
 
 
-def _extras(nics: list[str] | None, cpu_limit: float | None, cpu_weight: int | None, disk_read_bps: str | None,
-            disk_write_bps: str | None, disk_iops: int | None) -> dict[str, Any]:
-    extras: dict[str, Any] = {"cpu_limit": cpu_limit, "cpu_weight": cpu_weight, "disk_read_bps": disk_read_bps,
-                              "disk_write_bps": disk_write_bps, "disk_iops": disk_iops}
+def _extras(
+    nics: list[str] | None,
+    cpu_limit: float | None,
+    cpu_weight: int | None,
+    disk_read_bps: str | None,
+    disk_write_bps: str | None,
+    disk_iops: int | None,
+) -> dict[str, Any]:
+    extras: dict[str, Any] = {
+        "cpu_limit": cpu_limit,
+        "cpu_weight": cpu_weight,
+        "disk_read_bps": disk_read_bps,
+        "disk_write_bps": disk_write_bps,
+        "disk_iops": disk_iops,
+    }
     if nics:
         extras["nics"] = [parse_nic(text) for text in nics]
     return {key: value for key, value in extras.items() if value is not None}
@@ -118,12 +129,24 @@ def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
         print_json(plan)
         return
     rule = f", group {plan['group']} ({plan['policy']})" if plan.get("group") else ""
-    print(f"placement ({plan['strategy']}{rule}): " + (f"would choose {plan['chosen']}" if plan["chosen"]
-                                                       else "no host can take this VM"))
-    table(["HOST", "VERDICT", "ALLOCATED", "VCPUS", "MEMORY", "WHY"],
-          [[v["host"], "chosen" if v["chosen"] else ("fits" if v["fits"] else "rejected"),
-            f"{v['weight']:.0%}", v["allocation"].get("cpus", ""), v["allocation"].get("memory", ""), v["reason"]]
-           for v in plan["hosts"]])
+    print(
+        f"placement ({plan['strategy']}{rule}): "
+        + (f"would choose {plan['chosen']}" if plan["chosen"] else "no host can take this VM")
+    )
+    table(
+        ["HOST", "VERDICT", "ALLOCATED", "VCPUS", "MEMORY", "WHY"],
+        [
+            [
+                v["host"],
+                "chosen" if v["chosen"] else ("fits" if v["fits"] else "rejected"),
+                f"{v['weight']:.0%}",
+                v["allocation"].get("cpus", ""),
+                v["allocation"].get("memory", ""),
+                v["reason"],
+            ]
+            for v in plan["hosts"]
+        ],
+    )
     if not plan["chosen"]:
         raise typer.Exit(1)
 
@@ -144,8 +167,14 @@ def _create(
     def action() -> None:
         with client() as corral:
             accepted = corral.create_vm(
-                spec, start=start, wait=wait, volumes=volumes or [], template=template, ready_timeout=timeout,
-                dry_run=dry_run, **(placement or {}),
+                spec,
+                start=start,
+                wait=wait,
+                volumes=volumes or [],
+                template=template,
+                ready_timeout=timeout,
+                dry_run=dry_run,
+                **(placement or {}),
             )
             if dry_run:
                 _show_plan(accepted, as_json)
@@ -240,8 +269,17 @@ def create(
     spec.update(_ha(ha, ha_priority))
     if firmware is not None:
         spec["firmware"] = firmware
-    _create(spec, volume, start, wait and start, as_json, timeout, template, _placement(on_host, group, policy, accel),
-            dry_run)
+    _create(
+        spec,
+        volume,
+        start,
+        wait and start,
+        as_json,
+        timeout,
+        template,
+        _placement(on_host, group, policy, accel),
+        dry_run,
+    )
 
 
 @app.command("run")
@@ -355,7 +393,8 @@ def migrate(
     to: str = typer.Option(None, "--to", help="Destination host (default: the scheduler chooses)."),
     live: bool = typer.Option(None, "--live/--offline", help="Move it running (default when it runs) or stopped."),
     with_storage: bool = typer.Option(
-        None, "--with-storage/--shared-storage",
+        None,
+        "--with-storage/--shared-storage",
         help="Copy the disks too (default: exactly when the two hosts do not share their storage pool).",
     ),
     as_json: bool = JSON_OPTION,
@@ -372,10 +411,12 @@ def migrate(
             return
         result = (job or {}).get("result") or {}
         if result:
-            print(f"VM {name} moved from {result.get('from')} to {result.get('to')} "
-                  f"in {result.get('total_s', 0):.2f} s, "
-                  f"downtime {result.get('downtime_ms')} ms (guest paused {result.get('paused_ms')} ms)"
-                  + (", disks copied" if result.get("with_storage") else ""))
+            print(
+                f"VM {name} moved from {result.get('from')} to {result.get('to')} "
+                f"in {result.get('total_s', 0):.2f} s, "
+                f"downtime {result.get('downtime_ms')} ms (guest paused {result.get('paused_ms')} ms)"
+                + (", disks copied" if result.get("with_storage") else "")
+            )
         else:
             print(f"VM {name} is now on host {vm['host']}")
 
@@ -456,8 +497,11 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
             ("pid", vm["pid"] or "-"),
             ("image", vm["image"]),
             ("cpus", vm["cpus"]),
-            ("memory", human_size(vm["memory"]) + (f" (guest has {human_size(vm['memory_actual'])})"
-                                                   if vm.get("memory_actual") else "")),
+            (
+                "memory",
+                human_size(vm["memory"])
+                + (f" (guest has {human_size(vm['memory_actual'])})" if vm.get("memory_actual") else ""),
+            ),
             ("restart", f"{vm['restart_policy']} ({vm['restart_count']} so far)"),
             ("addresses", _addresses(vm) or "-"),
         ]
@@ -624,8 +668,17 @@ def ssh(
     key = identity or _identity_for(vm["spec"].get("ssh_keys", []))
     if not _wait_for_sshd(port, timeout):
         fail(f"VM {name}'s SSH server did not answer within {timeout:.0f} s", f"see `corral vm logs {name}`")
-    argv = ["ssh", "-p", str(port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR"]
+    argv = [
+        "ssh",
+        "-p",
+        str(port),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+    ]
     if key is not None:
         argv += ["-i", str(key), "-o", "IdentitiesOnly=yes"]
     argv.append(f"{user}@127.0.0.1")
@@ -634,7 +687,6 @@ def ssh(
         os.execvp("ssh", argv + words)
     except FileNotFoundError:
         fail("ssh is not installed", "apt-get install openssh-client")
-
 
 
 from corral.cli import resize as _resize  # noqa: E402 - registers `vm set` and `vm disk` on this app

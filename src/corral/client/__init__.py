@@ -85,7 +85,11 @@ class Client:
                 verify = remotes.pinned_context(remote["certificate"])
             self.tls_verify = verify  # what the websocket console trusts too
             self._http = httpx.Client(
-                base_url=self.url, timeout=timeout, headers=headers, params=params, verify=verify  # type: ignore[arg-type]
+                base_url=self.url,
+                timeout=timeout,
+                headers=headers,
+                params=params,
+                verify=verify,  # type: ignore[arg-type]
             )
         else:
             transport = httpx.HTTPTransport(uds=str(self.socket_path))
@@ -189,8 +193,9 @@ class Client:
 
     def balance_pool(self, threshold: int = 3, apply: bool = False, max_moves: int = 10) -> dict[str, Any]:
         """A stored balancing plan (``apply``: approved and running already); follow it with :meth:`wait_plan`."""
-        return self.request("POST", "/pool/balance",
-                            json={"threshold": threshold, "apply": apply, "max_moves": max_moves})
+        return self.request(
+            "POST", "/pool/balance", json={"threshold": threshold, "apply": apply, "max_moves": max_moves}
+        )
 
     def consolidate_pool(self, apply: bool = False, solver_time_limit: float = 5.0) -> dict[str, Any]:
         return self.request("POST", "/pool/consolidate", json={"apply": apply, "solver_time_limit": solver_time_limit})
@@ -207,8 +212,13 @@ class Client:
     def cancel_plan(self, plan_id: str) -> dict[str, Any]:
         return self.request("POST", f"/pool/plans/{plan_id}/cancel")
 
-    def wait_plan(self, plan_id: str, timeout: float | None = None, interval: float = 1.0,
-                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait_plan(
+        self,
+        plan_id: str,
+        timeout: float | None = None,
+        interval: float = 1.0,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll a plan until it is no longer approved or running; returns its last view."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -390,13 +400,26 @@ class Client:
         return self.request("GET", "/backup-schedules")
 
     def set_backup_schedule(
-        self, vm: str, every: str, keep_last: int = 24, keep_daily: int = 7, keep_weekly: int = 4,
+        self,
+        vm: str,
+        every: str,
+        keep_last: int = 24,
+        keep_daily: int = 7,
+        keep_weekly: int = 4,
         incremental_every: int = 0,
     ) -> dict[str, Any]:
         """Make or replace a VM's backup schedule (``every``: 30s, 15m, 1h, 1d, 1w or seconds)."""
-        return self.request("PUT", f"/vms/{vm}/backup-schedule", json={
-            "every": every, "keep_last": keep_last, "keep_daily": keep_daily, "keep_weekly": keep_weekly,
-            "incremental_every": incremental_every})
+        return self.request(
+            "PUT",
+            f"/vms/{vm}/backup-schedule",
+            json={
+                "every": every,
+                "keep_last": keep_last,
+                "keep_daily": keep_daily,
+                "keep_weekly": keep_weekly,
+                "incremental_every": incremental_every,
+            },
+        )
 
     def remove_backup_schedule(self, vm: str) -> None:
         self.request("DELETE", f"/vms/{vm}/backup-schedule")
@@ -486,23 +509,48 @@ class Client:
     def images(self) -> list[dict[str, Any]]:
         return self.request("GET", "/images")
 
-    def build_image(self, recipe: str = "tiny", name: str | None = None, release: str | None = None,
-                    packages: list[str] | None = None, size: str | int | None = None) -> dict[str, Any]:
+    def build_image(
+        self,
+        recipe: str = "tiny",
+        name: str | None = None,
+        release: str | None = None,
+        packages: list[str] | None = None,
+        size: str | int | None = None,
+    ) -> dict[str, Any]:
         body = {"recipe": recipe, "name": name, "release": release, "packages": packages or [], "size": size}
         return self.request("POST", "/images/build", json=body)
 
     def import_image(
-        self, name: str, file: str | None = None, kernel: str | None = None, initrd: str | None = None,
-        cmdline: str | None = None, cloud_init: bool = False, firmware: str | None = None, *,
-        upload: str | None = None, kernel_upload: str | None = None, initrd_upload: str | None = None,
+        self,
+        name: str,
+        file: str | None = None,
+        kernel: str | None = None,
+        initrd: str | None = None,
+        cmdline: str | None = None,
+        cloud_init: bool = False,
+        firmware: str | None = None,
+        *,
+        upload: str | None = None,
+        kernel_upload: str | None = None,
+        initrd_upload: str | None = None,
         disk_format: str | None = None,
     ) -> dict[str, Any]:
         """Each of the disk, kernel and initrd from an upload id (:meth:`upload`), or from a file: a plain name in
         the server's import directory, or a host path (the local admin only). ``disk_format``: raw or qcow2
         (None: qcow2 if the file starts with qcow2's magic, else raw)."""
-        body = {"name": name, "file": file, "kernel": kernel, "initrd": initrd, "cmdline": cmdline,
-                "cloud_init": cloud_init, "firmware": firmware, "upload": upload, "kernel_upload": kernel_upload,
-                "initrd_upload": initrd_upload, "format": disk_format}
+        body = {
+            "name": name,
+            "file": file,
+            "kernel": kernel,
+            "initrd": initrd,
+            "cmdline": cmdline,
+            "cloud_init": cloud_init,
+            "firmware": firmware,
+            "upload": upload,
+            "kernel_upload": kernel_upload,
+            "initrd_upload": initrd_upload,
+            "format": disk_format,
+        }
         return self.request("POST", "/images/import", json={k: v for k, v in body.items() if v is not None})
 
     def upload(self, path: Path | str, progress: Transfer | None = None) -> dict[str, Any]:
@@ -522,8 +570,7 @@ class Client:
 
             headers = {"Content-Length": str(total), "Content-Type": "application/octet-stream"}
             try:
-                return self.request("POST", "/uploads", content=chunks(), headers=headers,
-                                    timeout=httpx.Timeout(600.0))
+                return self.request("POST", "/uploads", content=chunks(), headers=headers, timeout=httpx.Timeout(600.0))
             except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 raise CorralError(
                     f"the server cut the upload of {path.name} off: {exc}",
@@ -556,8 +603,16 @@ class Client:
     def network(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/networks/{name}")
 
-    def create_network(self, name: str, mode: str = "nat", subnet: str | None = None, uplink: str | None = None,
-                       dhcp: bool = True, vni: int | None = None, mtu: int | None = None) -> dict[str, Any]:
+    def create_network(
+        self,
+        name: str,
+        mode: str = "nat",
+        subnet: str | None = None,
+        uplink: str | None = None,
+        dhcp: bool = True,
+        vni: int | None = None,
+        mtu: int | None = None,
+    ) -> dict[str, Any]:
         body = {"name": name, "mode": mode, "subnet": subnet, "uplink": uplink, "dhcp": dhcp, "vni": vni, "mtu": mtu}
         return self.request("POST", "/networks", json={k: v for k, v in body.items() if v is not None})
 

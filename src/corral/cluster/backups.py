@@ -114,21 +114,40 @@ def create(
             select(Backup).where(Backup.vm_id == vm.id, Backup.state == "ready").order_by(Backup.created_at.desc())
         ).first()
         if parent is None:
-            raise Conflict(f"VM {vm_name} has no backup to build an incremental one on",
-                           f"take a full one first: `corral backup create {vm_name}`")
+            raise Conflict(
+                f"VM {vm_name} has no backup to build an incremental one on",
+                f"take a full one first: `corral backup create {vm_name}`",
+            )
         if len(parent.disks) != len(vm.volumes):
-            raise Conflict(f"VM {vm_name} has {len(vm.volumes)} disks, its last backup {parent.name} has "
-                           f"{len(parent.disks)}", f"take a full backup: `corral backup create {vm_name}`")
+            raise Conflict(
+                f"VM {vm_name} has {len(vm.volumes)} disks, its last backup {parent.name} has {len(parent.disks)}",
+                f"take a full backup: `corral backup create {vm_name}`",
+            )
     _check_disk_quota(session, project)
     backup = Backup(
-        name=name, project=project, vm_name=vm.name, vm_id=vm.id, host=vm.host, kind=kind,
-        parent_id=parent.id if parent else None, live=vm.observed_state in LIVE, spec=dict(vm.spec),
+        name=name,
+        project=project,
+        vm_name=vm.name,
+        vm_id=vm.id,
+        host=vm.host,
+        kind=kind,
+        parent_id=parent.id if parent else None,
+        live=vm.observed_state in LIVE,
+        spec=dict(vm.spec),
         backup_store=_store_of(session, vm.host),
     )
     session.add(backup)
     session.flush()
-    return jobs.submit(session, JobKind.BACKUP_CREATE, "vm", vm.name, target_id=vm.id, host=vm.host,
-                       project=project, params={"backup_id": backup.id, "name": name})
+    return jobs.submit(
+        session,
+        JobKind.BACKUP_CREATE,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=project,
+        params={"backup_id": backup.id, "name": name},
+    )
 
 
 def _store_of(session: Session, host_name: str | None) -> str | None:
@@ -142,13 +161,22 @@ def delete(session: Session, vm_name: str, name: str, project: str = "default") 
     backup = get_backup(session, vm_name, name, project)
     dependants = children(session, backup)
     if dependants:
-        raise Conflict(f"backup {name} of {vm_name} is the base of {', '.join(b.name for b in dependants)}",
-                       "delete the newer incremental backups first")
+        raise Conflict(
+            f"backup {name} of {vm_name} is the base of {', '.join(b.name for b in dependants)}",
+            "delete the newer incremental backups first",
+        )
     if backup.state != "ready" or jobs.active_for(session, "backup", backup.id):
         raise Conflict(f"backup {name} of {vm_name} is busy ({backup.state})", "wait for its job to finish")
-    return jobs.submit(session, JobKind.BACKUP_DELETE, "backup", name, target_id=backup.id,
-                       host=reader_host(session, backup),
-                       project=project, params={"vm": vm_name})
+    return jobs.submit(
+        session,
+        JobKind.BACKUP_DELETE,
+        "backup",
+        name,
+        target_id=backup.id,
+        host=reader_host(session, backup),
+        project=project,
+        params={"vm": vm_name},
+    )
 
 
 def _image_present(session: Session, spec: VMSpec, project: str) -> Image:
@@ -159,34 +187,37 @@ def _image_present(session: Session, spec: VMSpec, project: str) -> Image:
         .order_by(own_first(project))
     ).first()
     if image is None or image.state != "ready":
-        raise NotFound(f"image {spec.image!r} that the VM was made from is not here",
-                       f"build or import it first (`corral image build {spec.image}` for a recipe image)")
+        raise NotFound(
+            f"image {spec.image!r} that the VM was made from is not here",
+            f"build or import it first (`corral image build {spec.image}` for a recipe image)",
+        )
     return image
 
 
-def _new_vm_with_disks(
-    session: Session, spec: VMSpec, host: str, project: str, sizes: list[int], image: Image
-) -> VM:
+def _new_vm_with_disks(session: Session, spec: VMSpec, host: str, project: str, sizes: list[int], image: Image) -> VM:
     quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory, disk=sum(sizes), vms=1)
     vm = _new_vm(session, spec, host, project, start=False)
     for index, size in enumerate(sizes):
         # The disks will be standalone copies; naming the image keeps it (and its kernel) from being deleted.
-        new_volume(session, vm, _volume_name(spec.name, index), size, index, "root" if index == 0 else "data",
-                   backing_image=image.id if index == 0 else None)
+        new_volume(
+            session,
+            vm,
+            _volume_name(spec.name, index),
+            size,
+            index,
+            "root" if index == 0 else "data",
+            backing_image=image.id if index == 0 else None,
+        )
     return vm
 
 
-def make_vm_with_disks(
-    session: Session, spec: VMSpec, host: str, project: str, sizes: list[int], image: Image
-) -> VM:
+def make_vm_with_disks(session: Session, spec: VMSpec, host: str, project: str, sizes: list[int], image: Image) -> VM:
     """A new stopped VM with pending volumes of ``sizes`` (quotas checked): for imports of other formats
     (corral.cluster.appliances)."""
     return _new_vm_with_disks(session, spec, host, project, sizes, image)
 
 
-def restore(
-    session: Session, vm_name: str, name: str, as_name: str | None = None, project: str = "default"
-) -> Job:
+def restore(session: Session, vm_name: str, name: str, as_name: str | None = None, project: str = "default") -> Job:
     """Into a new VM (``as_name``, or ``vm_name`` when that VM is gone), or over the disks of ``vm_name`` when it
     exists and is stopped. A running VM is refused: its disks are in use."""
     backup = get_backup(session, vm_name, name, project)
@@ -198,26 +229,47 @@ def restore(
     sizes = [int(d["size"]) for d in backup.disks]
     if existing is not None:
         if as_name is not None:
-            raise AlreadyExists(f"VM {as_name!r} already exists",
-                                "choose another name for --as, or leave --as out to restore over a stopped VM")
+            raise AlreadyExists(
+                f"VM {as_name!r} already exists",
+                "choose another name for --as, or leave --as out to restore over a stopped VM",
+            )
         _busy(session, existing)
         if existing.observed_state not in STOPPED or existing.desired_state != PowerState.STOPPED:
-            raise Conflict(f"VM {vm_name} is {existing.observed_state}; a restore would overwrite disks in use",
-                           f"stop it first (`corral vm stop {vm_name}`), or restore into a new VM with --as NEW")
+            raise Conflict(
+                f"VM {vm_name} is {existing.observed_state}; a restore would overwrite disks in use",
+                f"stop it first (`corral vm stop {vm_name}`), or restore into a new VM with --as NEW",
+            )
         if len(existing.volumes) != len(sizes):
-            raise Conflict(f"VM {vm_name} has {len(existing.volumes)} disks, backup {name} has {len(sizes)}",
-                           "restore into a new VM with --as NEW")
-        return jobs.submit(session, JobKind.BACKUP_RESTORE, "vm", existing.name, target_id=existing.id,
-                           host=existing.host, project=project,
-                           params={"backup_id": backup.id, "name": name, "mode": "over"})
+            raise Conflict(
+                f"VM {vm_name} has {len(existing.volumes)} disks, backup {name} has {len(sizes)}",
+                "restore into a new VM with --as NEW",
+            )
+        return jobs.submit(
+            session,
+            JobKind.BACKUP_RESTORE,
+            "vm",
+            existing.name,
+            target_id=existing.id,
+            host=existing.host,
+            project=project,
+            params={"backup_id": backup.id, "name": name, "mode": "over"},
+        )
     spec = VMSpec.model_validate(backup.spec)
     spec = fresh_identity(spec, target_name) if as_name else spec.model_copy(update={"name": target_name})
     image = _image_present(session, spec, project)
     host = reader_host(session, backup) or placement.online_hosts(session)[0].name
     with placement.placement_lock:
         vm = _new_vm_with_disks(session, spec, host, project, sizes, image)
-        return jobs.submit(session, JobKind.BACKUP_RESTORE, "vm", vm.name, target_id=vm.id, host=host,
-                           project=project, params={"backup_id": backup.id, "name": name, "mode": "new"})
+        return jobs.submit(
+            session,
+            JobKind.BACKUP_RESTORE,
+            "vm",
+            vm.name,
+            target_id=vm.id,
+            host=host,
+            project=project,
+            params={"backup_id": backup.id, "name": name, "mode": "new"},
+        )
 
 
 def _export_path(file: str) -> Path:
@@ -231,8 +283,13 @@ def _export_path(file: str) -> Path:
 
 
 def export(
-    session: Session, vm_name: str, file: str | None, compress: bool = False, project: str = "default",
-    origin: Origin | None = None, format: str = "tar",
+    session: Session,
+    vm_name: str,
+    file: str | None,
+    compress: bool = False,
+    project: str = "default",
+    origin: Origin | None = None,
+    format: str = "tar",
 ) -> Job:
     """To a host path (the local admin only), or, with no ``file``, to the project's export directory, from where
     the caller downloads it (``GET /exports/{id}``, named in the job's result) before it expires. ``format``:
@@ -241,8 +298,10 @@ def export(
         raise InvalidInput(f"unknown export format {format!r}", "choose tar (corral's own) or ova")
     local = origin is not None and origin.local
     if file is not None and not local:
-        raise Forbidden("exporting to a path on the server is for the local admin",
-                        "leave out the file to download the export (`corral vm export VM FILE.tar` does so)")
+        raise Forbidden(
+            "exporting to a path on the server is for the local admin",
+            "leave out the file to download the export (`corral vm export VM FILE.tar` does so)",
+        )
     vm = get_vm(session, vm_name, project)
     _busy(session, vm)
     if vm.observed_state not in (*LIVE, *STOPPED):
@@ -259,20 +318,31 @@ def export(
         waiting = sources.exports_dir(origin.home, project)
         sources.expire(waiting, origin.expiry)
         if waiting.is_dir() and sum(1 for _ in waiting.iterdir()) >= MAX_WAITING_EXPORTS:
-            raise Conflict(f"project {project!r} has {MAX_WAITING_EXPORTS} exports waiting to be downloaded",
-                           "download them (`corral vm export` does, then deletes them) or wait for them to expire")
+            raise Conflict(
+                f"project {project!r} has {MAX_WAITING_EXPORTS} exports waiting to be downloaded",
+                "download them (`corral vm export` does, then deletes them) or wait for them to expire",
+            )
         ident = secrets.token_hex(16)
-        params = {"file": str(sources.exports_dir(origin.home, project) / f"{ident}.tar"), "download": ident,
-                  "compress": compress and format == "tar"}
+        params = {
+            "file": str(sources.exports_dir(origin.home, project) / f"{ident}.tar"),
+            "download": ident,
+            "compress": compress and format == "tar",
+        }
     if format == "ova":
         params["format"] = "ova"  # an OVA is a tar too: downloads keep the .tar name on the server
-    return jobs.submit(session, JobKind.VM_EXPORT, "vm", vm.name, target_id=vm.id, host=vm.host, project=project,
-                       params=params)
+    return jobs.submit(
+        session, JobKind.VM_EXPORT, "vm", vm.name, target_id=vm.id, host=vm.host, project=project, params=params
+    )
 
 
 def import_(
-    session: Session, file: str | None, name: str | None = None, project: str = "default",
-    origin: Origin | None = None, upload: str | None = None, network: str | None = None,
+    session: Session,
+    file: str | None,
+    name: str | None = None,
+    project: str = "default",
+    origin: Origin | None = None,
+    upload: str | None = None,
+    network: str | None = None,
 ) -> Job:
     """The archive's manifest, members and spec are checked here; the disks' checksums and qemu-img's check run
     in the job, before the VM is usable, and a failure there removes the VM again. The archive is a host path
@@ -309,6 +379,13 @@ def import_(
         raise Conflict("no host agent is online", "start the daemon with `corral serve`")
     with placement.placement_lock:
         vm = _new_vm_with_disks(session, spec, hosts[0].name, project, [d.size for d in manifest.disks], image)
-        return jobs.submit(session, JobKind.VM_IMPORT, "vm", vm.name, target_id=vm.id, host=hosts[0].name,
-                           project=project, params={"source": source.params(),
-                                                    "manifest": manifest.model_dump(mode="json")})
+        return jobs.submit(
+            session,
+            JobKind.VM_IMPORT,
+            "vm",
+            vm.name,
+            target_id=vm.id,
+            host=hosts[0].name,
+            project=project,
+            params={"source": source.params(), "manifest": manifest.model_dump(mode="json")},
+        )

@@ -83,8 +83,9 @@ def clone(
             )
     spec = fresh_identity(VMSpec.model_validate(source.spec), new_name)
     with placement.placement_lock:
-        quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory, disk=sum(v.size for v in source.volumes),
-                     vms=1)
+        quotas.check(
+            session, project, vcpus=spec.cpus, memory=spec.memory, disk=sum(v.size for v in source.volumes), vms=1
+        )
         vm = _new_vm(session, spec, source.host, project, start)
         for index, src in enumerate(sorted(source.volumes, key=lambda v: v.device_index)):
             new_volume(
@@ -181,8 +182,14 @@ def create_from_template(
         spec.name,
     )
     with placement.placement_lock:
-        quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory,
-                     disk=sum(int(disk["size"]) for disk in template.disks), vms=1)
+        quotas.check(
+            session,
+            project,
+            vcpus=spec.cpus,
+            memory=spec.memory,
+            disk=sum(int(disk["size"]) for disk in template.disks),
+            vms=1,
+        )
         vm = _new_vm(session, spec, template.host, project, start)
         vm.template = template.id
         for index, disk in enumerate(template.disks):

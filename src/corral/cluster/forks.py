@@ -33,8 +33,14 @@ def fork(session: Session, source_name: str, name: str, count: int = 1, project:
     names = child_names(name, count)
     child_ids = []
     with placement.placement_lock:
-        quotas.check(session, project, vcpus=spec.cpus * len(names), memory=spec.memory * len(names),
-                     disk=sum(v.size for v in parent.volumes) * len(names), vms=len(names))
+        quotas.check(
+            session,
+            project,
+            vcpus=spec.cpus * len(names),
+            memory=spec.memory * len(names),
+            disk=sum(v.size for v in parent.volumes) * len(names),
+            vms=len(names),
+        )
         for child_name in names:
             child_spec = fresh_identity(spec, child_name).model_copy(update={"forkable": False})
             vm = _new_vm(session, child_spec, parent.host, project, start=True)

@@ -50,19 +50,22 @@ def remove(session: Session, name: str) -> None:
     if vms:
         count = session.scalar(select(func.count()).select_from(VM).where(VM.host == name))
         shown = ", ".join(vms[:3]) + (f" and {count - 3} more" if count > 3 else "")
-        raise Conflict(f"host {name} still has {count} VM(s): {shown}",
-                       "delete or move them first (`corral vm list` shows each VM's host)")
+        raise Conflict(
+            f"host {name} still has {count} VM(s): {shown}",
+            "delete or move them first (`corral vm list` shows each VM's host)",
+        )
     volumes = session.scalar(select(func.count()).select_from(Volume).where(Volume.host == name))
     if volumes:
         raise Conflict(f"host {name} still holds {volumes} volume(s)", "delete them first (`corral volume list`)")
     if placement.is_online(host):
-        raise Conflict(f"host {name} is online: its agent would register it again",
-                       f"stop the agent on {host.address or name} first, then remove it")
+        raise Conflict(
+            f"host {name} is online: its agent would register it again",
+            f"stop the agent on {host.address or name} first, then remove it",
+        )
     session.execute(
         update(Job)
         .where(Job.host == name, Job.state == JobState.QUEUED)
-        .values(state=JobState.CANCELLED, message="the host was removed", finished_at=utcnow(),
-                version=Job.version + 1)
+        .values(state=JobState.CANCELLED, message="the host was removed", finished_at=utcnow(), version=Job.version + 1)
     )
     session.delete(host)
 
@@ -89,8 +92,13 @@ class PoolView(BaseModel):
 
 
 def _resource(capacity: float, limit: float, allocated: float, used: float) -> Resource:
-    return Resource(capacity=capacity, limit=limit, allocated=allocated, used=used,
-                    overcommit=round(allocated / capacity, 3) if capacity else 0.0)
+    return Resource(
+        capacity=capacity,
+        limit=limit,
+        allocated=allocated,
+        used=used,
+        overcommit=round(allocated / capacity, 3) if capacity else 0.0,
+    )
 
 
 def pool(session: Session) -> PoolView:
@@ -106,11 +114,22 @@ def pool(session: Session) -> PoolView:
         drained=sum(1 for load in view.values() if load.drained),
         unreachable=sum(1 for load in view.values() if load.state == "unreachable"),
         vms=vm_count,
-        cpu=_resource(sum(load.cpus for load in live), sum(load.cpu_cap for load in live),
-                      sum(load.cpus_alloc for load in live), sum(float(u.get("load1", 0)) for u in usage)),
-        memory=_resource(sum(rows[load.name].memory for load in live), sum(load.mem_cap for load in live),
-                         sum(load.memory_alloc for load in live), sum(int(u.get("memory_used", 0)) for u in usage)),
-        storage=_resource(sum(rows[load.name].storage_total for load in live),
-                          sum(load.storage_cap for load in live), sum(load.storage_alloc for load in live),
-                          sum(rows[load.name].storage_total - rows[load.name].storage_free for load in live)),
+        cpu=_resource(
+            sum(load.cpus for load in live),
+            sum(load.cpu_cap for load in live),
+            sum(load.cpus_alloc for load in live),
+            sum(float(u.get("load1", 0)) for u in usage),
+        ),
+        memory=_resource(
+            sum(rows[load.name].memory for load in live),
+            sum(load.mem_cap for load in live),
+            sum(load.memory_alloc for load in live),
+            sum(int(u.get("memory_used", 0)) for u in usage),
+        ),
+        storage=_resource(
+            sum(rows[load.name].storage_total for load in live),
+            sum(load.storage_cap for load in live),
+            sum(load.storage_alloc for load in live),
+            sum(rows[load.name].storage_total - rows[load.name].storage_free for load in live),
+        ),
     )

@@ -77,20 +77,27 @@ def _copy_disks(source: Host, target: Host, asked: bool | None) -> bool:
     return not shared
 
 
-def _request(vm: VM, spec: VMSpec, copy: bool, host: str | None = None,
-             networks: dict[str, Any] | None = None) -> placement.PlacementRequest:
+def _request(
+    vm: VM, spec: VMSpec, copy: bool, host: str | None = None, networks: dict[str, Any] | None = None
+) -> placement.PlacementRequest:
     # Anti-affinity still holds on the way; an affinity group cannot be kept by moving one member, so it is left out.
     # ``networks``: the NICs' needs (placement.needs); the VM's volumes go with it, so they tie it to no host.
     anti = vm.placement_policy == placement.Policy.ANTI_AFFINITY
     return placement.PlacementRequest.of(
-        spec, storage=_storage_of(vm) if copy else 0, will_run=True, host=host,
-        group=vm.placement_group if anti else None, policy=placement.Policy.ANTI_AFFINITY if anti else None,
-        project=vm.project, **{key: value for key, value in (networks or {}).items() if key != "volumes"},
+        spec,
+        storage=_storage_of(vm) if copy else 0,
+        will_run=True,
+        host=host,
+        group=vm.placement_group if anti else None,
+        policy=placement.Policy.ANTI_AFFINITY if anti else None,
+        project=vm.project,
+        **{key: value for key, value in (networks or {}).items() if key != "volumes"},
     )
 
 
-def choose_target(session: Session, vm: VM, to: str | None, with_storage: bool | None,
-                  scheduler: placement.Scheduler | None = None) -> tuple[Host, bool]:
+def choose_target(
+    session: Session, vm: VM, to: str | None, with_storage: bool | None, scheduler: placement.Scheduler | None = None
+) -> tuple[Host, bool]:
     """The destination host and whether the disks are copied; raises with the reason a person can act on.
 
     ``to`` None: the scheduler's choice among every host but the VM's own (filters and weights as for a create).
@@ -100,9 +107,11 @@ def choose_target(session: Session, vm: VM, to: str | None, with_storage: bool |
     if source is None:
         raise Conflict(f"the host of VM {vm.name} ({vm.host}) is not registered", "start its agent")
     if not placement.is_online(source):
-        raise Conflict(f"host {source.name}, where VM {vm.name} runs, does not answer (agent {source.state} or "
-                       "silent): nothing can move off it",
-                       f"start the agent on {source.address or source.name} again")
+        raise Conflict(
+            f"host {source.name}, where VM {vm.name} runs, does not answer (agent {source.state} or "
+            "silent): nothing can move off it",
+            f"start the agent on {source.address or source.name} again",
+        )
     if to is not None and to == vm.host:
         raise InvalidInput(f"VM {vm.name} already runs on host {to}", "name another host with --to, or leave --to out")
     scheduler = scheduler or placement.Scheduler(placement.load_pool(session, vm.project))
@@ -115,8 +124,10 @@ def choose_target(session: Session, vm: VM, to: str | None, with_storage: bool |
         request = _request(vm, spec, copy, host=to, networks=networks)
         reason = scheduler.verdict(scheduler.view[to], request)
         if reason is not None:
-            raise Conflict(f"host {to} cannot take VM {vm.name}: {reason}",
-                           "choose another host with --to, or leave --to out to let the scheduler choose")
+            raise Conflict(
+                f"host {to} cannot take VM {vm.name}: {reason}",
+                "choose another host with --to, or leave --to out to let the scheduler choose",
+            )
         scheduler.commit(scheduler.view[to], request)
         return target, copy
     # Without --to: try hosts in weight order; the storage need depends on whether each one shares the pool.
@@ -152,10 +163,26 @@ def _lock_target(session: Session, target: Host) -> None:
 def submit_pair(session: Session, vm: VM, target: Host, copy: bool, after: str | None = None) -> Job:
     """The destination's and the source's jobs for one live move; returns the source's (the one to follow)."""
     common = {"from": vm.host, "to": target.name, "with_storage": copy}
-    incoming = jobs.submit(session, JobKind.VM_MIGRATE_IN, "vm", vm.name, target_id=vm.id, host=target.name,
-                           project=vm.project, params=dict(common))
-    outgoing = jobs.submit(session, JobKind.VM_MIGRATE, "vm", vm.name, target_id=vm.id, host=vm.host,
-                           project=vm.project, params={**common, "dest_job": incoming.id, "after": after})
+    incoming = jobs.submit(
+        session,
+        JobKind.VM_MIGRATE_IN,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=target.name,
+        project=vm.project,
+        params=dict(common),
+    )
+    outgoing = jobs.submit(
+        session,
+        JobKind.VM_MIGRATE,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=vm.project,
+        params={**common, "dest_job": incoming.id, "after": after},
+    )
     incoming.params = {**incoming.params, "source_job": outgoing.id}
     return outgoing
 
@@ -174,11 +201,15 @@ def migrate(session: Session, name: str, request: MigrateRequest, project: str =
     running = vm.desired_state in MOVABLE_STATES and vm.observed_state in MOVABLE_STATES
     live = running if request.live is None else request.live
     if live and not running:
-        raise Conflict(f"VM {name} is {vm.observed_state}, not running: it cannot move live",
-                       f"start it first (`corral vm start {name}`), or move it stopped with --offline")
+        raise Conflict(
+            f"VM {name} is {vm.observed_state}, not running: it cannot move live",
+            f"start it first (`corral vm start {name}`), or move it stopped with --offline",
+        )
     if not live and running:
-        raise Conflict(f"VM {name} is running: an offline move needs it stopped",
-                       f"stop it first (`corral vm stop {name}`), or move it live with --live")
+        raise Conflict(
+            f"VM {name} is running: an offline move needs it stopped",
+            f"stop it first (`corral vm stop {name}`), or move it live with --live",
+        )
     if vm.observed_state in (PowerState.STARTING, PowerState.STOPPING):
         raise Conflict(f"VM {name} is {vm.observed_state}", "wait until it is running or stopped")
     with placement.placement_lock:
@@ -201,9 +232,10 @@ def _migrate_stopped(session: Session, vm: VM, request: MigrateRequest) -> None:
     if request.to and request.to not in view:
         raise NotFound(f"host {request.to!r} is not registered", "list hosts with `corral host list`")
     if request.with_storage:
-        raise InvalidInput("copying the disks of a stopped VM is not supported yet",
-                           f"start it and move it live: `corral vm start {vm.name}` then `corral vm migrate "
-                           f"{vm.name} --with-storage`")
+        raise InvalidInput(
+            "copying the disks of a stopped VM is not supported yet",
+            f"start it and move it live: `corral vm start {vm.name}` then `corral vm migrate {vm.name} --with-storage`",
+        )
     reasons = []
     for name in sorted(candidates, key=lambda n: (scheduler.weight(view[n]), n)):
         target = session.scalars(select(Host).where(Host.name == name)).one()
@@ -216,8 +248,10 @@ def _migrate_stopped(session: Session, vm: VM, request: MigrateRequest) -> None:
             continue
         move_stopped(session, vm, target)
         return None
-    raise Conflict(f"VM {vm.name} cannot move while stopped: " + "; ".join(reasons[:5]),
-                   f"start it and move it live (its disks go with it): `corral vm start {vm.name}`")
+    raise Conflict(
+        f"VM {vm.name} cannot move while stopped: " + "; ".join(reasons[:5]),
+        f"start it and move it live (its disks go with it): `corral vm start {vm.name}`",
+    )
 
 
 def drain(session: Session, host_name: str) -> tuple[Job | None, dict[str, Any]]:
@@ -250,6 +284,7 @@ def drain(session: Session, host_name: str) -> tuple[Job | None, dict[str, Any]]
             report["vms"].append({"vm": vm.name, "to": target.name, "job": job.id, "with_storage": copy})
     if not report["vms"]:
         return None, report
-    drain_job = jobs.submit(session, JobKind.HOST_DRAIN, "host", host.name, target_id=host.id, host=host.name,
-                            params=report)
+    drain_job = jobs.submit(
+        session, JobKind.HOST_DRAIN, "host", host.name, target_id=host.id, host=host.name, params=report
+    )
     return drain_job, report

@@ -87,9 +87,15 @@ def _short_of(reasons: Iterable[str]) -> str:
     """What the refusals are about, in words that name no host and no number of the pool."""
     words = []
     for reason in reasons:
-        for key, word in (("vCPUs", "vCPUs"), ("memory", "memory"), ("storage", "storage"),
-                          ("affinity", "the VM's placement group"), ("bridge", "its network's uplink"),
-                          ("volume", "its volumes' storage pool"), ("host is", "hosts that are up")):
+        for key, word in (
+            ("vCPUs", "vCPUs"),
+            ("memory", "memory"),
+            ("storage", "storage"),
+            ("affinity", "the VM's placement group"),
+            ("bridge", "its network's uplink"),
+            ("volume", "its volumes' storage pool"),
+            ("host is", "hosts that are up"),
+        ):
             if key in reason and word not in words:
                 words.append(word)
     return ", ".join(words) or "room"
@@ -152,17 +158,50 @@ class PlacementRequest(BaseModel):
         return cls(cpus=spec.cpus, memory=spec.memory, storage=storage, **hints)
 
 
-HOST_COLUMNS = ("name", "state", "heartbeat_at", "drained", "qemu_version", "accel", "cpus", "memory",
-                "reserved_memory", "cpu_overcommit", "memory_overcommit", "storage_total", "storage_overcommit",
-                "usage", "standby")
+HOST_COLUMNS = (
+    "name",
+    "state",
+    "heartbeat_at",
+    "drained",
+    "qemu_version",
+    "accel",
+    "cpus",
+    "memory",
+    "reserved_memory",
+    "cpu_overcommit",
+    "memory_overcommit",
+    "storage_total",
+    "storage_overcommit",
+    "usage",
+    "standby",
+)
 
 
 class HostLoad:
     """One host as the scheduler sees it: its row's capacity and what is allocated on it now."""
 
-    __slots__ = ("accel", "bridges", "cpu_cap", "cpus", "cpus_alloc", "drained", "groups", "mem_cap", "mem_usable",
-                 "memory_alloc", "name", "networking", "online", "pool_ids", "qemu", "standby", "state",
-                 "storage_alloc", "storage_cap", "vms")
+    __slots__ = (
+        "accel",
+        "bridges",
+        "cpu_cap",
+        "cpus",
+        "cpus_alloc",
+        "drained",
+        "groups",
+        "mem_cap",
+        "mem_usable",
+        "memory_alloc",
+        "name",
+        "networking",
+        "online",
+        "pool_ids",
+        "qemu",
+        "standby",
+        "state",
+        "storage_alloc",
+        "storage_cap",
+        "vms",
+    )
 
     def __init__(self, host: Any, online: bool) -> None:
         """``host``: a Host, or a row with its HOST_COLUMNS."""
@@ -230,17 +269,23 @@ class HostLoad:
         if request.cpus > self.cpus:
             return f"{request.cpus} vCPUs is more than host {self.name} has ({self.cpus})"
         if request.memory > self.mem_usable:
-            return (f"{format_size(request.memory)} of memory is more than host {self.name} can give "
-                    f"({format_size(self.mem_usable)})")
+            return (
+                f"{format_size(request.memory)} of memory is more than host {self.name} can give "
+                f"({format_size(self.mem_usable)})"
+            )
         if request.will_run:
             if self.cpus_alloc + request.cpus > self.cpu_cap:
                 return f"{self.cpu_cap - self.cpus_alloc:g} of {self.cpu_cap:g} vCPUs left, {request.cpus} needed"
             if self.memory_alloc + request.memory > self.mem_cap:
-                return (f"{format_size(int(max(0, self.mem_cap - self.memory_alloc)))} of memory left, "
-                        f"{format_size(request.memory)} needed")
+                return (
+                    f"{format_size(int(max(0, self.mem_cap - self.memory_alloc)))} of memory left, "
+                    f"{format_size(request.memory)} needed"
+                )
         if request.storage and self.storage_alloc + request.storage > self.storage_cap:
-            return (f"{format_size(int(max(0, self.storage_cap - self.storage_alloc)))} of storage left, "
-                    f"{format_size(request.storage)} needed")
+            return (
+                f"{format_size(int(max(0, self.storage_cap - self.storage_alloc)))} of storage left, "
+                f"{format_size(request.storage)} needed"
+            )
         return None
 
     def summary(self) -> dict[str, Any]:
@@ -294,12 +339,12 @@ def _vm_memory() -> Any:
     return cast(VM.spec["memory"].as_string(), BigInteger)
 
 
-def allocations(session: Session, hosts: Iterable[str] | None = None, exclude_vm: str | None = None
-                ) -> dict[str, Allocation]:
+def allocations(
+    session: Session, hosts: Iterable[str] | None = None, exclude_vm: str | None = None
+) -> dict[str, Allocation]:
     """CPU and memory of the VMs meant to run, per host, in one query."""
     query = (
-        select(VM.host, func.coalesce(func.sum(_vm_cpus()), 0), func.coalesce(func.sum(_vm_memory()), 0),
-               func.count())
+        select(VM.host, func.coalesce(func.sum(_vm_cpus()), 0), func.coalesce(func.sum(_vm_memory()), 0), func.count())
         .where(VM.desired_state.in_(RUNNING_STATES), VM.host.is_not(None))
         .group_by(VM.host)
     )
@@ -322,8 +367,9 @@ def storage_allocated(session: Session, hosts: Iterable[str] | None = None) -> d
     return {host: int(total or 0) for host, total in session.execute(query)}
 
 
-def load_pool(session: Session, project: str = "default", only: Iterable[str] | None = None,
-              lock: bool = False) -> dict[str, HostLoad]:
+def load_pool(
+    session: Session, project: str = "default", only: Iterable[str] | None = None, lock: bool = False
+) -> dict[str, HostLoad]:
     """Every host (or ``only`` these) with what is allocated on it: three aggregate queries, whatever the size."""
     # Plain rows, not ORM objects: a thousand hosts load in a few milliseconds instead of tens.
     query = select(*(getattr(Host, column) for column in HOST_COLUMNS)).order_by(Host.name)
@@ -353,29 +399,37 @@ def load_pool(session: Session, project: str = "default", only: Iterable[str] | 
     return view
 
 
-def needs(session: Session, spec: VMSpec, project: str = "default", attached: Iterable[Volume] = ()
-          ) -> dict[str, Any]:
+def needs(session: Session, spec: VMSpec, project: str = "default", attached: Iterable[Volume] = ()) -> dict[str, Any]:
     """What ``spec`` needs from a host besides capacity, as PlacementRequest fields: an agent that makes bridges
     when a NIC is on a corral network, the uplink bridge of each bridge-mode network (nat and isolated networks
     are made on any host), and for each ``attached`` volume its host or a host sharing its pool."""
     names = {nic.network for nic in spec.nics if nic.network != USER_NETWORK}
     uplinks: set[str] = set()
     if names:
-        rows = session.execute(select(Network.mode, Network.uplink)
-                               .where(Network.project == project, Network.name.in_(names)))
+        rows = session.execute(
+            select(Network.mode, Network.uplink).where(Network.project == project, Network.name.in_(names))
+        )
         uplinks = {uplink for mode, uplink in rows if mode == "bridge" and uplink}
     volumes = list(attached)
     usage: dict[str, dict[str, Any]] = {}
     if volumes:
         homes = {volume.host for volume in volumes if volume.host}
-        usage = {name: used or {} for name, used in session.execute(
-            select(Host.name, Host.usage).where(Host.name.in_(homes)))}
+        usage = {
+            name: used or {}
+            for name, used in session.execute(select(Host.name, Host.usage).where(Host.name.in_(homes)))
+        }
     return {
         "bridged": bool(names),
         "uplinks": sorted(uplinks),
-        "volumes": [VolumeNeed(name=volume.name, host=volume.host, pool=volume.pool,
-                               pool_id=usage.get(volume.host or "", {}).get("pool_id")
-                               if volume.pool == "default" else None) for volume in volumes],
+        "volumes": [
+            VolumeNeed(
+                name=volume.name,
+                host=volume.host,
+                pool=volume.pool,
+                pool_id=usage.get(volume.host or "", {}).get("pool_id") if volume.pool == "default" else None,
+            )
+            for volume in volumes
+        ],
     }
 
 
@@ -389,8 +443,10 @@ def group_policy(session: Session, project: str, group: str | None, policy: str 
         select(VM.placement_policy).where(VM.project == project, VM.placement_group == group).limit(1)
     ).first()
     if existing is not None and policy is not None and existing != policy:
-        raise Conflict(f"group {group!r} is {existing}, not {policy}",
-                       f"pass --policy {existing}, or leave --policy out to join it as it is")
+        raise Conflict(
+            f"group {group!r} is {existing}, not {policy}",
+            f"pass --policy {existing}, or leave --policy out to join it as it is",
+        )
     return Policy(existing or policy or Policy.ANTI_AFFINITY)
 
 
@@ -414,8 +470,15 @@ class Scheduler:
     @staticmethod
     def _shape(request: PlacementRequest) -> tuple[Any, ...]:
         running = request.will_run
-        return (request.cpus if running else 0, request.memory if running else 0, request.storage, request.accel,
-                request.bridged, tuple(request.uplinks), tuple((v.host, v.pool, v.pool_id) for v in request.volumes))
+        return (
+            request.cpus if running else 0,
+            request.memory if running else 0,
+            request.storage,
+            request.accel,
+            request.bridged,
+            tuple(request.uplinks),
+            tuple((v.host, v.pool, v.pool_id) for v in request.volumes),
+        )
 
     def _heap_for(self, shape: tuple[Any, ...]) -> list[tuple[float, str]]:
         heap = self._heaps.get(shape)
@@ -500,25 +563,38 @@ class Scheduler:
             return Conflict("no host agent is registered", "start one with `corral serve` or `corral agent`")
         reasons = [f"{v.host}: {v.reason}" for v in verdicts if not v.fits]
         if all("QEMU is not installed" in r for r in reasons):
-            return NoHostOnline(f"cannot run VMs on {'; '.join(reasons)}",
-                                "install qemu-system-x86 (apt-get install qemu-system-x86), then restart corral")
+            return NoHostOnline(
+                f"cannot run VMs on {'; '.join(reasons)}",
+                "install qemu-system-x86 (apt-get install qemu-system-x86), then restart corral",
+            )
         if not any(v.reason not in ("host is unreachable", "host is offline") for v in verdicts):
-            return NoHostOnline("no host agent is online: " + "; ".join(reasons),
-                                "start the daemon with `corral serve` (or the hosts' `corral agent`)")
+            return NoHostOnline(
+                "no host agent is online: " + "; ".join(reasons),
+                "start the daemon with `corral serve` (or the hosts' `corral agent`)",
+            )
         shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
         tenant = f"no host can take this VM now (it needs {_needs(request)}; short of {_short_of(reasons)})"
         if len(verdicts) == 1:
-            return NoRoom(f"host {shown}", "stop a VM, ask for less, or raise the overcommit ratios",
-                          tenant=tenant, tenant_hint=TENANT_HINT)
+            return NoRoom(
+                f"host {shown}",
+                "stop a VM, ask for less, or raise the overcommit ratios",
+                tenant=tenant,
+                tenant_hint=TENANT_HINT,
+            )
         if request.host is not None:
             reason = next(v.reason for v in verdicts if v.host == request.host)
-            return NoRoom(f"host {request.host} cannot take this VM: " + reason,
-                          "see why with --dry-run, or leave --host out",
-                          tenant=f"host {request.host} cannot take this VM now (short of {_short_of([reason])})",
-                          tenant_hint="leave --host out, or ask for less")
-        return NoRoom(f"no host can take this VM: {shown}",
-                      "see why with --dry-run; stop VMs, add hosts or undrain one", tenant=tenant,
-                      tenant_hint=TENANT_HINT)
+            return NoRoom(
+                f"host {request.host} cannot take this VM: " + reason,
+                "see why with --dry-run, or leave --host out",
+                tenant=f"host {request.host} cannot take this VM now (short of {_short_of([reason])})",
+                tenant_hint="leave --host out, or ask for less",
+            )
+        return NoRoom(
+            f"no host can take this VM: {shown}",
+            "see why with --dry-run; stop VMs, add hosts or undrain one",
+            tenant=tenant,
+            tenant_hint=TENANT_HINT,
+        )
 
     def explain(self, request: PlacementRequest) -> list[HostVerdict]:
         """Every host's verdict, in weight order; the first that fits is the one ``place`` would choose."""
@@ -531,11 +607,16 @@ class Scheduler:
             reason = self.verdict(load, request)
             pick = reason is None and not chosen
             chosen = chosen or pick
-            verdicts.append(HostVerdict(
-                host=load.name, chosen=pick, fits=reason is None,
-                reason=reason or ("chosen: " if pick else "fits: ") + self._why_weight(load),
-                weight=round(load.utilisation(), 4), allocation=load.summary(),
-            ))
+            verdicts.append(
+                HostVerdict(
+                    host=load.name,
+                    chosen=pick,
+                    fits=reason is None,
+                    reason=reason or ("chosen: " if pick else "fits: ") + self._why_weight(load),
+                    weight=round(load.utilisation(), 4),
+                    allocation=load.summary(),
+                )
+            )
         return verdicts
 
     def _why_weight(self, load: HostLoad) -> str:
@@ -545,21 +626,24 @@ class Scheduler:
 
 def plan(session: Session, request: PlacementRequest, strategy: Strategy | str | None = None) -> PlacementPlan:
     """The dry run: what ``pick`` would do now, and why for every host. Changes nothing."""
-    request = request.model_copy(update={"policy": group_policy(session, request.project, request.group,
-                                                                 request.policy)})
+    request = request.model_copy(
+        update={"policy": group_policy(session, request.project, request.group, request.policy)}
+    )
     scheduler = Scheduler(load_pool(session, request.project), strategy)
     verdicts = scheduler.explain(request)
     if request.host is not None and request.host not in scheduler.view:
         raise NotFound(f"host {request.host!r} is not registered", "list hosts with `corral host list`")
     chosen = next((v.host for v in verdicts if v.chosen), None)
-    return PlacementPlan(strategy=scheduler.strategy, group=request.group, policy=request.policy, chosen=chosen,
-                         hosts=verdicts)
+    return PlacementPlan(
+        strategy=scheduler.strategy, group=request.group, policy=request.policy, chosen=chosen, hosts=verdicts
+    )
 
 
 def pick(session: Session, request: PlacementRequest, strategy: Strategy | str | None = None) -> Host:
     """The host for one new VM, its row locked on PostgreSQL until the caller's transaction ends."""
-    request = request.model_copy(update={"policy": group_policy(session, request.project, request.group,
-                                                                 request.policy)})
+    request = request.model_copy(
+        update={"policy": group_policy(session, request.project, request.group, request.policy)}
+    )
     scheduler = Scheduler(load_pool(session, request.project), strategy)
     shared = session.get_bind().dialect.name == "postgresql"
     for load in scheduler.candidates(request):
@@ -611,16 +695,19 @@ def wake_for(session: Session, scheduler: Scheduler, request: PlacementRequest) 
             wake_hook(host.name, host.address)
         if state != "online":
             load.standby = True
-            raise Conflict(f"host {host.name} was in standby and is waking up to take this VM",
-                           "try again once `corral host list` shows it online")
+            raise Conflict(
+                f"host {host.name} was in standby and is waking up to take this VM",
+                "try again once `corral host list` shows it online",
+            )
         host.standby = False
         scheduler.commit(load, request)
         return host
     return None
 
 
-def place_many(session: Session, requests: list[PlacementRequest], strategy: Strategy | str | None = None
-               ) -> list[str | None]:
+def place_many(
+    session: Session, requests: list[PlacementRequest], strategy: Strategy | str | None = None
+) -> list[str | None]:
     """Hosts for many VMs at once (a drain, a batch, the benchmark): the pool is read once. A request that fits
     nowhere gets None; the others still get hosts. Callers hold ``placement_lock`` and write in the same
     transaction (on PostgreSQL, lock the hosts first with ``load_pool(..., lock=True)``)."""
@@ -628,8 +715,7 @@ def place_many(session: Session, requests: list[PlacementRequest], strategy: Str
     if len(projects) > 1:
         raise InvalidInput("place_many places one project's VMs at a time", "call it once per project")
     project = projects.pop()
-    scheduler = Scheduler(load_pool(session, project, lock=session.get_bind().dialect.name == "postgresql"),
-                          strategy)
+    scheduler = Scheduler(load_pool(session, project, lock=session.get_bind().dialect.name == "postgresql"), strategy)
     policies: dict[str, Policy | None] = {}
     chosen: list[str | None] = []
     for request in requests:
@@ -651,8 +737,10 @@ def check_hard_limits(host: Host, spec: VMSpec) -> None:
     """Raise when ``spec`` could never run on ``host``, whatever else runs there."""
     if spec.cpus > host.cpus:
         raise NoRoom(
-            f"{spec.cpus} vCPUs is more than host {host.name} has ({host.cpus})", f"use --cpus {host.cpus} or fewer",
-            tenant=f"{spec.cpus} vCPUs is more than the VM's host can give", tenant_hint="ask for fewer vCPUs",
+            f"{spec.cpus} vCPUs is more than host {host.name} has ({host.cpus})",
+            f"use --cpus {host.cpus} or fewer",
+            tenant=f"{spec.cpus} vCPUs is more than the VM's host can give",
+            tenant_hint="ask for fewer vCPUs",
         )
     usable_memory = max(0, host.memory - host.reserved_memory)
     if spec.memory > usable_memory:
@@ -677,7 +765,8 @@ def check_fits(session: Session, host: Host, spec: VMSpec, exclude_vm: str | Non
         raise NoRoom(
             f"host {host.name} has {cpu_cap - used.cpus:g} of {cpu_cap:g} vCPUs left; this VM needs {spec.cpus}",
             "stop a VM or raise cpu_overcommit in config.toml",
-            tenant=f"the VM's host cannot give it {spec.cpus} vCPUs now", tenant_hint=TENANT_HINT,
+            tenant=f"the VM's host cannot give it {spec.cpus} vCPUs now",
+            tenant_hint=TENANT_HINT,
         )
     if used.memory + spec.memory > mem_cap:
         raise NoRoom(
@@ -704,7 +793,15 @@ def pick_host(
 ) -> Host:
     """The host for a new VM: filters, then the configured weights (see the module's docstring). ``attached``:
     existing volumes the VM takes, which tie it to their host's storage pool."""
-    request = PlacementRequest.of(spec, storage=storage, will_run=will_run, host=wanted, group=group,
-                                  policy=policy, accel=accel, project=project,
-                                  **needs(session, spec, project, attached))
+    request = PlacementRequest.of(
+        spec,
+        storage=storage,
+        will_run=will_run,
+        host=wanted,
+        group=group,
+        policy=policy,
+        accel=accel,
+        project=project,
+        **needs(session, spec, project, attached),
+    )
     return pick(session, request)

@@ -48,8 +48,10 @@ class VMResize(BaseModel):
     @model_validator(mode="after")
     def _something(self) -> VMResize:
         if all(value is None for value in self.model_dump().values()):
-            raise InvalidInput("nothing to change", "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, "
-                               "--max-cpus or --ha/--no-ha")
+            raise InvalidInput(
+                "nothing to change",
+                "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, --max-cpus or --ha/--no-ha",
+            )
         return self
 
 
@@ -80,8 +82,12 @@ def resized_spec(spec: VMSpec, request: VMResize) -> VMSpec:
     it can grow back live to where it was. Growing past a ceiling the user set is refused; growing a VM that has
     none is allowed and takes effect at the next start (the running QEMU has no room for it)."""
     update: dict[str, Any] = {key: value for key, value in request.model_dump().items() if value is not None}
-    if request.memory is not None and request.max_memory is None and spec.max_memory is None \
-            and request.memory < spec.memory:
+    if (
+        request.memory is not None
+        and request.max_memory is None
+        and spec.max_memory is None
+        and request.memory < spec.memory
+    ):
         update["max_memory"] = spec.memory
     if request.cpus is not None and request.max_cpus is None and spec.max_cpus is None and request.cpus < spec.cpus:
         update["max_cpus"] = spec.cpus
@@ -108,8 +114,9 @@ def resize(session: Session, name: str, request: VMResize, project: str = "defau
                 placement.check_fits(session, host, new, exclude_vm=vm.id)
         vm.spec = new.model_dump(mode="json")
         params = {"old": old.model_dump(mode="json"), "new": vm.spec}
-        return jobs.submit(session, JobKind.VM_RESIZE, "vm", vm.name, target_id=vm.id, host=vm.host,
-                           project=project, params=params)
+        return jobs.submit(
+            session, JobKind.VM_RESIZE, "vm", vm.name, target_id=vm.id, host=vm.host, project=project, params=params
+        )
 
 
 def _free_index(vm: VM) -> int:
@@ -117,8 +124,10 @@ def _free_index(vm: VM) -> int:
     for index in range(1, MAX_DISKS + 1):
         if index not in taken:
             return index
-    raise Conflict(f"VM {vm.name} already has {MAX_DISKS} data disks", f"remove one first: `corral vm disk remove "
-                   f"{vm.name} VOLUME`")
+    raise Conflict(
+        f"VM {vm.name} already has {MAX_DISKS} data disks",
+        f"remove one first: `corral vm disk remove {vm.name} VOLUME`",
+    )
 
 
 def disk_add(session: Session, name: str, request: DiskAdd, pool_dir: Path, project: str = "default") -> Job:
@@ -130,13 +139,17 @@ def disk_add(session: Session, name: str, request: DiskAdd, pool_dir: Path, proj
         volume = get_volume(session, request.volume, project)
         if volume.vm_id is not None:
             owner = session.get(VM, volume.vm_id)
-            raise Conflict(f"volume {volume.name} is in use by VM {owner.name if owner else volume.vm_id}",
-                           "remove it there first, or pick a free volume (`corral volume list`)")
+            raise Conflict(
+                f"volume {volume.name} is in use by VM {owner.name if owner else volume.vm_id}",
+                "remove it there first, or pick a free volume (`corral volume list`)",
+            )
         if volume.state != "ready":
             raise Conflict(f"volume {volume.name} is {volume.state}", "wait for its job to finish")
         if volume.host is not None and vm.host is not None and volume.host != vm.host:
-            raise Conflict(f"volume {volume.name} is on host {volume.host}, VM {vm.name} on {vm.host}",
-                           "attach volumes on the VM's own host")
+            raise Conflict(
+                f"volume {volume.name} is on host {volume.host}, VM {vm.name} on {vm.host}",
+                "attach volumes on the VM's own host",
+            )
         if jobs.active_for(session, "volume", volume.id):
             raise Conflict(f"volume {volume.name} is busy", "wait for its job to finish")
         volume.vm_id, volume.device_index = vm.id, index
@@ -145,12 +158,21 @@ def disk_add(session: Session, name: str, request: DiskAdd, pool_dir: Path, proj
         assert request.size is not None
         _check_pool_space(pool_dir, request.size, "a disk")
         quotas.check(session, project, disk=request.size)
-        volume = new_volume(session, vm, _free_volume_name(session, project, f"{vm.name}-disk{index}"),
-                            request.size, index)
+        volume = new_volume(
+            session, vm, _free_volume_name(session, project, f"{vm.name}-disk{index}"), request.size, index
+        )
         created = True
     session.flush()
-    return jobs.submit(session, JobKind.VM_DISK_ADD, "vm", vm.name, target_id=vm.id, host=vm.host, project=project,
-                       params={"volume_id": volume.id, "volume": volume.name, "created": created})
+    return jobs.submit(
+        session,
+        JobKind.VM_DISK_ADD,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=project,
+        params={"volume_id": volume.id, "volume": volume.name, "created": created},
+    )
 
 
 def disk_remove(session: Session, name: str, volume_name: str, project: str = "default") -> Job:
@@ -160,13 +182,24 @@ def disk_remove(session: Session, name: str, volume_name: str, project: str = "d
     volume = session.scalars(select(Volume).where(Volume.project == project, Volume.name == volume_name)).first()
     if volume is None or volume.vm_id != vm.id:
         disks = ", ".join(v.name for v in sorted(vm.volumes, key=lambda v: v.device_index) if v.role != "root")
-        raise NotFound(f"VM {vm.name} has no disk {volume_name!r}",
-                       f"its data disks: {disks}" if disks else "it has no data disks")
+        raise NotFound(
+            f"VM {vm.name} has no disk {volume_name!r}", f"its data disks: {disks}" if disks else "it has no data disks"
+        )
     if volume.role == "root" or volume.device_index == 0:
-        raise InvalidInput(f"{volume_name} is the root disk of {vm.name} and cannot be removed",
-                           f"delete the VM instead: `corral vm delete {vm.name}`")
-    return jobs.submit(session, JobKind.VM_DISK_REMOVE, "vm", vm.name, target_id=vm.id, host=vm.host,
-                       project=project, params={"volume_id": volume.id, "volume": volume.name})
+        raise InvalidInput(
+            f"{volume_name} is the root disk of {vm.name} and cannot be removed",
+            f"delete the VM instead: `corral vm delete {vm.name}`",
+        )
+    return jobs.submit(
+        session,
+        JobKind.VM_DISK_REMOVE,
+        "vm",
+        vm.name,
+        target_id=vm.id,
+        host=vm.host,
+        project=project,
+        params={"volume_id": volume.id, "volume": volume.name},
+    )
 
 
 def describe(old: VMSpec, new: VMSpec) -> list[str]:

@@ -80,8 +80,15 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
     with placement.placement_lock:
         quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory, disk=new_disk, vms=1)
         host = placement.pick_host(
-            session, spec, request.host, will_run=request.start, project=project, group=request.group,
-            policy=request.policy, accel=request.accel, attached=attached,
+            session,
+            spec,
+            request.host,
+            will_run=request.start,
+            project=project,
+            group=request.group,
+            policy=request.policy,
+            accel=request.accel,
+            attached=attached,
             storage=image.virtual_size + sum(disk.size for disk in spec.disks if disk.size is not None),
         )
         vm = VM(
@@ -126,8 +133,10 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
 def check_ha(session: Session, spec: VMSpec) -> None:
     """HA needs leases, which only a pool on PostgreSQL has (docs/ha.md): on a single SQLite host it is refused."""
     if spec.ha and session.get_bind().dialect.name != "postgresql":
-        raise InvalidInput("HA needs a pool of hosts on PostgreSQL; this is a single host on SQLite",
-                           "leave out --ha, or run the VM in a pool (docs/cluster.md, docs/ha.md)")
+        raise InvalidInput(
+            "HA needs a pool of hosts on PostgreSQL; this is a single host on SQLite",
+            "leave out --ha, or run the VM in a pool (docs/cluster.md, docs/ha.md)",
+        )
 
 
 def _free_volume_name(session: Session, project: str, wanted: str) -> str:

@@ -27,8 +27,13 @@ def _opts(**options: object) -> str:
 def memory_backend_args(plan: LaunchPlan) -> list[str]:
     if plan.ram_file is None:
         return []
-    backend = _opts(qom_type="memory-backend-file", id="ram0", size=f"{plan.memory_mib}M", mem_path=plan.ram_file,
-                    share=plan.ram_shared)
+    backend = _opts(
+        qom_type="memory-backend-file",
+        id="ram0",
+        size=f"{plan.memory_mib}M",
+        mem_path=plan.ram_file,
+        share=plan.ram_shared,
+    )
     return ["-object", backend]
 
 
@@ -66,8 +71,7 @@ def balloon_args(plan: LaunchPlan) -> list[str]:
     OOM event in Linux) rather than kill a process, which the cgroup's overhead margin absorbs."""
     if not plan.balloon:
         return []
-    return ["-device", _opts(driver="virtio-balloon-pci", id=BALLOON_ID, free_page_reporting=True,
-                             deflate_on_oom=True)]
+    return ["-device", _opts(driver="virtio-balloon-pci", id=BALLOON_ID, free_page_reporting=True, deflate_on_oom=True)]
 
 
 def disk_port_args(plan: LaunchPlan) -> list[str]:
@@ -76,8 +80,17 @@ def disk_port_args(plan: LaunchPlan) -> list[str]:
     args: list[str] = []
     for index, port in enumerate(plan.disk_ports):
         slot, function = DISK_PORT_FIRST_SLOT + index // 8, index % 8
-        args += ["-device", _opts(driver="pcie-root-port", id=port, chassis=DISK_PORT_FIRST_CHASSIS + index,
-                                  bus="pcie.0", addr=f"{slot:#x}.{function:#x}", multifunction=function == 0 or None)]
+        args += [
+            "-device",
+            _opts(
+                driver="pcie-root-port",
+                id=port,
+                chassis=DISK_PORT_FIRST_CHASSIS + index,
+                bus="pcie.0",
+                addr=f"{slot:#x}.{function:#x}",
+                multifunction=function == 0 or None,
+            ),
+        ]
     return args
 
 
@@ -127,8 +140,13 @@ def disk_blockdev_options(disk: DiskPlan) -> list[dict[str, object]]:
 
 
 def disk_device_options(disk: DiskPlan, boot_index: int | None = None) -> dict[str, object]:
-    return {"driver": "virtio-blk-pci", "drive": disk.node, "id": f"{disk.node}-dev", "bootindex": boot_index,
-            "bus": disk.bus}
+    return {
+        "driver": "virtio-blk-pci",
+        "drive": disk.node,
+        "id": f"{disk.node}-dev",
+        "bootindex": boot_index,
+        "bus": disk.bus,
+    }
 
 
 def disk_args(disk: DiskPlan, boot_index: int | None) -> list[str]:

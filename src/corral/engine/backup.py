@@ -80,11 +80,14 @@ async def check_parent_bitmap(monitor: Monitor, nodes: list[str], name: str) -> 
     for node in nodes:
         facts = present.get(node, {}).get(name)
         if facts is None:
-            raise EngineError(f"disk {node} has no record of the changes since the last backup (bitmap {name})",
-                              "take a full backup: the disk was replaced or restored since")
+            raise EngineError(
+                f"disk {node} has no record of the changes since the last backup (bitmap {name})",
+                "take a full backup: the disk was replaced or restored since",
+            )
         if facts.get("inconsistent"):
-            raise EngineError(f"the change record of disk {node} is inconsistent (QEMU did not close cleanly)",
-                              "take a full backup")
+            raise EngineError(
+                f"the change record of disk {node} is inconsistent (QEMU did not close cleanly)", "take a full backup"
+            )
 
 
 async def open_targets(run: BackupRun, pass_fd: Callable[[int], Any] | None) -> None:
@@ -101,10 +104,15 @@ async def open_targets(run: BackupRun, pass_fd: Callable[[int], Any] | None) -> 
             finally:
                 os.close(fd)
             filename = f"/dev/fdset/{disk.fdset}"
-        await run.monitor.execute("blockdev-add", {
-            "driver": "qcow2", "node-name": disk.target_node, "backing": None,
-            "file": {"driver": "file", "filename": filename},
-        })
+        await run.monitor.execute(
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": disk.target_node,
+                "backing": None,
+                "file": {"driver": "file", "filename": filename},
+            },
+        )
         run.added.append(disk.target_node)
 
 
@@ -113,10 +121,16 @@ async def start(run: BackupRun) -> None:
     actions: list[dict[str, Any]] = []
     for index, disk in enumerate(run.disks):
         disk.job_id = f"{run.new_bitmap}-{index}"
-        actions.append({"type": "block-dirty-bitmap-add",
-                        "data": {"node": disk.node, "name": run.new_bitmap, "persistent": True}})
-        backup: dict[str, Any] = {"device": disk.node, "target": disk.target_node, "job-id": disk.job_id,
-                                  "sync": "full", "auto-dismiss": False}
+        actions.append(
+            {"type": "block-dirty-bitmap-add", "data": {"node": disk.node, "name": run.new_bitmap, "persistent": True}}
+        )
+        backup: dict[str, Any] = {
+            "device": disk.node,
+            "target": disk.target_node,
+            "job-id": disk.job_id,
+            "sync": "full",
+            "auto-dismiss": False,
+        }
         if run.parent_bitmap is not None:
             backup.update({"sync": "incremental", "bitmap": run.parent_bitmap})
         actions.append({"type": "blockdev-backup", "data": backup})
@@ -201,13 +215,22 @@ class StorageDaemon:
         for index, path in enumerate(self.disks):
             if "," in str(path):
                 raise EngineError(f"disk path {path} contains a comma", "rename the pool directory")
-            argv += ["--blockdev", f"driver=file,filename={path},node-name=file{index}",
-                     "--blockdev", f"driver=qcow2,file=file{index},node-name=disk{index}"]
+            argv += [
+                "--blockdev",
+                f"driver=file,filename={path},node-name=file{index}",
+                "--blockdev",
+                f"driver=qcow2,file=file{index},node-name=disk{index}",
+            ]
         self.socket.unlink(missing_ok=True)
         argv += ["--chardev", f"socket,id=qmp,path={self.socket},server=on,wait=off", "--monitor", "chardev=qmp"]
         try:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, start_new_session=True)
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
         except FileNotFoundError as exc:
             raise EngineError(f"{self.binary} not found", "install qemu-system-common (qemu-storage-daemon)") from exc
         try:

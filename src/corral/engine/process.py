@@ -99,15 +99,18 @@ class QemuProcess:
     # -- life -------------------------------------------------------------------------------------------------
 
     @classmethod
-    async def launch(cls, plan: LaunchPlan, on_event: EventCallback | None = None,
-                     preexec: Callable[[], None] | None = None) -> QemuProcess:
+    async def launch(
+        cls, plan: LaunchPlan, on_event: EventCallback | None = None, preexec: Callable[[], None] | None = None
+    ) -> QemuProcess:
         """Start QEMU detached and return once QMP answers; on failure nothing is left running."""
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         previous = RuntimeRecord.load(plan.runtime_record)
         if previous is not None and is_same_process(previous):
             # Its sockets are live: removing them would orphan that QEMU for good.
-            raise EngineError(f"a QEMU of this VM is still running (pid {previous.pid})",
-                              "it will be adopted again; stop it with `corral vm stop --force` if it hangs")
+            raise EngineError(
+                f"a QEMU of this VM is still running (pid {previous.pid})",
+                "it will be adopted again; stop it with `corral vm stop --force` if it hangs",
+            )
         for stale in (plan.qmp_socket, plan.console_socket, plan.guest_agent_socket):
             stale.unlink(missing_ok=True)
         argv = build_argv(plan)
@@ -116,7 +119,12 @@ class QemuProcess:
             log.flush()
             try:
                 popen = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    close_fds=True,
                     preexec_fn=preexec,
                 )
             except FileNotFoundError as exc:

@@ -255,8 +255,12 @@ class Agent:
         """Record this host's inventory; QEMU's version is asked once (a subprocess), storage every time."""
         from corral.host.backup_jobs import store_identity
 
-        inventory = read_inventory(self.layout.pool(), self.settings.accel, self.settings.qemu_binary,
-                                   qemu=self.inventory.qemu_version if self.inventory else None)
+        inventory = read_inventory(
+            self.layout.pool(),
+            self.settings.accel,
+            self.settings.qemu_binary,
+            qemu=self.inventory.qemu_version if self.inventory else None,
+        )
         self.inventory = inventory
         with self.store.session() as session:
             host = session.scalars(select(Host).where(Host.name == self.host_name)).first()
@@ -276,9 +280,13 @@ class Agent:
             host.storage_overcommit = self.settings.storage_overcommit
             # pool_id: hosts that report the same one share their storage pool (corral.cluster.migrations).
             # bridges: bridge-mode networks are placed only where their uplink is (corral.cluster.placement).
-            host.usage = {**read_usage(self.layout.pool()), "pool_id": pool_identity(self.layout.pool()),
-                          "bridges": bridges(), "networking": self.networks.enabled,
-                          "backup_store": store_identity(self)}
+            host.usage = {
+                **read_usage(self.layout.pool()),
+                "pool_id": pool_identity(self.layout.pool()),
+                "bridges": bridges(),
+                "networking": self.networks.enabled,
+                "backup_store": store_identity(self),
+            }
             if self.address is not None:
                 host.address = self.address
             host.heartbeat_at = utcnow()
@@ -340,8 +348,11 @@ class Agent:
 
     def _fenceable(self) -> list[tuple[str, int, Callable[[], None]]]:
         """For the watchdog thread: every QEMU this agent runs, and how to mark its exit as expected."""
-        return [(vm_id, running.proc.pid, lambda running=running: setattr(running, "expected_exit", True))
-                for vm_id, running in list(self.vms.items()) if running.proc.pid and not running.proc.exited]
+        return [
+            (vm_id, running.proc.pid, lambda running=running: setattr(running, "expected_exit", True))
+            for vm_id, running in list(self.vms.items())
+            if running.proc.pid and not running.proc.exited
+        ]
 
     async def _after_fence(self) -> None:
         """Once the store answers again after a fence. Taken over (a newer epoch): drop the stale copies, whose
@@ -376,8 +387,12 @@ class Agent:
                         vm.observed_state = PowerState.RUNNING
                         vm.pid = self.vms[vm.id].proc.pid
                         vm.status_message = "its host is back: it never stopped"
-            log.warning("host %s rejoined under epoch %s after a takeover; dropped %d stale copies",
-                        self.host_name, self.lease.epoch, len(moved) + len(killed))
+            log.warning(
+                "host %s rejoined under epoch %s after a takeover; dropped %d stale copies",
+                self.host_name,
+                self.lease.epoch,
+                len(moved) + len(killed),
+            )
             restart = [vm_id for vm_id in killed if vm_id in here]
         else:
             with self.store.session() as session:
@@ -391,8 +406,12 @@ class Agent:
                         vm = session.get(VM, vm_id)
                         if vm is None or vm.host != self.host_name or vm.desired_state == PowerState.STOPPED:
                             continue
-                    vm_lifecycle.update_vm(self, vm_id, observed_state=PowerState.CRASHED,
-                                           status_message="fenced: its host could not renew its HA lease")
+                    vm_lifecycle.update_vm(
+                        self,
+                        vm_id,
+                        observed_state=PowerState.CRASHED,
+                        status_message="fenced: its host could not renew its HA lease",
+                    )
                     await vm_lifecycle.start(self, vm_id)
                     vm_lifecycle.update_vm(self, vm_id, status_message="restarted after its host's fence")
             except Exception:

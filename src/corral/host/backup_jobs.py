@@ -124,8 +124,10 @@ async def create(ctx: JobContext) -> dict[str, Any]:
             if row is not None:
                 session.delete(row)
         if pool_full and isinstance(exc, Exception):
-            raise CorralError(f"the backup directory ran out of space; backup {ctx.params['name']} was removed",
-                              "free space under CORRAL_HOME/backups (delete old backups)") from exc
+            raise CorralError(
+                f"the backup directory ran out of space; backup {ctx.params['name']} was removed",
+                "free space under CORRAL_HOME/backups (delete old backups)",
+            ) from exc
         raise
     return result
 
@@ -141,8 +143,9 @@ async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> di
         parent = session.get(Backup, backup.parent_id) if backup.parent_id else None
     for volume in volumes:
         if volume.format != "qcow2":
-            raise Conflict(f"disk {volume.name} is {volume.format}; backups need qcow2 disks",
-                           "convert the disk to qcow2")
+            raise Conflict(
+                f"disk {volume.name} is {volume.format}; backups need qcow2 disks", "convert the disk to qcow2"
+            )
     sources = [storage.volume_path(agent, v) for v in volumes]
     running = _running(agent, vm.id)
     directory.mkdir(mode=0o700)
@@ -152,8 +155,11 @@ async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> di
         size = int(qemu_img.info(source, binary)["virtual-size"])
         if parent is not None:
             backing = f"../{parent.id}/disk{index}.qcow2"
-            await asyncio.to_thread(qemu_img.run, ["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2",
-                                                   str(target), str(size)], binary)
+            await asyncio.to_thread(
+                qemu_img.run,
+                ["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", str(target), str(size)],
+                binary,
+            )
         else:
             await asyncio.to_thread(qemu_img.create_blank, target, size, binary)
         # A running VM names its nodes after the device index; the storage daemon after the position.
@@ -175,16 +181,27 @@ async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> di
     for index, copy in enumerate(copies):
         await asyncio.to_thread(qemu_img.check, copy.target, binary)
         os.chmod(copy.target, 0o400)
-        disks.append({"index": index, "file": f"{backup_id}/{copy.target.name}",
-                      "size": int(qemu_img.info(copy.target, binary)["virtual-size"]),
-                      "written": engine_backup.allocated_bytes(copy.target),
-                      "sha256": await asyncio.to_thread(_sha256, copy.target)})
+        disks.append(
+            {
+                "index": index,
+                "file": f"{backup_id}/{copy.target.name}",
+                "size": int(qemu_img.info(copy.target, binary)["virtual-size"]),
+                "written": engine_backup.allocated_bytes(copy.target),
+                "sha256": await asyncio.to_thread(_sha256, copy.target),
+            }
+        )
     total = sum(d["written"] for d in disks)
     with agent.store.session() as session:
         row = session.get(Backup, backup_id)
         row.state, row.disks, row.size, row.live = "ready", disks, total, running is not None
-    return {"backup": ctx.params["name"], "kind": "incremental" if parent else "full", "live": running is not None,
-            "frozen": frozen, "bytes": total, "disks": len(disks)}
+    return {
+        "backup": ctx.params["name"],
+        "kind": "incremental" if parent else "full",
+        "live": running is not None,
+        "frozen": frozen,
+        "bytes": total,
+        "disks": len(disks),
+    }
 
 
 def _storage_daemon(agent: Agent) -> str:
@@ -261,8 +278,11 @@ def read_back(
         return problems, hashed
     for where, path, size in tops:
         try:
-            qemu_img.run(["convert", "-n", "-f", "qcow2", "--target-image-opts", str(path),
-                          f"driver=null-co,size={size}"], binary, timeout=3600)
+            qemu_img.run(
+                ["convert", "-n", "-f", "qcow2", "--target-image-opts", str(path), f"driver=null-co,size={size}"],
+                binary,
+                timeout=3600,
+            )
         except CorralError as exc:
             problems.append(f"{where}: reading it back failed: {exc.message}")
     return problems, hashed
@@ -281,8 +301,10 @@ def _verify_chain(agent: Agent, links: list[Backup]) -> tuple[list[str], int]:
                 problems.append(f"{where}: {exc.message}")
     if problems:
         return problems, 0
-    tops = [(f"backup {links[-1].name} disk{d['index']}", backup_file(agent, d["file"]), int(d["size"]))
-            for d in links[-1].disks]
+    tops = [
+        (f"backup {links[-1].name} disk{d['index']}", backup_file(agent, d["file"]), int(d["size"]))
+        for d in links[-1].disks
+    ]
     return read_back(files, tops, agent.settings.qemu_img_binary)
 
 
@@ -308,13 +330,27 @@ async def verify(ctx: JobContext) -> dict[str, Any]:
             row.verify_state = "corrupt" if problems else "ok"
             row.verified_at = datetime.now(UTC)
             row.verify_error = "; ".join(problems) if problems else None
-            session.add(events.make(session, row, "backup", "backup.verified",
-                                    {"vm": row.vm_name, "state": row.verify_state, "error": row.verify_error}))
+            session.add(
+                events.make(
+                    session,
+                    row,
+                    "backup",
+                    "backup.verified",
+                    {"vm": row.vm_name, "state": row.verify_state, "error": row.verify_error},
+                )
+            )
     if problems:
-        raise CorralError(f"backup {ctx.target_name} of {ctx.params.get('vm')} is corrupt: {problems[0]}",
-                          "restore from another backup, and take a new full one")
-    return {"backup": ctx.target_name, "state": "ok", "chain": [link.name for link in links], "bytes": hashed,
-            "unrecorded": unrecorded}
+        raise CorralError(
+            f"backup {ctx.target_name} of {ctx.params.get('vm')} is corrupt: {problems[0]}",
+            "restore from another backup, and take a new full one",
+        )
+    return {
+        "backup": ctx.target_name,
+        "state": "ok",
+        "chain": [link.name for link in links],
+        "bytes": hashed,
+        "unrecorded": unrecorded,
+    }
 
 
 # -- restore ---------------------------------------------------------------------------------------------------
@@ -347,8 +383,10 @@ async def restore(ctx: JobContext) -> dict[str, Any]:
         files = [backup_file(agent, d["file"]) for d in sorted(backup.disks, key=lambda d: d["index"])]
     for path in files:
         if not path.is_file():
-            raise NotFound(f"the data of backup {ctx.params['name']} is missing ({path.name})",
-                           "the backup directory was changed outside corral")
+            raise NotFound(
+                f"the data of backup {ctx.params['name']} is missing ({path.name})",
+                "the backup directory was changed outside corral",
+            )
     if ctx.params.get("mode") == "over":
         return await _restore_over(ctx, files)
     made: set[str] = set()
@@ -382,8 +420,9 @@ async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
         try:
             span = 0.85 / len(files)
             for index, (source, volume) in enumerate(zip(files, volumes, strict=True)):
-                temp = storage.claim(storage.volume_path(agent, volume).with_suffix(".restoring"),
-                                     f"the restored copy of {volume.name}")
+                temp = storage.claim(
+                    storage.volume_path(agent, volume).with_suffix(".restoring"), f"the restored copy of {volume.name}"
+                )
                 staged.append(temp)  # claimed, so ours to remove
                 await _copy(ctx, source, temp, 0.05 + span * index, span, f"restoring {volume.name}")
         except BaseException:
@@ -401,8 +440,13 @@ async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
             session.get(VM, ctx.target_id).current_snapshot = None
             session.flush()
             storage.collect_bases(agent, session)
-    return {"vm": ctx.target_name, "backup": ctx.params["name"], "disks": len(files), "new": False,
-            "snapshots_dropped": dropped}
+    return {
+        "vm": ctx.target_name,
+        "backup": ctx.params["name"],
+        "disks": len(files),
+        "new": False,
+        "snapshots_dropped": dropped,
+    }
 
 
 # -- export / import -------------------------------------------------------------------------------------------
@@ -439,13 +483,25 @@ async def export(ctx: JobContext) -> dict[str, Any]:
         disks = []
         for index, copy in enumerate(copies):
             ctx.note(0.9, f"checksumming disk{index}")
-            disks.append({"file": f"disks/{copy.name}", "size": int(qemu_img.info(copy, binary)["virtual-size"]),
-                          "bytes": copy.stat().st_size, "sha256": await asyncio.to_thread(_sha256, copy)})
-        manifest = ExportManifest.model_validate({
-            "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "corral_version": __version__,
-            "qemu_img_version": _qemu_img_version(binary), "created_at": datetime.now(UTC).isoformat(),
-            "vm": {"name": vm.name, "spec": vm.spec}, "disks": disks,
-        })
+            disks.append(
+                {
+                    "file": f"disks/{copy.name}",
+                    "size": int(qemu_img.info(copy, binary)["virtual-size"]),
+                    "bytes": copy.stat().st_size,
+                    "sha256": await asyncio.to_thread(_sha256, copy),
+                }
+            )
+        manifest = ExportManifest.model_validate(
+            {
+                "format": EXPORT_FORMAT,
+                "version": EXPORT_VERSION,
+                "corral_version": __version__,
+                "qemu_img_version": _qemu_img_version(binary),
+                "created_at": datetime.now(UTC).isoformat(),
+                "vm": {"name": vm.name, "spec": vm.spec},
+                "disks": disks,
+            }
+        )
         ctx.note(0.93, "writing the archive")
         if ctx.params.get("format") == "ova":
             from corral.host.appliance_jobs import write_vm_ova
@@ -467,8 +523,12 @@ async def export(ctx: JobContext) -> dict[str, Any]:
 
 def _write_tar(path: Path, manifest: ExportManifest, copies: list[Path], compress: bool) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz" if compress else "w",
-                                                  **({"compresslevel": 1} if compress else {})) as archive:
+    with (
+        os.fdopen(fd, "wb") as raw,
+        tarfile.open(
+            fileobj=raw, mode="w:gz" if compress else "w", **({"compresslevel": 1} if compress else {})
+        ) as archive,
+    ):
         data = json.dumps(manifest.model_dump(mode="json"), indent=2).encode()
         info = tarfile.TarInfo(MANIFEST)
         info.size, info.mode = len(data), 0o600
@@ -496,8 +556,10 @@ def _extract_checked(archive_path: Path, member: str, target: Path, expected: st
                 out.write(chunk)
     if digest.hexdigest() != expected:
         target.unlink(missing_ok=True)
-        raise InvalidInput(f"{member} in {label} does not match its checksum",
-                           "the archive is damaged or was tampered with; export again")
+        raise InvalidInput(
+            f"{member} in {label} does not match its checksum",
+            "the archive is damaged or was tampered with; export again",
+        )
 
 
 async def import_(ctx: JobContext) -> dict[str, Any]:
@@ -510,8 +572,11 @@ async def import_(ctx: JobContext) -> dict[str, Any]:
 
         return await import_foreign(ctx)
     agent = ctx.agent
-    source = Source.of(ctx.params["source"]) if "source" in ctx.params else Source(
-        SourceKind.PATH, Path(ctx.params["file"]), ctx.params["file"])
+    source = (
+        Source.of(ctx.params["source"])
+        if "source" in ctx.params
+        else Source(SourceKind.PATH, Path(ctx.params["file"]), ctx.params["file"])
+    )
     label = source.label
     expected = ExportManifest.model_validate(ctx.params["manifest"])
     made: set[str] = set()
@@ -530,8 +595,10 @@ async def import_(ctx: JobContext) -> dict[str, Any]:
                 made.add(volume.id)  # after its O_EXCL create: a file found at the target is not ours to remove
                 facts = await asyncio.to_thread(qemu_img.check_importable, target, binary, "qcow2", disk.file)
                 if facts.get("format") != "qcow2" or int(facts.get("virtual-size", 0)) != disk.size:
-                    raise InvalidInput(f"{disk.file} in {label} is not the qcow2 disk of {disk.size} bytes "
-                                       "its manifest describes", "export again")
+                    raise InvalidInput(
+                        f"{disk.file} in {label} is not the qcow2 disk of {disk.size} bytes its manifest describes",
+                        "export again",
+                    )
             with agent.store.session() as session:
                 for volume in volumes:
                     session.get(Volume, volume.id).state = "ready"

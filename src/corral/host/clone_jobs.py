@@ -58,8 +58,14 @@ async def _consistent_source(agent: Agent, source_id: str, snapshot_tag: str | N
             await engine_snapshots.delete_live(running.proc, tag, nodes)
 
 
-async def _copy_disks(ctx: JobContext, sources: list[Path], targets: list[Path], tag: str | None, share: bool,
-                      made: Callable[[int], None] | None = None) -> None:
+async def _copy_disks(
+    ctx: JobContext,
+    sources: list[Path],
+    targets: list[Path],
+    tag: str | None,
+    share: bool,
+    made: Callable[[int], None] | None = None,
+) -> None:
     """Copy each source into its target, which is claimed first (created exclusively: see storage.claim);
     ``made(index)`` is told of each target as soon as it is this job's, so a failure removes only those."""
     binary = ctx.agent.settings.qemu_img_binary
@@ -116,8 +122,10 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
         pool_full = out_of_space([storage.volume_path(agent, v) for v in _volumes(agent, new_id_)])
         await discard_vm(ctx, new_id_, made)  # only the files this job made; the pending rows go regardless
         if pool_full and isinstance(exc, Exception):
-            raise InsufficientResources(f"the storage pool ran out of space while cloning into {ctx.target_name}; "
-                                        "the partial copy was removed", "free space in the pool") from exc
+            raise InsufficientResources(
+                f"the storage pool ran out of space while cloning into {ctx.target_name}; the partial copy was removed",
+                "free space in the pool",
+            ) from exc
         raise
     if ctx.params.get("start") and ctx.params.get("wait"):
         from corral.host.handlers import wait_for_guest
@@ -174,8 +182,10 @@ async def template_create(ctx: JobContext) -> dict[str, Any]:
         try:
             directory.mkdir(mode=storage.DIR_MODE)  # the template's own: one that is already there is not ours
         except FileExistsError:
-            raise Conflict(f"a directory is already where template {ctx.target_name} would be made",
-                           "an administrator must move it away") from None
+            raise Conflict(
+                f"a directory is already where template {ctx.target_name} would be made",
+                "an administrator must move it away",
+            ) from None
         made_dir = True
         async with agent.vm_locks[source_id]:
             sources = _volumes(agent, source_id)

@@ -32,8 +32,9 @@ def dnsmasq_binary() -> str:
         (p for p in ("/usr/sbin/dnsmasq", "/sbin/dnsmasq") if Path(p).exists()), None
     )
     if found is None:
-        raise EngineError("dnsmasq is not installed: networks cannot hand out addresses",
-                          "install it: apt-get install dnsmasq-base")
+        raise EngineError(
+            "dnsmasq is not installed: networks cannot hand out addresses", "install it: apt-get install dnsmasq-base"
+        )
     return found
 
 
@@ -97,11 +98,14 @@ def running_pid(directory: Path) -> int | None:
 
 def start(directory: Path, bridge: str, subnet: str, gateway: str, isolated: bool, mtu: int | None = None) -> int:
     (directory / "leases").touch()
-    result = subprocess.run(command(directory, bridge, subnet, gateway, isolated, mtu), capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        command(directory, bridge, subnet, gateway, isolated, mtu), capture_output=True, text=True, timeout=30
+    )
     if result.returncode != 0:
-        raise EngineError(f"dnsmasq for bridge {bridge} failed to start: {result.stderr.strip()[:300]}",
-                          "another DHCP/DNS server may hold the bridge's address; see `ss -lunp`")
+        raise EngineError(
+            f"dnsmasq for bridge {bridge} failed to start: {result.stderr.strip()[:300]}",
+            "another DHCP/DNS server may hold the bridge's address; see `ss -lunp`",
+        )
     pid = running_pid(directory)
     if pid is None:
         raise EngineError(f"dnsmasq for bridge {bridge} exited right after starting", "run it by hand to see why")

@@ -176,8 +176,13 @@ def render(tag: str, rules: Ruleset) -> str:
                     f'  {direction} "{net.vxlan}" tcp flags syn / syn,rst tcp option maxseg size > {mss} '
                     f"tcp option maxseg size set {mss}"
                 )
-        bridge_body += ["chain forward {", "  type filter hook forward priority filter; policy accept;",
-                        *out, *clamp, "}"]
+        bridge_body += [
+            "chain forward {",
+            "  type filter hook forward priority filter; policy accept;",
+            *out,
+            *clamp,
+            "}",
+        ]
         bridge_body += ["chain output {", "  type filter hook output priority filter; policy accept;", *out, "}"]
     table("bridge", f"corral_{tag}", bridge_body)
     return "\n".join(lines) + "\n"

@@ -44,8 +44,10 @@ def renew_identity_script(name: str, vm_id: str, macs: list[str]) -> str:
             f"if [ -e /sys/class/net/{iface} ]; then ip link set {iface} down; "
             f"ip link set {iface} address {mac}; ip link set {iface} up; fi",
         ]
-    lines.append("(pkill udhcpc; udhcpc -b -q -i eth0 -s /usr/share/udhcpc/default.script) >/dev/null 2>&1 "
-                 "|| dhclient -r eth0 >/dev/null 2>&1; dhclient eth0 >/dev/null 2>&1 || true")
+    lines.append(
+        "(pkill udhcpc; udhcpc -b -q -i eth0 -s /usr/share/udhcpc/default.script) >/dev/null 2>&1 "
+        "|| dhclient -r eth0 >/dev/null 2>&1; dhclient eth0 >/dev/null 2>&1 || true"
+    )
     return "\n".join(lines)
 
 
@@ -81,10 +83,14 @@ async def fork(ctx: JobContext) -> dict[str, Any]:
                 await asyncio.to_thread(engine_fork.freeze_copy, agent.layout.ram_file(parent_id), frozen_ram)
                 parent_disks = sorted(parent.volumes, key=lambda v: v.device_index)
                 for child in children.values():
-                    for source, target in zip(parent_disks, sorted(child.volumes, key=lambda v: v.device_index),
-                                              strict=True):
-                        await asyncio.to_thread(engine_fork.freeze_copy, storage.volume_path(agent, source),
-                                                storage.volume_path(agent, target))
+                    for source, target in zip(
+                        parent_disks, sorted(child.volumes, key=lambda v: v.device_index), strict=True
+                    ):
+                        await asyncio.to_thread(
+                            engine_fork.freeze_copy,
+                            storage.volume_path(agent, source),
+                            storage.volume_path(agent, target),
+                        )
             finally:
                 await running.proc.resume()
             pause_ms = (time.monotonic() - paused_at) * 1000
@@ -100,8 +106,9 @@ async def fork(ctx: JobContext) -> dict[str, Any]:
                     update={"ram_file": frozen_ram, "ram_shared": False, "incoming": True}
                 )
                 launched_at = time.monotonic()
-                await vm_lifecycle.launch(agent, child_id, plan,
-                                          after_launch=lambda proc: engine_fork.load_device_state(proc, state))
+                await vm_lifecycle.launch(
+                    agent, child_id, plan, after_launch=lambda proc: engine_fork.load_device_state(proc, state)
+                )
                 ready_ms.append((time.monotonic() - launched_at) * 1000)
                 started.append(child_id)
         # The children map the frozen RAM privately: the file can go now, its pages stay while they are mapped.

@@ -75,8 +75,10 @@ async def wait_for_guest(ctx: JobContext, vm_id: str) -> None:
     """Wait for the guest agent outside the VM's lock, so a `vm stop` can still end a boot that hangs."""
     running = ctx.agent.vms.get(vm_id)
     if running is None or running.proc.exited:
-        raise Conflict(f"VM {ctx.target_name} stopped before its guest agent answered",
-                       f"see `corral vm show {ctx.target_name}` and `corral vm logs {ctx.target_name}`")
+        raise Conflict(
+            f"VM {ctx.target_name} stopped before its guest agent answered",
+            f"see `corral vm show {ctx.target_name}` and `corral vm logs {ctx.target_name}`",
+        )
     ctx.progress(0.5, "waiting for the guest agent")
     await vm_lifecycle.wait_ready(running, float(ctx.params.get("ready_timeout") or vm_lifecycle.READY_TIMEOUT))
 

@@ -166,8 +166,10 @@ class UidClaims:
                 if record is not None and self._stale(record, slot, slots):
                     self._write(slot, vm_id, exclusive=False)
                     return slot, True
-        raise InsufficientResources(f"all {sandbox.VM_UID_COUNT} VM uids of this machine are claimed",
-                                    f"delete VMs, or remove stale claims from {self.directory}")
+        raise InsufficientResources(
+            f"all {sandbox.VM_UID_COUNT} VM uids of this machine are claimed",
+            f"delete VMs, or remove stale claims from {self.directory}",
+        )
 
     def release(self, vm_id: str) -> list[int]:
         """Drop this home's claims for ``vm_id``; returns their slots."""
@@ -245,8 +247,11 @@ class Isolation:
 
     def shared_files(self) -> list[Path]:
         """Every file a VM may read but not own in this home: images, frozen bases, templates' disks."""
-        roots = [self.layout.images, *(pool / storage.BASES for pool in self._pools()),
-                 *(pool / storage.TEMPLATES for pool in self._pools())]
+        roots = [
+            self.layout.images,
+            *(pool / storage.BASES for pool in self._pools()),
+            *(pool / storage.TEMPLATES for pool in self._pools()),
+        ]
         files = []
         for root in roots:
             for directory, _dirs, names in os.walk(root):
@@ -257,8 +262,10 @@ class Isolation:
         """Shared files nobody is granted lose group and other access; their directories become search-only
         (a QEMU reaches a base it was granted by its path, and lists nothing)."""
         self.revoke_everywhere(-1)
-        for root in (self.layout.images, *(pool / name for pool in self._pools()
-                                           for name in (storage.BASES, storage.TEMPLATES))):
+        for root in (
+            self.layout.images,
+            *(pool / name for pool in self._pools() for name in (storage.BASES, storage.TEMPLATES)),
+        ):
             for directory, _dirs, _files in os.walk(root):
                 path = Path(directory)
                 if stat.S_IMODE(path.stat().st_mode) != SEARCH_ONLY:
@@ -297,7 +304,9 @@ class Isolation:
         # for live growth (max_memory) is not the VM's until `vm set --memory` gives it (see docs/resize.md).
         guest_ram = spec.memory if spec is not None else plan.memory_mib * MiB
         return cgroups.Limits.for_vm(
-            plan.cpus, guest_ram, tb_size=(plan.tb_size_mib or 0) * MiB,
+            plan.cpus,
+            guest_ram,
+            tb_size=(plan.tb_size_mib or 0) * MiB,
             cpus=spec.cpu_limit if spec else None,
             cpu_weight=spec.cpu_weight if spec and spec.cpu_weight else cgroups.DEFAULT_CPU_WEIGHT,
         )

@@ -48,8 +48,13 @@ class HostLayout:
         mode = self.home.stat().st_mode & 0o777
         if mode & 0o001 == 0:
             self.home.chmod(mode | 0o711)
-        for path, wanted in ((self.images, SEARCH_ONLY), (self.home / "pools", SEARCH_ONLY),
-                             (self.pool(), SEARCH_ONLY), (self.home / "run", SEARCH_ONLY), (self.logs, PRIVATE)):
+        for path, wanted in (
+            (self.images, SEARCH_ONLY),
+            (self.home / "pools", SEARCH_ONLY),
+            (self.pool(), SEARCH_ONLY),
+            (self.home / "run", SEARCH_ONLY),
+            (self.logs, PRIVATE),
+        ):
             if path.stat().st_mode & 0o777 != wanted:
                 path.chmod(wanted)
 

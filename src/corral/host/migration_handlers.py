@@ -136,20 +136,25 @@ def _free_port(address: str) -> int:
 def _check_destination(agent: Agent, vm_id: str, copy: bool) -> None:
     """Refuse early, with the fix, what would otherwise fail as a QEMU error halfway."""
     if not agent.address:
-        raise Conflict(f"host {agent.host_name} has no address other hosts can reach",
-                       "restart its agent with --address ADDRESS")
+        raise Conflict(
+            f"host {agent.host_name} has no address other hosts can reach", "restart its agent with --address ADDRESS"
+        )
     vm = vm_lifecycle.load_vm(agent, vm_id)
     plan = vm_lifecycle.build_plan(agent, vm)
     boot = plan.kernel_boot
     for path in (boot.kernel, boot.initrd) if boot is not None else ():
         if path is not None and not path.exists():
-            raise Conflict(f"the image of VM {vm.name} is missing on host {agent.host_name} ({path})",
-                           f"build or import the image on {agent.host_name} too (images are per host)")
+            raise Conflict(
+                f"the image of VM {vm.name} is missing on host {agent.host_name} ({path})",
+                f"build or import the image on {agent.host_name} too (images are per host)",
+            )
     if not copy:
         for disk in plan.disks:
             if not disk.read_only and not disk.path.exists():
-                raise Conflict(f"{disk.path} is not on host {agent.host_name}: the hosts do not share storage",
-                               "migrate with --with-storage")
+                raise Conflict(
+                    f"{disk.path} is not on host {agent.host_name}: the hosts do not share storage",
+                    "migrate with --with-storage",
+                )
 
 
 async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
@@ -205,8 +210,9 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
     return {"from": source, "to": agent.host_name, "pid": info["pid"], "resumed_at": info["resumed_at"]}
 
 
-async def _wait_for_stream(ctx: JobContext, incoming: migration_jobs.IncomingVM, done: asyncio.Task[Any],
-                           source: str, source_job: str) -> None:
+async def _wait_for_stream(
+    ctx: JobContext, incoming: migration_jobs.IncomingVM, done: asyncio.Task[Any], source: str, source_job: str
+) -> None:
     """Until ``done`` (the VM runs here), a cancel, or a source that will not send it any more."""
     agent = ctx.agent
     gone_since: float | None = None
@@ -226,8 +232,10 @@ async def _wait_for_stream(ctx: JobContext, incoming: migration_jobs.IncomingVM,
             continue
         gone_since = gone_since or time.monotonic()
         if time.monotonic() - gone_since >= SOURCE_GRACE:
-            raise MigrationAborted(f"the move of {ctx.target_name} was abandoned: {reason}",
-                                   f"the VM still runs on {source}; see `corral job show {source_job[:12]}`")
+            raise MigrationAborted(
+                f"the move of {ctx.target_name} was abandoned: {reason}",
+                f"the VM still runs on {source}; see `corral job show {source_job[:12]}`",
+            )
 
 
 async def _stream_arriving(incoming: migration_jobs.IncomingVM) -> bool:
@@ -302,8 +310,14 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
     resumed_at = dest.params.get("resumed_at")
     stopped_at = result.get("stopped_at")
     paused_ms = round((resumed_at - stopped_at) * 1000) if resumed_at and stopped_at else None
-    return {**result, "from": agent.host_name, "to": target, "with_storage": copy, "paused_ms": paused_ms,
-            "elapsed_s": round(time.monotonic() - started, 3)}
+    return {
+        **result,
+        "from": agent.host_name,
+        "to": target,
+        "with_storage": copy,
+        "paused_ms": paused_ms,
+        "elapsed_s": round(time.monotonic() - started, 3),
+    }
 
 
 def _cancel_quietly(agent: Agent, job_id: str) -> None:
@@ -333,8 +347,10 @@ async def _wait_endpoint(ctx: JobContext, dest_job: str, target: str) -> Incomin
         if endpoint and not _finished(job):  # a finished destination's endpoint is stale (its QEMU is gone)
             return IncomingEndpoint.model_validate(endpoint)
         if _finished(job):
-            raise Conflict(f"host {target} cannot receive VM {ctx.target_name}: {job.error or job.state}",
-                           job.error_hint or f"see `corral job show {dest_job[:12]}`")
+            raise Conflict(
+                f"host {target} cannot receive VM {ctx.target_name}: {job.error or job.state}",
+                job.error_hint or f"see `corral job show {dest_job[:12]}`",
+            )
         if time.monotonic() - last > 1.0:
             last = time.monotonic()
             ctx.progress(None)  # honours a cancel while the destination starts
@@ -368,16 +384,24 @@ async def host_drain(ctx: JobContext) -> dict[str, Any]:
             await asyncio.sleep(0.5)
         if job.state == JobState.SUCCEEDED:
             result = job.result or {}
-            moved.append({"vm": move["vm"], "to": move["to"], "total_s": result.get("total_s"),
-                          "downtime_ms": result.get("downtime_ms")})
+            moved.append(
+                {
+                    "vm": move["vm"],
+                    "to": move["to"],
+                    "total_s": result.get("total_s"),
+                    "downtime_ms": result.get("downtime_ms"),
+                }
+            )
         else:
             failed.append({"vm": move["vm"], "error": job.error or job.state})
     stayed = failed + list(ctx.params.get("not_moved") or [])
     if stayed:
         shown = "; ".join(f"{item['vm']}: {item.get('error') or item.get('reason')}" for item in stayed[:5])
-        raise Conflict(f"{len(moved)} of {len(moves) + len(ctx.params.get('not_moved') or [])} VMs moved off "
-                       f"{ctx.target_name}; still there: {shown}",
-                       f"fix what is named, then `corral host drain {ctx.target_name}` again")
+        raise Conflict(
+            f"{len(moved)} of {len(moves) + len(ctx.params.get('not_moved') or [])} VMs moved off "
+            f"{ctx.target_name}; still there: {shown}",
+            f"fix what is named, then `corral host drain {ctx.target_name}` again",
+        )
     return {"moved": moved, "moved_stopped": ctx.params.get("moved_stopped") or []}
 
 
@@ -404,8 +428,9 @@ def reclaim_moved(agent: Agent) -> list[str]:
         if is_same_process(record):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(record.pid, signal.SIGKILL)
-            log.warning("VM %s runs on host %s: killed the stale copy here (pid %d)", record.name, hosts[vm_id],
-                        record.pid)
+            log.warning(
+                "VM %s runs on host %s: killed the stale copy here (pid %d)", record.name, hosts[vm_id], record.pid
+            )
             killed.append(record.name)
         record_path.unlink(missing_ok=True)
         vm_lifecycle.remove_run_dir(agent, vm_id)

@@ -196,8 +196,23 @@ class NetworkHost:
             _ip("link", "del", name, check=False)
         if not link_exists(name):
             (directory / "vxlan").write_text(f"{name}\n")
-            _ip("link", "add", name, "mtu", str(self.settings.underlay_mtu - VXLAN_OVERHEAD), "type", "vxlan",
-                "id", str(network.vni), "dstport", str(self.settings.overlay_port), "local", local, "ttl", "64")
+            _ip(
+                "link",
+                "add",
+                name,
+                "mtu",
+                str(self.settings.underlay_mtu - VXLAN_OVERHEAD),
+                "type",
+                "vxlan",
+                "id",
+                str(network.vni),
+                "dstport",
+                str(self.settings.overlay_port),
+                "local",
+                local,
+                "ttl",
+                "64",
+            )
             log.info("network %s joins its overlay (VNI %s) through %s", network.name, network.vni, name)
         master = Path("/sys/class/net", name, "master")
         if not master.exists() or master.resolve().name != network.bridge:
@@ -283,9 +298,7 @@ class NetworkHost:
                 ports = list(
                     session.execute(select(NetworkPort, VM.name, VM.host).join(VM, VM.id == NetworkPort.vm_id)).all()
                 )
-                addresses = {
-                    name: address for name, address in session.execute(select(Host.name, Host.address)).all()
-                }
+                addresses = {name: address for name, address in session.execute(select(Host.name, Host.address)).all()}
                 forwards = list(
                     session.execute(
                         select(PortForward, NetworkPort.ip)
@@ -337,9 +350,7 @@ class NetworkHost:
             )
             rules = firewall.Ruleset(
                 networks=[
-                    firewall.BridgeRules(
-                        n.bridge, n.mode, n.subnet, overlays.get(n.id), n.gateway, self.guest_mtu(n)
-                    )
+                    firewall.BridgeRules(n.bridge, n.mode, n.subnet, overlays.get(n.id), n.gateway, self.guest_mtu(n))
                     for n in networks
                     if n.state != "deleting" and states.get(n.id, ("",))[0] == "ready"
                 ],

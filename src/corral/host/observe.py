@@ -78,8 +78,10 @@ def _tap_counters(agent: Agent, vm_id: str) -> dict[str, dict[str, int]]:
         for tap in taps.read_text().split():
             base = Path("/sys/class/net", tap, "statistics")
             with contextlib.suppress(OSError, ValueError):
-                counters[tap] = {"receive_bytes": int((base / "tx_bytes").read_text()),
-                                 "transmit_bytes": int((base / "rx_bytes").read_text())}
+                counters[tap] = {
+                    "receive_bytes": int((base / "tx_bytes").read_text()),
+                    "transmit_bytes": int((base / "rx_bytes").read_text()),
+                }
     return counters
 
 

@@ -54,8 +54,13 @@ def _limits(agent: Agent, spec: VMSpec) -> cgroups.Limits:
     """What the launch would give this spec (host/isolation.py): the memory limit follows the balloon target."""
     assert agent.inventory is not None
     tb_size = agent.settings.tcg_tb_size_mib * MiB if agent.inventory.accel == "tcg" else 0
-    return cgroups.Limits.for_vm(spec.cpus, spec.memory, tb_size=tb_size, cpus=spec.cpu_limit,
-                                 cpu_weight=spec.cpu_weight or cgroups.DEFAULT_CPU_WEIGHT)
+    return cgroups.Limits.for_vm(
+        spec.cpus,
+        spec.memory,
+        tb_size=tb_size,
+        cpus=spec.cpu_limit,
+        cpu_weight=spec.cpu_weight or cgroups.DEFAULT_CPU_WEIGHT,
+    )
 
 
 def _cgroup(agent: Agent, vm_id: str) -> cgroups.VMCgroup | None:
@@ -102,9 +107,11 @@ async def _set_balloon(ctx: JobContext, running: RunningVM, target: int) -> tupl
     actual = await balloon_actual(running)
     while abs(actual - target) > MiB:
         if time.monotonic() - began > BALLOON_TIMEOUT:
-            raise Timeout(f"the guest's balloon reached {format_size(actual)}, not {format_size(target)}, within "
-                          f"{BALLOON_TIMEOUT:.0f} s", "the guest needs the virtio_balloon driver loaded; or restart "
-                          "the VM, which boots with the new memory")
+            raise Timeout(
+                f"the guest's balloon reached {format_size(actual)}, not {format_size(target)}, within "
+                f"{BALLOON_TIMEOUT:.0f} s",
+                "the guest needs the virtio_balloon driver loaded; or restart the VM, which boots with the new memory",
+            )
         await asyncio.sleep(0.1)
         actual = await balloon_actual(running)
     return actual, time.monotonic() - began
@@ -117,8 +124,10 @@ async def _resize_memory(ctx: JobContext, running: RunningVM, old: VMSpec, new: 
     result: dict[str, Any] = {"memory_boot": boot}
     if new.memory > boot:
         result["memory_restart_needed"] = True
-        result["note"] = (f"the guest booted with {format_size(boot)}: it has that much now and gets "
-                          f"{format_size(new.memory)} at the next start")
+        result["note"] = (
+            f"the guest booted with {format_size(boot)}: it has that much now and gets "
+            f"{format_size(new.memory)} at the next start"
+        )
     growing = target >= await balloon_actual(running)
     if growing:
         result["warning"] = await _set_limits(agent, vm_id, _limits(agent, new))
@@ -167,11 +176,14 @@ async def _resize_cpus(ctx: JobContext, running: RunningVM, new: VMSpec) -> dict
     target = min(new.cpus, len(slots))
     if new.cpus > len(slots):
         result["cpus_restart_needed"] = True
-        result["note"] = (f"the guest has {len(slots)} CPU slots: {target} CPUs now, {new.cpus} at the next start "
-                          "(create with --max-cpus to grow live)")
+        result["note"] = (
+            f"the guest has {len(slots)} CPU slots: {target} CPUs now, {new.cpus} at the next start "
+            "(create with --max-cpus to grow live)"
+        )
     plugged = [slot for slot in slots if slot.get("qom-path")]
-    free = sorted((slot for slot in slots if not slot.get("qom-path")),
-                  key=lambda slot: tuple(sorted(slot["props"].items())))
+    free = sorted(
+        (slot for slot in slots if not slot.get("qom-path")), key=lambda slot: tuple(sorted(slot["props"].items()))
+    )
     began = time.monotonic()
     for slot in free[: max(0, target - len(plugged))]:
         ctx.progress(0.2, f"plugging vCPU {len(plugged)}")
@@ -193,13 +205,16 @@ async def _resize_cpus(ctx: JobContext, running: RunningVM, new: VMSpec) -> dict
         if not changes and online == target:
             break
         if time.monotonic() - began > CPU_ONLINE_TIMEOUT:
-            raise Timeout(f"the guest has {online} CPUs online, not {target}, after {CPU_ONLINE_TIMEOUT:.0f} s",
-                          "the guest OS needs CPU hotplug support; the change applies at the next start")
+            raise Timeout(
+                f"the guest has {online} CPUs online, not {target}, after {CPU_ONLINE_TIMEOUT:.0f} s",
+                "the guest OS needs CPU hotplug support; the change applies at the next start",
+            )
         if changes:
             with contextlib.suppress(CorralError):  # a vCPU still coming up refuses; the next round retries
                 await _set_guest_vcpus(agent, running, changes)
-        ctx.progress(0.4 + 0.5 * min(1.0, (time.monotonic() - began) / 30.0),
-                     f"{online} of {target} CPUs online in the guest")
+        ctx.progress(
+            0.4 + 0.5 * min(1.0, (time.monotonic() - began) / 30.0), f"{online} of {target} CPUs online in the guest"
+        )
         await asyncio.sleep(0.5)
     result.update(cpus_online=online, cpu_seconds=round(time.monotonic() - began, 3))
     return result
@@ -213,8 +228,10 @@ async def refuse_hotplugged_cpus(running: RunningVM | None, what: str) -> None:
         return
     slots = await running.proc.execute("query-hotpluggable-cpus")
     if any(str(slot.get("qom-path", "")).startswith("/machine/peripheral/") for slot in slots):
-        raise Conflict(f"this VM has vCPUs hot-plugged since it started, which a {what} cannot carry yet",
-                       "restart the VM first (`corral vm restart NAME`); it boots with the same CPUs")
+        raise Conflict(
+            f"this VM has vCPUs hot-plugged since it started, which a {what} cannot carry yet",
+            "restart the VM first (`corral vm restart NAME`); it boots with the same CPUs",
+        )
 
 
 # -- vm.resize --------------------------------------------------------------------------------------------------
@@ -243,13 +260,17 @@ async def vm_resize(ctx: JobContext) -> dict[str, Any]:
         if (new.cpus, new.cpu_limit, new.cpu_weight) != (old.cpus, old.cpu_limit, old.cpu_weight):
             ctx.progress(0.95, "updating the CPU quota")
             warnings.append(await _set_limits(agent, vm_id, _limits(agent, new)))
-        if new.max_cpus != old.max_cpus and new.boot_max_cpus != len(await running.proc.execute(
-                "query-hotpluggable-cpus")):
+        if new.max_cpus != old.max_cpus and new.boot_max_cpus != len(
+            await running.proc.execute("query-hotpluggable-cpus")
+        ):
             notes.append(f"max CPUs {new.boot_max_cpus} applies at the next start")
         if new.max_memory != old.max_memory and new.boot_memory != await _boot_memory(running):
             notes.append(f"max memory {format_size(new.boot_memory)} applies at the next start")
-    result["restart_needed"] = bool(result.get("memory_restart_needed") or result.get("cpus_restart_needed")
-                                    or any(note and "next start" in note for note in notes))
+    result["restart_needed"] = bool(
+        result.get("memory_restart_needed")
+        or result.get("cpus_restart_needed")
+        or any(note and "next start" in note for note in notes)
+    )
     result["notes"] = [note for note in notes if note]
     result["warnings"] = [warning for warning in warnings if warning]
     return result
@@ -288,8 +309,12 @@ def _return_to_root(path: Path) -> None:
 def _disk_plan(agent: Agent, volume: Volume) -> DiskPlan:
     index = volume.device_index
     on_q35 = agent.settings.machine.startswith("q35")
-    return DiskPlan(node=vm_lifecycle.disk_node(index), path=storage.volume_path(agent, volume), format=volume.format,
-                    bus=vm_lifecycle.disk_port(index) if on_q35 and 0 < index <= MAX_DISKS else None)
+    return DiskPlan(
+        node=vm_lifecycle.disk_node(index),
+        path=storage.volume_path(agent, volume),
+        format=volume.format,
+        bus=vm_lifecycle.disk_port(index) if on_q35 and 0 < index <= MAX_DISKS else None,
+    )
 
 
 def _clean(options: dict[str, Any]) -> dict[str, Any]:
@@ -310,11 +335,18 @@ async def _hotplug_disk(agent: Agent, vm_id: str, running: RunningVM, plan: Disk
         raise
     spec = VMSpec.model_validate(vm_lifecycle.load_vm(agent, vm_id).spec)
     if spec.disk_read_bps or spec.disk_write_bps or spec.disk_iops:
-        await running.proc.execute("block_set_io_throttle", {
-            "id": f"/machine/peripheral/{plan.node}-dev/virtio-backend", "bps": 0,
-            "bps_rd": spec.disk_read_bps or 0, "bps_wr": spec.disk_write_bps or 0,
-            "iops": spec.disk_iops or 0, "iops_rd": 0, "iops_wr": 0,
-        })
+        await running.proc.execute(
+            "block_set_io_throttle",
+            {
+                "id": f"/machine/peripheral/{plan.node}-dev/virtio-backend",
+                "bps": 0,
+                "bps_rd": spec.disk_read_bps or 0,
+                "bps_wr": spec.disk_write_bps or 0,
+                "iops": spec.disk_iops or 0,
+                "iops_rd": 0,
+                "iops_wr": 0,
+            },
+        )
 
 
 async def vm_disk_add(ctx: JobContext) -> dict[str, Any]:
@@ -360,8 +392,14 @@ async def vm_disk_add(ctx: JobContext) -> dict[str, Any]:
             agent.store.notifier.notify()
             raise
     agent.store.notifier.notify()
-    return {"volume": volume.name, "hotplugged": True, "device_index": volume.device_index, "node": plan.node,
-            "size": volume.size, "seconds": round(seconds, 3)}
+    return {
+        "volume": volume.name,
+        "hotplugged": True,
+        "device_index": volume.device_index,
+        "node": plan.node,
+        "size": volume.size,
+        "seconds": round(seconds, 3),
+    }
 
 
 async def vm_disk_remove(ctx: JobContext) -> dict[str, Any]:

@@ -103,7 +103,8 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
     on_q35 = agent.settings.machine.startswith("q35")
     disks = tuple(
         DiskPlan(
-            node=disk_node(volume.device_index), path=inside_pool(agent.layout.pool(volume.pool), volume.path),
+            node=disk_node(volume.device_index),
+            path=inside_pool(agent.layout.pool(volume.pool), volume.path),
             format=volume.format,
             bus=disk_port(volume.device_index) if on_q35 and 0 < volume.device_index <= MAX_DISKS else None,
         )
@@ -141,8 +142,6 @@ def build_plan(agent: Agent, vm: VM) -> LaunchPlan:
     )
 
 
-
-
 def disk_node(device_index: int) -> str:
     """A disk's block node: named after its device index, which it keeps for life, so the node a hot-added
     disk got is the one every later start gives it (disk0 is the root disk)."""
@@ -156,7 +155,6 @@ def disk_port(device_index: int) -> str:
 
 def disk_ports(machine: str) -> tuple[str, ...]:
     return tuple(disk_port(index) for index in range(1, MAX_DISKS + 1)) if machine.startswith("q35") else ()
-
 
 
 def check_firmware(agent: Agent, vm: VM) -> None:
@@ -176,8 +174,15 @@ def _seed_disk(agent: Agent, vm: VM, spec: VMSpec, details: dict[str, Any]) -> D
     run_dir = agent.layout.vm_run_dir(vm.id)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = run_dir / "seed.iso"
-    make_seed(seed, instance_id=vm.id, hostname=vm.name, ssh_keys=list(spec.ssh_keys), user_data=spec.user_data,
-              password_login=spec.password_login, default_user=details.get("default_user", "corral"))
+    make_seed(
+        seed,
+        instance_id=vm.id,
+        hostname=vm.name,
+        ssh_keys=list(spec.ssh_keys),
+        user_data=spec.user_data,
+        password_login=spec.password_login,
+        default_user=details.get("default_user", "corral"),
+    )
     return DiskPlan(node="seed", path=seed, format="raw", read_only=True)
 
 
@@ -227,8 +232,13 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
 async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any = None) -> RunningVM:
     """Start QEMU for a plan and watch it. ``after_launch(proc)`` runs before the watchers start (a fork's
     child takes its state there); if it fails, the process is killed and the VM left stopped."""
-    update_vm(agent, vm_id, desired_state=PowerState.RUNNING, observed_state=PowerState.STARTING,
-              status_message="starting QEMU")
+    update_vm(
+        agent,
+        vm_id,
+        desired_state=PowerState.RUNNING,
+        observed_state=PowerState.STARTING,
+        status_message="starting QEMU",
+    )
     try:
         box = await asyncio.to_thread(agent.isolation.prepare, vm_id, plan)
         await asyncio.to_thread(plug_taps, agent, vm_id, plan)
@@ -248,14 +258,28 @@ async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any =
                 await proc.kill()
                 raise
     except Exception as exc:
-        update_vm(agent, vm_id, desired_state=PowerState.STOPPED, observed_state=PowerState.STOPPED,
-                  status_message=f"start failed: {exc}", pid=None)
+        update_vm(
+            agent,
+            vm_id,
+            desired_state=PowerState.STOPPED,
+            observed_state=PowerState.STOPPED,
+            status_message=f"start failed: {exc}",
+            pid=None,
+        )
         agent.isolation.release(vm_id)
         await asyncio.to_thread(unplug_taps, agent, vm_id)
         raise
     running = _track(agent, vm_id, proc)
-    update_vm(agent, vm_id, observed_state=PowerState.RUNNING, pid=proc.pid, started_at=utcnow(), ready=False,
-              interfaces=[], status_message="booting")
+    update_vm(
+        agent,
+        vm_id,
+        observed_state=PowerState.RUNNING,
+        pid=proc.pid,
+        started_at=utcnow(),
+        ready=False,
+        interfaces=[],
+        status_message="booting",
+    )
     return running
 
 
@@ -407,11 +431,18 @@ async def _apply_disk_limits(agent: Agent, vm_id: str, proc: QemuProcess, plan: 
         if disk.read_only:
             continue
         # The block backend belongs to the virtio device inside the PCI proxy that carries the qdev id.
-        await proc.execute("block_set_io_throttle", {
-            "id": f"/machine/peripheral/{disk.node}-dev/virtio-backend", "bps": 0,
-            "bps_rd": spec.disk_read_bps or 0, "bps_wr": spec.disk_write_bps or 0,
-            "iops": spec.disk_iops or 0, "iops_rd": 0, "iops_wr": 0,
-        })
+        await proc.execute(
+            "block_set_io_throttle",
+            {
+                "id": f"/machine/peripheral/{disk.node}-dev/virtio-backend",
+                "bps": 0,
+                "bps_rd": spec.disk_read_bps or 0,
+                "bps_wr": spec.disk_write_bps or 0,
+                "iops": spec.disk_iops or 0,
+                "iops_rd": 0,
+                "iops_wr": 0,
+            },
+        )
 
 
 async def _apply_balloon(agent: Agent, vm_id: str, proc: QemuProcess, plan: LaunchPlan) -> None:
@@ -422,9 +453,6 @@ async def _apply_balloon(agent: Agent, vm_id: str, proc: QemuProcess, plan: Laun
     spec = VMSpec.model_validate(load_vm(agent, vm_id).spec)
     if spec.memory < plan.memory_mib << 20:
         await proc.execute("balloon", {"value": spec.memory})
-
-
-
 
 
 async def pause(agent: Agent, vm_id: str) -> None:

@@ -140,8 +140,9 @@ def read_export_manifest(path: Path, label: str | None = None) -> ExportManifest
     except (ValueError, ValidationError) as exc:
         first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
         where = ".".join(str(part) for part in first["loc"]) or "the file"
-        raise InvalidInput(f"{MANIFEST} of {path.name} is invalid at {where}: {first['msg']}",
-                           "give a file made by `corral vm export`") from exc
+        raise InvalidInput(
+            f"{MANIFEST} of {path.name} is invalid at {where}: {first['msg']}", "give a file made by `corral vm export`"
+        ) from exc
     expected = {MANIFEST, *(disk.file for disk in manifest.disks)}
     if len(expected) != len(manifest.disks) + 1:
         raise InvalidInput(f"{MANIFEST} of {path.name} lists a disk twice", "export again")
@@ -154,6 +155,8 @@ def read_export_manifest(path: Path, label: str | None = None) -> ExportManifest
     sizes = {m.name: m.size for m in members}
     for disk in manifest.disks:
         if sizes[disk.file] != disk.bytes:
-            raise InvalidInput(f"{disk.file} in {path.name} is {sizes[disk.file]} bytes, the manifest says "
-                               f"{disk.bytes}", "the archive was truncated or tampered with; export again")
+            raise InvalidInput(
+                f"{disk.file} in {path.name} is {sizes[disk.file]} bytes, the manifest says {disk.bytes}",
+                "the archive was truncated or tampered with; export again",
+            )
     return manifest

@@ -143,5 +143,3 @@ def _looks_like_mapping(text: str) -> bool:
         return isinstance(yaml.safe_load(text), dict)
     except yaml.YAMLError:
         return False
-
-

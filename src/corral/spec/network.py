@@ -33,11 +33,14 @@ def validate_subnet(text: str) -> ipaddress.IPv4Network:
     except ValueError as exc:
         raise InvalidInput(f"invalid subnet {text!r}: {exc}", "write it as 10.20.0.0/24") from exc
     if not MIN_PREFIX <= subnet.prefixlen <= MAX_PREFIX:
-        raise InvalidInput(f"subnet {text} has a /{subnet.prefixlen} prefix",
-                           f"use a prefix between /{MIN_PREFIX} and /{MAX_PREFIX}, such as /24")
+        raise InvalidInput(
+            f"subnet {text} has a /{subnet.prefixlen} prefix",
+            f"use a prefix between /{MIN_PREFIX} and /{MAX_PREFIX}, such as /24",
+        )
     if not subnet.is_private or subnet.is_loopback or subnet.is_link_local:
-        raise InvalidInput(f"subnet {text} is not a private range",
-                           "use one inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16")
+        raise InvalidInput(
+            f"subnet {text} is not a private range", "use one inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"
+        )
     return subnet
 
 
@@ -96,14 +99,19 @@ class NetworkSpec(BaseModel):
             if self.uplink is None:
                 raise InvalidInput("a bridge-mode network needs the host bridge to join", "pass --uplink br0")
             if self.subnet is not None:
-                raise InvalidInput("a bridge-mode network uses its LAN's addresses, not a subnet of its own",
-                                   "leave out --subnet")
+                raise InvalidInput(
+                    "a bridge-mode network uses its LAN's addresses, not a subnet of its own", "leave out --subnet"
+                )
             if self.vni is not None or self.mtu is not None:
-                raise InvalidInput("a bridge-mode network stays on its host's LAN: it has no VNI or MTU of corral's",
-                                   "leave out --vni and --mtu")
+                raise InvalidInput(
+                    "a bridge-mode network stays on its host's LAN: it has no VNI or MTU of corral's",
+                    "leave out --vni and --mtu",
+                )
         elif self.uplink is not None:
-            raise InvalidInput(f"--uplink only applies to bridge mode, not {self.mode.value}",
-                               "leave out --uplink, or use --mode bridge")
+            raise InvalidInput(
+                f"--uplink only applies to bridge mode, not {self.mode.value}",
+                "leave out --uplink, or use --mode bridge",
+            )
         return self
 
 

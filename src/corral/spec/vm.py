@@ -153,11 +153,15 @@ class VMSpec(BaseModel):
             if self.max_memory % (1 << 20):
                 raise InvalidInput("max memory must be a whole number of MiB", "write it as 512M or 2G")
             if self.memory > self.max_memory:
-                raise InvalidInput(f"memory {self.memory >> 20}M is above the maximum {self.max_memory >> 20}M",
-                                   "raise --max-memory (it takes effect at the next start) or ask for less")
+                raise InvalidInput(
+                    f"memory {self.memory >> 20}M is above the maximum {self.max_memory >> 20}M",
+                    "raise --max-memory (it takes effect at the next start) or ask for less",
+                )
         if self.max_cpus is not None and self.cpus > self.max_cpus:
-            raise InvalidInput(f"{self.cpus} CPUs is more than the maximum of {self.max_cpus}",
-                               "raise --max-cpus (it takes effect at the next start) or ask for fewer")
+            raise InvalidInput(
+                f"{self.cpus} CPUs is more than the maximum of {self.max_cpus}",
+                "raise --max-cpus (it takes effect at the next start) or ask for fewer",
+            )
         return self
 
     @property
@@ -186,8 +190,10 @@ class VMSpec(BaseModel):
     def _name(cls, value: str) -> str:
         validate_name(value, "VM name")
         if len(value) > MAX_VM_NAME:
-            raise InvalidInput(f"VM name {value!r} is longer than {MAX_VM_NAME} characters",
-                               "its disks are named after it (NAME-root, NAME-disk16): use a shorter name")
+            raise InvalidInput(
+                f"VM name {value!r} is longer than {MAX_VM_NAME} characters",
+                "its disks are named after it (NAME-root, NAME-disk16): use a shorter name",
+            )
         return value
 
     @field_validator("image")

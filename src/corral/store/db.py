@@ -280,9 +280,7 @@ class Store:
         self.engine = make_engine(self.url)
         self.dialect = self.engine.dialect.name
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._read_sessions = sessionmaker(
-            self.engine.execution_options(corral_readonly=True), expire_on_commit=False
-        )
+        self._read_sessions = sessionmaker(self.engine.execution_options(corral_readonly=True), expire_on_commit=False)
         self.notifier: Notifier = Notifier()
         if self.dialect == "postgresql":
             conninfo = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -457,8 +457,10 @@ class UsagePoint(Base):
     history follows its id across hosts, ``host`` says where each point was measured."""
 
     __tablename__ = "usage_points"
-    __table_args__ = (Index("ix_usage_points_lookup", "kind", "resource_id", "resolution", "at"),
-                      Index("ix_usage_points_host", "host", "resolution", "at"))
+    __table_args__ = (
+        Index("ix_usage_points_lookup", "kind", "resource_id", "resolution", "at"),
+        Index("ix_usage_points_host", "host", "resolution", "at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(8))  # vm or host

@@ -82,8 +82,16 @@ class PgServer:
         """initdb and start; returns once the server accepts connections."""
         try:
             self._run(
-                str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
-                "--no-sync", "--no-instructions",
+                str(self.bin_dir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
             )
             if self.listen:
                 with (self.data / "pg_hba.conf").open("a") as hba:
@@ -102,8 +110,19 @@ class PgServer:
         return self
 
     def _pg_ctl_start(self) -> None:
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", self._options,
-                  "-w", "-t", "60", "start")
+        self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            self._options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def url(self, database: str = "postgres", host: str = "127.0.0.1") -> str:
         return f"postgresql+psycopg://{SUPERUSER}@{host}:{self.port}/{database}"
@@ -112,8 +131,9 @@ class PgServer:
         """A new empty database (or a copy of ``template``); returns its SQLAlchemy URL."""
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname=postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname=postgres", autocommit=True
+        ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         return self.url(name)
 
@@ -154,6 +174,13 @@ def stop_data_dir(root: Path) -> None:
         user = None
         if os.geteuid() == 0:
             user = pwd.getpwuid(data.stat().st_uid).pw_name
-        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, timeout=120, user=user, group=user, cwd="/", check=False)
+        subprocess.run(
+            [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=120,
+            user=user,
+            group=user,
+            cwd="/",
+            check=False,
+        )
     shutil.rmtree(root, ignore_errors=True)

@@ -21,8 +21,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("mtu", sa.Integer(), nullable=True))
         batch.create_unique_constraint("uq_networks_vni", ["vni"])
     # Networks made before overlays get their VNI now, so they span the pool like new ones.
-    networks = sa.table("networks", sa.column("id", sa.String), sa.column("mode", sa.String),
-                        sa.column("vni", sa.Integer), sa.column("created_at", sa.DateTime))
+    networks = sa.table(
+        "networks",
+        sa.column("id", sa.String),
+        sa.column("mode", sa.String),
+        sa.column("vni", sa.Integer),
+        sa.column("created_at", sa.DateTime),
+    )
     bind = op.get_bind()
     rows = bind.execute(
         sa.select(networks.c.id).where(networks.c.mode != "bridge").order_by(networks.c.created_at, networks.c.id)

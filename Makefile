@@ -11,10 +11,10 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
 setup: system $(STAMP) ui
 
-# The web console's browser packages (xterm.js), from npm with the lockfile, copied where the daemon serves them.
-ui: src/corral/ui/static/vendor/xterm.js
+# The web console's browser packages (xterm.js, uPlot), from npm with the lockfile, copied where the daemon serves them.
+ui: src/corral/ui/static/vendor/xterm.js src/corral/ui/static/vendor/uplot.js
 
-src/corral/ui/static/vendor/xterm.js: frontend/package-lock.json frontend/copy-vendor.mjs
+src/corral/ui/static/vendor/xterm.js src/corral/ui/static/vendor/uplot.js &: frontend/package-lock.json frontend/copy-vendor.mjs
 	cd frontend && npm ci --no-audit --no-fund --loglevel=error
 	node frontend/copy-vendor.mjs
 
@@ -44,9 +44,13 @@ test: setup
 test-unit: setup
 	$(BIN)/pytest -q tests/unit
 
-lint: setup
+# Style, the layers of docs/architecture.md (import-linter contracts in pyproject.toml) and types (mypy).
+# It needs the Python tools (and python3-venv), not the web console's files.
+lint: system $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python benchmarks/boot.py

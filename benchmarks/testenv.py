@@ -123,12 +123,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tests", type=int, default=20, help="tests in each pytest session")
     parser.add_argument("--runs", type=int, default=3, help="CLI fork/boot pairs")
+    parser.add_argument("--only", choices=["sessions", "cli"], help="run one of the two parts")
     args = parser.parse_args()
     with BenchDaemon() as daemon:
-        print_table(
-            "pytest session, a fresh VM per test", ["what", "value", "goal"], bench_sessions(daemon, args.tests)
-        )
-        print_table("CLI: fork until usable against boot", ["what", "value", "goal"], bench_cli(daemon, args.runs))
+        if args.only != "cli":
+            rows = bench_sessions(daemon, args.tests)
+            print_table("pytest session, a fresh VM per test", ["what", "value", "goal"], rows)
+        if args.only != "sessions":
+            rows = bench_cli(daemon, args.runs)
+            print_table("CLI: fork until usable against boot", ["what", "value", "goal"], rows)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,23 @@ class Settings(BaseModel):
     # hook), run by the control plane with the host's name and address as arguments (docs/optimization.md).
     standby_command: str | None = None
     wake_command: str | None = None
+    # Automatic ballooning (corral.host.autoballoon, docs/optimization.md): each agent steers its host's memory use
+    # under balloon_target (a fraction) by moving balloons balloon_step of a VM's memory per round, a round every
+    # balloon_interval seconds, never under a VM's floor nor leaving a guest less than balloon_guest_min_free of
+    # its memory free. balloon_host_memory: a budget in bytes used instead of MemTotal, against which the guests'
+    # own memory (their balloon sizes) counts as the host's use: for tests, and for hosts that share their memory
+    # with work corral does not see.
+    autoballoon: bool = True
+    balloon_target: float = Field(default=0.8, gt=0, lt=1)
+    balloon_step: float = Field(default=0.05, gt=0, le=0.5)
+    balloon_interval: float = Field(default=5.0, ge=1)
+    balloon_guest_min_free: float = Field(default=0.15, ge=0, lt=1)
+    balloon_host_memory: int | None = Field(default=None, gt=0)
+    # Automatic balancing (docs/optimization.md): the control plane's HostWatch makes a balance plan of one move
+    # every auto_balance_interval seconds, and runs it when the move's gain passes the threshold (1..5).
+    auto_balance: bool = False
+    auto_balance_threshold: int = Field(default=3, ge=1, le=5)
+    auto_balance_interval: float = Field(default=300.0, ge=1)
     # Seconds without a heartbeat after which a host is marked unreachable (agents beat every third of it, <= 10 s).
     host_timeout: float = Field(default=60.0, ge=3)
     # HA leases (PostgreSQL pools, docs/ha.md): an agent's lease lasts this long on the database clock and is renewed
@@ -149,6 +166,9 @@ _ENV = {
     "CORRAL_UNDERLAY_MTU": "underlay_mtu",
     "CORRAL_BACKUP_DIR": "backup_dir",
     "CORRAL_BACKUP_MIN_INTERVAL": "backup_min_interval",
+    "CORRAL_AUTOBALLOON": "autoballoon",
+    "CORRAL_BALLOON_HOST_MEMORY": "balloon_host_memory",
+    "CORRAL_AUTO_BALANCE": "auto_balance",
 }
 
 
@@ -167,7 +187,7 @@ def load_settings(home: Path | str | None = None) -> Settings:
             values[key] = os.environ[env]
     values["home"] = home_path
     try:
-        return Settings(**values)
+        return Settings.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])

@@ -127,10 +127,13 @@ class HostWatch:
     hosts whose lease expired are taken over and their HA VMs restarted elsewhere (corral.cluster.ha). Every
     control plane of a pool runs one; both steps lock or re-check what they change, so several do no harm."""
 
-    def __init__(self, store: Store, interval: float, lease_time: float = 10.0) -> None:
+    def __init__(
+        self, store: Store, interval: float, lease_time: float = 10.0, settings: Settings | None = None
+    ) -> None:
         self.store = store
         self.interval = interval
         self.lease_time = lease_time
+        self.settings = settings  # auto_balance and its threshold and interval (corral.cluster.plans)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="corral-hostwatch", daemon=True)
 
@@ -140,7 +143,7 @@ class HostWatch:
     def _run(self) -> None:
         from sqlalchemy import select
 
-        from corral.cluster import ha, hosts, plans
+        from corral.cluster import ha, hosts, plans, replication
         from corral.store.models import Plan
 
         while not self._stop.wait(self.interval):
@@ -153,9 +156,14 @@ class HostWatch:
                 with self.store.session() as session:
                     for plan in session.scalars(select(Plan).where(Plan.state == "running")):
                         plans.advance(session, plan)
+                if self.settings is not None and self.settings.auto_balance:
+                    plans.auto_balance_tick(
+                        self.store, self.settings.auto_balance_threshold, self.settings.auto_balance_interval
+                    )
                 if self.store.shared:
                     with self.store.session() as session:
                         ha.watch(session, self.lease_time)
+                    replication.run_once(self.store)  # copies that are due (corral.cluster.replication)
             except Exception as exc:  # the store may be restarting; the next pass tries again
                 log.warning("host check failed: %s", exc)
 
@@ -241,7 +249,7 @@ def serve(
         app.state.listen = listen  # the HTTPS address `corral ui` sends a browser to
         # At least once a second on a pool: HA takes a host over within a second of its lease's margin.
         interval = max(1.0, settings.host_timeout / 4)
-        watch = HostWatch(store, 1.0 if store.shared else interval, settings.lease_time)
+        watch = HostWatch(store, 1.0 if store.shared else interval, settings.lease_time, settings)
         watch.start()
         schedules = ScheduleRunner(store)  # every control plane runs one; a store claim makes one fire each
         schedules.start()

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.secure_daemon import SecureDaemon
 CHROMIUM = os.environ.get("CORRAL_TEST_CHROMIUM", "/usr/bin/chromium")
 SHOTS = ROOT / "docs" / "ui"
 VM = "web1"
+NET = "webnet"
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,20 @@ def _context(browser: Any, secure: SecureDaemon, **options: Any) -> Any:
     return context
 
 
+def _goto(page: Any, url: str | None) -> None:
+    """A full page load (``url`` None: reload). Chromium aborts one with ERR_NETWORK_CHANGED when the host's
+    interfaces change (a network test's bridge coming or going): that load is made again, as a person would."""
+    for attempt in range(3):
+        try:
+            page.goto(url) if url is not None else page.reload()
+            return
+        except Exception as error:
+            if "ERR_NETWORK_CHANGED" not in str(error) or attempt == 2:
+                raise
+
+
 def _login(page: Any, token: str) -> None:
-    page.goto("/ui/")
+    _goto(page, "/ui/")
     page.fill("#token", token)
     page.click("button[type=submit]")
     page.wait_for_selector("#nav a")
@@ -82,9 +96,10 @@ def admin(browser: Any, secure: SecureDaemon, web: dict[str, str]) -> Iterator[A
         context.close()
 
 
-def _shot(page: Any, name: str) -> None:
+def _shot(page: Any, name: str, mask: tuple[str, ...] = ()) -> None:
+    """``mask``: selectors painted over in the picture (a token's secret never goes into the docs)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True, mask=[page.locator(selector) for selector in mask])
 
 
 def _screen(page: Any) -> list[str]:
@@ -212,7 +227,7 @@ def test_snapshots_appear_in_the_tree_and_revert_moves_current(admin) -> None:  
     _shot(page, "snapshots")
 
 
-def test_back_up_from_the_vm_page(admin) -> None:  # type: ignore[no-untyped-def]
+def test_back_up_and_restore_from_the_vm_page(admin, secure, web) -> None:  # type: ignore[no-untyped-def]
     page = admin
     page.goto("/ui/#/vms")
     page.wait_for_selector(f"main a[href='#/vm/{VM}']")
@@ -223,6 +238,206 @@ def test_back_up_from_the_vm_page(admin) -> None:  # type: ignore[no-untyped-def
         "() => [...document.querySelectorAll('#backups td')].some((td) => td.textContent === 'ready')",
         timeout=120_000,
     )
+    # Restore it as a new VM from the form the row's button opens: a bad name first, refused next to its field.
+    page.click("#backups button:has-text('Restore')")
+    page.fill("#restore-as_name", "Bad!")
+    page.click("#restore button[type=submit]")
+    page.wait_for_function("() => document.querySelector('#restore-as_name-error').textContent.length > 0")
+    assert "Bad!" in page.inner_text("#restore-as_name-error")
+    with secure.https(web["admin"]) as client:
+        try:
+            page.fill("#restore-as_name", f"{VM}-restored")
+            page.click("#restore button[type=submit]")
+            page.wait_for_selector("#toast div:has-text('restore full-'):has-text('succeeded')", timeout=120_000)
+            assert f"{VM}-restored" in {vm["name"] for vm in client.get("/vms").json()}
+        finally:
+            _delete(client, f"/vms/{VM}-restored", f"{VM}-restored")
+
+
+def _wait_jobs(client: httpx.Client, target: str, timeout: float = 120) -> None:
+    """Until no job of ``target`` is queued or running (the API's long-poll, not a sleep)."""
+    for job in client.get("/jobs", params={"active": "true"}).json():
+        if job["target_name"] == target:
+            client.get(f"/jobs/{job['id']}", params={"wait": timeout, "version": job["version"]}, timeout=timeout + 30)
+
+
+def _delete(client: httpx.Client, path: str, target: str) -> None:
+    """Remove what a test made, once its own jobs are done, and wait for the removal."""
+    _wait_jobs(client, target)
+    answer = client.delete(path)
+    assert answer.status_code in (202, 204, 404), answer.text
+    _wait_jobs(client, target)
+
+
+def test_import_an_image_by_upload(admin, secure, web, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    disk = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    uploads = secure.home / "uploads" / "web"
+    page = admin
+    page.goto("/ui/#/images")
+    page.wait_for_selector("main[data-page='#/images']", state="attached")
+    page.click("#import-image > summary")
+    page.set_input_files("#import-file", str(disk))
+    page.fill("#import-name", "Blank!")  # refused by the import, after the upload: the upload is dropped too
+    page.click("#import button[type=submit]")
+    page.wait_for_function("() => document.querySelector('#import-name-error').textContent.length > 0")
+    assert "Blank!" in page.inner_text("#import-name-error")
+    assert not uploads.exists() or not list(uploads.iterdir())
+    with secure.https(web["admin"]) as client:
+        try:
+            page.fill("#import-name", "blank")
+            page.click("#import button[type=submit]")
+            page.wait_for_function(
+                """() => [...document.querySelectorAll('#image-list tr')].some(
+                    (row) => row.textContent.startsWith('blank') && row.textContent.includes('ready'))""",
+                timeout=60_000,
+            )
+            image = client.get("/images/blank").json()
+            assert image["virtual_size"] == 64 << 20 and image["source"].startswith("upload:")
+        finally:
+            _delete(client, "/images/blank", "blank")
+
+
+def _root_page(browser: Any, secure: SecureDaemon) -> tuple[Any, Any]:
+    """A browser logged in as root with a `corral ui` link: a cluster admin, who sees every project."""
+    context = _context(browser, secure, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    for attempt in range(2):  # a login cut by a network change (see _goto) is made again, with a new link
+        _goto(page, json.loads(secure.cli("ui", "--json").stdout)["url"])
+        page.wait_for_selector("#nav a[href='#/hosts'], #login-error:not(:empty)")
+        if page.locator("#nav a[href='#/hosts']").is_visible() or attempt == 1:
+            break
+    page.wait_for_selector("#nav a[href='#/hosts']")
+    return context, page
+
+
+def test_the_project_switcher_changes_the_vm_list(admin, browser, secure, web) -> None:  # type: ignore[no-untyped-def]
+    # wendy's tokens are for "web" only: no switcher, the project is shown.
+    assert admin.inner_text("#project-current") == "project web"
+    assert admin.locator("#project").count() == 0
+    context, page = _root_page(browser, secure)
+    try:
+        assert page.input_value("#project") == "default"
+        page.goto("/ui/#/vms")
+        page.wait_for_selector("main[data-page='#/vms']", state="attached")
+        assert page.locator(f"main a[href='#/vm/{VM}']").count() == 0  # web1 is web's, not default's
+        page.select_option("#project", "web")
+        page.wait_for_selector(f"main a[href='#/vm/{VM}']")
+        _shot(page, "project-switcher")
+        _goto(page, None)  # a new load: the choice lasts for the tab
+        page.wait_for_selector(f"main a[href='#/vm/{VM}']")
+        assert page.input_value("#project") == "web"
+        page.select_option("#project", "default")
+        page.wait_for_selector("main[data-page='#/vms']", state="attached")  # drawn again, in default
+        assert page.locator(f"main a[href='#/vm/{VM}']").count() == 0
+    finally:
+        context.close()
+
+
+def test_projects_and_tokens_from_their_forms(browser, secure, web) -> None:  # type: ignore[no-untyped-def]
+    context, page = _root_page(browser, secure)
+    try:
+        page.goto("/ui/#/projects")
+        page.wait_for_selector("main[data-page='#/projects']", state="attached")
+        page.click("#create-project > summary")
+        page.fill("#project-name", "web-two")
+        page.fill("#project-max_vms", "lots")
+        page.click("#project button[type=submit]")
+        page.wait_for_function("() => document.querySelector('#project-max_vms-error').textContent.length > 0")
+        assert "lots" in page.inner_text("#project-max_vms-error")
+        page.fill("#project-max_vms", "2")
+        page.fill("#project-max_memory", "a lot")
+        page.click("#project button[type=submit]")
+        page.wait_for_function("() => document.querySelector('#project-max_memory-error').textContent.length > 0")
+        assert page.inner_text("#project-max_vms-error") == ""
+        assert secure.cli("project", "show", "web-two", check=False).returncode != 0  # nothing made by either
+        page.fill("#project-max_memory", "1G")
+        page.click("#project button[type=submit]")
+        page.wait_for_selector("#project-list td:text-is('web-two')")
+        page.wait_for_selector("#project option[value='web-two']", state="attached")  # and in the switcher
+        # A token: its secret shown once, and it works.
+        page.goto("/ui/#/tokens")
+        page.wait_for_selector("main[data-page='#/tokens']", state="attached")
+        page.click("#create-token > summary")
+        page.fill("#token-user", "wendy")
+        page.select_option("#token-project", "web")
+        page.select_option("#token-role", "viewer")
+        page.fill("#token-expires", "forever")
+        page.click("#token button[type=submit]")
+        page.wait_for_function("() => document.querySelector('#token-expires-error').textContent.length > 0")
+        assert page.inner_text("#token-secret") == ""
+        page.fill("#token-expires", "1h")
+        page.click("#token button[type=submit]")
+        page.wait_for_selector("#token-secret code")
+        secret = page.inner_text("#token-secret code").strip()
+        _shot(page, "token-created", mask=("#token-secret code",))
+        with secure.https(secret) as client:
+            assert client.get("/vms").status_code == 200
+            assert client.post("/vms/web1/stop").status_code == 403  # a viewer's token, as asked
+    finally:
+        context.close()
+        secure.cli("project", "delete", "web-two", check=False)
+
+
+def test_clone_and_fork_from_the_vm_page(admin, secure, web) -> None:  # type: ignore[no-untyped-def]
+    page = admin
+    page.goto(f"/ui/#/vm/{VM}")
+    page.wait_for_selector(f"main[data-page='#/vm/{VM}']", state="attached")
+    # The usage graphs, drawn by uPlot from the usage history (the agents sample every 10 s).
+    page.wait_for_function("() => document.querySelectorAll('#graphs .graph').length === 4")
+    assert page.locator("#graphs canvas").count() >= 4, page.inner_text("#graphs")
+    assert "CPU:" in page.inner_text("#graphs")
+    page.locator("#graphs").scroll_into_view_if_needed()
+    _shot(page, "graphs")
+    # A fork's bad count is refused next to its field, and nothing is made.
+    page.click("#vm-fork > summary")
+    page.fill("#fork-name", f"{VM}-fork")
+    page.fill("#fork-count", "0")
+    page.click("#fork button[type=submit]")
+    page.wait_for_function("() => document.querySelector('#fork-count-error').textContent.length > 0")
+    assert "count" in page.inner_text("#fork-count-error")
+    with secure.https(web["admin"]) as client:
+        try:
+            page.click("#vm-clone > summary")
+            page.fill("#clone-name", f"{VM}-copy")
+            _shot(page, "clone")
+            page.click("#clone button[type=submit]")
+            page.wait_for_url(f"**/ui/#/vm/{VM}-copy")
+            page.wait_for_function(
+                "() => document.querySelector('#vm-state')?.textContent === 'stopped'", timeout=120_000, polling=500
+            )
+            names = {vm["name"] for vm in client.get("/vms").json()}
+            assert names == {VM, f"{VM}-copy"}
+            # The stopped copy becomes a template from its own page, listed on the images page.
+            page.click("#vm-template > summary")
+            page.fill("#template-name", "web-base")
+            page.click("#template button[type=submit]")
+            page.wait_for_selector("#toast div:has-text('template web-base'):has-text('succeeded')", timeout=120_000)
+            page.click("#nav a[href='#/images']")
+            page.wait_for_selector("#template-list td:text-is('web-base')")
+        finally:
+            _delete(client, "/templates/web-base", "web-base")
+            _delete(client, f"/vms/{VM}-copy", f"{VM}-copy")
+
+
+def _visit(page: Any, hash_: str) -> None:
+    """Open a page from the navigation bar, and wait until it is drawn."""
+    page.click(f"#nav a[href='{hash_}']")
+    page.wait_for_selector(f"main[data-page='{hash_}']", state="attached")
+
+
+def test_the_dashboard_warns_of_a_nearly_full_quota(admin, secure) -> None:  # type: ignore[no-untyped-def]
+    page = admin
+    secure.cli("project", "set", "web", "--max-vms", "1")  # web1 alone fills it
+    try:
+        _visit(page, "#/jobs")
+        _visit(page, "#/")
+        assert "project web: VMs 1 of 1 (100% of its quota)" in page.inner_text("#alerts")
+    finally:
+        secure.cli("project", "set", "web", "--max-vms", "none")
+    _visit(page, "#/jobs")
+    _visit(page, "#/")
+    assert page.locator("main .alert.quota").count() == 0
 
 
 def test_other_pages_render(admin) -> None:  # type: ignore[no-untyped-def]
@@ -232,6 +447,7 @@ def test_other_pages_render(admin) -> None:  # type: ignore[no-untyped-def]
         ("#/vms", "vms"),
         ("#/jobs", "jobs"),
         ("#/images", "images"),
+        ("#/networks", "networks-list"),
         ("#/audit", "audit"),
         ("#/projects", "projects"),
     ):
@@ -239,7 +455,7 @@ def test_other_pages_render(admin) -> None:  # type: ignore[no-untyped-def]
         page.wait_for_selector(f"main[data-page='{hash_}']", state="attached")
         assert "Cannot show this page" not in page.inner_text("main")
         assert not page.evaluate("() => [...document.querySelector('main').childNodes].some((n) => n.nodeType === 3)")
-        if shot in ("dashboard", "vms", "jobs"):
+        if shot in ("dashboard", "vms", "jobs", "images"):
             _shot(page, shot)
 
 
@@ -256,6 +472,11 @@ def test_a_viewer_sees_no_buttons_and_a_forged_call_is_refused(browser, secure, 
         page.goto(f"/ui/#/vm/{VM}")
         page.wait_for_selector("#snapshots")
         assert page.locator("#snapshot-create, #console, #vm-stop, #vm-start").count() == 0
+        assert page.locator("#vm-copies, #vm-clone, #vm-fork, #resize, #migrate, #backup-create").count() == 0
+        for hash_ in ("#/networks", "#/images", "#/projects"):  # no create form on the list pages either
+            page.goto(f"/ui/{hash_}")
+            page.wait_for_selector(f"main[data-page='{hash_}']", state="attached")
+            assert page.locator("main details.creator, main form, main button.danger").count() == 0, hash_
         assert not page.evaluate("() => [...document.querySelector('main').childNodes].some((n) => n.nodeType === 3)")
         # The API refuses what the page hides: a call forged from the viewer's own page.
         forged = page.evaluate(
@@ -267,6 +488,15 @@ def test_a_viewer_sees_no_buttons_and_a_forged_call_is_refused(browser, secure, 
             }"""
         )
         assert forged[0] == 403, forged
+        forged = page.evaluate(
+            """async () => {
+                const answer = await fetch('/networks', {method: 'POST', credentials: 'same-origin',
+                    headers: {'X-Corral-UI': '1', 'Content-Type': 'application/json'},
+                    body: JSON.stringify({name: 'forged'})});
+                return [answer.status, await answer.text()];
+            }"""
+        )
+        assert forged[0] == 403, forged
         cookie = next(c for c in context.cookies() if c["name"] == "corral_ui")
         assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
         assert page.evaluate("() => document.cookie") == ""  # the page's script never sees the session
@@ -274,6 +504,7 @@ def test_a_viewer_sees_no_buttons_and_a_forged_call_is_refused(browser, secure, 
         context.close()
     with secure.https(web["admin"]) as client:
         assert "forged" not in {vm["name"] for vm in client.get("/vms").json()}
+        assert "forged" not in {net["name"] for net in client.get("/networks").json()}
 
 
 def test_a_stolen_ride_on_the_cookie_is_refused(browser, secure, web) -> None:  # type: ignore[no-untyped-def]
@@ -345,3 +576,38 @@ def test_corral_ui_prints_a_one_time_link_for_root(browser, secure) -> None:  # 
         context.close()
     with httpx.Client(base_url=secure.url, verify=False) as client:
         assert client.get("/ui/session").status_code == 401
+
+
+def test_create_a_network_from_the_form_and_a_bad_subnet_creates_nothing(admin, secure, web) -> None:  # type: ignore[no-untyped-def]
+    """Last in the module: a bridge coming and going makes Chromium abort its loads (ERR_NETWORK_CHANGED)."""
+    page = admin
+    page.goto("/ui/#/networks")
+    page.wait_for_selector("main[data-page='#/networks']", state="attached")
+    page.click("#create-network > summary")
+    page.fill("#net-name", NET)
+    page.select_option("#net-mode", "isolated")
+    page.fill("#net-subnet", "10.213.77.1/24")  # host bits set: the API refuses it, naming the field
+    page.click("#net button[type=submit]")
+    page.wait_for_function("() => document.querySelector('#net-subnet-error').textContent.length > 0")
+    assert "10.213.77.1/24" in page.inner_text("#net-subnet-error")
+    assert page.get_attribute("#net-subnet", "aria-invalid") == "true"
+    assert page.inner_text("#net-name-error") == ""
+    _shot(page, "network-error")
+    with secure.https(web["admin"]) as client:
+        assert NET not in {net["name"] for net in client.get("/networks").json()}
+        try:
+            page.fill("#net-subnet", "10.213.77.0/24")
+            page.click("#net button[type=submit]")
+            page.wait_for_selector(f"#network-list td:text-is('{NET}')")
+            assert page.inner_text("#net-subnet-error") == ""
+            # Listed at once, and ready when its job ends (the page refreshes the list then).
+            page.wait_for_function(
+                f"""() => [...document.querySelectorAll('#network-list tr')].some(
+                    (row) => row.textContent.startsWith('{NET}') && row.textContent.includes('ready'))""",
+                timeout=60_000,
+            )
+            _shot(page, "networks")
+            shown = {net["name"]: net for net in client.get("/networks").json()}
+            assert shown[NET]["subnet"] == "10.213.77.0/24" and shown[NET]["mode"] == "isolated"
+        finally:
+            _delete(client, f"/networks/{NET}", NET)

@@ -97,6 +97,38 @@ def test_up_status_diff_down_with_the_example_file(env_daemon: Daemon, tmp_path:
     assert db_ip.startswith("10.80.0.")
     assert guest(env_daemon, "shop-web", f"ping -c 1 -W 5 {db_ip}").returncode == 0
 
+    # env fork --isolated: a copy of the running environment on duplicated networks: same addresses, no route to
+    # the original. Bad input first: one line, non-zero, nothing made.
+    for bad, why in ((("nosuch", "qa"), "is unknown"), (("shop", "shop"), "already exists")):
+        refused = corral_in(env_daemon, project, "env", "fork", *bad, "--isolated", check=False)
+        assert refused.returncode != 0 and why in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert sorted(vm["name"] for vm in env_daemon.cli_json("vm", "list")) == ["shop-db", "shop-web"]  # type: ignore[union-attr]
+    web_ip = env_daemon.cli_json("vm", "show", "shop-web")["nics"][0]["ip"]  # type: ignore[index]
+    forked = steps(env_daemon, project, "env", "fork", "shop", "qa", "--isolated")
+    assert [(s["action"], s["target"]) for s in forked] == [
+        ("create-network", "qa-lan"),
+        ("fork-vm", "qa-db"),
+        ("fork-vm", "qa-web"),
+    ]
+    assert guest(env_daemon, "qa-web", "hostname").stdout.strip() == "qa-web"
+    assert f"inet {web_ip}/" in guest(env_daemon, "qa-web", "ip -4 addr show eth0").stdout, "the same address"
+    assert guest(env_daemon, "qa-web", "cat /root/provisioned").stdout.strip() == "ready"
+    assert guest(env_daemon, "qa-web", f"ping -c 1 -W 5 {db_ip}").returncode == 0  # its own copy of db answers
+    env_daemon.cli("vm", "stop", "qa-db", "--force")
+    assert guest(env_daemon, "qa-web", f"ping -c 1 -W 2 {db_ip}").returncode != 0, "the original db is out of reach"
+    assert guest(env_daemon, "shop-web", f"ping -c 1 -W 5 {db_ip}").returncode == 0, "the original is untouched"
+    assert guest(env_daemon, "shop-web", "hostname").stdout.strip() == "shop-web"
+    listed = json.loads(corral_in(env_daemon, project, "env", "list", "--json").stdout)
+    assert sorted(row["env"] for row in listed) == ["qa", "shop"]
+    again = corral_in(env_daemon, project, "env", "fork", "shop", "qa", check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    steps(env_daemon, project, "down", "--env", "qa", "--destroy")
+    states = {vm["name"]: vm["state"] for vm in env_daemon.cli_json("vm", "list")}  # type: ignore[union-attr]
+    assert states == {"shop-web": "running", "shop-db": "running"}
+    assert not [n for n in env_daemon.cli_json("network", "list") if n["name"].startswith("qa-")]  # type: ignore[union-attr]
+    assert guest(env_daemon, "shop-web", f"ping -c 1 -W 5 {db_ip}").returncode == 0
+
     # Idempotent: a second up changes nothing, and provisioning is not run again.
     guest(env_daemon, "shop-web", "echo touched > /root/provisioned")
     assert steps(env_daemon, project, "up") == []

@@ -2,16 +2,19 @@
 its own network namespace with its own address (corral.localpool), real QEMU guests of the tiny image.
 
 h1 and h2 keep their own storage, so a live move between them copies the disks. One pool for the module: the
-guests va (h1) and vb (h2) are on the NAT network ``ov`` and each on an isolated network of its own.
+guests va (h1) and vb (h2) are on the NAT network ``ov`` and each on an isolated network of its own; the cross-project
+test adds vc (h2) of project ``other``, on that project's own network ``ov``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +43,12 @@ class Pool(LocalPool):
     def ok(self, vm: str, script: str) -> bool:
         return self.sh(vm, script, check=False).returncode == 0
 
+    def sh_in(self, project: str, vm: str, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cli("-p", project, "vm", "exec", vm, "--", "/bin/sh", "-c", script, check=check, timeout=120)
+
+    def ok_in(self, project: str, vm: str, script: str) -> bool:
+        return self.sh_in(project, vm, script, check=False).returncode == 0
+
     def host_sh(self, host: str, *argv: str) -> str:
         return subprocess.run(
             ["ip", "netns", "exec", self.netns(host), *argv], capture_output=True, text=True, check=False
@@ -67,6 +76,20 @@ class Pool(LocalPool):
 
     def has_address(self, vm: str, address: str) -> bool:
         return self.ok(vm, f"ip -4 addr | grep -q 'inet {address}/'")
+
+    def resolve(self, vm: str, name: str, server: str) -> str | None:
+        """The address busybox's nslookup in ``vm`` gets for ``name`` from the DNS server ``server``, or None."""
+        out = self.sh(vm, f"nslookup {name} {server}", check=False)
+        found = [line.split()[-1] for line in out.stdout.splitlines()[2:] if line.startswith("Address")]
+        return found[-1] if out.returncode == 0 and found else None
+
+    def fetch(self, host: str, port: int) -> str | None:
+        """An HTTP GET to a host's address, from this machine (outside the hosts); None if nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://{self.address(host)}:{port}/f", timeout=5) as reply:
+                return reply.read().decode().strip()  # type: ignore[no-any-return]
+        except OSError:
+            return None
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +146,10 @@ def pool(postgres, qemu_available) -> Iterator[Pool]:  # type: ignore[no-untyped
 def test_guests_on_two_hosts_share_one_segment(pool: Pool) -> None:
     shown = pool.net_show("ov")
     assert shown["hosts"] == ["h1", "h2"] and isinstance(shown["vni"], int)
+    # Each host's part, as its agent's heartbeat reports it.
+    until(lambda: pool.net_show("ov")["host_states"] == {"h1": "joined", "h2": "joined"}, 30, "both hosts to join")
     table = pool.cli("network", "show", "ov").stdout
-    assert "h1, h2" in table and str(shown["vni"]) in table
+    assert "h1 (joined), h2 (joined)" in table and str(shown["vni"]) in table
     a, b = pool.ip_of("va", "ov"), pool.ip_of("vb", "ov")
     # Each host has the network's VXLAN device on its bridge, flooding to the other host's registered address.
     for host, peer in (("h1", "h2"), ("h2", "h1")):
@@ -167,6 +192,58 @@ def test_isolated_networks_stay_apart_across_hosts(pool: Pool) -> None:
     assert not pool.ok("vb", f"ping -c 2 -W 2 {pool.ip_of('va', 'ov')} -I {pool.ip_of('vb', 'iso-b')}")
 
 
+def test_names_resolve_across_hosts(pool: Pool) -> None:
+    """Each host's dnsmasq answers the names of the whole network, from the store, not only of its own guests
+    (their DHCP never crosses the overlay, so it never saw a lease of the other host's)."""
+    a, b = pool.ip_of("va", "ov"), pool.ip_of("vb", "ov")
+    gateway = pool.net_show("ov")["gateway"]  # the same on both hosts: each guest asks its own host's dnsmasq
+    assert pool.resolve("va", "vb", gateway) == b, f"va (h1) cannot resolve vb (h2): {pool.log_tail('h1')}"
+    assert pool.resolve("vb", "va", gateway) == a
+    # Names are per network: iso-a's dnsmasq knows va but not vb, a guest of another network.
+    iso_gateway = pool.net_show("iso-a")["gateway"]
+    assert pool.resolve("va", "va", iso_gateway) == pool.ip_of("va", "iso-a")
+    assert pool.resolve("va", "vb", iso_gateway) is None
+
+
+def test_another_projects_network_is_out_of_reach_across_hosts(pool: Pool) -> None:
+    """vc of project ``other`` on h2, on that project's own network also named ``ov``, reaches no guest of the
+    default project's ``ov`` on h1, by route or on the wire; and a guest spoofing an address on h2 is cut off
+    there, before the overlay carries anything to h1."""
+    pool.cli("project", "create", "other")
+    pool.cli("-p", "other", "network", "create", "ov", "--mode", "nat")
+    theirs = json.loads(pool.cli("-p", "other", "network", "show", "ov", "--json").stdout)
+    ours = pool.net_show("ov")
+    assert theirs["vni"] != ours["vni"] and theirs["subnet"] != ours["subnet"]
+    pool.cli(
+        "-p", "other", "vm", "run", "vc", "--image", "tiny", "--host", "h2", "--memory", "160M",
+        "--nic", "network=ov", timeout=400,
+    )  # fmt: skip
+    c = json.loads(pool.cli("-p", "other", "vm", "show", "vc", "--json").stdout)["nics"][0]["ip"]
+    until(lambda: pool.ok_in("other", "vc", f"ip -4 addr | grep -q 'inet {c}/'"), 90, "vc to get its address")
+    a = pool.ip_of("va", "ov")
+    assert pool.ok_in("other", "vc", f"ping -c 1 -W 3 {theirs['gateway']}")
+    # Routed through vc's gateway on h2: the firewall drops traffic from one corral bridge to another.
+    assert not pool.ok_in("other", "vc", f"ping -c 2 -W 2 {a}"), "project other reached project default's guest"
+    # Straight onto vc's segment, as if the two were one: another VNI, so nothing of ours is there to answer.
+    iface = pool.sh_in("other", "vc", f"ip -o -4 addr | grep 'inet {c}/' | cut -d' ' -f2").stdout.strip()
+    pool.sh_in("other", "vc", f"ip route replace {ours['subnet']} dev {iface}")
+    assert not pool.ok_in("other", "vc", f"ping -c 2 -W 2 {a}"), "project other's segment reached ours"
+    assert pool.resolve("va", "vc", ours["gateway"]) is None, "a name of project other resolved on our network"
+    assert not pool.ok("va", f"ping -c 2 -W 2 {c}")
+    pool.cli("-p", "other", "vm", "delete", "vc", "--force", timeout=300)
+
+    # Anti-spoofing on h2 (vb's host) for traffic bound to h1: an address vb was not given is dropped on vb's TAP.
+    b = pool.ip_of("vb", "ov")
+    spoofed = str(ipaddress.IPv4Network(ours["subnet"])[-2])
+    iface = pool.sh("vb", f"ip -o -4 addr | grep 'inet {b}/' | cut -d' ' -f2").stdout.strip()
+    pool.sh("vb", f"ip addr add {spoofed}/32 dev {iface}")
+    try:
+        assert not pool.ok("vb", f"ping -c 2 -W 2 -I {spoofed} {a}"), "a spoofed source crossed from h2 to h1"
+        assert pool.ok("vb", f"ping -c 1 -W 3 -I {b} {a}")
+    finally:
+        pool.sh("vb", f"ip addr del {spoofed}/32 dev {iface}", check=False)
+
+
 def test_bad_input_changes_nothing(pool: Pool) -> None:
     before = pool.cli("network", "list", "--json").stdout
     vni = pool.net_show("ov")["vni"]
@@ -201,6 +278,7 @@ def test_a_host_joins_and_leaves_and_a_deleted_network_leaves_nothing(pool: Pool
     pool.cli("vm", "create", "vt", "--image", "tiny", "--host", "h2", "--nic", "network=tmpnet", timeout=300)
     assert pool.net_show("tmpnet")["hosts"] == ["h2"]
     until(lambda: device in pool.links("h2"), 30, "h2 to join tmpnet's segment")
+    until(lambda: pool.net_show("tmpnet")["host_states"] == {"h2": "joined"}, 30, "h2 to report its part")
     assert device not in pool.links("h1")
     pool.cli("vm", "delete", "vt", "--force", timeout=300)
     until(lambda: device not in pool.links("h2"), 30, "h2 to leave tmpnet's segment")
@@ -222,10 +300,23 @@ def test_a_host_joins_and_leaves_and_a_deleted_network_leaves_nothing(pool: Pool
     ]
 
 
-def test_live_migration_keeps_the_address_and_a_transfer(pool: Pool) -> None:
+def test_live_migration_keeps_the_address_a_transfer_the_name_and_the_forward(pool: Pool) -> None:
     b = pool.ip_of("vb", "ov")
     source = pool.host_of("vb")
     target = "h1" if source == "h2" else "h2"
+    # A port forward to vb's web server, reached at its host's address from outside the hosts.
+    pool.sh("vb", "mkdir -p /tmp/fwd && echo fwd-ok > /tmp/fwd/f && httpd -p 8081 -h /tmp/fwd")
+    pool.cli("vm", "port-forward", "vb", "20081:8081")
+    until(lambda: pool.fetch(source, 20081) == "fwd-ok", 30, f"the forward on {source}: {pool.log_tail(source)}")
+    assert pool.fetch(target, 20081) is None
+    # A move to a host where another VM forwards the same port is refused up front, and nothing changes.
+    pool.cli("vm", "port-forward", "va", "20081:8081")
+    refused = pool.cli("vm", "migrate", "vb", "--to", target, check=False)
+    assert refused.returncode == 1 and "20081/tcp of its forwards is forwarded there already" in refused.stderr, (
+        refused.stderr
+    )
+    assert pool.host_of("vb") == source and pool.fetch(source, 20081) == "fwd-ok"
+    pool.cli("vm", "port-forward", "va", "--remove", "20081")
     # vb streams a numbered line every ~50 ms to va over one TCP connection, across the move (busybox nc: the
     # moving guest serves, the other reads); a ping counts what the move loses.
     pool.sh(
@@ -256,6 +347,16 @@ def test_live_migration_keeps_the_address_and_a_transfer(pool: Pool) -> None:
     print("\nping across the move: " + pool.sh("va", "tail -n 2 /tmp/ping.log").stdout)
     pool.sh("va", "kill $(pidof nc) $(pidof sleep) 2>/dev/null; true", check=False)
     assert shown_hosts(pool) == sorted({"h1", target})
+    # The name still gives the same address, from the DNS of vb's new host (the guest's resolver may retry once
+    # while the busy machine settles after the move).
+    gateway = pool.net_show("ov")["gateway"]
+    until(lambda: pool.resolve("va", "vb", gateway) == b, 30, f"vb to resolve after the move: {pool.log_tail(target)}")
+    # The forward followed vb: it answers at the destination's address, and the source holds nothing of it.
+    until(lambda: pool.fetch(target, 20081) == "fwd-ok", 30, f"the forward on {target}: {pool.log_tail(target)}")
+    assert pool.fetch(source, 20081) is None, f"the forward still answers on {source} after the move"
+    assert "20081" not in pool.host_sh(source, "nft", "list", "ruleset")
+    listed = json.loads(pool.cli("vm", "port-forward", "vb", "--json").stdout)
+    assert [(f["host_port"], f["guest_port"]) for f in listed] == [(20081, 8081)], listed
 
 
 def shown_hosts(pool: Pool) -> list[str]:

@@ -147,6 +147,9 @@ def test_busy_guests_are_balanced_then_consolidated_onto_fewer_hosts(pool: Pool)
     try:
         pool.cli("vm", "create", "late", "--memory", "128M")
         assert pool.json("vm", "show", "late")["host"] == parked[0]
+        lines = pool.cli("events", "--type", "host.", "--all-projects", "-n", "100", "--json").stdout.splitlines()
+        seen = [(event["type"], event["resource"]["name"]) for event in map(json.loads, lines)]
+        assert ("host.standby", parked[0]) in seen and ("host.wake", parked[0]) in seen, seen
         plan = pool.json("pool", "plan", "list")
         assert {p["kind"] for p in plan} == {"balance", "consolidate"}
         assert "standby" in pool.cli("host", "standby", "--help").stdout

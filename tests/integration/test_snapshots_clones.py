@@ -182,6 +182,7 @@ def test_clone_from_a_snapshot_and_template_rules(daemon, vm):
 def test_fork_children_continue_from_the_parent_while_it_keeps_counting(daemon, tiny):
     parent = unique("parent")
     children = [f"{parent}-k-1", f"{parent}-k-2"]
+    grandchild, great, warm = f"{parent}-g", f"{parent}-gg", f"{parent}-w"
     try:
         daemon.cli("vm", "run", parent, "--forkable")
         _start_counter(daemon, parent)
@@ -201,10 +202,60 @@ def test_fork_children_continue_from_the_parent_while_it_keeps_counting(daemon, 
             assert _counter(daemon, child) > at_fork + 5, "each child keeps counting on its own"
         macs = {_exec(daemon, name, "cat /sys/class/net/eth0/address").strip() for name in [parent, *children]}
         assert len(macs) == 3
-        not_forkable = daemon.cli("vm", "fork", children[0], unique("no"), check=False)
-        assert not_forkable.returncode != 0 and "not forkable" in not_forkable.stderr
+
+        # A warm template: kept paused (it costs no CPU) and forked from; the children run, it stays paused.
+        daemon.cli("vm", "pause", parent)
+        result = daemon.cli_json("vm", "fork", parent, warm)
+        assert result["job"]["result"]["path"] == "shared-ram"
+        first = _counter(daemon, warm)
+        assert first >= parent_now and _exec(daemon, warm, "hostname").strip() == warm
+        assert daemon.cli_json("vm", "show", parent)["state"] == "paused"
+        deadline = time.monotonic() + 30
+        while _counter(daemon, warm) == first:  # the child counts: it runs while its template does not
+            assert time.monotonic() < deadline, "the warm template's child does not run"
+        assert daemon.cli_json("vm", "show", parent)["state"] == "paused"
+
+        # A fork of a fork: the child's RAM is a private mapping, so its RAM goes through the state file.
+        _exec(daemon, children[0], "echo from-the-child > /root/marker; sync")
+        at_second_fork = _counter(daemon, children[0])
+        result = daemon.cli_json("vm", "fork", children[0], grandchild)
+        assert result["job"]["result"]["path"] == "full-state"
+        assert _exec(daemon, grandchild, "hostname").strip() == grandchild
+        assert _exec(daemon, grandchild, "cat /etc/machine-id").strip() == result["children"][0]["id"]
+        assert _exec(daemon, grandchild, "cat /root/marker") == "from-the-child\n"
+        assert _counter(daemon, grandchild) >= at_second_fork, "it resumes the child's memory"
+        # ... and the grandchild, holding its RAM in a file of its own, is a fast-path parent in turn.
+        result = daemon.cli_json("vm", "fork", grandchild, great)
+        assert result["job"]["result"]["path"] == "shared-ram"
+        assert _exec(daemon, great, "hostname").strip() == great
+        assert _exec(daemon, great, "cat /root/marker") == "from-the-child\n"
+        assert _exec(daemon, children[1], "cat /root/marker 2>/dev/null || echo none") == "none\n"
     finally:
-        for name in [*children, parent]:
+        for name in [warm, great, grandchild, *children, parent]:
+            daemon.cli("vm", "delete", name, "--force", check=False)
+
+
+def test_fork_a_vm_started_without_forkable_and_no_wait(daemon, vm):
+    child, quick = unique("plainchild"), unique("quick")
+    try:
+        _exec(daemon, vm, "echo written-before > /root/marker; sync")
+        result = daemon.cli_json("vm", "fork", vm, child)
+        assert result["job"]["result"]["path"] == "full-state"
+        assert _exec(daemon, child, "hostname").strip() == child, "usable with its identity when fork returns"
+        assert _exec(daemon, child, "cat /root/marker") == "written-before\n"
+        assert _exec(daemon, vm, "hostname").strip() == vm, "the parent keeps its own identity"
+        assert _exec(daemon, vm, "cat /root/marker") == "written-before\n"
+
+        result = daemon.cli_json("vm", "fork", vm, quick, "--no-wait")
+        assert result["job"]["result"]["waited_for_identity"] is False
+        assert "usable_ms" not in result["job"]["result"]
+        assert result["children"][0]["state"] == "running"
+        deadline = time.monotonic() + 60  # the renewal has no event to wait for: it shows in the guest
+        while _exec(daemon, quick, "hostname").strip() != quick:
+            assert time.monotonic() < deadline, "the child never took its new name"
+            time.sleep(0.2)
+    finally:
+        for name in (quick, child):
             daemon.cli("vm", "delete", name, "--force", check=False)
 
 

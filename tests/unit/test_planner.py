@@ -320,3 +320,73 @@ def test_a_switched_off_standby_host_is_woken_and_the_create_told_to_retry(store
     assert woken == ["b"]
     with store.session() as session:
         assert session.query(Host).filter_by(name="b").one().standby  # not awake until its agent reports
+
+
+def test_automatic_balancing_runs_one_move_at_a_time_and_stores_nothing_when_balanced(store):
+    with store.session() as session:
+        for name in ("a", "b", "c"):
+            _add_host(session, name)
+        for index in range(3):
+            _add_vm(session, f"vm{index}", "a")
+    with store.session() as session:
+        plan = plans.auto_balance(session, threshold=3)
+        assert plan is not None and plan.state == "running" and plan.summary["automatic"]
+        assert len(plan.moves) == 1 and plan.moves[0]["from"] == "a"
+        assert plan.summary["score_after"] < plan.summary["score_before"]
+    with store.session() as session:  # one at a time: nothing new while it runs
+        assert plans.auto_balance(session, threshold=3) is None
+        session.query(Plan).one().state = "succeeded"
+        for vm in session.query(VM).all():
+            vm.host = "abc"[int(vm.name[-1])]  # balanced now
+    with store.session() as session:
+        assert plans.auto_balance(session, threshold=3) is None
+        assert session.query(Plan).count() == 1
+
+
+def test_standby_and_wake_are_events(store):
+    from corral.store.models import Event
+
+    with store.session() as session:
+        _add_host(session, "a")
+    with store.session() as session:
+        plans.set_standby(session, "a")
+    with store.session() as session:
+        plans.wake(session, "a")
+    with store.session() as session:
+        kinds = [(e.type, e.resource_name) for e in session.query(Event).filter(Event.resource_kind == "host")]
+        assert kinds == [("host.standby", "a"), ("host.wake", "a")]
+
+
+def test_automatic_balancing_rounds_come_once_per_interval(store, monkeypatch):
+    monkeypatch.setattr(plans, "_auto_last", {})
+    with store.session() as session:
+        for name in ("a", "b"):
+            _add_host(session, name)
+        for index in range(2):
+            _add_vm(session, f"vm{index}", "a")
+    first = plans.auto_balance_tick(store, threshold=3, interval=3600)
+    assert first is not None
+    with store.session() as session:
+        session.get(Plan, first).state = "succeeded"
+        session.query(VM).filter_by(name="vm0").one().host = "a"  # still unbalanced: only the interval holds it
+    assert plans.auto_balance_tick(store, threshold=3, interval=3600) is None
+
+
+def test_a_drain_with_no_room_awake_wakes_a_standby_host_and_moves_there(store):
+    from corral.cluster import migrations
+    from corral.store.models import Event, Job
+
+    with store.session() as session:
+        _add_host(session, "a")
+        _add_host(session, "b")
+        _add_vm(session, "web", "a", cpus=2, memory=2 * G)
+    with store.session() as session:
+        plans.set_standby(session, "b")
+    with store.session() as session:
+        drain_job, report = migrations.drain(session, "a")
+        assert report["not_moved"] == [] and [move["to"] for move in report["vms"]] == ["b"], report
+        assert drain_job is not None
+    with store.session() as session:
+        assert not session.query(Host).filter_by(name="b").one().standby
+        assert any(event.type == "host.wake" for event in session.query(Event).all())
+        assert session.query(Job).filter(Job.host == "b").count() >= 1  # the incoming half of the move

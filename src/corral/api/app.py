@@ -23,6 +23,7 @@ from corral.api import (
     routes_migrations,
     routes_networks,
     routes_pool,
+    routes_replication,
     routes_resize,
     routes_snapshots,
     routes_storage,
@@ -136,6 +137,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(routes_networks.router)
     app.include_router(routes_resize.router)
     app.include_router(routes_pool.router)
+    app.include_router(routes_replication.router)
     from corral.cluster import plans
 
     plans.configure(settings.standby_command, settings.wake_command)

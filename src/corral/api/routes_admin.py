@@ -18,14 +18,14 @@ from corral.api.auth import Caller, admin, authenticated, cluster_admin
 from corral.api.state import AppState, app_state, db_session
 from corral.cluster import identity, quotas
 from corral.cluster.identity import Principal, Role
-from corral.cluster.requests import _size
+from corral.cluster.requests import size_in_bytes
 from corral.errors import NotFound
 from corral.spec.names import validate_name
 from corral.store.models import AuditEntry, Project, Token, User
 
 router = APIRouter(tags=["access"])
 
-Size = Annotated[int, BeforeValidator(_size)]
+Size = Annotated[int, BeforeValidator(size_in_bytes)]
 
 
 class Quotas(BaseModel):

@@ -21,7 +21,7 @@ from corral.spec.sources import TRANSFER_ID, expire, exports_dir
 from corral.store.models import Backup, BackupSchedule
 
 router = APIRouter(tags=["backups"])
-ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
+ACCEPTED: dict[str, Any] = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
 
 
 class BackupCreate(BaseModel):

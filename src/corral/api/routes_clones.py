@@ -16,7 +16,7 @@ from corral.cluster import clones, forks, vms
 from corral.cluster.requests import TemplateCreate, VMClone, VMFork
 
 router = APIRouter(tags=["clones"])
-ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
+ACCEPTED: dict[str, Any] = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
 
 
 class TemplateView(BaseModel):
@@ -55,7 +55,17 @@ def fork_vm(
     name: str, request: VMFork, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
     with state.store.session() as session:
-        return Accepted(job=JobView.of(forks.fork(session, name, request.name, request.count, caller.project)))
+        job = forks.fork(
+            session,
+            name,
+            request.name,
+            request.count,
+            caller.project,
+            request.wait,
+            networks=request.networks,
+            keep_macs=request.keep_macs,
+        )
+        return Accepted(job=JobView.of(job))
 
 
 @router.get("/templates", response_model=list[TemplateView])

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, status
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,13 +15,13 @@ from corral.api.state import AppState, app_state, db_session
 from corral.api.views import Accepted, JobView, NetworkView, VMView
 from corral.cluster import networks
 from corral.cluster.identity import Role
-from corral.cluster.vms import _busy, get_vm
+from corral.cluster.vms import ensure_idle, get_vm
 from corral.spec.network import VXLAN_OVERHEAD, NetworkSpec, PortForwardSpec
 from corral.spec.vm import NicSpec
 from corral.store.models import VM, Job, NetworkPort
 
 router = APIRouter(tags=["networks"])
-ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
+ACCEPTED: dict[str, Any] = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
 
 
 class ForwardRemove(BaseModel):
@@ -28,6 +29,14 @@ class ForwardRemove(BaseModel):
 
     host_port: int
     protocol: str = "tcp"
+
+
+class NetworkShow(NetworkView):
+    """One network, with each host's part in it (the list leaves that out: a heartbeat's worth of rows per network)."""
+
+    host_states: dict[str, str] = Field(
+        default_factory=dict, description="each host the network spans: joined, joining, error or local"
+    )
 
 
 def _users(session: Session, network_id: str) -> list[str]:
@@ -46,10 +55,12 @@ def list_networks(caller: Caller = Depends(viewer), session: Session = Depends(d
     ]
 
 
-@router.get("/networks/{name}", response_model=NetworkView)
-def show_network(name: str, caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> NetworkView:
+@router.get("/networks/{name}", response_model=NetworkShow)
+def show_network(name: str, caller: Caller = Depends(viewer), session: Session = Depends(db_session)) -> NetworkShow:
     network = networks.get_network(session, name, caller.project)
-    return NetworkView.of(network, _users(session, network.id), networks.network_hosts(session, network.id))
+    states = networks.network_host_states(session, network)
+    view = NetworkView.of(network, _users(session, network.id), list(states))
+    return NetworkShow(**view.model_dump(), host_states=states)
 
 
 @router.post("/networks", **ACCEPTED)
@@ -81,7 +92,7 @@ def _vm_verb(state: AppState, caller: Caller, name: str, verb: Callable[[Session
     """Run a NIC or forward verb on a VM no other job is busy with."""
     with state.store.session() as session:
         vm = get_vm(session, name, caller.project)
-        _busy(session, vm)
+        ensure_idle(session, vm)
         job = verb(session, vm)
         return Accepted(job=JobView.of(job), vm=VMView.of(vm))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, status
 
 from corral.api.auth import Caller, admin
@@ -12,7 +14,7 @@ from corral.cluster.resize import DiskAdd, VMResize
 from corral.cluster.vms import get_vm
 
 router = APIRouter(prefix="/vms", tags=["vms"])
-ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
+ACCEPTED: dict[str, Any] = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
 
 
 @router.post("/{name}/resize", **ACCEPTED)
@@ -22,7 +24,9 @@ def resize_vm(
     """Change memory, CPUs or CPU limits; admin, since growth draws on the project's quotas like a create."""
     with state.store.session() as session:
         job = resize.resize(session, name, request, caller.project)
-        return Accepted(job=JobView.of(job), vm=VMView.of(get_vm(session, name, caller.project)))
+        return Accepted(
+            job=JobView.of(job) if job is not None else None, vm=VMView.of(get_vm(session, name, caller.project))
+        )
 
 
 @router.post("/{name}/disks", **ACCEPTED)
@@ -30,7 +34,7 @@ def add_disk(
     name: str, request: DiskAdd, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
     with state.store.session() as session:
-        job = resize.disk_add(session, name, request, state.layout.pool(), caller.project)
+        job = resize.disk_add(session, name, request, caller.project)
         return Accepted(job=JobView.of(job), vm=VMView.of(get_vm(session, name, caller.project)))
 
 

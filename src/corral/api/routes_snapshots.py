@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,7 +15,7 @@ from corral.api.views import Accepted, JobView
 from corral.cluster import snapshots, vms
 
 router = APIRouter(prefix="/vms/{vm_name}/snapshots", tags=["snapshots"])
-ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
+ACCEPTED: dict[str, Any] = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
 
 
 class SnapshotCreate(BaseModel):

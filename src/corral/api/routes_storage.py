@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, status
 from sqlalchemy.orm import Session
 
@@ -13,7 +15,7 @@ from corral.cluster import images, volumes
 from corral.cluster.requests import ImageBuild, ImageImport, VolumeCreate, VolumeResize
 
 router = APIRouter(tags=["storage"])
-ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
+ACCEPTED: dict[str, Any] = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
 
 
 @router.get("/images", response_model=list[ImageView])
@@ -64,7 +66,7 @@ def create_volume(
     request: VolumeCreate, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
     with state.store.session() as session:
-        job = volumes.create(session, request, state.layout.pool(), caller.project)
+        job = volumes.create(session, request, caller.project)
         session.flush()
         volume = volumes.get_volume(session, request.name, caller.project)
         return Accepted(job=JobView.of(job), volume=VolumeView.of(volume))
@@ -75,7 +77,7 @@ def resize_volume(
     name: str, request: VolumeResize, caller: Caller = Depends(admin), state: AppState = Depends(app_state)
 ) -> Accepted:
     with state.store.session() as session:
-        return Accepted(job=JobView.of(volumes.resize(session, name, request, state.layout.pool(), caller.project)))
+        return Accepted(job=JobView.of(volumes.resize(session, name, request, caller.project)))
 
 
 @router.delete("/volumes/{name}", **ACCEPTED)

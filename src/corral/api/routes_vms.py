@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, status
 from sqlalchemy.orm import Session
 
@@ -12,7 +14,7 @@ from corral.cluster import vms
 from corral.cluster.requests import VMCreate, VMDelete, VMExec, VMRestart, VMStart, VMStop
 
 router = APIRouter(prefix="/vms", tags=["vms"])
-ACCEPTED = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
+ACCEPTED: dict[str, Any] = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}
 
 
 def _accepted(session: Session, job, name: str | None = None, project: str = "default") -> Accepted:  # type: ignore[no-untyped-def]
@@ -29,7 +31,7 @@ def list_vms(caller: Caller = Depends(viewer), session: Session = Depends(db_ses
 @router.post("", **ACCEPTED)
 def create_vm(request: VMCreate, caller: Caller = Depends(admin), state: AppState = Depends(app_state)) -> Accepted:
     with state.store.session() as session:
-        job = vms.create(session, request, state.layout.pool(), caller.project)
+        job = vms.create(session, request, caller.project)
         return _accepted(session, job, request.spec.name, caller.project)
 
 

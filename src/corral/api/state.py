@@ -9,7 +9,7 @@ from fastapi import Request
 from sqlalchemy.orm import Session
 
 from corral.config import Settings
-from corral.host.layout import HostLayout
+from corral.layout import HostLayout
 from corral.store.db import Store
 
 

@@ -8,7 +8,6 @@ EC P-256 key: fast handshakes, small certificates, supported everywhere.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import os
 import socket
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.errors import InvalidInput
+from corral.tlsutil import fingerprint_of_pem
 
 
 @dataclass(frozen=True)
@@ -25,22 +25,6 @@ class TLSFiles:
     key: Path
     fingerprint: str
     generated: bool = False
-
-
-def fingerprint_of_pem(pem: str | bytes) -> str:
-    """SHA-256 of the certificate's DER form, as colon-separated hex (what browsers and openssl show)."""
-    der = ssl.PEM_cert_to_DER_cert(pem.decode() if isinstance(pem, bytes) else pem)
-    digest = hashlib.sha256(der).hexdigest().upper()
-    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
-
-
-def normalize_fingerprint(text: str) -> str:
-    hexits = text.replace(":", "").replace(" ", "").upper()
-    if len(hexits) != 64 or any(c not in "0123456789ABCDEF" for c in hexits):
-        raise InvalidInput(
-            f"invalid certificate fingerprint {text!r}", "give the SHA-256 fingerprint the daemon printed"
-        )
-    return ":".join(hexits[i : i + 2] for i in range(0, 64, 2))
 
 
 def _names(listen_host: str | None) -> tuple[list[str], list[str]]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from corral.spec.vm import VMSpec
+from corral.spec.vm import VMSpec, memory_floor
 from corral.store.models import VM, Host, Image, Job, Network, PortForward, Volume
 
 
@@ -146,6 +146,11 @@ class VMView(BaseModel):
     nics: list[NicView] = []
     port_forwards: list[ForwardView] = []
     memory_actual: int | None = Field(default=None, description="what the guest has now, after its balloon")
+    min_memory: int | None = Field(default=None, description="the floor set with `vm set --min-memory`, if any")
+    memory_floor: int | None = Field(default=None, description="the least automatic ballooning leaves the guest")
+    replica: dict[str, Any] | None = Field(
+        default=None, description="its replica on a partner host: interval (the bound on data loss) and age"
+    )
     created_at: datetime
     started_at: datetime | None
 
@@ -175,9 +180,22 @@ class VMView(BaseModel):
             nics=_nics(spec, vm),
             port_forwards=[ForwardView.of(f) for f in sorted(vm.port_forwards, key=lambda f: f.host_port)],
             memory_actual=(vm.stats or {}).get("balloon_bytes") if vm.pid else None,
+            min_memory=vm.min_memory,
+            memory_floor=memory_floor(spec.memory, vm.min_memory),
+            replica=_replica(vm),
             created_at=vm.created_at,
             started_at=vm.started_at,
         )
+
+
+def _replica(vm: VM) -> dict[str, Any] | None:
+    from sqlalchemy.orm import object_session
+
+    from corral.cluster import replication
+
+    session = object_session(vm)
+    row = replication.replica_of(session, vm.id) if session is not None else None
+    return replication.describe(row) if row is not None else None
 
 
 def _nics(spec: VMSpec, vm: VM) -> list[NicView]:

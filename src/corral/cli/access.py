@@ -322,8 +322,8 @@ def remote_add(
     switch_to: bool = typer.Option(False, "--switch", help="Also make it the current remote."),
 ) -> None:
     """Add a server and pin its certificate (shown by fingerprint; compare it with what the daemon printed)."""
-    from corral.api.tls import fingerprint_of_pem, normalize_fingerprint
     from corral.client import remotes as config
+    from corral.tlsutil import fingerprint_of_pem, normalize_fingerprint
 
     def action() -> None:
         certificate = config.fetch_certificate(url)
@@ -352,7 +352,9 @@ def remote_list(as_json: bool = JSON_OPTION) -> None:
     def action() -> None:
         data = config.load()
         current = data.get("current", config.LOCAL)
-        rows = [{"name": config.LOCAL, "url": "unix socket", "project": None, "fingerprint": None}]
+        rows: list[dict[str, Any]] = [
+            {"name": config.LOCAL, "url": "unix socket", "project": None, "fingerprint": None}
+        ]
         rows += [
             {
                 "name": name,

@@ -22,6 +22,8 @@ def _open(corral: Any, file: Path, env: str | None) -> Any:
     from corral.spec.environment import default_env_name, load
 
     config = load(file)
+    if env:  # --env wins over the file's name: (a copy made by `env fork` shares its original's file)
+        config = config.model_copy(update={"name": None})
     return Environment(corral, config, env or default_env_name(file.resolve().parent), file.resolve())
 
 
@@ -144,6 +146,28 @@ def scale(
             environment = _open(corral, file, env)
             steps = environment.scale(name, count, report=_reporter(as_json), timeout=timeout)
         _show_steps(environment.env, steps, as_json, f"scale {name} to {count}")
+
+    run(action)
+
+
+@app.command("fork")
+def fork_env(
+    name: str = typer.Argument(..., help="The environment to copy (see `corral env list`)."),
+    new: str = typer.Argument(..., help="The copy's environment name."),
+    isolated: bool = typer.Option(
+        False, "--isolated", help="Duplicate its networks: same addresses, no route to the original."
+    ),
+    timeout: float = TIMEOUT,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Fork every running VM of an environment into a new one (with --isolated, on copies of its networks)."""
+
+    def action() -> None:
+        from corral.client.environments import fork_environment
+
+        with client() as corral:
+            steps = fork_environment(corral, name, new, isolated, report=_reporter(as_json), timeout=timeout)
+        _show_steps(new, steps, as_json, f"fork of {name}")
 
     run(action)
 

@@ -52,7 +52,9 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
         rows = [(key, network.get(key) if network.get(key) not in (None, "") else "-") for key in keys]
         rows.append(("vms", ", ".join(network["vms"]) or "-"))
         # The hosts whose VMs are on it: in a pool, the network's VXLAN segment spans exactly these.
-        rows.append(("hosts", ", ".join(network.get("hosts") or []) or "-"))
+        states = network.get("host_states") or {}
+        shown = [f"{host} ({states[host]})" if host in states else host for host in network.get("hosts") or []]
+        rows.append(("hosts", ", ".join(shown) or "-"))
         table(["FIELD", "VALUE"], rows)
 
     run(action)

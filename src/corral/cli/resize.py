@@ -17,6 +17,7 @@ def _report(vm: dict[str, Any], job: dict[str, Any] | None) -> None:
     actual = vm.get("memory_actual")
     memory = human_size(vm["memory"]) + (f" (guest has {human_size(actual)})" if actual else "")
     ceiling = f", live up to {human_size(spec['max_memory'])}" if spec.get("max_memory") else ""
+    ceiling += f", floor {human_size(vm['min_memory'])}" if vm.get("min_memory") else ""
     print(
         f"{vm['name']}: memory {memory}{ceiling}; CPUs {vm['cpus']}"
         + (f" (live up to {spec['max_cpus']})" if spec.get("max_cpus") else "")
@@ -38,6 +39,9 @@ def set_vm(
     max_cpus: int = typer.Option(None, "--max-cpus", help="Ceiling for live vCPU growth (next start)."),
     ha: bool = typer.Option(None, "--ha/--no-ha", help="Restart it elsewhere when its host dies (docs/ha.md)."),
     ha_priority: int = typer.Option(None, "--ha-priority", help="Higher restarts first (-1000..1000)."),
+    min_memory: str = typer.Option(
+        None, "--min-memory", help="The floor automatic ballooning never goes under, e.g. 256M (docs/optimization.md)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Change a VM's memory, CPUs, CPU limits or HA; a running VM follows live where it can (docs/resize.md)."""
@@ -50,11 +54,12 @@ def set_vm(
         "max_cpus": max_cpus,
         "ha": ha,
         "ha_priority": ha_priority,
+        "min_memory": min_memory,
     }
     if all(value is None for value in changes.values()):
         fail(
             "nothing to change",
-            "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, --max-cpus or --ha/--no-ha",
+            "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, --max-cpus, --min-memory or --ha/--no-ha",
             2,
         )
 

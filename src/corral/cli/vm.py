@@ -502,6 +502,12 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
                 human_size(vm["memory"])
                 + (f" (guest has {human_size(vm['memory_actual'])})" if vm.get("memory_actual") else ""),
             ),
+            (
+                "memory floor",
+                human_size(vm["memory_floor"]) + ("" if vm.get("min_memory") else " (default)")
+                if vm.get("memory_floor")
+                else "-",
+            ),
             ("restart", f"{vm['restart_policy']} ({vm['restart_count']} so far)"),
             ("addresses", _addresses(vm) or "-"),
         ]
@@ -512,6 +518,10 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
             rows.append(("forward", f"host {fwd['host_port']}/{fwd['protocol']} -> guest {fwd['guest_port']}"))
         for disk in vm["disks"]:
             rows.append((f"disk {disk['name']}", f"{human_size(disk['size'])} {disk['role']} ({disk['state']})"))
+        if vm.get("replica"):
+            from corral.cli.replication import replica_line
+
+            rows.append(("replica", replica_line(vm["replica"])))
         if vm.get("last_exit") and vm["state"] == "crashed":
             rows.append(("last serial", " | ".join(vm["last_exit"].get("last_serial_lines", [])[-3:]) or "-"))
         table(["FIELD", "VALUE"], rows)
@@ -595,16 +605,20 @@ def clone(
 
 @app.command()
 def fork(
-    source: str = typer.Argument(..., help="A running, forkable VM."),
+    source: str = typer.Argument(..., help="A running VM (started --forkable: the fastest forks)."),
     name: str = typer.Argument(..., help="Name of the child (with --count N: NAME-1 ... NAME-N)."),
     count: int = typer.Option(1, "--count", "-n", help="How many children."),
+    no_wait: bool = typer.Option(
+        False, "--no-wait", help="Return once the children run, before they answer with their new identity."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Instant clone of a running VM: children resume from its current memory and CPU state."""
 
     def action() -> None:
         with client() as corral:
-            job = follow_job(corral, corral.fork_vm(source, name, count), f"fork {source}", quiet=as_json)
+            accepted = corral.fork_vm(source, name, count, wait=not no_wait)
+            job = follow_job(corral, accepted, f"fork {source}", quiet=as_json)
             children = [corral.vm(child) for child in job["result"]["children"]]
         if as_json:
             print_json({"job": job, "children": children})
@@ -689,8 +703,10 @@ def ssh(
         fail("ssh is not installed", "apt-get install openssh-client")
 
 
+from corral.cli import replication as _replication  # noqa: E402 - `vm replicate|replication|failover`
 from corral.cli import resize as _resize  # noqa: E402 - registers `vm set` and `vm disk` on this app
 from corral.cli import vm_network as _vm_network  # noqa: E402 - registers `vm nic` and `vm port-forward`
 
 _resize.register(app)
 _vm_network.register(app, _verb)
+_replication.register(app)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.errors import Conflict, CorralError, InvalidInput, NotFound, Timeout
+from corral.errors import AlreadyExists, Conflict, CorralError, InvalidInput, NotFound, Timeout
 from corral.spec.environment import EnvironmentFile, EnvVM, scoped
 from corral.spec.names import validate_name
 from corral.spec.sizes import parse_size
@@ -278,7 +278,7 @@ class Environment:
                     f"image {spec.get('image')} -> {entry.image}: run `corral down --destroy` then `corral up`",
                 )
             )
-        changes = {}
+        changes: dict[str, object] = {}
         if parse_size(entry.memory) != int(spec.get("memory", 0)):
             changes["memory"] = entry.memory
         if entry.cpus != int(spec.get("cpus", 1)):
@@ -455,6 +455,89 @@ class Environment:
             raise InvalidInput(f"VM {name} is not a group", f"give it `count: 1` in the file to scale it ({name}-1..)")
         self.state.scaled[name] = [entry.count, count]
         return self.up(report=report, timeout=timeout)
+
+
+def fork_environment(
+    corral: Any,
+    source: str,
+    new: str,
+    isolated: bool = False,
+    report: StepReport | None = None,
+    timeout: float = 300,
+) -> list[Step]:
+    """`corral env fork SOURCE NEW`: every running (or paused) VM of ``source`` forked into environment ``new``.
+
+    With ``isolated`` each of its networks is duplicated first: an isolated network with no DHCP server, and the
+    children keep their parents' MACs and, in the guest, their addresses, so the copy answers on the same
+    addresses as the original while no packet can cross between the two (different bridges, no route). Corral
+    keeps subnets unique across a host's routing table, so the copy's record gets a subnet of its own for the
+    host side, which its guests never use. Without ``isolated`` the children join the original's networks with
+    identities of their own. Nothing is made when a name of the copy is already taken."""
+    from corral.spec.environment import load
+
+    validate_name(source, "environment name")
+    validate_name(new, "environment name")
+    state = load_state(source)
+    if not state.file:
+        known = ", ".join(s.env for s in list_states()) or "(none)"
+        raise NotFound(f"environment {source!r} is unknown", f"fork one that `corral up` made: {known}")
+    if (state_dir() / f"{new}.json").exists():
+        raise AlreadyExists(
+            f"environment {new!r} already exists", f"choose another name, or `corral down --env {new} --destroy` it"
+        )
+    config = load(state.file).model_copy(update={"name": None})
+    original = Environment(corral, config, source, state.file)
+    vms, networks = original._existing()
+    members = [
+        name
+        for name in sorted(vms)
+        if (name in original.wanted() or name in original._extra_members(vms))
+        and vms[name]["state"] in ("running", "paused")
+    ]
+    if not members:
+        raise Conflict(f"environment {source!r} has no running VM to fork", f"run `corral up --env {source}` first")
+    copies = {name: new + name[len(source) :] for name in members}
+    nets = {full: scoped(new, short) for full, short in original.network_names().items() if full in networks}
+    nets = nets if isolated else {}
+    taken = set(vms) | {vm["name"] for vm in corral.vms()} | {net["name"] for net in corral.networks()}
+    clash = sorted(name for name in [*copies.values(), *nets.values()] if name in taken)
+    if clash:
+        raise AlreadyExists(f"{', '.join(clash)} already exist(s)", "choose another name for the copy")
+    for name in [*copies.values(), *nets.values()]:
+        validate_name(name, "VM or network name")
+    copy_state = State(env=new, file=state.file, daemon=state.daemon, scaled=dict(state.scaled))
+    steps: list[Step] = []
+
+    def run(step: Step, action: Callable[[], None]) -> None:
+        started = time.monotonic()
+        if report is not None:
+            report(step)
+        action()
+        step.done, step.seconds = True, round(time.monotonic() - started, 3)
+        steps.append(step)
+        save_state(copy_state)  # at each step: a copy that fails half-way is still removed by `down --destroy`
+
+    for full, target in nets.items():
+
+        def make_network(target: str = target) -> None:
+            accepted = corral.create_network(target, mode="isolated", dhcp=False)
+            if accepted and accepted.get("job"):
+                corral.wait_job(accepted["job"]["id"], timeout=timeout)
+
+        run(Step("create-network", target, f"isolated copy of {full}: no DHCP, no route out"), make_network)
+    for name, target in copies.items():
+
+        def make_vm(name: str = name, target: str = target) -> None:
+            copy_state.made.append(target)
+            save_state(copy_state)
+            accepted = corral.fork_vm(name, target, networks=nets or None, keep_macs=bool(nets))
+            corral.wait_job(accepted["job"]["id"], timeout=timeout)
+            wait_ready(corral, target, timeout)
+            if name in state.provisioned:  # a fork is a copy of a provisioned guest
+                copy_state.provisioned[target] = state.provisioned[name]
+
+        run(Step("fork-vm", target, f"from {name}"), make_vm)
+    return steps
 
 
 def _addresses(vm: dict[str, Any]) -> str:

@@ -10,9 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
-from corral.cluster.clones import _new_vm, _volume_name, fresh_identity
+from corral.cluster.clones import fresh_identity, new_vm, volume_name
 from corral.cluster.images import own_first
-from corral.cluster.vms import _busy, get_vm, new_volume
+from corral.cluster.vms import ensure_idle, get_vm, new_volume
 from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotFound, QuotaExceeded
 from corral.spec import sources
 from corral.spec.backup import check_export_path, default_backup_name, read_export_manifest
@@ -92,7 +92,7 @@ def create(
     session: Session, vm_name: str, name: str | None = None, incremental: bool = False, project: str = "default"
 ) -> Job:
     vm = get_vm(session, vm_name, project)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     if vm.observed_state not in (*LIVE, *STOPPED):
         raise Conflict(f"VM {vm_name} is {vm.observed_state}", "wait until it is running or stopped")
     kind = "incremental" if incremental else "full"
@@ -196,13 +196,13 @@ def _image_present(session: Session, spec: VMSpec, project: str) -> Image:
 
 def _new_vm_with_disks(session: Session, spec: VMSpec, host: str, project: str, sizes: list[int], image: Image) -> VM:
     quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory, disk=sum(sizes), vms=1)
-    vm = _new_vm(session, spec, host, project, start=False)
+    vm = new_vm(session, spec, host, project, start=False)
     for index, size in enumerate(sizes):
         # The disks will be standalone copies; naming the image keeps it (and its kernel) from being deleted.
         new_volume(
             session,
             vm,
-            _volume_name(spec.name, index),
+            volume_name(spec.name, index),
             size,
             index,
             "root" if index == 0 else "data",
@@ -233,7 +233,7 @@ def restore(session: Session, vm_name: str, name: str, as_name: str | None = Non
                 f"VM {as_name!r} already exists",
                 "choose another name for --as, or leave --as out to restore over a stopped VM",
             )
-        _busy(session, existing)
+        ensure_idle(session, existing)
         if existing.observed_state not in STOPPED or existing.desired_state != PowerState.STOPPED:
             raise Conflict(
                 f"VM {vm_name} is {existing.observed_state}; a restore would overwrite disks in use",
@@ -303,7 +303,7 @@ def export(
             "leave out the file to download the export (`corral vm export VM FILE.tar` does so)",
         )
     vm = get_vm(session, vm_name, project)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     if vm.observed_state not in (*LIVE, *STOPPED):
         raise Conflict(f"VM {vm_name} is {vm.observed_state}", "wait until it is running or stopped")
     if file is not None and format == "ova":

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from corral.cluster import networks, placement, quotas
 from corral.cluster.snapshots import get_snapshot
-from corral.cluster.vms import _busy, get_vm, new_volume
+from corral.cluster.vms import ensure_idle, get_vm, new_volume
 from corral.errors import AlreadyExists, Conflict, NotFound
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name
@@ -24,7 +24,7 @@ def fresh_identity(spec: VMSpec, name: str) -> VMSpec:
     return spec.model_copy(update={"name": name, "nics": nics}).with_macs()
 
 
-def _new_vm(session: Session, spec: VMSpec, host: str, project: str, start: bool) -> VM:
+def new_vm(session: Session, spec: VMSpec, host: str, project: str, start: bool) -> VM:
     validate_name(spec.name, "VM name")
     if session.scalars(select(VM.id).where(VM.project == project, VM.name == spec.name)).first():
         raise AlreadyExists(f"VM {spec.name!r} already exists", "choose another name")
@@ -49,7 +49,7 @@ def _new_vm(session: Session, spec: VMSpec, host: str, project: str, start: bool
     return vm
 
 
-def _volume_name(vm_name: str, index: int) -> str:
+def volume_name(vm_name: str, index: int) -> str:
     return f"{vm_name}-root" if index == 0 else f"{vm_name}-disk{index}"
 
 
@@ -64,7 +64,7 @@ def clone(
     project: str = "default",
 ) -> Job:
     source = get_vm(session, source_name, project)
-    _busy(session, source)
+    ensure_idle(session, source)
     snapshot_tag = None
     if from_snapshot is not None:
         if linked:
@@ -86,12 +86,12 @@ def clone(
         quotas.check(
             session, project, vcpus=spec.cpus, memory=spec.memory, disk=sum(v.size for v in source.volumes), vms=1
         )
-        vm = _new_vm(session, spec, source.host, project, start)
+        vm = new_vm(session, spec, source.host, project, start)
         for index, src in enumerate(sorted(source.volumes, key=lambda v: v.device_index)):
             new_volume(
                 session,
                 vm,
-                _volume_name(new_name, index),
+                volume_name(new_name, index),
                 src.size,
                 index,
                 src.role,
@@ -140,7 +140,7 @@ def create_template(session: Session, name: str, source_name: str, project: str 
     if session.scalars(select(Template.id).where(Template.project == project, Template.name == name)).first():
         raise AlreadyExists(f"template {name!r} already exists", "choose another name")
     source = get_vm(session, source_name, project)
-    _busy(session, source)
+    ensure_idle(session, source)
     spec = VMSpec.model_validate(source.spec)
     template = Template(
         name=name, project=project, host=source.host, source_vm=source.name, spec=spec.model_dump(mode="json")
@@ -190,13 +190,13 @@ def create_from_template(
             disk=sum(int(disk["size"]) for disk in template.disks),
             vms=1,
         )
-        vm = _new_vm(session, spec, template.host, project, start)
+        vm = new_vm(session, spec, template.host, project, start)
         vm.template = template.id
         for index, disk in enumerate(template.disks):
             new_volume(
                 session,
                 vm,
-                _volume_name(spec.name, index),
+                volume_name(spec.name, index),
                 disk["size"],
                 index,
                 "root" if index == 0 else "data",

@@ -5,11 +5,11 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
-from corral.cluster.clones import _new_vm, _volume_name, fresh_identity
-from corral.cluster.vms import _busy, get_vm, new_volume
+from corral.cluster.clones import fresh_identity, new_vm, volume_name
+from corral.cluster.vms import ensure_idle, get_vm, new_volume
 from corral.errors import Conflict, InvalidInput
 from corral.spec.job import JobKind
-from corral.spec.vm import PowerState, VMSpec
+from corral.spec.vm import USER_NETWORK, PowerState, VMSpec
 from corral.store import jobs
 from corral.store.models import Job
 
@@ -22,14 +22,39 @@ def child_names(name: str, count: int) -> list[str]:
     return [name] if count == 1 else [f"{name}-{index}" for index in range(1, count + 1)]
 
 
-def fork(session: Session, source_name: str, name: str, count: int = 1, project: str = "default") -> Job:
+def fork(
+    session: Session,
+    source_name: str,
+    name: str,
+    count: int = 1,
+    project: str = "default",
+    wait: bool = True,
+    networks: dict[str, str] | None = None,
+    keep_macs: bool = False,
+) -> Job:
+    """Fork any running VM (``forkable`` only makes it faster: docs/testing-with-corral.md). With ``wait`` the
+    job ends when the children answer with their new identity; without, as soon as they run.
+
+    ``networks`` moves the children's NICs to other networks (old name -> new name) and ``keep_macs`` keeps the
+    parent's MACs: an isolated copy (`corral env fork --isolated`), whose guests keep their addresses too."""
     parent = get_vm(session, source_name, project)
     spec = VMSpec.model_validate(parent.spec)
-    if not spec.forkable:
-        raise Conflict(f"VM {source_name} is not forkable", "create it with --forkable (its RAM goes in a shared file)")
-    if parent.observed_state != PowerState.RUNNING:
+    networks = networks or {}
+    unknown = sorted(set(networks) - {nic.network for nic in spec.nics})
+    if unknown:
+        raise InvalidInput(
+            f"VM {source_name} has no NIC on {', '.join(unknown)}",
+            f"map only its networks: {', '.join(nic.network for nic in spec.nics) or '(none)'}",
+        )
+    # QEMU's user network is the VM's own: only corral networks must be moved for a MAC to stay unique.
+    if keep_macs and (count != 1 or any(nic.network not in networks | {USER_NETWORK: ""} for nic in spec.nics)):
+        raise InvalidInput(
+            "keeping MACs needs one child with every NIC moved to another network",
+            "a MAC may appear once per network: map each of the VM's networks, and fork one child",
+        )
+    if parent.observed_state not in (PowerState.RUNNING, PowerState.PAUSED):  # paused: a warm template
         raise Conflict(f"VM {source_name} is {parent.observed_state}", "a fork copies a running VM; start it first")
-    _busy(session, parent)
+    ensure_idle(session, parent)
     names = child_names(name, count)
     child_ids = []
     with placement.placement_lock:
@@ -43,13 +68,19 @@ def fork(session: Session, source_name: str, name: str, count: int = 1, project:
         )
         for child_name in names:
             child_spec = fresh_identity(spec, child_name).model_copy(update={"forkable": False})
-            vm = _new_vm(session, child_spec, parent.host, project, start=True)
+            if networks:
+                nics = [
+                    nic.model_copy(update={"network": networks[nic.network]} if nic.network in networks else {})
+                    for nic in (spec.nics if keep_macs else child_spec.nics)
+                ]
+                child_spec = child_spec.model_copy(update={"nics": nics})
+            vm = new_vm(session, child_spec, parent.host, project, start=True)
             vm.status_message = f"forking from {source_name}"
             for index, source in enumerate(sorted(parent.volumes, key=lambda v: v.device_index)):
                 new_volume(
                     session,
                     vm,
-                    _volume_name(child_name, index),
+                    volume_name(child_name, index),
                     source.size,
                     source.device_index,  # the child resumes the parent's devices: same nodes, same ports
                     source.role,
@@ -67,5 +98,5 @@ def fork(session: Session, source_name: str, name: str, count: int = 1, project:
             target_id=parent.id,
             host=parent.host,
             project=project,
-            params={"child_ids": child_ids, "names": names},
+            params={"child_ids": child_ids, "names": names, "wait": wait, "keep_addresses": keep_macs},
         )

@@ -9,9 +9,10 @@ itself at 80 % of the lease time after its last renewal started (corral.host.lea
 least ``0.2 * lease_time + margin`` before anything here starts them again. The takeover locks the host's row,
 checks the expiry again under the lock, bumps the host's epoch (an agent that comes back learns from its next
 renewal that it lost its VMs) and marks it ``dead``, in the same transaction that moves its HA VMs' rows to a
-survivor chosen by normal placement and queues their start jobs, highest ``ha_priority`` first. A VM no survivor
-can reach (its disks are on the dead host's own storage; replication is not built yet), and every non-HA VM, is
-recorded ``lost`` with the reason.
+survivor chosen by normal placement and queues their start jobs, highest ``ha_priority`` first. An HA VM with a
+replica (corral.cluster.replication) restarts from it on the replica's host when that host is online and has room:
+its disks may be on the dead host's own storage, the replica has them as of its last copy. A VM no survivor can
+reach, and every non-HA VM, is recorded ``lost`` with the reason.
 
 **When most lease holders expire at once, nothing is taken over**: that is the store or the network failing, not
 the hosts (the agents fenced their HA VMs all the same, and restart them once they renew). It is said once, as a
@@ -27,7 +28,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from corral.cluster import placement
+from corral.cluster import placement, replication
 from corral.errors import CorralError
 from corral.spec.job import JobKind, JobState
 from corral.spec.vm import PowerState, VMSpec
@@ -170,7 +171,13 @@ def take_over(session: Session, name: str, margin: timedelta) -> Takeover | None
     for vm in vms:
         spec = specs[vm.id]
         if not spec.ha or vm.desired_state == PowerState.STOPPED:
-            _lost(vm, f"{why_dead}; the VM is not HA: start it again when the host is back, or recreate it")
+            replica = replication.replica_of(session, vm.id)
+            hint = (
+                f"`corral vm failover {vm.name}` starts it from its replica on {replica.partner}"
+                if replica is not None and replica.last_at is not None
+                else "start it again when the host is back, or recreate it"
+            )
+            _lost(vm, f"{why_dead}; the VM is not HA: {hint}")
             result.lost.append((vm.name, "not HA"))
             continue
         try:
@@ -187,6 +194,24 @@ def take_over(session: Session, name: str, margin: timedelta) -> Takeover | None
                 )
                 _restart_on(session, vm, target.name, why_dead)
         except CorralError as exc:
+            # No survivor reaches its disks (the dead host's own storage): its replica has them, as of its last copy.
+            replica = replication.ha_target(session, vm, name)
+            if replica is not None:
+                with placement.placement_lock:
+                    replication.promote(session, vm, replica, why_dead)
+                result.restarted.append((vm.name, replica.partner))
+                session.add(
+                    Event(
+                        project=vm.project,
+                        type="vm.ha_restart",
+                        resource_kind="vm",
+                        resource_name=vm.name,
+                        resource_id=vm.id,
+                        data={"from": name, "to": replica.partner, "replica_copy_at": replica.last_at.isoformat()},
+                    )
+                )
+                log.warning("HA: VM %s restarts on %s from its replica (host %s died)", vm.name, replica.partner, name)
+                continue
             reason = f"{why_dead}; HA found no surviving host that reaches its disks and has room: {exc.message}"
             _lost(vm, reason)
             result.lost.append((vm.name, exc.message))

@@ -72,7 +72,7 @@ def build(session: Session, request: ImageBuild, project: str = "default") -> tu
         raise AlreadyExists(f"image {name!r} already exists", "remove it first with `corral image rm`")
     params: dict[str, object] = {"recipe": request.recipe}
     if request.recipe == "debian":
-        from corral.images.debian import validate_packages, validate_release, validate_size
+        from corral.spec.debian import validate_packages, validate_release, validate_size
 
         params.update(
             release=validate_release(request.release or "bookworm"),

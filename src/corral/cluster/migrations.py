@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from corral.cluster import networks as cluster_networks
 from corral.cluster import placement
-from corral.cluster.vms import _busy, get_vm
+from corral.cluster.vms import ensure_idle, get_vm
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.vm import PowerState, VMSpec
@@ -102,6 +103,8 @@ def choose_target(
 
     ``to`` None: the scheduler's choice among every host but the VM's own (filters and weights as for a create).
     ``scheduler``: a drain's shared scheduler, so that each VM placed counts for the next ones."""
+    from corral.cluster import replication  # imports this module
+
     spec = VMSpec.model_validate(vm.spec)
     source = session.scalars(select(Host).where(Host.name == vm.host)).first()
     if source is None:
@@ -120,9 +123,10 @@ def choose_target(
         target = session.scalars(select(Host).where(Host.name == to)).first()
         if target is None or to not in scheduler.view:
             raise NotFound(f"host {to!r} is not registered", "list hosts with `corral host list`")
+        replication.check_move(session, vm, to)
         copy = _copy_disks(source, target, with_storage)
         request = _request(vm, spec, copy, host=to, networks=networks)
-        reason = scheduler.verdict(scheduler.view[to], request)
+        reason = scheduler.verdict(scheduler.view[to], request) or cluster_networks.forwards_clash(session, vm, to)
         if reason is not None:
             raise Conflict(
                 f"host {to} cannot take VM {vm.name}: {reason}",
@@ -132,6 +136,9 @@ def choose_target(
         return target, copy
     # Without --to: try hosts in weight order; the storage need depends on whether each one shares the pool.
     others = {name: load for name, load in scheduler.view.items() if name != vm.host}
+    replica = replication.replica_of(session, vm.id)  # never onto its replica's host (check_move)
+    if replica is not None:
+        others.pop(replica.partner, None)
     rows = {host.name: host for host in session.scalars(select(Host).where(Host.name.in_(list(others))))}
     reasons = []
     for load in sorted(others.values(), key=lambda load: (scheduler.weight(load), load.name)):
@@ -143,11 +150,16 @@ def choose_target(
             reasons.append(f"{load.name}: {'shares' if shared else 'does not share'} the storage pool")
             continue
         request = _request(vm, spec, not shared, networks=networks)
-        reason = scheduler.verdict(load, request)
+        reason = scheduler.verdict(load, request) or cluster_networks.forwards_clash(session, vm, load.name)
         if reason is None:
             scheduler.commit(load, request)
             return host, not shared
         reasons.append(f"{load.name}: {reason}")
+    # Nothing awake fits: a standby host is woken for it, as for a create (counted as if the disks were copied,
+    # since whether it shares the pool is known only once it is chosen).
+    woken = placement.wake_for(session, scheduler, _request(vm, spec, True, networks=networks))
+    if woken is not None:
+        return woken, not shares_storage(source, woken)
     if not reasons:
         raise Conflict(f"no other host to move VM {vm.name} to", "add a host with `corral agent` on another machine")
     shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
@@ -192,12 +204,13 @@ def move_stopped(session: Session, vm: VM, target: Host) -> None:
     vm.host = target.name
     for volume in vm.volumes:
         volume.host = target.name
+    cluster_networks.move_forwards(session, vm, target.name)
 
 
 def migrate(session: Session, name: str, request: MigrateRequest, project: str = "default") -> tuple[Job | None, VM]:
     """Check a `vm migrate` and write its jobs (None for a stopped VM on shared storage: the rows just move)."""
     vm = get_vm(session, name, project)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     running = vm.desired_state in MOVABLE_STATES and vm.observed_state in MOVABLE_STATES
     live = running if request.live is None else request.live
     if live and not running:
@@ -243,6 +256,7 @@ def _migrate_stopped(session: Session, vm: VM, request: MigrateRequest) -> None:
             reasons.append(f"{name}: does not share the storage pool")
             continue
         why = view[name].fits(placement.PlacementRequest.of(spec, will_run=False))
+        why = why or cluster_networks.forwards_clash(session, vm, name)
         if why is not None:
             reasons.append(f"{name}: {why}")
             continue
@@ -269,7 +283,7 @@ def drain(session: Session, host_name: str) -> tuple[Job | None, dict[str, Any]]
         previous: str | None = None
         for vm in vms:
             try:
-                _busy(session, vm)
+                ensure_idle(session, vm)
                 running = vm.desired_state in MOVABLE_STATES and vm.observed_state in MOVABLE_STATES
                 if not running:
                     _migrate_stopped(session, vm, MigrateRequest(live=False))

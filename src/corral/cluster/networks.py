@@ -104,6 +104,19 @@ def network_hosts(session: Session, network_id: str) -> list[str]:
     return sorted({host for host in rows if host})
 
 
+def network_host_states(session: Session, network: Network) -> dict[str, str]:
+    """Each host the network spans and its part in it, as `network show` lists them: ``joined`` (its VXLAN device
+    is on the segment), ``error`` (its agent could not join; the reason is in that agent's log, as it names host
+    facts), ``joining`` (not reported yet: its agent's next heartbeat tells), ``local`` (no overlay: a single host,
+    or a bridge-mode network, whose LAN is the segment)."""
+    hosts = network_hosts(session, network.id)
+    pool = session.get_bind().dialect.name == "postgresql"
+    if not pool or network.mode == NetworkMode.BRIDGE or network.vni is None:
+        return dict.fromkeys(hosts, "local")
+    usage = dict(session.execute(select(Host.name, Host.usage).where(Host.name.in_(hosts))).all())
+    return {host: ((usage.get(host) or {}).get("overlays") or {}).get(network.id, "joining") for host in hosts}
+
+
 def _job_host(session: Session, uplink: str | None = None) -> str:
     """Network jobs run on one host (the first online one): it reports errors such as a missing uplink.
     Every other host's agent makes the bridge when a VM there first needs it. A bridge-mode network's job goes to
@@ -494,6 +507,30 @@ def remove_forward(session: Session, vm: VM, host_port: int, protocol: str = "tc
     }
     session.delete(row)
     return _forward_job(session, vm, params)
+
+
+def forwards_clash(session: Session, vm: VM, host: str) -> str | None:
+    """Why ``vm``'s forwards cannot follow it to ``host`` (another VM there forwards one of its host ports), or
+    None. A forward lives on the VM's host, so a move takes its ports along (docs/networking.md)."""
+    for forward in forwards_of(session, vm.id):
+        other = session.scalars(
+            select(PortForward).where(
+                PortForward.host == host,
+                PortForward.protocol == forward.protocol,
+                PortForward.host_port == forward.host_port,
+                PortForward.vm_id != vm.id,
+            )
+        ).first()
+        if other is not None:
+            return f"host port {forward.host_port}/{forward.protocol} of its forwards is forwarded there already"
+    return None
+
+
+def move_forwards(session: Session, vm: VM, host: str) -> None:
+    """Point ``vm``'s forwards at its new host, in the transaction that moves the VM: that host's agent then
+    holds the ports and writes the rules, the old host's lets go of them."""
+    for forward in forwards_of(session, vm.id):
+        forward.host = host
 
 
 def forwards_of(session: Session, vm_id: str) -> list[PortForward]:

@@ -700,6 +700,9 @@ def wake_for(session: Session, scheduler: Scheduler, request: PlacementRequest) 
                 "try again once `corral host list` shows it online",
             )
         host.standby = False
+        from corral.store import events
+
+        session.add(events.make(session, host, "host", "host.wake", {"reason": "placement needs its room"}))
         scheduler.commit(load, request)
         return host
     return None

@@ -482,8 +482,8 @@ def _assignment(
         h.changeColCost(index[name], 1.0)
     count = len(names)
     x: dict[tuple[int, int], int] = {}
-    fixed_cpu = defaultdict(float)
-    fixed_mem = defaultdict(float)
+    fixed_cpu: defaultdict[str, float] = defaultdict(float)
+    fixed_mem: defaultdict[str, float] = defaultdict(float)
     movable = [g for g in guests if g.movable]
     for g in guests:
         if not g.movable and g.host in index:
@@ -540,8 +540,9 @@ def _assignment(
             [*(float(movable[v].request.memory) for v, _ in entries), -float(load.mem_cap)],
         )
         for v, col in entries:
-            if movable[v].group:
-                groups[(movable[v].group, i)].append(col)
+            pair = movable[v].group
+            if pair:
+                groups[(pair, i)].append(col)
     for (group, i), cols in groups.items():
         room = 1.0 - fixed_groups.get((group, names[i]), 0)
         h.addRow(-inf, max(0.0, room), len(cols), cols, [1.0] * len(cols))

@@ -33,6 +33,7 @@ from corral.cluster import placement, planner, usage
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.spec.job import JobState
 from corral.spec.vm import USER_NETWORK, PowerState, VMSpec
+from corral.store import events
 from corral.store.db import Store
 from corral.store.models import VM, Host, Job, Plan, Volume
 
@@ -78,6 +79,7 @@ def set_standby(session: Session, name: str) -> Host:
         )
     if not host.standby:
         host.standby = True
+        session.add(events.make(session, host, "host", "host.standby", {"command": bool(_commands["standby"])}))
         _power("standby", host.name, host.address)
     return host
 
@@ -88,6 +90,9 @@ def wake(session: Session, name: str) -> Host:
     host = get_host(session, name)
     if host.standby:
         host.standby = False
+        session.add(
+            events.make(session, host, "host", "host.wake", {"reason": "asked", "command": bool(_commands["wake"])})
+        )
         _power("wake", host.name, host.address)
     return host
 
@@ -259,6 +264,40 @@ def recommend_consolidation(session: Session, request: ConsolidateRequest) -> Pl
     view, guests = load(session)
     result = planner.consolidate(view, guests, request.keep_spare, request.solver_time_limit or None)
     return _store(session, "consolidate", result.summary(), result.moves)
+
+
+# -- automatic balancing (config: auto_balance) ------------------------------------------------------------------
+
+_auto_last: dict[str, float] = {}
+
+
+def auto_balance(session: Session, threshold: int) -> Plan | None:
+    """The automatic mode: when no plan is running, a balance plan of at most one move whose gain passes
+    ``threshold``, approved at once (the HostWatch then runs it as any approved plan). None when nothing is worth
+    moving; such rounds store nothing. One move per plan and none while a plan runs: one migration at a time."""
+    if session.scalar(select(Plan.id).where(Plan.state.in_(("approved", "running"))).limit(1)) is not None:
+        return None
+    view, guests = load(session)
+    result = planner.balance(view, guests, threshold, 1)
+    if not result.moves:
+        return None
+    plan = _store(session, "balance", {**result.summary(), "automatic": True}, result.moves)
+    plan.state = "running"
+    plan.message = f"approved automatically (auto_balance, threshold {threshold})"
+    log.info("automatic balancing: moving VM %s to %s", result.moves[0].vm, result.moves[0].target)
+    return plan
+
+
+def auto_balance_tick(store: Store, threshold: int, interval: float) -> str | None:
+    """Called on each pass of the control plane's HostWatch: an :func:`auto_balance` round every ``interval``
+    seconds. Returns the id of the plan it started, if any."""
+    now = time.monotonic()
+    if now - _auto_last.get("balance", float("-inf")) < interval:
+        return None
+    _auto_last["balance"] = now
+    with store.session() as session:
+        plan = auto_balance(session, threshold)
+        return plan.id if plan is not None else None
 
 
 def get_plan(session: Session, plan_id: str) -> Plan:

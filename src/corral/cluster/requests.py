@@ -13,7 +13,7 @@ from corral.spec.sizes import parse_size
 from corral.spec.vm import VMSpec
 
 
-def _size(value: object) -> int:
+def size_in_bytes(value: object) -> int:
     if isinstance(value, (str, int)):
         return parse_size(value)
     raise InvalidInput(f"invalid size {value!r}", "write a size such as 1G")
@@ -96,7 +96,7 @@ class ImageBuild(BaseModel):
     name: str | None = None
     release: str | None = None  # debian
     packages: list[str] = Field(default_factory=list)  # debian
-    size: Annotated[int, BeforeValidator(_size)] | None = None  # debian root disk
+    size: Annotated[int, BeforeValidator(size_in_bytes)] | None = None  # debian root disk
 
 
 class ImageImport(BaseModel):
@@ -128,7 +128,7 @@ class ImageImport(BaseModel):
 class VolumeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    size: Annotated[int, BeforeValidator(_size)]
+    size: Annotated[int, BeforeValidator(size_in_bytes)]
     pool: str = "default"
 
     @field_validator("name")
@@ -139,7 +139,7 @@ class VolumeCreate(BaseModel):
 
 class VolumeResize(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    size: Annotated[int, BeforeValidator(_size)]
+    size: Annotated[int, BeforeValidator(size_in_bytes)]
 
 
 class VMClone(BaseModel):
@@ -161,3 +161,8 @@ class VMFork(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     count: int = 1
+    wait: bool = True  # the job ends when the children answer with their new identity; False: when they run
+    # An isolated copy (`corral env fork --isolated`): NICs moved to other networks (old name -> new name), keeping
+    # their MACs and the guest's addresses (docs/environments.md).
+    networks: dict[str, str] = {}
+    keep_macs: bool = False

@@ -9,7 +9,6 @@ and shrinking frees allocation immediately) and a job applies what it can to the
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,13 +16,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
-from corral.cluster.vms import _busy, _check_pool_space, _free_volume_name, _host_id, check_ha, get_vm, new_volume
+from corral.cluster.vms import check_ha, check_pool_space, ensure_idle, free_volume_name, get_vm, host_id_of, new_volume
 from corral.cluster.volumes import get_volume
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name
 from corral.spec.sizes import format_size
-from corral.spec.vm import MAX_DISKS, PowerState, Size, VMSpec
+from corral.spec.vm import MAX_DISKS, MIN_FLOOR, PowerState, Size, VMSpec
 from corral.store import jobs
 from corral.store.models import VM, Host, Job, Volume
 
@@ -44,13 +43,16 @@ class VMResize(BaseModel):
     # HA (docs/ha.md): takes effect at once, for the next time the VM's host dies.
     ha: bool | None = None
     ha_priority: int | None = Field(default=None, ge=-1000, le=1000)
+    # The floor automatic ballooning keeps (docs/optimization.md): stored on the VM, not in its spec.
+    min_memory: Size | None = None
 
     @model_validator(mode="after")
     def _something(self) -> VMResize:
         if all(value is None for value in self.model_dump().values()):
             raise InvalidInput(
                 "nothing to change",
-                "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, --max-cpus or --ha/--no-ha",
+                "pass --memory, --cpus, --cpu-limit, --cpu-weight, --max-memory, --max-cpus, --min-memory "
+                "or --ha/--no-ha",
             )
         return self
 
@@ -81,7 +83,9 @@ def resized_spec(spec: VMSpec, request: VMResize) -> VMSpec:
     A VM created without ceilings gets one when it shrinks: its current size becomes max_memory / max_cpus, so
     it can grow back live to where it was. Growing past a ceiling the user set is refused; growing a VM that has
     none is allowed and takes effect at the next start (the running QEMU has no room for it)."""
-    update: dict[str, Any] = {key: value for key, value in request.model_dump().items() if value is not None}
+    update: dict[str, Any] = {
+        key: value for key, value in request.model_dump(exclude={"min_memory"}).items() if value is not None
+    }
     if (
         request.memory is not None
         and request.max_memory is None
@@ -94,23 +98,48 @@ def resized_spec(spec: VMSpec, request: VMResize) -> VMSpec:
     return VMSpec.model_validate({**spec.model_dump(mode="json"), **update})
 
 
+def _check_floor(vm: VM, new: VMSpec, request: VMResize) -> None:
+    """`--min-memory` within [MIN_FLOOR, memory]; a shrink under a floor the user set is refused, not clamped.
+    Stores the new floor on the row (the caller's transaction commits it with the spec)."""
+    floor = request.min_memory if request.min_memory is not None else vm.min_memory
+    if floor is None:
+        return
+    if floor < MIN_FLOOR:
+        raise InvalidInput(
+            f"--min-memory {format_size(floor)} is below the least floor, {format_size(MIN_FLOOR)}",
+            f"give at least {format_size(MIN_FLOOR)}, e.g. --min-memory 128M",
+        )
+    if floor > new.memory:
+        which = "--min-memory" if request.min_memory is not None else f"VM {vm.name}'s floor"
+        raise InvalidInput(
+            f"{which} {format_size(floor)} is above the VM's memory, {format_size(new.memory)}",
+            "give a floor at most its memory"
+            + ("" if request.min_memory is not None else f" (`--min-memory {format_size(new.memory)}` with it)"),
+        )
+    vm.min_memory = floor
+
+
 def _meant_to_run(vm: VM) -> bool:
     return vm.desired_state in _RUNNING or vm.observed_state in _RUNNING
 
 
-def resize(session: Session, name: str, request: VMResize, project: str = "default") -> Job:
-    """Validate, check capacity and quotas for growth, write the new spec, and queue the live change."""
+def resize(session: Session, name: str, request: VMResize, project: str = "default") -> Job | None:
+    """Validate, check capacity and quotas for growth, write the new spec, and queue the live change. A change
+    of the floor alone (`--min-memory`) is only a row to write: no job (None)."""
     vm = get_vm(session, name, project)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     old = VMSpec.model_validate(vm.spec)
     new = resized_spec(old, request)
     check_ha(session, new)
+    _check_floor(vm, new, request)
+    if new == old and request.min_memory is not None:
+        return None
     grow_cpus, grow_memory = max(0, new.cpus - old.cpus), max(0, new.memory - old.memory)
     with placement.placement_lock:
         if grow_cpus or grow_memory:
             quotas.check(session, project, vcpus=grow_cpus, memory=grow_memory)
             if _meant_to_run(vm):
-                host = session.get(Host, _host_id(session, vm.host))
+                host = session.get(Host, host_id_of(session, vm.host))
                 placement.check_fits(session, host, new, exclude_vm=vm.id)
         vm.spec = new.model_dump(mode="json")
         params = {"old": old.model_dump(mode="json"), "new": vm.spec}
@@ -130,10 +159,10 @@ def _free_index(vm: VM) -> int:
     )
 
 
-def disk_add(session: Session, name: str, request: DiskAdd, pool_dir: Path, project: str = "default") -> Job:
+def disk_add(session: Session, name: str, request: DiskAdd, project: str = "default") -> Job:
     """Attach a new or existing volume to a VM at the lowest free device index (its hotplug port for life)."""
     vm = get_vm(session, name, project)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     index = _free_index(vm)
     if request.volume is not None:
         volume = get_volume(session, request.volume, project)
@@ -156,10 +185,10 @@ def disk_add(session: Session, name: str, request: DiskAdd, pool_dir: Path, proj
         created = False
     else:
         assert request.size is not None
-        _check_pool_space(pool_dir, request.size, "a disk")
+        check_pool_space(session, request.size, "a disk", vm.host)
         quotas.check(session, project, disk=request.size)
         volume = new_volume(
-            session, vm, _free_volume_name(session, project, f"{vm.name}-disk{index}"), request.size, index
+            session, vm, free_volume_name(session, project, f"{vm.name}-disk{index}"), request.size, index
         )
         created = True
     session.flush()
@@ -178,7 +207,7 @@ def disk_add(session: Session, name: str, request: DiskAdd, pool_dir: Path, proj
 def disk_remove(session: Session, name: str, volume_name: str, project: str = "default") -> Job:
     """Detach a data disk; the volume stays, free for another VM (delete it with `corral volume delete`)."""
     vm = get_vm(session, name, project)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     volume = session.scalars(select(Volume).where(Volume.project == project, Volume.name == volume_name)).first()
     if volume is None or volume.vm_id != vm.id:
         disks = ", ".join(v.name for v in sorted(vm.volumes, key=lambda v: v.device_index) if v.role != "root")

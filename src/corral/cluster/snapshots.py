@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.cluster.vms import _busy, get_vm
+from corral.cluster.vms import ensure_idle, get_vm
 from corral.errors import AlreadyExists, Conflict, NotFound
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name
@@ -40,7 +40,7 @@ def create(
     """``memory=None`` means: with memory when the VM runs, disk-only when it is stopped."""
     validate_name(name, "snapshot name")
     vm = get_vm(session, vm_name, project)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     if session.scalars(select(Snapshot.id).where(Snapshot.vm_id == vm.id, Snapshot.name == name)).first():
         raise AlreadyExists(f"VM {vm_name} already has a snapshot {name!r}", "choose another name")
     if vm.observed_state not in (PowerState.RUNNING, PowerState.PAUSED, PowerState.STOPPED, PowerState.CRASHED):
@@ -80,7 +80,7 @@ def create(
 def revert(session: Session, vm_name: str, name: str, wait: bool = False, project: str = "default") -> Job:
     vm = get_vm(session, vm_name, project)
     snapshot = get_snapshot(session, vm, name)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     if snapshot.state != "ready":
         raise Conflict(f"snapshot {name} is {snapshot.state}", "wait for it to be ready")
     return jobs.submit(
@@ -98,7 +98,7 @@ def revert(session: Session, vm_name: str, name: str, wait: bool = False, projec
 def delete(session: Session, vm_name: str, name: str, project: str = "default") -> Job:
     vm = get_vm(session, vm_name, project)
     snapshot = get_snapshot(session, vm, name)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     return jobs.submit(
         session,
         JobKind.SNAPSHOT_DELETE,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from corral.cluster import networks, placement, quotas
@@ -30,7 +27,7 @@ def list_vms(session: Session, project: str = "default") -> list[VM]:
     return list(session.scalars(select(VM).where(VM.project == project).order_by(VM.name)))
 
 
-def _busy(session: Session, vm: VM, allow: tuple[str, ...] = ()) -> None:
+def ensure_idle(session: Session, vm: VM, allow: tuple[str, ...] = ()) -> None:
     for job in jobs.active_for(session, "vm", vm.id):
         if job.kind not in allow:
             raise Conflict(
@@ -39,16 +36,23 @@ def _busy(session: Session, vm: VM, allow: tuple[str, ...] = ()) -> None:
             )
 
 
-def _check_pool_space(pool_dir: Path, size: int, what: str) -> None:
-    total = shutil.disk_usage(pool_dir).total if pool_dir.exists() else None
-    if total is not None and size > total:
+def check_pool_space(session: Session, size: int, what: str, host: str | None = None) -> None:
+    """A disk cannot be larger than the storage pool it goes to: ``host``'s, or before placement the largest any
+    host has. The sizes are the inventories the agents report (corral.host.inventory), so the check holds in a
+    pool of hosts too, where the control plane has no storage pool of its own; a host that has not reported yet
+    (0) does not count."""
+    query = select(func.max(Host.storage_total))
+    if host is not None:
+        query = query.where(Host.name == host)
+    total = session.scalar(query) or 0
+    if total and size > total:
         raise InsufficientResources(
             f"{what} of {format_size(size)} is larger than the storage pool ({format_size(total)})",
             "ask for a smaller disk",
         )
 
 
-def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "default") -> Job:
+def create(session: Session, request: VMCreate, project: str = "default") -> Job:
     """Validate everything, then write the VM, its volume rows and one job in a single transaction."""
     spec = request.spec.with_macs()
     check_ha(session, spec)
@@ -67,7 +71,7 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
         raise Conflict(f"image {spec.image!r} is {image.state}", "wait for its job to finish")
     for disk in spec.disks:
         if disk.size is not None:
-            _check_pool_space(pool_dir, disk.size, "a disk")
+            check_pool_space(session, disk.size, "a disk")
     attached = []
     for volume_name in request.volumes + [d.volume for d in spec.disks if d.volume]:
         volume = session.scalars(select(Volume).where(Volume.project == project, Volume.name == volume_name)).first()
@@ -111,7 +115,7 @@ def create(session: Session, request: VMCreate, pool_dir: Path, project: str = "
             if disk.size is not None:
                 index += 1
                 new_volume(
-                    session, vm, _free_volume_name(session, project, f"{spec.name}-disk{index}"), disk.size, index
+                    session, vm, free_volume_name(session, project, f"{spec.name}-disk{index}"), disk.size, index
                 )
         for volume in attached:
             index += 1
@@ -139,7 +143,7 @@ def check_ha(session: Session, spec: VMSpec) -> None:
         )
 
 
-def _free_volume_name(session: Session, project: str, wanted: str) -> str:
+def free_volume_name(session: Session, project: str, wanted: str) -> str:
     name, suffix = wanted, 1
     while session.scalars(select(Volume.id).where(Volume.project == project, Volume.name == name)).first():
         suffix += 1
@@ -185,10 +189,10 @@ def new_volume(
 
 def start(session: Session, name: str, request: VMStart, project: str = "default") -> Job:
     vm = get_vm(session, name, project)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     with placement.placement_lock:
         if vm.desired_state == PowerState.STOPPED or vm.observed_state in (PowerState.STOPPED, PowerState.CRASHED):
-            host = session.get(Host, _host_id(session, vm.host))
+            host = session.get(Host, host_id_of(session, vm.host))
             placement.check_fits(session, host, VMSpec.model_validate(vm.spec), exclude_vm=vm.id)
         vm.desired_state = PowerState.RUNNING
         return jobs.submit(
@@ -203,7 +207,7 @@ def start(session: Session, name: str, request: VMStart, project: str = "default
         )
 
 
-def _host_id(session: Session, host_name: str | None) -> str:
+def host_id_of(session: Session, host_name: str | None) -> str:
     host_id = session.scalars(select(Host.id).where(Host.name == host_name)).first()
     if host_id is None:
         raise Conflict(f"the VM's host {host_name!r} is not registered", "start its agent")
@@ -213,7 +217,7 @@ def _host_id(session: Session, host_name: str | None) -> str:
 def stop(session: Session, name: str, request: VMStop, project: str = "default") -> Job:
     vm = get_vm(session, name, project)
     # A stop may overtake a running start or exec: that is how a hung boot is ended.
-    _busy(session, vm, allow=(JobKind.VM_START, JobKind.VM_EXEC, JobKind.VM_STOP, JobKind.VM_CREATE))
+    ensure_idle(session, vm, allow=(JobKind.VM_START, JobKind.VM_EXEC, JobKind.VM_STOP, JobKind.VM_CREATE))
     return jobs.submit(
         session,
         JobKind.VM_STOP,
@@ -228,7 +232,7 @@ def stop(session: Session, name: str, request: VMStop, project: str = "default")
 
 def restart(session: Session, name: str, request: VMRestart, project: str = "default") -> Job:
     vm = get_vm(session, name, project)
-    _busy(session, vm)
+    ensure_idle(session, vm)
     return jobs.submit(
         session,
         JobKind.VM_RESTART,
@@ -243,7 +247,7 @@ def restart(session: Session, name: str, request: VMRestart, project: str = "def
 
 def pause(session: Session, name: str, project: str = "default") -> Job:
     vm = get_vm(session, name, project)
-    _busy(session, vm, allow=(JobKind.VM_EXEC,))
+    ensure_idle(session, vm, allow=(JobKind.VM_EXEC,))
     if vm.observed_state not in (PowerState.RUNNING, PowerState.PAUSED):
         raise Conflict(f"VM {name} is {vm.observed_state}, not running", f"start it with `corral vm start {name}`")
     return jobs.submit(session, JobKind.VM_PAUSE, "vm", vm.name, target_id=vm.id, host=vm.host, project=project)
@@ -251,7 +255,7 @@ def pause(session: Session, name: str, project: str = "default") -> Job:
 
 def resume(session: Session, name: str, project: str = "default") -> Job:
     vm = get_vm(session, name, project)
-    _busy(session, vm, allow=(JobKind.VM_EXEC,))
+    ensure_idle(session, vm, allow=(JobKind.VM_EXEC,))
     if vm.observed_state not in (PowerState.RUNNING, PowerState.PAUSED):
         raise Conflict(f"VM {name} is {vm.observed_state}, not paused", f"start it with `corral vm start {name}`")
     return jobs.submit(session, JobKind.VM_RESUME, "vm", vm.name, target_id=vm.id, host=vm.host, project=project)
@@ -259,12 +263,15 @@ def resume(session: Session, name: str, project: str = "default") -> Job:
 
 def delete(session: Session, name: str, request: VMDelete, project: str = "default") -> Job:
     vm = get_vm(session, name, project)
-    _busy(session, vm, allow=(JobKind.VM_EXEC,))
+    ensure_idle(session, vm, allow=(JobKind.VM_EXEC,))
     if vm.observed_state not in (PowerState.STOPPED, PowerState.CRASHED) and not request.force:
         raise Conflict(
             f"VM {name} is {vm.observed_state}", f"stop it first or pass --force: `corral vm delete {name} --force`"
         )
     vm.desired_state = PowerState.STOPPED
+    from corral.cluster import replication  # imports this module
+
+    replication.drop_for_vm(session, vm)  # its replica's files go on the partner
     return jobs.submit(
         session,
         JobKind.VM_DELETE,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
 from corral.cluster.requests import VolumeCreate, VolumeResize
-from corral.cluster.vms import _check_pool_space
+from corral.cluster.vms import check_pool_space
 from corral.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.sizes import format_size
@@ -28,12 +26,12 @@ def list_volumes(session: Session, project: str = "default") -> list[Volume]:
     return list(session.scalars(select(Volume).where(Volume.project == project).order_by(Volume.name)))
 
 
-def create(session: Session, request: VolumeCreate, pool_dir: Path, project: str = "default") -> Job:
+def create(session: Session, request: VolumeCreate, project: str = "default") -> Job:
     if request.pool != "default":
         raise NotFound(f"storage pool {request.pool!r} not found", "use the 'default' pool")
     if session.scalars(select(Volume.id).where(Volume.project == project, Volume.name == request.name)).first():
         raise AlreadyExists(f"volume {request.name!r} already exists", "choose another name")
-    _check_pool_space(pool_dir, request.size, "a volume")
+    check_pool_space(session, request.size, "a volume")
     quotas.check(session, project, disk=request.size)
     hosts = placement.online_hosts(session)
     if not hosts:
@@ -55,14 +53,14 @@ def create(session: Session, request: VolumeCreate, pool_dir: Path, project: str
     )
 
 
-def resize(session: Session, name: str, request: VolumeResize, pool_dir: Path, project: str = "default") -> Job:
+def resize(session: Session, name: str, request: VolumeResize, project: str = "default") -> Job:
     volume = get_volume(session, name, project)
     if request.size < volume.size:
         raise InvalidInput(
             f"cannot shrink volume {name} from {format_size(volume.size)} to {format_size(request.size)}",
             "shrinking would cut the filesystem inside; give a larger size",
         )
-    _check_pool_space(pool_dir, request.size, "a volume")
+    check_pool_space(session, request.size, "a volume", volume.host)
     quotas.check(session, project, disk=request.size - volume.size)
     if jobs.active_for(session, "volume", volume.id):
         raise Conflict(f"volume {name} is busy", "wait for its job to finish")

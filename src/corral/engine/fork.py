@@ -1,15 +1,22 @@
 """Instant clones: a running VM's device state saved without its RAM, and children started from it.
 
-The parent runs with its RAM in a shared file. A fork pauses it, writes only device and CPU state through the
-migration stream with ``x-ignore-shared`` (~300 KB, tens of ms), and copies the RAM file once (page cache to
-page cache) so children get a file that never changes again. Each child maps that file privately
-(copy-on-write) and loads the device state with ``-incoming defer``: it runs a fraction of a second after its
-process starts, sharing every page it has not written with its siblings.
+The fast path: the parent runs with its RAM in a shared file (``--forkable``). A fork pauses it, writes only
+device and CPU state through the migration stream with ``x-ignore-shared`` (~300 KB, tens of ms), and copies the
+RAM file once (page cache to page cache) so children get a file that never changes again. Each child maps that
+file privately (copy-on-write) and loads the device state with ``-incoming defer``: it runs a fraction of a second
+after its process starts, sharing every page it has not written with its siblings.
+
+Any other running VM (one started without ``--forkable``, or a fork's child, whose RAM is a private mapping
+nobody else can open) is forked through a *full* state file: the same migration stream with the RAM in it
+(zero pages cost a flag each, so an idle guest writes only what it touched). Children load it into RAM of their
+own. Slower than the fast path by the RAM actually written, but it needs nothing at the parent's start, so a
+VM costs nothing for being forkable later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from pathlib import Path
@@ -43,9 +50,28 @@ async def _wait_migration(proc: QemuProcess, timeout: float) -> None:
         delay = min(delay * 2, 0.05)
 
 
-async def save_device_state(proc: QemuProcess, state_path: Path, timeout: float = 60) -> None:
-    """Write CPU and device state (not RAM: it is in the shared file) of a paused VM to ``state_path``."""
-    await _ignore_shared(proc, True)
+RAM_BACKEND_ID = "ram0"
+
+
+def ram_backing(argv: list[str]) -> tuple[str, Path | None]:
+    """How a running QEMU holds guest RAM, read from its command line, and the file if any: ``shared`` (a file
+    others may map: the fast path), ``private`` (a copy-on-write mapping: a fork's child) or ``anonymous``."""
+    for flag, value in itertools.pairwise(argv):
+        if flag != "-object" or "memory-backend-file" not in value:
+            continue
+        options = dict(part.split("=", 1) for part in value.replace(",,", "\0").split(",") if "=" in part)
+        if options.get("id") != RAM_BACKEND_ID or options.get("qom-type") != "memory-backend-file":
+            continue
+        path = options.get("mem-path")
+        kind = "shared" if options.get("share") == "on" else "private"
+        return kind, Path(path.replace("\0", ",")) if path else None
+    return "anonymous", None
+
+
+async def save_device_state(proc: QemuProcess, state_path: Path, timeout: float = 60, with_ram: bool = False) -> None:
+    """Write CPU and device state of a paused VM to ``state_path``; its RAM too with ``with_ram`` (otherwise the
+    RAM is in the shared file and skipped)."""
+    await _ignore_shared(proc, not with_ram)
     await proc.execute("migrate-set-parameters", {"max-bandwidth": UNTHROTTLED})
     fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -59,9 +85,11 @@ async def save_device_state(proc: QemuProcess, state_path: Path, timeout: float 
         await _ignore_shared(proc, False)
 
 
-async def load_device_state(proc: QemuProcess, state_path: Path, timeout: float = 60) -> None:
-    """In a child started with ``-incoming defer``: take the parent's state, then run."""
-    await _ignore_shared(proc, True)
+async def load_device_state(proc: QemuProcess, state_path: Path, timeout: float = 60, with_ram: bool = False) -> None:
+    """In a child started with ``-incoming defer``: take the parent's state (RAM too with ``with_ram``), then run."""
+    await _ignore_shared(proc, not with_ram)
+    if with_ram:
+        await proc.execute("migrate-set-parameters", {"max-bandwidth": UNTHROTTLED})
     fd = os.open(state_path, os.O_RDONLY)
     try:
         await proc.pass_fd(STATE_FD, fd)

@@ -77,16 +77,17 @@ class GuestAgent:
 
     async def sync(self, timeout: float) -> None:
         """Flush stale traffic and prove the agent answers; raises TimeoutError if it does not in time."""
-        assert self._reader is not None
+        reader = self._reader
+        assert reader is not None
         token = random.randint(1, 2**31 - 1)
         await self._send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
 
         async def wait_token() -> None:
             while True:
                 try:
-                    await self._reader.readuntil(b"\xff")
+                    await reader.readuntil(b"\xff")
                 except asyncio.LimitOverrunError:
-                    await self._reader.read(65536)  # skip a long stale reply
+                    await reader.read(65536)  # skip a long stale reply
                     continue
                 except (OSError, asyncio.IncompleteReadError) as exc:
                     raise GuestAgentError("the guest agent connection closed (did the VM stop?)") from exc

@@ -285,6 +285,7 @@ class Agent:
                 "pool_id": pool_identity(self.layout.pool()),
                 "bridges": bridges(),
                 "networking": self.networks.enabled,
+                "overlays": self.networks.overlay_states(),  # network id: this host's part ("joined", "error")
                 "backup_store": store_identity(self),
             }
             if self.address is not None:
@@ -439,9 +440,10 @@ class Agent:
 
     async def reconcile(self) -> None:
         """Drift repair and slow observations: interface addresses of ready guests."""
-        from corral.host import observe, vm_lifecycle
+        from corral.host import autoballoon, observe, vm_lifecycle
 
         await vm_lifecycle.reconcile(self)
         await self.sync_networks()
         await observe.sample_all(self)
+        await autoballoon.tick(self)  # its own interval (balloon_interval); docs/optimization.md
         self.reaper.reap(keep={running.proc.pid for running in self.vms.values()})

@@ -174,7 +174,7 @@ async def import_foreign(ctx: JobContext) -> dict[str, Any]:
     import shutil
 
     from corral.host import storage
-    from corral.host.handlers import discard_vm
+    from corral.host.vm_lifecycle import discard_vm
     from corral.store.models import Image, Volume
 
     agent = ctx.agent

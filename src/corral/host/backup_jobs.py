@@ -29,7 +29,7 @@ from corral.engine import backup as engine_backup
 from corral.engine import qemu_img
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.host import storage, vm_lifecycle
-from corral.host.snapshot_jobs import _frozen, out_of_space
+from corral.host.snapshot_jobs import frozen_guest, out_of_space
 from corral.spec.backup import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, ExportManifest, read_export_manifest
 from corral.spec.sources import Source, SourceKind, opened, private_dir
 from corral.store import events
@@ -92,7 +92,7 @@ def _vm_volumes(agent: Agent, vm_id: str) -> tuple[VM, list[Volume]]:
         return vm, sorted(vm.volumes, key=lambda v: v.device_index)
 
 
-def _running(agent: Agent, vm_id: str):  # type: ignore[no-untyped-def]
+def running_vm(agent: Agent, vm_id: str):  # type: ignore[no-untyped-def]
     running = agent.vms.get(vm_id)
     return running if running is not None and not running.proc.exited else None
 
@@ -147,7 +147,7 @@ async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> di
                 f"disk {volume.name} is {volume.format}; backups need qcow2 disks", "convert the disk to qcow2"
             )
     sources = [storage.volume_path(agent, v) for v in volumes]
-    running = _running(agent, vm.id)
+    running = running_vm(agent, vm.id)
     directory.mkdir(mode=0o700)
     copies = []
     for index, (source, volume) in enumerate(zip(sources, volumes, strict=True)):
@@ -173,7 +173,7 @@ async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> di
         frozen = await _run(ctx, run, running.proc.add_fd, running)
     else:
         socket = agent.layout.home / "run" / f"bk-{backup_id[:12]}.qmp"
-        async with engine_backup.StorageDaemon(sources, socket, _storage_daemon(agent)) as daemon:
+        async with engine_backup.StorageDaemon(sources, socket, storage_daemon_binary(agent)) as daemon:
             run = engine_backup.BackupRun(daemon, copies, new_bitmap, parent_bitmap)
             await _run(ctx, run, None, None)
     ctx.progress(0.97, "checking the backup")
@@ -204,7 +204,7 @@ async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> di
     }
 
 
-def _storage_daemon(agent: Agent) -> str:
+def storage_daemon_binary(agent: Agent) -> str:
     """qemu-storage-daemon from the same installation as the configured QEMU."""
     qemu = Path(shutil.which(agent.settings.qemu_binary) or agent.settings.qemu_binary)
     sibling = qemu.parent / "qemu-storage-daemon"
@@ -223,7 +223,7 @@ async def _run(ctx: JobContext, run: engine_backup.BackupRun, pass_fd: Any, runn
         await engine_backup.open_targets(run, pass_fd)
         ctx.progress(0.1, "starting the backup")
         if running is not None:
-            async with _frozen(ctx.agent, running) as frozen:
+            async with frozen_guest(ctx.agent, running) as frozen:
                 await engine_backup.start(run)
         else:
             await engine_backup.start(run)
@@ -373,7 +373,7 @@ async def _copy(ctx: JobContext, source: Path, target: Path, start: float, span:
 
 
 async def restore(ctx: JobContext) -> dict[str, Any]:
-    from corral.host.handlers import discard_vm
+    from corral.host.vm_lifecycle import discard_vm
 
     agent = ctx.agent
     with agent.store.session() as session:
@@ -413,7 +413,7 @@ async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
     was. The VM's internal snapshots lived in the old files, so their rows go too."""
     agent = ctx.agent
     async with agent.vm_locks[ctx.target_id]:
-        if _running(agent, ctx.target_id) is not None:
+        if running_vm(agent, ctx.target_id) is not None:
             raise Conflict(f"VM {ctx.target_name} is running", f"stop it first: `corral vm stop {ctx.target_name}`")
         _, volumes = _vm_volumes(agent, ctx.target_id)
         staged: list[Path] = []
@@ -463,7 +463,7 @@ def _sha256(path: Path) -> str:
 async def export(ctx: JobContext) -> dict[str, Any]:
     """Flattened copies of the disks (consistent for a running VM), their checksums and the spec, in one tar
     written beside the target name and renamed into place only when complete."""
-    from corral.host.clone_jobs import _consistent_source, _copy_disks
+    from corral.host.clone_jobs import consistent_source, copy_disks
 
     agent = ctx.agent
     target = Path(ctx.params["file"])
@@ -477,8 +477,8 @@ async def export(ctx: JobContext) -> dict[str, Any]:
         async with agent.vm_locks[ctx.target_id]:
             vm, volumes = _vm_volumes(agent, ctx.target_id)
             copies = [staging / f"disk{i}.qcow2" for i in range(len(volumes))]
-            async with _consistent_source(agent, vm.id, None) as (tag, share):
-                await _copy_disks(ctx, [storage.volume_path(agent, v) for v in volumes], copies, tag, share)
+            async with consistent_source(agent, vm.id, None) as (tag, share):
+                await copy_disks(ctx, [storage.volume_path(agent, v) for v in volumes], copies, tag, share)
         binary = agent.settings.qemu_img_binary
         disks = []
         for index, copy in enumerate(copies):
@@ -565,7 +565,7 @@ def _extract_checked(archive_path: Path, member: str, target: Path, expected: st
 async def import_(ctx: JobContext) -> dict[str, Any]:
     """Every disk is checked (checksum, then qemu-img as for any user's image: no backing or data file, sound
     metadata, the size the manifest says) before the VM is marked ready; any failure removes the VM."""
-    from corral.host.handlers import discard_vm
+    from corral.host.vm_lifecycle import discard_vm
 
     if ctx.params.get("foreign"):  # an OVA or a libvirt domain (corral.cluster.appliances)
         from corral.host.appliance_jobs import import_foreign

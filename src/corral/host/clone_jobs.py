@@ -41,7 +41,7 @@ def _volumes(agent: Agent, vm_id: str) -> list[Volume]:
 
 
 @contextlib.asynccontextmanager
-async def _consistent_source(agent: Agent, source_id: str, snapshot_tag: str | None):  # type: ignore[no-untyped-def]
+async def consistent_source(agent: Agent, source_id: str, snapshot_tag: str | None):  # type: ignore[no-untyped-def]
     """Yield the snapshot tag to copy from: the one asked for, or a temporary one of a running source."""
     running = agent.vms.get(source_id)
     if snapshot_tag is not None or running is None or running.proc.exited:
@@ -58,7 +58,7 @@ async def _consistent_source(agent: Agent, source_id: str, snapshot_tag: str | N
             await engine_snapshots.delete_live(running.proc, tag, nodes)
 
 
-async def _copy_disks(
+async def copy_disks(
     ctx: JobContext,
     sources: list[Path],
     targets: list[Path],
@@ -88,7 +88,7 @@ async def _copy_disks(
 
 async def vm_clone(ctx: JobContext) -> dict[str, Any]:
     """Make the new VM's disks from the source's, then optionally start it; on failure nothing remains."""
-    from corral.host.handlers import discard_vm
+    from corral.host.vm_lifecycle import discard_vm
 
     agent, new_id_ = ctx.agent, ctx.target_id
     source_id = ctx.params["source_id"]
@@ -101,8 +101,8 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
             if linked:
                 await _link(ctx, sources, targets, made)
             else:
-                async with _consistent_source(agent, source_id, ctx.params.get("snapshot_tag")) as (tag, share):
-                    await _copy_disks(
+                async with consistent_source(agent, source_id, ctx.params.get("snapshot_tag")) as (tag, share):
+                    await copy_disks(
                         ctx,
                         [storage.volume_path(agent, v) for v in sources],
                         [storage.volume_path(agent, v) for v in targets],
@@ -128,7 +128,7 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
             ) from exc
         raise
     if ctx.params.get("start") and ctx.params.get("wait"):
-        from corral.host.handlers import wait_for_guest
+        from corral.host.vm_lifecycle import wait_for_guest
 
         await wait_for_guest(ctx, new_id_)
     return {"vm": ctx.target_name, "linked": linked}
@@ -190,8 +190,8 @@ async def template_create(ctx: JobContext) -> dict[str, Any]:
         async with agent.vm_locks[source_id]:
             sources = _volumes(agent, source_id)
             targets = [pool_file(pool, f"{directory_rel}/disk{i}.qcow2") for i in range(len(sources))]
-            async with _consistent_source(agent, source_id, None) as (tag, share):
-                await _copy_disks(ctx, [storage.volume_path(agent, v) for v in sources], targets, tag, share)
+            async with consistent_source(agent, source_id, None) as (tag, share):
+                await copy_disks(ctx, [storage.volume_path(agent, v) for v in sources], targets, tag, share)
         for target in targets:
             os.chmod(target, BASE_MODE)
         with agent.store.session() as session:

@@ -18,11 +18,13 @@ from corral.host import (
     image_jobs,
     migration_handlers,
     network_jobs,
+    replication_jobs,
     resize_jobs,
     snapshot_jobs,
     storage,
     vm_lifecycle,
 )
+from corral.host.vm_lifecycle import discard_vm, wait_for_guest
 from corral.spec.job import JobKind
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Image, Snapshot, Volume
@@ -69,43 +71,6 @@ async def vm_create(ctx: JobContext) -> dict[str, Any]:
     if ctx.params.get("start") and ctx.params.get("wait"):
         await wait_for_guest(ctx, vm_id)
     return {"vm": ctx.target_name}
-
-
-async def wait_for_guest(ctx: JobContext, vm_id: str) -> None:
-    """Wait for the guest agent outside the VM's lock, so a `vm stop` can still end a boot that hangs."""
-    running = ctx.agent.vms.get(vm_id)
-    if running is None or running.proc.exited:
-        raise Conflict(
-            f"VM {ctx.target_name} stopped before its guest agent answered",
-            f"see `corral vm show {ctx.target_name}` and `corral vm logs {ctx.target_name}`",
-        )
-    ctx.progress(0.5, "waiting for the guest agent")
-    await vm_lifecycle.wait_ready(running, float(ctx.params.get("ready_timeout") or vm_lifecycle.READY_TIMEOUT))
-
-
-async def discard_vm(ctx: JobContext, vm_id: str, made_ids: set[str]) -> None:
-    agent = ctx.agent
-    running = agent.vms.get(vm_id)
-    if running is not None:
-        running.expected_exit = True
-        with contextlib.suppress(Exception):
-            await running.proc.kill()
-        await vm_lifecycle._forget(agent, running)
-    with agent.store.session() as session:
-        vm = session.get(VM, vm_id)
-        if vm is None:
-            return
-        for volume in list(vm.volumes):
-            if volume.state == "pending" or volume.id in made_ids:
-                if volume.id in made_ids:  # only files this job made: a pending volume's path may hold another's
-                    storage.remove(agent, volume)
-                session.delete(volume)
-            else:
-                volume.vm_id = None
-        session.query(Snapshot).filter(Snapshot.vm_id == vm.id).delete()
-        session.delete(vm)
-    vm_lifecycle.remove_run_dir(agent, vm_id)
-    agent.store.notifier.notify()
 
 
 async def vm_start(ctx: JobContext) -> dict[str, Any]:
@@ -315,4 +280,8 @@ def build_handlers() -> dict[str, Handler]:
         JobKind.BACKUP_VERIFY: backup_jobs.verify,
         JobKind.VM_EXPORT: backup_jobs.export,
         JobKind.VM_IMPORT: backup_jobs.import_,
+        JobKind.VM_REPLICATE: replication_jobs.replicate,
+        JobKind.VM_REPLICA_RECEIVE: replication_jobs.receive,
+        JobKind.VM_REPLICA_REMOVE: replication_jobs.remove,
+        JobKind.VM_FAILOVER: replication_jobs.failover,
     }

@@ -44,10 +44,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from corral.cluster import networks as cluster_networks
 from corral.engine.migration import IncomingEndpoint, MigrationTuning
 from corral.engine.runtime import RuntimeRecord, is_same_process
 from corral.errors import Conflict, NotFound
-from corral.host import migration_jobs, resize_jobs, storage, vm_lifecycle
+from corral.host import migration_jobs, network_jobs, resize_jobs, storage, vm_lifecycle
 from corral.spec.job import JobState
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Host, Job, utcnow
@@ -91,7 +92,7 @@ def pool_identity(pool_dir: Path) -> str:
 # -- store helpers ------------------------------------------------------------------------------------------------
 
 
-def _job(agent: Agent, job_id: str) -> Job:
+def load_job(agent: Agent, job_id: str) -> Job:
     with agent.store.reading() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -100,7 +101,7 @@ def _job(agent: Agent, job_id: str) -> Job:
         return job
 
 
-def _publish(agent: Agent, job_id: str, **values: Any) -> None:
+def publish_job(agent: Agent, job_id: str, **values: Any) -> None:
     """Merge ``values`` into a running job's parameters: what the other half of the move reads."""
     with agent.store.session() as session:
         job = session.get(Job, job_id)
@@ -115,7 +116,7 @@ def _finished(job: Job) -> bool:
     return JobState(job.state).finished
 
 
-def _host_alive(agent: Agent, name: str) -> bool:
+def host_alive(agent: Agent, name: str) -> bool:
     with agent.store.reading() as session:
         host = session.scalars(select(Host).where(Host.name == name)).first()
         if host is None:
@@ -124,7 +125,7 @@ def _host_alive(agent: Agent, name: str) -> bool:
         return host.state == "online" and host.heartbeat_at >= fresh
 
 
-def _free_port(address: str) -> int:
+def free_port_on(address: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
         probe.bind((address, 0))
         return int(probe.getsockname()[1])
@@ -155,6 +156,7 @@ def _check_destination(agent: Agent, vm_id: str, copy: bool) -> None:
                     f"{disk.path} is not on host {agent.host_name}: the hosts do not share storage",
                     "migrate with --with-storage",
                 )
+    network_jobs.check_forwards_free(agent, vm)
 
 
 async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
@@ -167,14 +169,14 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
     ctx.progress(0.02, f"starting QEMU to receive {ctx.target_name} from {source}")
     _check_destination(agent, vm_id, copy)
     address = agent.address or ""
-    nbd_port = await asyncio.to_thread(_free_port, address) if copy else None
+    nbd_port = await asyncio.to_thread(free_port_on, address) if copy else None
     incoming = await migration_jobs.prepare_incoming(
         agent, vm_id, listen_host=address, nbd_port=nbd_port, shared_storage=not copy, tuning=TUNING
     )
     done: asyncio.Task[float | None] | None = None
     try:
         assert incoming.endpoint is not None
-        _publish(agent, ctx.job_id, endpoint=incoming.endpoint.model_dump())
+        publish_job(agent, ctx.job_id, endpoint=incoming.endpoint.model_dump())
         ctx.progress(0.1, f"listening on {incoming.endpoint.host}:{incoming.endpoint.port} for {source}")
         # The stream's end, not IncomingVM.complete(): its removal of the NBD exports waits for the source to
         # drop its mirror connections, which the source does only after this side committed (below).
@@ -189,7 +191,7 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
         await incoming.abort()
         raise
     info = {"pid": incoming.proc.pid, "resumed_at": resumed_at}
-    vm_lifecycle._track(agent, vm_id, incoming.proc)
+    vm_lifecycle.track(agent, vm_id, incoming.proc)
     try:
         _take_over(agent, ctx, vm_id, info, copy)
     except BaseException:
@@ -199,9 +201,12 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
             running.expected_exit = True
             with contextlib.suppress(Exception):
                 await running.proc.kill()
-            await vm_lifecycle._forget(agent, running)
+            await vm_lifecycle.untrack(agent, running)
         await incoming.abort()
         raise
+    # Its port forwards too: hold their ports and load their rules now, not at the next reconcile.
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(agent.networks.sync)
     # The VM is ours now; the exports go once the source has cancelled its mirrors (or after a grace period).
     try:
         await incoming.migration.finish()
@@ -221,11 +226,11 @@ async def _wait_for_stream(
         if done.done():
             return  # finished, or raised: the caller's ``result()`` tells
         ctx.progress(None)  # a cancel request raises here
-        job = _job(agent, source_job)
+        job = load_job(agent, source_job)
         reason = None
         if _finished(job) and job.state != JobState.SUCCEEDED:
             reason = f"the source's job {job.state}: {job.error or job.message}"
-        elif not _host_alive(agent, source) and not await _stream_arriving(incoming):
+        elif not host_alive(agent, source) and not await _stream_arriving(incoming):
             reason = f"host {source} stopped answering before it sent the VM"
         if reason is None:
             gone_since = None
@@ -256,6 +261,7 @@ def _take_over(agent: Agent, ctx: JobContext, vm_id: str, info: dict[str, Any], 
         vm.pid = info["pid"]
         vm.observed_state = PowerState.RUNNING
         vm.status_message = f"moved from {ctx.params['from']}"
+        cluster_networks.move_forwards(session, vm, agent.host_name)  # they follow the VM: rules, held ports
         for volume in vm.volumes:
             volume.host = agent.host_name
             if copy:  # the mirror wrote whole disks: no image or base under them here
@@ -291,7 +297,7 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
         """True once the destination committed; False only once its job ended without committing (its QEMU
         is gone then). While it says nothing, keep waiting: resuming here could make two copies."""
         while True:
-            job = _job(agent, dest_job)
+            job = load_job(agent, dest_job)
             if job.params.get("running"):
                 return True
             if _finished(job):
@@ -306,7 +312,9 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
     if copy:
         await _remove_local_disks(agent, vm_id)
     vm_lifecycle.remove_run_dir(agent, vm_id)
-    dest = _job(agent, dest_job)
+    with contextlib.suppress(Exception):  # let go of the VM's forwarded ports and rules now (reconcile would too)
+        await asyncio.to_thread(agent.networks.sync)
+    dest = load_job(agent, dest_job)
     resumed_at = dest.params.get("resumed_at")
     stopped_at = result.get("stopped_at")
     paused_ms = round((resumed_at - stopped_at) * 1000) if resumed_at and stopped_at else None
@@ -331,7 +339,7 @@ def _cancel_quietly(agent: Agent, job_id: str) -> None:
 async def _wait_turn(ctx: JobContext, job_id: str) -> None:
     """A drain moves one VM at a time off a host: wait for the previous move to end, however it ended."""
     last = 0.0
-    while not _finished(_job(ctx.agent, job_id)):
+    while not _finished(load_job(ctx.agent, job_id)):
         if time.monotonic() - last > 5:
             last = time.monotonic()
             ctx.progress(0.0, "waiting for the previous move off this host")
@@ -342,7 +350,7 @@ async def _wait_endpoint(ctx: JobContext, dest_job: str, target: str) -> Incomin
     ctx.progress(0.01, f"waiting for {target} to get ready")
     last = time.monotonic()
     while True:
-        job = _job(ctx.agent, dest_job)
+        job = load_job(ctx.agent, dest_job)
         endpoint = job.params.get("endpoint")
         if endpoint and not _finished(job):  # a finished destination's endpoint is stale (its QEMU is gone)
             return IncomingEndpoint.model_validate(endpoint)
@@ -380,7 +388,7 @@ async def host_drain(ctx: JobContext) -> dict[str, Any]:
     moved, failed = [], []
     for index, move in enumerate(moves):
         ctx.note(index / max(1, len(moves)), f"moving {move['vm']} to {move['to']} ({index + 1}/{len(moves)})")
-        while not _finished(job := _job(ctx.agent, move["job"])):
+        while not _finished(job := load_job(ctx.agent, move["job"])):
             await asyncio.sleep(0.5)
         if job.state == JobState.SUCCEEDED:
             result = job.result or {}

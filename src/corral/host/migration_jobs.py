@@ -73,7 +73,7 @@ class IncomingVM:
         except BaseException:
             await self.abort()
             raise
-        vm_lifecycle._track(self.agent, self.vm_id, self.proc)
+        vm_lifecycle.track(self.agent, self.vm_id, self.proc)
         return {"pid": self.proc.pid, "resumed_at": resumed_at}
 
     async def abort(self) -> None:
@@ -137,7 +137,7 @@ async def prepare_incoming(
         await asyncio.to_thread(vm_nics.plug_taps, agent, vm_id, plan)
         if box.extra_args:
             plan = plan.model_copy(update={"extra_args": (*plan.extra_args, *box.extra_args)})
-        proc = await QemuProcess.launch(plan, on_event=vm_lifecycle._event_handler(agent, vm_id), preexec=box.preexec)
+        proc = await QemuProcess.launch(plan, on_event=vm_lifecycle.event_handler(agent, vm_id), preexec=box.preexec)
     except BaseException:
         for path in made:
             path.unlink(missing_ok=True)
@@ -201,7 +201,7 @@ async def migrate_out(
         for task in running.tasks:
             task.cancel()
         await running.proc.quit()
-        await vm_lifecycle._forget(agent, running)
+        await vm_lifecycle.untrack(agent, running)
     ctx.note(1.0, f"moved in {result.total_s:.1f} s, downtime {result.downtime_ms} ms")
     return result.model_dump(
         include={

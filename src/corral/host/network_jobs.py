@@ -18,7 +18,7 @@ from corral.spec.vm import VMSpec
 from corral.store.models import VM, Network, PortForward
 
 if TYPE_CHECKING:
-    from corral.host.agent import JobContext
+    from corral.host.agent import Agent, JobContext
 
 log = logging.getLogger("corral.agent")
 NIC_RELEASE_TIMEOUT = 20.0
@@ -75,6 +75,27 @@ async def _remove(ctx: JobContext, network: Network) -> None:
             session.delete(row)
     await asyncio.to_thread(agent.networks.sync)
     agent.store.notifier.notify()
+
+
+def check_forwards_free(agent: Agent, vm: VM) -> None:
+    """The destination of a live move: the VM's forwarded host ports must be free here, since its forwards follow
+    it (this host's agent holds them once the move commits; QEMU binds a user-mode NIC's own). Refused before any
+    byte moves, rather than a forward that silently stops working after the move."""
+    with agent.store.reading() as session:
+        forwards = [(fwd.protocol, fwd.host_port) for fwd in control.forwards_of(session, vm.id)]
+    for protocol, port in forwards:
+        if port not in agent.settings.forward_ports:
+            continue  # outside the administrator's range: it has no rule on any host
+        try:
+            if agent.networks.holding(protocol, port):  # for another VM's forward here: the VM is not here yet
+                raise Conflict(f"host port {port}/{protocol} is forwarded on this host already")
+            for sock in control.hold_port(protocol, port):
+                sock.close()
+        except Conflict as exc:
+            raise Conflict(
+                f"VM {vm.name} forwards host port {port}/{protocol}, which is in use on host {agent.host_name}",
+                f"move it to another host, or remove the forward: `corral vm port-forward {vm.name} --remove {port}`",
+            ) from exc
 
 
 def _vm(ctx: JobContext) -> VM:

@@ -5,10 +5,11 @@ daemon restart or a dnsmasq crash), removes what the store no longer names, and 
 transaction. What this installation made is recorded under CORRAL_HOME/run/networks, so it only ever removes
 its own bridges, even with other corral homes (or libvirt) on the same machine.
 
-Port forwards of NAT networks: the agent holds each forwarded host port with bound sockets for as long as the
-forward exists, and writes a DNAT rule only for ports it holds. A port some program already has is never
-forwarded (the job that adds the forward fails), and no program can take a forwarded port later, so the rules
-never capture traffic meant for a host service. Ports outside the administrator's range get no rule either.
+Port forwards of NAT networks: the agent of the host the VM runs on holds each forwarded host port with bound
+sockets for as long as the forward exists there, and writes a DNAT rule only for ports it holds; after a live
+migration the destination takes the forward over and the source lets go of it. A port some program already has
+is never forwarded (the job that adds the forward fails), and no program can take a forwarded port later, so the
+rules never capture traffic meant for a host service. Ports outside the administrator's range get no rule either.
 
 Networks across a pool (PostgreSQL store): a nat or isolated network is one layer-2 segment over every host with
 a VM on it. Such a host enslaves a VXLAN device (the network's VNI, the ``overlay_port``, its own registered
@@ -34,7 +35,8 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from corral.cluster.networks import VXLAN_PREFIX, hold_port
 from corral.config import Settings
@@ -100,6 +102,8 @@ class NetworkHost:
         self._held: dict[tuple[str, int], list[socket.socket]] = {}
         self._unheld: dict[tuple[str, int], str] = {}  # forwards whose port some program holds: why
         self._overlay_errors: dict[str, str] = {}  # network id: why its overlay could not be joined
+        self._joined: set[str] = set()  # network ids whose segment this host is on
+        self._forward_clash = False  # forwards of a VM that arrived here could not be adopted (warned once)
 
     def directory(self, network_id: str) -> Path:
         return self.root / network_id[:12]
@@ -133,6 +137,9 @@ class NetworkHost:
             self._ensure_bridge(network, directory)
             if network.dhcp and network.subnet and network.gateway:
                 changed = dnsmasq.write_hosts(directory, hosts)
+                if dnsmasq.outdated(directory):
+                    log.info("network %s: restarting dnsmasq to serve the names of the whole network", network.name)
+                    dnsmasq.stop(directory, wait=5.0)
                 if dnsmasq.running_pid(directory) is None:
                     dnsmasq.start(
                         directory,
@@ -293,6 +300,7 @@ class NetworkHost:
         if not self.enabled:
             return
         with self._lock:
+            self._adopt_forwards()
             with self.store.reading() as session:
                 networks = list(session.scalars(select(Network)))
                 ports = list(
@@ -306,7 +314,10 @@ class NetworkHost:
                             NetworkPort,
                             (NetworkPort.vm_id == PortForward.vm_id) & (NetworkPort.nic_index == PortForward.nic_index),
                         )
-                        .where(PortForward.host == self.host_name)
+                        # Where its VM runs: from the moment a live migration commits (which moves the forward's
+                        # row too), the source's next sync lets go of the port and this one takes it.
+                        .join(VM, VM.id == PortForward.vm_id)
+                        .where(VM.host == self.host_name, PortForward.host == self.host_name)
                     ).all()
                 )
                 session.expunge_all()
@@ -394,8 +405,7 @@ class NetworkHost:
                         self.leave(net.id)
                     continue
                 if not local:
-                    log.warning("network %s cannot span hosts: this host has no registered address", net.name)
-                    continue
+                    raise EngineError("this host has no registered address", "restart its agent with --address")
                 peers = {addresses[h] for h in members if h != self.host_name and addresses.get(h)} - {local}
                 joined[net.id] = self.join(net, local, {str(p) for p in peers})
             except CorralError as exc:
@@ -403,9 +413,40 @@ class NetworkHost:
                     log.warning("network %s: overlay: %s", net.name, exc.message)
                 failed[net.id] = exc.message
         self._overlay_errors = failed
+        self._joined = set(joined)
         return joined
 
+    def overlay_states(self) -> dict[str, str]:
+        """{network id: "joined" | "error"} for the networks this host should span, for the heartbeat: `network
+        show` tells each host's part (the reason of an error stays in this agent's log: it names host facts)."""
+        errors, joined = self._overlay_errors, self._joined  # swapped whole by sync: no lock (sync may take a while)
+        return {**{nid: "error" for nid in errors}, **{nid: "joined" for nid in joined}}
+
     # -- forwarded ports --------------------------------------------------------------------------------------
+
+    def _adopt_forwards(self) -> None:
+        """Point the forwards of the VMs that run here at this host, where a VM arrived without them: a restart
+        here by HA, a move written by an older corral. A migration moves them itself; this is what keeps the
+        one-forward-per-port-and-host check right whatever moved the VM."""
+        stale = (
+            select(PortForward.id)
+            .join(VM, VM.id == PortForward.vm_id)
+            .where(VM.host == self.host_name, (PortForward.host != self.host_name) | PortForward.host.is_(None))
+        )
+        with self.store.reading() as session:
+            ids = list(session.scalars(stale))
+        if not ids:
+            return
+        try:
+            with self.store.session() as session:
+                session.execute(update(PortForward).where(PortForward.id.in_(ids)).values(host=self.host_name))
+        except IntegrityError:
+            # Another VM here forwards the same port: that one keeps it, these get no rule (said once, not per sync).
+            if not self._forward_clash:
+                log.warning("port forwards of a VM that arrived here clash with this host's own; they stay off")
+            self._forward_clash = True
+            return
+        self._forward_clash = False
 
     def _hold_ports(self, wanted: set[tuple[str, int]]) -> None:
         """Hold exactly the forwarded ports in the administrator's range: bind the new ones, let go of the rest."""

@@ -57,7 +57,7 @@ def _running(agent: Agent, vm_id: str):  # type: ignore[no-untyped-def]
 
 
 @contextlib.asynccontextmanager
-async def _frozen(agent: Agent, running: Any):  # type: ignore[no-untyped-def]
+async def frozen_guest(agent: Agent, running: Any):  # type: ignore[no-untyped-def]
     """Freeze guest filesystems around a disk-only snapshot when the guest agent answers; carry on without."""
     frozen = False
     socket_path = running.proc.record.guest_agent_socket
@@ -106,7 +106,7 @@ async def create(ctx: JobContext) -> dict[str, Any]:
                 ctx.progress(0.2, "saving disks, memory and device state (the guest is paused meanwhile)")
                 await engine_snapshots.save_live(running.proc, snapshot.tag, nodes)
             elif running is not None:
-                async with _frozen(agent, running) as frozen:
+                async with frozen_guest(agent, running) as frozen:
                     ctx.progress(0.2, "saving disks" + (" (filesystems frozen)" if frozen else ""))
                     await engine_snapshots.save_disks_live(running.proc, snapshot.tag, nodes)
             else:

@@ -26,15 +26,16 @@ from corral.engine.plan import DiskPlan, KernelBoot, LaunchPlan
 from corral.engine.process import ExitInfo, QemuProcess
 from corral.engine.runtime import RuntimeRecord, is_same_process
 from corral.errors import Conflict, CorralError, EngineError, GuestAgentError, NotFound
+from corral.host import storage
 from corral.host.firmware import check_machine, ovmf_files, uefi_firmware
 from corral.host.layout import inside_pool
 from corral.host.vm_nics import hotplug_ports, nic_plans, plug_taps, unplug_taps
 from corral.spec.firmware import Firmware, effective_firmware
 from corral.spec.vm import MAX_DISKS, PowerState, RestartPolicy, VMSpec
-from corral.store.models import VM, Image, utcnow
+from corral.store.models import VM, Image, Snapshot, utcnow
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, RunningVM
+    from corral.host.agent import Agent, JobContext, RunningVM
 
 log = logging.getLogger("corral.agent")
 
@@ -198,7 +199,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _event_handler(agent: Agent, vm_id: str) -> Any:
+def event_handler(agent: Agent, vm_id: str) -> Any:
     def on_event(name: str, _data: dict[str, Any]) -> None:
         if name == "STOP":
             update_vm(agent, vm_id, observed_state=PowerState.PAUSED)
@@ -208,7 +209,7 @@ def _event_handler(agent: Agent, vm_id: str) -> Any:
     return on_event
 
 
-def _track(agent: Agent, vm_id: str, proc: QemuProcess) -> RunningVM:
+def track(agent: Agent, vm_id: str, proc: QemuProcess) -> RunningVM:
     from corral.host.agent import RunningVM
 
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -244,7 +245,7 @@ async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any =
         await asyncio.to_thread(plug_taps, agent, vm_id, plan)
         if box.extra_args:
             plan = plan.model_copy(update={"extra_args": (*plan.extra_args, *box.extra_args)})
-        proc = await QemuProcess.launch(plan, on_event=_event_handler(agent, vm_id), preexec=box.preexec)
+        proc = await QemuProcess.launch(plan, on_event=event_handler(agent, vm_id), preexec=box.preexec)
         try:
             await _apply_disk_limits(agent, vm_id, proc, plan)
             await _apply_balloon(agent, vm_id, proc, plan)
@@ -269,7 +270,7 @@ async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any =
         agent.isolation.release(vm_id)
         await asyncio.to_thread(unplug_taps, agent, vm_id)
         raise
-    running = _track(agent, vm_id, proc)
+    running = track(agent, vm_id, proc)
     update_vm(
         agent,
         vm_id,
@@ -357,7 +358,7 @@ async def stop(
             if progress is not None:
                 progress(0.8, f"the guest did not power off within {timeout:.0f} s; forcing")
             info = await running.proc.quit()
-    await _forget(agent, running)
+    await untrack(agent, running)
     update_vm(
         agent,
         vm_id,
@@ -398,7 +399,7 @@ async def _ask_guest_to_power_off(agent: Agent, running: RunningVM) -> str:
     return "ACPI power-down sent"
 
 
-async def _forget(agent: Agent, running: RunningVM) -> None:
+async def untrack(agent: Agent, running: RunningVM) -> None:
     """Drop the process from the agent, letting its watcher tasks end."""
     for task in running.tasks:
         if task is not asyncio.current_task():
@@ -596,7 +597,7 @@ async def adopt(agent: Agent, vm_id: str) -> None:
         proc = None
         if record_path.exists():
             try:
-                proc = await QemuProcess.adopt(record_path, on_event=_event_handler(agent, vm_id))
+                proc = await QemuProcess.adopt(record_path, on_event=event_handler(agent, vm_id))
                 state = await proc.run_state() if proc is not None else None
             except EngineError as exc:
                 # Alive but not answering (a busy host, a stuck QEMU): never mistake it for dead.
@@ -608,7 +609,7 @@ async def adopt(agent: Agent, vm_id: str) -> None:
                 return
         agent.unadopted.discard(vm_id)
         if proc is not None:
-            _track(agent, vm_id, proc)
+            track(agent, vm_id, proc)
             update_vm(
                 agent,
                 vm_id,
@@ -668,4 +669,42 @@ async def forget(agent: Agent, running: RunningVM) -> None:
     """Drop a process the agent no longer owns (a fenced or stale copy: corral.host.lease) without writing its VM
     row, which may belong to another host by now."""
     running.expected_exit = True
-    await _forget(agent, running)
+    await untrack(agent, running)
+
+
+async def wait_for_guest(ctx: JobContext, vm_id: str) -> None:
+    """Wait for the guest agent outside the VM's lock, so a `vm stop` can still end a boot that hangs."""
+    running = ctx.agent.vms.get(vm_id)
+    if running is None or running.proc.exited:
+        raise Conflict(
+            f"VM {ctx.target_name} stopped before its guest agent answered",
+            f"see `corral vm show {ctx.target_name}` and `corral vm logs {ctx.target_name}`",
+        )
+    ctx.progress(0.5, "waiting for the guest agent")
+    await wait_ready(running, float(ctx.params.get("ready_timeout") or READY_TIMEOUT))
+
+
+async def discard_vm(ctx: JobContext, vm_id: str, made_ids: set[str]) -> None:
+    """Undo a job that made a VM: its process, the volume files this job made, its rows and run directory."""
+    agent = ctx.agent
+    running = agent.vms.get(vm_id)
+    if running is not None:
+        running.expected_exit = True
+        with contextlib.suppress(Exception):
+            await running.proc.kill()
+        await untrack(agent, running)
+    with agent.store.session() as session:
+        vm = session.get(VM, vm_id)
+        if vm is None:
+            return
+        for volume in list(vm.volumes):
+            if volume.state == "pending" or volume.id in made_ids:
+                if volume.id in made_ids:  # only files this job made: a pending volume's path may hold another's
+                    storage.remove(agent, volume)
+                session.delete(volume)
+            else:
+                volume.vm_id = None
+        session.query(Snapshot).filter(Snapshot.vm_id == vm.id).delete()
+        session.delete(vm)
+    remove_run_dir(agent, vm_id)
+    agent.store.notifier.notify()

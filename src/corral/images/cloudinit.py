@@ -28,7 +28,7 @@ from corral.errors import InvalidInput
 from corral.spec.firstboot import (  # noqa: F401 - re-exported for callers of this module
     MAX_USER_DATA,
     SSH_KEY_TYPES,
-    _parse_cloud_config,
+    parse_cloud_config,
     validate_ssh_key,
     validate_user_data,
 )
@@ -136,7 +136,7 @@ def build_user_data(
     text = validate_user_data(user_data)
     if text.startswith("#!"):
         return _multipart([(render_cloud_config(config), "cloud-config"), (text, "x-shellscript")])
-    return render_cloud_config(merge_cloud_config(config, _parse_cloud_config(text)))
+    return render_cloud_config(merge_cloud_config(config, parse_cloud_config(text)))
 
 
 def _multipart(parts: list[tuple[str, str]]) -> str:

@@ -34,11 +34,11 @@ from pathlib import Path
 from corral.images import debian_guest
 from corral.images.debian_guest import AGENT_DROPIN, CLOUD_CFG, FALLBACK_NETWORK, SSH_DROPIN, WAIT_ONLINE_DROPIN
 from corral.images.debian_recipe import (  # noqa: F401 - part of this module's interface
-    _ROLLING_RELEASES,
     DEFAULT_RELEASE,
     DEFAULT_SIZE,
     MAX_SIZE,
     MIN_SIZE,
+    ROLLING_RELEASES,
     check_mirror,
     host_mirror,
     validate_packages,
@@ -161,7 +161,7 @@ def build_debian_image(
 def apt_sources(release: str, mirror: str, security_mirror: str) -> str:
     """The guest's sources.list: the release, and for stable releases its -updates and -security suites."""
     lines = [f"deb {mirror} {release} main"]
-    if release not in _ROLLING_RELEASES:
+    if release not in ROLLING_RELEASES:
         lines += [f"deb {mirror} {release}-updates main", f"deb {security_mirror} {release}-security main"]
     return "\n".join(lines) + "\n"
 

@@ -262,13 +262,13 @@ def parse(text: str, where: str = "corral.yaml") -> EnvironmentFile:
         error = exc.errors()[0]
         cause = error.get("ctx", {}).get("error")
         loc = cause.loc if isinstance(cause, _Invalid) and cause.loc else tuple(error["loc"])
-        line = _line_of(node, loc)
+        line_no = _line_of(node, loc)
         if isinstance(cause, _Invalid):
             message, hint = cause.cause.message, cause.cause.hint
         else:
             message, hint = error["msg"], "see docs/environments.md for the format"
         field = ".".join(str(part) for part in loc)
-        at = f":{line}" if line else ""
+        at = f":{line_no}" if line_no else ""
         raise InvalidInput(f"{where}{at}: {field + ': ' if field else ''}{message}", hint) from None
 
 

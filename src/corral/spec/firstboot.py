@@ -101,7 +101,7 @@ def validate_user_data(text: str) -> str:
     if first_line.startswith("#!"):
         return body
     if first_line == "#cloud-config":
-        _parse_cloud_config(body)
+        parse_cloud_config(body)
         return body
     if _looks_like_mapping(body):
         raise InvalidInput(
@@ -114,7 +114,7 @@ def validate_user_data(text: str) -> str:
     )
 
 
-def _parse_cloud_config(text: str) -> dict[str, Any]:
+def parse_cloud_config(text: str) -> dict[str, Any]:
     """The mapping in a `#cloud-config` document; an empty document is an empty mapping."""
     try:
         data = yaml.safe_load(text)

@@ -54,5 +54,9 @@ class JobKind(StrEnum):
     BACKUP_DELETE = "backup.delete"
     BACKUP_RESTORE = "backup.restore"
     BACKUP_VERIFY = "backup.verify"
+    VM_REPLICATE = "vm.replicate"  # the VM's host: copy what changed to the partner (corral.cluster.replication)
+    VM_REPLICA_RECEIVE = "vm.replica-receive"  # the partner: take the copy in and apply it to the replica
+    VM_REPLICA_REMOVE = "vm.replica-remove"  # the partner: remove a replica's files
+    VM_FAILOVER = "vm.failover"  # the partner: make the replica the VM's disks and start it there
     VM_EXPORT = "vm.export"
     VM_IMPORT = "vm.import"

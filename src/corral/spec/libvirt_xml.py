@@ -266,7 +266,7 @@ def _read_disk(element: ET.Element, vm: ForeignVM) -> None:
     device = element.get("device") or "disk"
     kind = element.get("type")
     target = element.find("target")
-    name = target.get("dev") if target is not None and target.get("dev") else f"disk{len(vm.disks)}"
+    name = (target.get("dev") if target is not None else None) or f"disk{len(vm.disks)}"
     source = element.find("source")
     if device in ("cdrom", "floppy"):
         vm.warnings.append(f"{device} {name} is not mapped: attach what it held as a disk if needed")

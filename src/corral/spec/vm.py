@@ -21,6 +21,17 @@ MAX_DISKS = 16
 MAX_NICS = 8
 MAX_VM_NAME = 56  # so derived names (NAME-disk16, NAME-root) stay within 63
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+# Automatic ballooning (docs/optimization.md): `--min-memory` may not go under MIN_FLOOR (a Linux guest squeezed
+# below ~64 MiB starts killing processes); without one, a VM keeps the larger of DEFAULT_FLOOR and a quarter of
+# its memory.
+MIN_FLOOR = 64 << 20
+DEFAULT_FLOOR = 128 << 20
+
+
+def memory_floor(memory: int, min_memory: int | None = None) -> int:
+    """The least memory automatic ballooning leaves a VM of ``memory`` bytes: its own floor, or the default."""
+    floor = min_memory if min_memory is not None else max(DEFAULT_FLOOR, memory // 4)
+    return min(memory, floor)
 
 
 def _size(value: object) -> int:

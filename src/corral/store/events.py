@@ -64,6 +64,11 @@ EVENT_TYPES = (
     "backup.scheduled",
     "backup.pruned",
     "backup.verified",
+    # Automatic ballooning (corral.host.autoballoon; docs/optimization.md): before/after bytes and why
+    "vm.balloon",
+    # Standby and wake of hosts (corral.cluster.plans, corral.cluster.placement; docs/optimization.md)
+    "host.standby",
+    "host.wake",
 )
 
 
@@ -125,7 +130,7 @@ def _events_for(session: Session) -> list[Event]:
         if kind_column is None:
             continue
         kind, column = kind_column
-        data = job_data(obj) if isinstance(obj, Job) else {"state": getattr(obj, column, None)}
+        data: dict[str, Any] = job_data(obj) if isinstance(obj, Job) else {"state": getattr(obj, column, None)}
         found.append(make(session, obj, kind, f"{kind}.created", data))
     for obj in list(session.dirty):
         kind_column = TRACKED.get(type(obj))
@@ -140,7 +145,7 @@ def _events_for(session: Session) -> list[Event]:
             continue
         state = _change(obj, column)
         if state:
-            data: dict[str, Any] = {"from": state[0], "to": state[1]}
+            data = {"from": state[0], "to": state[1]}
             if isinstance(obj, VM):
                 data.update(desired=obj.desired_state, status=obj.status_message, host=obj.host)
             found.append(make(session, obj, kind, f"{kind}.state", data))

@@ -148,6 +148,9 @@ class VM(Base):
     # Affinity group: VMs of one group run on one host (affinity) or each on a different one (anti-affinity).
     placement_group: Mapped[str | None] = mapped_column(String(63))
     placement_policy: Mapped[str | None] = mapped_column(String(16))
+    # The floor automatic ballooning never goes under (`vm set --min-memory`); None: the default floor
+    # (corral.spec.vm.memory_floor). Not part of the spec: it steers the agent, not what QEMU is started with.
+    min_memory: Mapped[int | None] = mapped_column(BigInteger)
 
     volumes: Mapped[list[Volume]] = relationship(back_populates="vm", order_by="Volume.device_index")
     # A VM's NICs on networks and its port forwards go with it.
@@ -231,6 +234,39 @@ class BackupSchedule(Base):
     last_at: Mapped[datetime | None] = mapped_column()
     last_job_id: Mapped[str | None] = mapped_column(String(32))
     last_error: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Replica(Base):
+    """A VM's disks copied every ``every`` seconds to host ``partner`` (corral.cluster.replication).
+
+    ``bitmap``: the dirty bitmap on the VM's disks that tracks writes since the last copy applied on the partner
+    (None: the next copy is full). ``disks`` lists ``{"index", "volume_id", "size"}`` of the last copy. ``state``:
+    new (no copy yet), ready, failed (the last copy failed; the replica still holds the one before). ``version``
+    is bumped by the control plane pass that claims the row, as backup schedules do."""
+
+    __tablename__ = "replicas"
+    __table_args__ = (UniqueConstraint("vm_id"), UniqueConstraint("project", "vm_name"))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    project: Mapped[str] = mapped_column(String(63), default="default")
+    vm_name: Mapped[str] = mapped_column(String(63))
+    vm_id: Mapped[str] = mapped_column(String(32))
+    partner: Mapped[str] = mapped_column(String(63))
+    every: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), default="new")
+    bitmap: Mapped[str | None] = mapped_column(String(63))
+    disks: Mapped[list[Any]] = mapped_column(default=list)
+    copies: Mapped[int] = mapped_column(Integer, default=0)
+    last_at: Mapped[datetime | None] = mapped_column()  # the instant the last applied copy shows
+    last_kind: Mapped[str | None] = mapped_column(String(16))  # full or incremental
+    last_consistent: Mapped[bool | None] = mapped_column(Boolean)  # guest filesystems frozen for it
+    last_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    last_seconds: Mapped[float | None] = mapped_column(Float)
+    last_job_id: Mapped[str | None] = mapped_column(String(32))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_at: Mapped[datetime] = mapped_column()
     version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -5,6 +5,9 @@
 const main = document.getElementById("main");
 const RANK = { viewer: 1, operator: 2, admin: 3 };
 let me = null; // {user, project, role, cluster}
+// The project the pages act in: the token's own, or another one the caller may see (the switcher in the header).
+// Cluster-wide callers see every project; a project's token sees its own only (GET /projects says which).
+let project = null;
 let leaving = []; // cleanups of the current page (event streams, consoles, timers)
 // The current page's reads: aborted when another page is asked for, so a slow page never draws over the new one.
 let pageReads = new AbortController();
@@ -19,14 +22,24 @@ class ApiError extends Error {
   }
 }
 
+// ``path`` in the chosen project: every project-scoped route takes ?project= (the others ignore it).
+function scoped(path) {
+  if (!me || !project || project === me.project || path.startsWith("/ui/")) return path;
+  return `${path}${path.includes("?") ? "&" : "?"}project=${encodeURIComponent(project)}`;
+}
+
 // ``signal``: by default the current page's (reads); verbs pass null, they finish even if the user moves on.
+// ``body``: sent as JSON, or as it is when a file (an upload's raw bytes).
 async function api(method, path, body, signal = pageReads.signal) {
   const options = { method, credentials: "same-origin", headers: { "X-Corral-UI": "1" }, signal };
-  if (body !== undefined) {
+  if (body instanceof Blob) {
+    options.headers["Content-Type"] = "application/octet-stream";
+    options.body = body;
+  } else if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
   }
-  const answer = await fetch(path, options);
+  const answer = await fetch(scoped(path), options);
   if (answer.status === 204) return null;
   const type = answer.headers.get("content-type") || "";
   const data = type.includes("json") ? await answer.json() : await answer.text();
@@ -180,7 +193,7 @@ function followEvents(query, onEvent, after = null) {
   (async () => {
     while (!stop.signal.aborted) {
       try {
-        const url = `/events?follow=true&${query}${after ? `&after=${after}` : ""}`;
+        const url = scoped(`/events?follow=true&${query}${after ? `&after=${after}` : ""}`);
         const answer = await fetch(url, { credentials: "same-origin", headers: { "X-Corral-UI": "1" }, signal: stop.signal });
         if (!answer.ok) return;
         const reader = answer.body.getReader();
@@ -267,19 +280,40 @@ const PAGES = [
   ["#/audit", "Audit", () => can("admin")],
 ];
 
+// A project's quota is "nearly full" from this share of a limit on: time to ask for more, or to clean up.
+const QUOTA_WARN = 0.8;
+
+// Alerts of the project's quotas (every project the caller may see: a cluster admin's whole pool).
+function quotaAlerts(projects) {
+  const alerts = [];
+  for (const x of projects) {
+    for (const [what, used, limit, show] of [
+      ["VMs", x.usage.vms, x.max_vms, String], ["vCPUs", x.usage.vcpus, x.max_vcpus, String],
+      ["memory", x.usage.memory, x.max_memory, size], ["disk", x.usage.disk, x.max_disk, size]]) {
+      if (limit !== null && limit !== undefined && used >= limit * QUOTA_WARN) {
+        alerts.push(`project ${x.name}: ${what} ${show(used)} of ${show(limit)} (${limit ? Math.round((used / limit) * 100) : 100}% of its quota)`);
+      }
+    }
+  }
+  return alerts;
+}
+
 async function dashboard() {
-  const [vms, jobs, hosts] = await Promise.all([
+  const [vms, jobs, hosts, projects] = await Promise.all([
     api("GET", "/vms"),
     api("GET", "/jobs?active=true"),
     me.cluster ? api("GET", "/hosts") : Promise.resolve(null),
+    api("GET", "/projects"),
   ]);
   const counts = {};
   for (const vm of vms) counts[vm.state] = (counts[vm.state] || 0) + 1;
   const recent = h("ul", { class: "events", id: "events" });
   const alerts = h("ul", { id: "alerts" });
   for (const host of hosts || []) {
+    // unreachable (no heartbeat), fenced or taken over (HA), offline: every state but online wants a look.
     if (host.state !== "up" && host.state !== "online") alerts.append(h("li", { class: "alert" }, `host ${host.name} is ${host.state}`));
   }
+  for (const text of quotaAlerts(projects)) alerts.append(h("li", { class: "alert quota" }, text));
   const failed = (await api("GET", "/jobs?limit=20")).filter((job) => job.state === "failed");
   for (const job of failed.slice(0, 5)) alerts.append(h("li", { class: "alert" }, `job ${job.kind} ${job.target_name} failed: ${job.error || ""}`));
   show(
@@ -357,13 +391,91 @@ async function vmList() {
 }
 
 // Which form field a refusal is about: the API names it ("invalid request: spec.memory: ...") or quotes it.
-function fieldOf(message, fields) {
+// ``aliases``: field -> words of the API's messages about it, the first field that matches wins.
+const VM_FIELDS = { name: ["vm name", "name"], image: ["image"], memory: ["memory", "size"], cpus: ["cpu"], nics: ["network"], ssh_keys: ["ssh", "key"], user_data: ["user-data", "user_data"] };
+function fieldOf(message, fields, aliases = VM_FIELDS) {
   const named = /^invalid request: (?:spec\.)?([a-z_]+)/.exec(message);
   if (named && fields.includes(named[1])) return named[1];
   const lower = message.toLowerCase();
-  const aliases = { name: ["vm name", "name"], image: ["image"], memory: ["memory", "size"], cpus: ["cpu"], nics: ["network"], ssh_keys: ["ssh", "key"], user_data: ["user-data", "user_data"] };
-  for (const [field, words] of Object.entries(aliases)) if (words.some((word) => lower.includes(word))) return field;
+  for (const [field, words] of Object.entries(aliases)) if (fields.includes(field) && words.some((word) => lower.includes(word))) return field;
   return null;
+}
+
+// The field whose value the message quotes ("invalid size 'a lot'"), when exactly one holds it: the API's checks
+// of a value do not always know which field it came from.
+function quotedField(message, fields) {
+  const quoted = [...message.matchAll(/'([^']+)'/g)].map((match) => match[1]);
+  const holders = fields.filter(([, , control]) => control.type !== "checkbox" && control.type !== "file" && quoted.includes(control.value.trim()));
+  return holders.length === 1 ? holders[0][0] : null;
+}
+
+// A refusal the page makes itself, before asking the API (e.g. no file chosen): shown like the API's.
+const refuse = (detail, hint = "") => new ApiError(400, { detail, hint });
+
+// A create form: every field labelled, with a place for its error. ``fields``: [name, label, control, words]
+// (``words``: how the API's messages name the field). ``send()`` makes the API call(s) and throws the refusal,
+// which is shown next to the field it is about (else under the form); nothing is made on a refusal, since the
+// API checks a request whole before it makes anything. ``done(result)`` runs after a success.
+function apiForm(id, fields, label, send, done = null) {
+  const errors = {};
+  const aliases = {};
+  const general = h("p", { class: "error", role: "alert", id: `${id}-error` });
+  const button = h("button", { class: "primary", type: "submit" }, label);
+  const rows = fields.map(([name, text, control, words]) => {
+    control.id = `${id}-${name}`;
+    control.name = name;
+    control.setAttribute("aria-describedby", `${id}-${name}-error`);
+    errors[name] = h("span", { class: "field-error", id: `${id}-${name}-error`, role: "alert" });
+    aliases[name] = words || [`${name}:`, name.replace(/_/g, " ")];
+    return control.type === "checkbox"
+      ? h("label", { class: "check" }, control, ` ${text}`, errors[name])
+      : h("label", {}, text, control, errors[name]);
+  });
+  const form = h("form", {
+    class: "stack",
+    id,
+    novalidate: true,
+    onsubmit: async (event) => {
+      event.preventDefault();
+      for (const [name, , control] of fields) {
+        errors[name].textContent = "";
+        control.removeAttribute("aria-invalid");
+      }
+      general.textContent = "";
+      button.disabled = true;
+      try {
+        const result = await send();
+        if (done) await done(result);
+      } catch (error) {
+        const text = error.hint && !error.message.includes(error.hint) ? `${error.message} (${error.hint})` : error.message;
+        const field = fieldOf(error.message, Object.keys(errors), {}) || quotedField(error.message, fields) || fieldOf(error.message, Object.keys(errors), aliases);
+        if (field) {
+          errors[field].textContent = text;
+          const control = fields.find(([name]) => name === field)[2];
+          control.setAttribute("aria-invalid", "true");
+          control.focus();
+        } else {
+          general.textContent = text;
+        }
+      } finally {
+        button.disabled = false;
+      }
+    },
+  }, rows, general, button);
+  return form;
+}
+
+// A form behind a disclosure button (``id``: the <details>), for a page whose list comes first.
+const creator = (id, summary, form) => h("details", { class: "card creator", id }, h("summary", {}, summary), form);
+
+// Text of a control, trimmed; numbers and sizes the API parses itself (so that its refusal names the field).
+const value = (control) => control.value.trim();
+const optional = (control) => value(control) || undefined;
+function numberOr(control) {
+  const text = value(control);
+  if (text === "") return undefined;
+  if (!/^\d+$/.test(text)) throw refuse(`${control.name}: ${JSON.stringify(text)} is not a whole number`, "write digits, e.g. 4");
+  return Number(text);
 }
 
 async function vmCreate() {
@@ -443,22 +555,38 @@ async function vmCreate() {
   name.focus();
 }
 
-function chart(points, value, label, format) {
-  if (!points.length) return h("p", { class: "muted" }, `${label}: no samples yet`);
-  const values = points.map(value).map((x) => Number(x) || 0);
-  const peak = Math.max(...values, 1e-9);
-  const step = values.length > 1 ? 300 / (values.length - 1) : 0;
-  const line = values.map((x, index) => `${(index * step).toFixed(1)},${(78 - (x / peak) * 74).toFixed(1)}`).join(" ");
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", "0 0 300 80");
-  svg.setAttribute("preserveAspectRatio", "none");
-  svg.setAttribute("class", "chart");
-  svg.setAttribute("role", "img");
-  svg.setAttribute("aria-label", `${label}, last ${format(values.at(-1))}, peak ${format(peak)}`);
-  const poly = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  poly.setAttribute("points", values.length > 1 ? line : `0,${line.split(",")[1]} 300,${line.split(",")[1]}`);
-  svg.append(poly);
-  return h("div", {}, h("div", {}, `${label}: ${format(values.at(-1))} (peak ${format(peak)})`), svg);
+// One usage graph (uPlot, from npm): the series over the window, with its last value and peak said in text too (for
+// screen readers, and for a phone where the plot is small). Drawn into ``box`` once it is in the page (uPlot sizes
+// itself from it), and redrawn to the new width when the window is resized.
+function chart(box, points, pick, label, format) {
+  const values = points.map((point) => Number(pick(point)) || 0);
+  const times = points.map((point) => Date.parse(point.at) / 1000);
+  const peak = values.length ? Math.max(...values) : 0;
+  const summary = values.length ? `${label}: ${format(values.at(-1))} (peak ${format(peak)})` : `${label}: no samples yet`;
+  const plot = h("div", { class: "plot", role: "img", "aria-label": summary });
+  const card = h("div", { class: "graph", dataset: { series: label } }, h("div", {}, summary), plot);
+  box.append(card);
+  if (!values.length) return;
+  const ink = getComputedStyle(document.body).color;
+  const line = getComputedStyle(document.documentElement).getPropertyValue("--accent").trim() || "#2f6fdf";
+  const grid = { stroke: "rgba(128,128,128,.25)", width: 1 };
+  const axis = { stroke: ink, grid, ticks: grid };
+  const options = {
+    width: Math.max(plot.clientWidth, 200),
+    height: 140,
+    legend: { show: false },
+    cursor: { drag: { x: false, y: false } },
+    scales: { y: { range: (u, min, max) => [0, Math.max(max, label === "CPU" ? 0.05 : 1) * 1.1] } },
+    axes: [axis, { ...axis, size: 70, values: (u, ticks) => ticks.map(format) }],
+    series: [{}, { label, stroke: line, fill: `${line}33`, width: 1.5, points: { show: values.length < 3 } }],
+  };
+  const graph = new window.uPlot(options, [times, values], plot);
+  const onResize = () => graph.setSize({ width: Math.max(plot.clientWidth, 200), height: 140 });
+  window.addEventListener("resize", onResize);
+  leaving.push(() => {
+    window.removeEventListener("resize", onResize);
+    graph.destroy();
+  });
 }
 
 function snapshotTree(vmName, snapshots, refresh) {
@@ -507,7 +635,7 @@ function openConsole(vmName, box, status) {
       }
     }
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    socket = new WebSocket(`${scheme}://${location.host}/vms/${encodeURIComponent(vmName)}/console?project=${encodeURIComponent(me.project)}`);
+    socket = new WebSocket(`${scheme}://${location.host}/vms/${encodeURIComponent(vmName)}/console?project=${encodeURIComponent(project)}`);
     socket.binaryType = "arraybuffer";
     socket.onmessage = (message) => {
       if (typeof message.data === "string") {
@@ -536,6 +664,46 @@ function openConsole(vmName, box, status) {
   window.corralTerminal = term; // the browser tests read the screen through it
 }
 
+// Clone (a stopped copy, full or linked, or from a snapshot), fork (running copies of a forkable running VM) and
+// template (a stopped VM's disks as a base for clones): the new VM's page opens once the API has accepted it.
+function copiesSection(vm, path) {
+  const cloneName = h("input", { autocomplete: "off", placeholder: `${vm.name}-copy` });
+  const linked = h("input", { type: "checkbox" });
+  const fromSnapshot = h("select", {}, h("option", { value: "" }, "(its disks as they are now)"));
+  const startClone = h("input", { type: "checkbox" });
+  api("GET", `${path}/snapshots`).then((snaps) => fromSnapshot.append(...snaps.map((x) => h("option", { value: x.name }, x.name)))).catch(() => null);
+  const clone = apiForm("clone", [
+    ["name", "Name of the copy", cloneName, ["vm name", "already exists", "name"]],
+    ["linked", "Linked (shares this VM's disks as its base; this VM must be stopped)", linked, ["linked"]],
+    ["from_snapshot", "From snapshot", fromSnapshot, ["snapshot"]],
+    ["start", "Start it", startClone, ["start"]],
+  ], "Clone", () => api("POST", `${path}/clone`, { name: value(cloneName), linked: linked.checked, from_snapshot: fromSnapshot.value || undefined, start: startClone.checked }, null),
+  (accepted) => {
+    location.hash = `#/vm/${encodeURIComponent(accepted.vm.name)}`;
+    waitJob(accepted, `clone ${vm.name} as ${accepted.vm.name}`).catch(fail);
+  });
+  const forkName = h("input", { autocomplete: "off", placeholder: `${vm.name}-fork` });
+  const count = h("input", { inputmode: "numeric", value: "1" });
+  const fork = apiForm("fork", [
+    ["name", "Name of the fork", forkName, ["vm name", "already exists", "name"]],
+    ["count", "How many (NAME-1, NAME-2, … when more than one)", count, ["count"]],
+  ], "Fork", () => api("POST", `${path}/fork`, { name: value(forkName), count: numberOr(count) ?? 1 }, null),
+  (accepted) => {
+    const first = numberOr(count) > 1 ? `${value(forkName)}-1` : value(forkName);
+    location.hash = `#/vm/${encodeURIComponent(first)}`;
+    waitJob(accepted, `fork ${vm.name}`).catch(fail);
+  });
+  const templateName = h("input", { autocomplete: "off", placeholder: `${vm.name}-base` });
+  const template = apiForm("template", [["name", "Template name", templateName, ["template name", "already exists", "name"]]], "Make template",
+    () => api("POST", "/templates", { name: value(templateName), source: vm.name }, null),
+    (accepted) => {
+      templateName.value = "";
+      waitJob(accepted, `template ${accepted.job.target_name}`).catch(fail);
+    });
+  return h("section", { class: "card", id: "vm-copies" }, h("h2", {}, "Clone, fork, template"), h("div", { class: "grid" },
+    creator("vm-clone", "Clone", clone), creator("vm-fork", "Fork", fork), creator("vm-template", "Make a template", template)));
+}
+
 async function vmPage(name) {
   const path = `/vms/${encodeURIComponent(name)}`;
   const vm = await api("GET", path);
@@ -551,23 +719,38 @@ async function vmPage(name) {
   const consoleStatus = h("span", { class: "muted", id: "console-status" }, "connecting…");
   const graphs = h("div", { class: "grid", id: "graphs" });
   const backupsBox = h("div", { id: "backups" });
+  // Restore: over this VM (stopped), or as a new VM; the row's button picks the backup in the form.
+  const restoreWhich = h("select", {});
+  const restoreAs = h("input", { autocomplete: "off", placeholder: `(empty: over ${name}, which must be stopped)` });
+  const restoreForm = can("operator") ? creator("backup-restore", "Restore a backup", apiForm("restore", [
+    ["backup", "Backup", restoreWhich, ["backup"]],
+    ["as_name", "As a new VM named", restoreAs, ["vm name", "already exists"]],
+  ], "Restore", () => {
+    if (!restoreWhich.value) throw refuse("backup: there is no backup to restore yet", "back the VM up first");
+    return api("POST", `${path}/backups/${encodeURIComponent(restoreWhich.value)}/restore`, { as_name: optional(restoreAs) }, null);
+  }, (accepted) => {
+    restoreAs.value = "";
+    waitJob(accepted, `restore ${restoreWhich.value}`).then(refreshBackups).catch(fail);
+  })) : null;
   const refreshBackups = async () => {
     const rows = await api("GET", `/backups?vm=${encodeURIComponent(name)}`);
+    const chosen = restoreWhich.value;
+    restoreWhich.replaceChildren(...rows.filter((x) => x.state === "ready").map((x) => h("option", { value: x.name, selected: x.name === chosen }, x.name)));
     backupsBox.replaceChildren(dataTable(rows, [
       ["Backup", (x) => x.name], ["Kind", (x) => x.kind], ["State", (x) => x.state], ["Size", (x) => x.size, (x) => size(x.size)],
       ["Created", (x) => x.created_at],
-      ["", (x) => x.name, (x) => (can("operator")
+      ["", (x) => x.name, (x) => (restoreForm && x.state === "ready"
         ? h("button", { type: "button", onclick: () => {
-            const as = prompt(`Restore ${x.name} as a new VM named (empty: over ${name}, which must be stopped):`, "");
-            if (as === null) return;
-            act("POST", `${path}/backups/${encodeURIComponent(x.name)}/restore`, `restore ${x.name}`, refreshBackups, as.trim() ? { as_name: as.trim() } : {});
-          } }, "Restore")
+            restoreWhich.value = x.name;
+            restoreForm.open = true;
+            restoreAs.focus();
+          } }, "Restore…")
         : "")],
     ], { filter: false, empty: "No backups." }));
   };
-  const resizeMemory = h("input", { id: "resize-memory", value: "", placeholder: size(vm.memory), "aria-label": "Memory" });
-  const resizeCpus = h("input", { id: "resize-cpus", type: "number", min: "1", placeholder: String(vm.cpus), "aria-label": "CPUs" });
-  const migrateTo = h("select", { id: "migrate-to", "aria-label": "Target host" }, h("option", { value: "" }, "(the scheduler picks)"));
+  const resizeMemory = h("input", { value: "", placeholder: size(vm.memory) });
+  const resizeCpus = h("input", { inputmode: "numeric", placeholder: String(vm.cpus) });
+  const migrateTo = h("select", {}, h("option", { value: "" }, "(the scheduler picks)"));
   const events = h("ul", { class: "events", id: "vm-events" });
   show(
     h("h1", {}, `VM ${vm.name} `, h("span", { id: "vm-state" }, stateTag(vm.state))),
@@ -597,19 +780,15 @@ async function vmPage(name) {
       snapshotsBox),
     h("section", { class: "card" }, h("h2", {}, "Backups"),
       can("operator") ? h("div", { class: "actions" }, h("button", { type: "button", id: "backup-create", onclick: () => act("POST", `${path}/backups`, `back up ${name}`, refreshBackups, {}) }, "Back up now")) : null,
-      backupsBox),
-    can("admin") ? h("section", { class: "card" }, h("h2", {}, "Resize and move"),
-      h("form", { class: "actions", onsubmit: (event) => {
-        event.preventDefault();
-        const change = {};
-        if (resizeMemory.value.trim()) change.memory = resizeMemory.value.trim();
-        if (resizeCpus.value) change.cpus = Number(resizeCpus.value);
-        act("POST", `${path}/resize`, `resize ${name}`, again, change);
-      } }, h("label", {}, "Memory ", resizeMemory), h("label", {}, "CPUs ", resizeCpus), h("button", { type: "submit" }, "Resize")),
-      me.cluster ? h("form", { class: "actions", onsubmit: (event) => {
-        event.preventDefault();
-        act("POST", `${path}/migrate`, `migrate ${name}`, again, migrateTo.value ? { to: migrateTo.value } : {});
-      } }, h("label", {}, "Migrate to ", migrateTo), h("button", { type: "submit" }, "Migrate")) : null) : null,
+      backupsBox, restoreForm),
+    can("admin") ? h("section", { class: "card" }, h("h2", {}, "Resize and move"), h("div", { class: "grid" },
+      apiForm("resize", [["memory", "Memory", resizeMemory, ["memory", "size"]], ["cpus", "CPUs", resizeCpus, ["cpu"]]], "Resize",
+        () => api("POST", `${path}/resize`, { memory: optional(resizeMemory), cpus: numberOr(resizeCpus) }, null),
+        (accepted) => void waitJob(accepted, `resize ${name}`).then(again).catch(fail)),
+      me.cluster ? apiForm("migrate", [["to", "Migrate to", migrateTo, ["host"]]], "Migrate",
+        () => api("POST", `${path}/migrate`, migrateTo.value ? { to: migrateTo.value } : {}, null),
+        (accepted) => void (accepted.job ? waitJob(accepted, `migrate ${name}`).then(again).catch(fail) : again())) : null)) : null,
+    can("admin") ? copiesSection(vm, path) : null,
     h("section", { class: "card" }, h("h2", {}, "Usage (last hour)"), graphs),
     h("section", { class: "card" }, h("h2", {}, "Events"), events),
     h("section", { class: "card" }, h("h2", {}, "Spec"), h("pre", {}, JSON.stringify(vm.spec, null, 2))),
@@ -622,12 +801,11 @@ async function vmPage(name) {
   }
   api("GET", `${path}/stats?since=1h`).then((history) => {
     const points = history.points || [];
-    graphs.replaceChildren(
-      chart(points, (p) => p.cpu, "CPU", (x) => `${(x * 100).toFixed(0)}%`),
-      chart(points, (p) => p.memory, "Memory", size),
-      chart(points, (p) => p.disk_read + p.disk_write, "Disk I/O", (x) => `${size(x)}/s`),
-      chart(points, (p) => p.net_rx + p.net_tx, "Network", (x) => `${size(x)}/s`),
-    );
+    graphs.replaceChildren();
+    chart(graphs, points, (p) => p.cpu, "CPU", (x) => `${(x * 100).toFixed(0)}%`);
+    chart(graphs, points, (p) => p.memory, "Memory", size);
+    chart(graphs, points, (p) => p.disk_read + p.disk_write, "Disk I/O", (x) => `${size(x)}/s`);
+    chart(graphs, points, (p) => p.net_rx + p.net_tx, "Network", (x) => `${size(x)}/s`);
   }).catch((error) => graphs.replaceChildren(h("p", { class: "muted" }, error.message)));
   const seen = await eventsOnce(`resource=${encodeURIComponent(name)}&limit=30`);
   for (const event of seen) events.append(eventLine(event));
@@ -650,6 +828,201 @@ async function vmPage(name) {
   refreshState();
 }
 
+// -- create forms of the list pages --------------------------------------------------------------------------------
+
+// A list that the page's forms refresh in place (``read`` returns the table for fresh rows).
+function liveList(id, rows, table) {
+  const box = h("div", { id }, table(rows));
+  box.refresh = async () => box.replaceChildren(table(await api("GET", box.path, undefined, null)));
+  return box;
+}
+
+// After a create was accepted: the list now, and again when its job ends (a toast tells how it went).
+async function following(accepted, what, list) {
+  await list.refresh();
+  if (accepted && accepted.job) waitJob(accepted, what).then(list.refresh).catch(fail);
+}
+
+const deleteButton = (what, path, then) =>
+  h("button", { type: "button", class: "danger", onclick: () => confirm(`Delete ${what}?`) && act("DELETE", path, `delete ${what}`, then) }, "Delete");
+
+async function networksPage() {
+  const list = liveList("network-list", await api("GET", "/networks"), (rows) => dataTable(rows, [
+    ["Name", (x) => x.name], ["Mode", (x) => x.mode], ["Subnet", (x) => x.subnet], ["Gateway", (x) => x.gateway, null, "hide-narrow"],
+    ["State", (x) => x.state, (x) => stateTag(x.state)], ["VMs", (x) => x.vms.length, (x) => x.vms.join(" ") || "-"],
+    ["", (x) => x.name, (x) => (can("admin") ? deleteButton(`network ${x.name}`, `/networks/${encodeURIComponent(x.name)}`, () => list.refresh()) : "")],
+  ], { empty: "No networks yet." }));
+  list.path = "/networks";
+  let form = null;
+  if (can("admin")) {
+    const name = h("input", { autocomplete: "off", placeholder: "lan" });
+    const mode = h("select", {}, h("option", { value: "nat" }, "nat (own bridge, out through the host)"),
+      h("option", { value: "isolated" }, "isolated (own bridge, no way out)"), h("option", { value: "bridge" }, "bridge (join a host bridge)"));
+    const subnet = h("input", { autocomplete: "off", placeholder: "10.20.0.0/24 (empty: one is chosen)" });
+    const uplink = h("input", { autocomplete: "off", placeholder: "bridge mode only: e.g. br0" });
+    form = creator("create-network", "Create network", apiForm("net", [
+      ["name", "Name", name, ["network name", "already exists", "'user'"]],
+      ["mode", "Mode", mode, ["mode"]],
+      ["subnet", "Subnet", subnet, ["subnet", "overlaps"]],
+      ["uplink", "Uplink", uplink, ["uplink", "host bridge"]],
+    ], "Create network", () => api("POST", "/networks", { name: value(name), mode: mode.value, subnet: optional(subnet), uplink: optional(uplink) }, null),
+    async (accepted) => {
+      name.value = subnet.value = uplink.value = "";
+      await following(accepted, `create network ${accepted.network.name}`, list);
+    }));
+  }
+  show(h("h1", {}, "Networks"), form, list);
+}
+
+// The image recipes of the shared catalog (corral.cluster.images.RECIPES): the API refuses any other.
+const RECIPES = ["tiny", "debian"];
+
+async function imagesPage() {
+  const [images, templates] = await Promise.all([api("GET", "/images"), api("GET", "/templates")]);
+  const list = liveList("image-list", images, (rows) => dataTable(rows, [
+    ["Name", (x) => x.name], ["State", (x) => x.state, (x) => stateTag(x.state)], ["Kind", (x) => x.kind, null, "hide-narrow"],
+    ["Source", (x) => x.source, null, "hide-narrow"], ["Size", (x) => x.virtual_size, (x) => size(x.virtual_size)], ["Created", (x) => x.created_at, null, "hide-narrow"],
+    ["", (x) => x.name, (x) => (can("admin") ? deleteButton(`image ${x.name}`, `/images/${encodeURIComponent(x.name)}`, () => list.refresh()) : "")],
+  ], { empty: "No images yet." }));
+  list.path = "/images";
+  const templateList = liveList("template-list", templates, (rows) => dataTable(rows, [
+    ["Template", (x) => x.name], ["State", (x) => x.state, (x) => stateTag(x.state)], ["From VM", (x) => x.source_vm], ["Image", (x) => x.image],
+    ["Memory", (x) => x.memory, (x) => size(x.memory)], ["Used by", (x) => x.used_by.join(" ")],
+    ["", (x) => x.name, (x) => (can("admin") ? deleteButton(`template ${x.name}`, `/templates/${encodeURIComponent(x.name)}`, () => templateList.refresh()) : "")],
+  ], { filter: false, empty: "No templates: make one from a stopped VM's page." }));
+  templateList.path = "/templates";
+  let forms = [];
+  if (can("admin")) {
+    const recipe = h("select", {}, RECIPES.map((x) => h("option", { value: x }, x)));
+    const buildName = h("input", { autocomplete: "off", placeholder: "(the recipe's name)" });
+    const release = h("input", { autocomplete: "off", placeholder: "debian only: bookworm" });
+    const packages = h("input", { autocomplete: "off", placeholder: "debian only: extra packages, space-separated" });
+    const diskSize = h("input", { autocomplete: "off", placeholder: "debian only: root disk, e.g. 4G" });
+    const build = creator("build-image", "Build from the catalog", apiForm("build", [
+      ["recipe", "Recipe", recipe, ["recipe"]],
+      ["name", "Name", buildName, ["image name", "already exists"]],
+      ["release", "Release", release, ["release"]],
+      ["packages", "Packages", packages, ["package"]],
+      ["size", "Disk size", diskSize, ["size"]],
+    ], "Build", () => {
+      const packageList = value(packages).split(/\s+/).filter(Boolean);
+      return api("POST", "/images/build", { recipe: recipe.value, name: optional(buildName), release: optional(release),
+        packages: packageList.length ? packageList : undefined, size: optional(diskSize) }, null);
+    }, async (accepted) => {
+      if (!accepted.job) toast(`image ${accepted.image.name} is already built`);
+      await following(accepted, `build image ${accepted.image.name}`, list);
+    }));
+    const importName = h("input", { autocomplete: "off" });
+    const file = h("input", { type: "file" });
+    const format = h("select", {}, h("option", { value: "" }, "(from the file's content)"), h("option", { value: "qcow2" }, "qcow2"), h("option", { value: "raw" }, "raw"));
+    const cloudInit = h("input", { type: "checkbox" });
+    const upload = creator("import-image", "Import by upload", apiForm("import", [
+      ["name", "Name", importName, ["image name", "already exists"]],
+      ["file", "Disk image (qcow2 or raw)", file, ["file", "upload"]],
+      ["format", "Format", format, ["format"]],
+      ["cloud_init", "Boots with cloud-init", cloudInit, ["cloud"]],
+    ], "Upload and import", async () => {
+      if (!file.files.length) throw refuse("file: choose the disk image to upload", "pick a .qcow2 or raw file");
+      if (!value(importName)) throw refuse("invalid image name '': a name is needed", "use 1-63 lowercase letters, digits or '-'");
+      const sent = await api("POST", "/uploads", file.files[0], null);
+      try {
+        return await api("POST", "/images/import", { name: value(importName), upload: sent.id, format: format.value || undefined, cloud_init: cloudInit.checked }, null);
+      } catch (error) {
+        await api("DELETE", `/uploads/${sent.id}`, undefined, null).catch(() => null); // refused: nothing is kept
+        throw error;
+      }
+    }, async (accepted) => {
+      importName.value = "";
+      file.value = "";
+      await following(accepted, `import image ${accepted.image.name}`, list);
+    }));
+    forms = [build, upload];
+  }
+  show(h("h1", {}, "Images and templates"), h("div", { class: "grid" }, forms), list, h("h2", {}, "Templates"), templateList);
+}
+
+async function projectsPage() {
+  const list = liveList("project-list", await api("GET", "/projects"), (rows) => dataTable(rows, [
+    ["Project", (x) => x.name], ["Description", (x) => x.description, null, "hide-narrow"],
+    ["VMs", (x) => x.usage.vms, (x) => `${x.usage.vms} / ${x.max_vms ?? "∞"}`],
+    ["vCPUs", (x) => x.usage.vcpus, (x) => `${x.usage.vcpus} / ${x.max_vcpus ?? "∞"}`],
+    ["Memory", (x) => x.usage.memory, (x) => `${size(x.usage.memory)} / ${x.max_memory ? size(x.max_memory) : "∞"}`],
+    ["Disk", (x) => x.usage.disk, (x) => `${size(x.usage.disk)} / ${x.max_disk ? size(x.max_disk) : "∞"}`]]));
+  list.path = "/projects";
+  let form = null;
+  if (me.cluster && can("admin")) {
+    const name = h("input", { autocomplete: "off" });
+    const description = h("input", { autocomplete: "off" });
+    const maxVms = h("input", { inputmode: "numeric", placeholder: "(no limit)" });
+    const maxVcpus = h("input", { inputmode: "numeric", placeholder: "(no limit)" });
+    const maxMemory = h("input", { placeholder: "e.g. 16G (empty: no limit)" });
+    const maxDisk = h("input", { placeholder: "e.g. 200G (empty: no limit)" });
+    form = creator("create-project", "Create project", apiForm("project", [
+      ["name", "Name", name, ["project name", "already exists"]],
+      ["description", "Description", description, ["description"]],
+      ["max_vms", "Most VMs", maxVms],
+      ["max_vcpus", "Most vCPUs", maxVcpus],
+      ["max_memory", "Most memory", maxMemory],
+      ["max_disk", "Most disk", maxDisk],
+    ], "Create project", () => api("POST", "/projects", { name: value(name), description: value(description), max_vms: numberOr(maxVms),
+      max_vcpus: numberOr(maxVcpus), max_memory: optional(maxMemory), max_disk: optional(maxDisk) }, null),
+    async (made) => {
+      toast(`project ${made.name} created`);
+      for (const control of [name, description, maxVms, maxVcpus, maxMemory, maxDisk]) control.value = "";
+      await list.refresh();
+      await projectSwitcher();
+    }));
+  }
+  show(h("h1", {}, "Projects"), form, list);
+}
+
+async function tokensPage() {
+  const [tokens, users, projects] = await Promise.all([api("GET", "/tokens"), api("GET", "/users"), api("GET", "/projects")]);
+  const list = liveList("token-list", tokens, (rows) => dataTable(rows, [
+    ["Id", (x) => x.id], ["User", (x) => x.user], ["Project", (x) => x.project], ["Role", (x) => x.role],
+    ["Description", (x) => x.description, null, "hide-narrow"], ["Expires", (x) => x.expires_at], ["Revoked", (x) => (x.revoked ? "yes" : "no")],
+    ["", (x) => x.id, (x) => (x.revoked ? "" : h("button", { type: "button", class: "danger", onclick: async () => {
+      if (!confirm(`Revoke token ${x.id} of ${x.user}?`)) return;
+      await api("POST", `/tokens/${encodeURIComponent(x.id)}/revoke`, {}, null).catch(fail);
+      await list.refresh();
+    } }, "Revoke"))]]));
+  list.path = "/tokens";
+  const userNames = h("datalist", { id: "user-names" }, users.map((x) => h("option", { value: x.name })));
+  const user = h("input", { autocomplete: "off", list: "user-names" });
+  const inProject = h("select", {}, projects.map((x) => h("option", { value: x.name, selected: x.name === project }, x.name)));
+  const role = h("select", {}, ["viewer", "operator", "admin"].map((x) => h("option", { value: x }, x)));
+  const expires = h("input", { autocomplete: "off", placeholder: "e.g. 30d, 12h (empty: never)" });
+  const description = h("input", { autocomplete: "off" });
+  // The secret is in this page once, as text, and never again: the API keeps only its hash.
+  const secret = h("div", { id: "token-secret", role: "status" });
+  const tokenForm = creator("create-token", "Create token", apiForm("token", [
+    ["user", "User", user, ["user"]],
+    ["project", "Project", inProject, ["project"]],
+    ["role", "Role", role, ["role"]],
+    ["expires", "Expires after", expires, ["duration", "expires"]],
+    ["description", "Description", description, ["description"]],
+  ], "Create token", () => api("POST", "/tokens", { user: value(user), project: inProject.value, role: role.value, expires: optional(expires), description: value(description) }, null),
+  async (made) => {
+    secret.replaceChildren(h("p", {}, `Token of ${made.user} (${made.role} in ${made.project}). It is shown this once: copy it now.`),
+      h("code", { class: "secret" }, made.secret));
+    user.value = expires.value = description.value = "";
+    await list.refresh();
+  }));
+  const userName = h("input", { autocomplete: "off" });
+  const clusterAdmin = h("input", { type: "checkbox" });
+  const userForm = creator("create-user", "Create user", apiForm("user", [
+    ["name", "Name", userName, ["user name", "already exists"]],
+    ["cluster_admin", "Cluster admin (every project)", clusterAdmin, ["cluster"]],
+  ], "Create user", () => api("POST", "/users", { name: value(userName), cluster_admin: clusterAdmin.checked }, null), async (made) => {
+    toast(`user ${made.name} created: now make a token for it`);
+    userNames.append(h("option", { value: made.name }));
+    user.value = made.name;
+    userName.value = "";
+    clusterAdmin.checked = false;
+  }));
+  show(h("h1", {}, "Tokens"), userNames, h("div", { class: "grid" }, tokenForm, userForm), secret, list);
+}
+
 async function simpleList(title, path, columns, actions = null) {
   const rows = await api("GET", path);
   show(h("h1", {}, title), actions ? actions() : null, dataTable(rows, columns));
@@ -660,10 +1033,8 @@ const ROUTES = [
   [/^#\/vms$/, vmList],
   [/^#\/vms\/new$/, vmCreate],
   [/^#\/vm\/([^/]+)$/, (name) => vmPage(decodeURIComponent(name))],
-  [/^#\/networks$/, () => simpleList("Networks", "/networks", [
-    ["Name", (x) => x.name], ["Subnet", (x) => x.subnet ?? x.cidr], ["Mode", (x) => x.mode ?? x.kind], ["State", (x) => x.state]])],
-  [/^#\/images$/, () => simpleList("Images and templates", "/images", [
-    ["Name", (x) => x.name], ["Size", (x) => x.size, (x) => size(x.size)], ["Format", (x) => x.format], ["Created", (x) => x.created_at]])],
+  [/^#\/networks$/, networksPage],
+  [/^#\/images$/, imagesPage],
   [/^#\/backups$/, () => simpleList("Backups", "/backups", [
     ["VM", (x) => x.vm], ["Name", (x) => x.name], ["State", (x) => x.state], ["Size", (x) => x.size, (x) => size(x.size)], ["Created", (x) => x.created_at]])],
   [/^#\/jobs$/, () => simpleList("Jobs", "/jobs?limit=100", [
@@ -675,24 +1046,8 @@ const ROUTES = [
     ["", (x) => x.name, (x) => (me.cluster && can("admin")
       ? h("button", { type: "button", onclick: () => act("POST", `/hosts/${encodeURIComponent(x.name)}/${x.drained ? "undrain" : "drain"}`, `${x.drained ? "undrain" : "drain"} ${x.name}`, route) }, x.drained ? "Undrain" : "Drain")
       : "")]])],
-  [/^#\/projects$/, () => simpleList("Projects", "/projects", [
-    ["Project", (x) => x.name], ["Description", (x) => x.description, null, "hide-narrow"],
-    ["VMs", (x) => x.usage.vms, (x) => `${x.usage.vms} / ${x.max_vms ?? "∞"}`],
-    ["vCPUs", (x) => x.usage.vcpus, (x) => `${x.usage.vcpus} / ${x.max_vcpus ?? "∞"}`],
-    ["Memory", (x) => x.usage.memory, (x) => `${size(x.usage.memory)} / ${x.max_memory ? size(x.max_memory) : "∞"}`],
-    ["Disk", (x) => x.usage.disk, (x) => `${size(x.usage.disk)} / ${x.max_disk ? size(x.max_disk) : "∞"}`]])],
-  [/^#\/tokens$/, () => simpleList("Tokens", "/tokens", [
-    ["Id", (x) => x.id], ["User", (x) => x.user], ["Project", (x) => x.project], ["Role", (x) => x.role],
-    ["Expires", (x) => x.expires_at], ["Revoked", (x) => (x.revoked ? "yes" : "no")],
-    ["", (x) => x.id, (x) => (x.revoked ? "" : h("button", { type: "button", class: "danger", onclick: async () => {
-      if (!confirm(`Revoke token ${x.id} of ${x.user}?`)) return;
-      try {
-        await api("POST", `/tokens/${encodeURIComponent(x.id)}/revoke`, {}, null);
-      } catch (error) {
-        fail(error);
-      }
-      route();
-    } }, "Revoke"))]])],
+  [/^#\/projects$/, projectsPage],
+  [/^#\/tokens$/, tokensPage],
   [/^#\/audit$/, () => simpleList("Audit log", "/audit?limit=200", [
     ["When", (x) => x.at], ["User", (x) => x.user], ["Request", (x) => `${x.method} ${x.path}`], ["Status", (x) => x.status], ["Result", (x) => x.result]])],
 ];
@@ -726,22 +1081,48 @@ async function route() {
         if (mine.aborted) return; // another page was asked for meanwhile
         show(h("h1", {}, "Cannot show this page"), h("p", { class: "error", role: "alert" }, error.message), h("p", { class: "muted" }, error.hint));
       }
-      main.focus({ preventScroll: true });
+      // Keyboard users land on the new content, unless they are already in it (typing in the console, say).
+      if (!main.contains(document.activeElement)) main.focus({ preventScroll: true });
       return;
     }
   }
   show(h("h1", {}, "Not found"), h("a", { href: "#/" }, "Dashboard"));
 }
 
-function start() {
+// The current project, and a switcher when the caller may see several (GET /projects lists exactly those). The
+// choice lasts for the browser tab (sessionStorage: a project's name, no secret), and every page then reads and
+// acts in it, with the caller's role there.
+async function projectSwitcher() {
+  const box = document.getElementById("project-box");
+  const projects = await api("GET", "/projects", undefined, null).catch(() => []);
+  const names = projects.map((x) => x.name);
+  if (!names.includes(project)) project = me.project;
+  if (names.length < 2) {
+    box.replaceChildren(h("span", { class: "muted", id: "project-current" }, `project ${project}`));
+    return;
+  }
+  const select = h("select", { id: "project", "aria-label": "Project", onchange: () => {
+    project = select.value;
+    sessionStorage.setItem("corral.project", project);
+    // A VM's page names a VM of the project left behind: its list is the place to land in the new one.
+    if (/^#\/vm\//.test(location.hash)) location.hash = "#/vms";
+    else route();
+  } }, names.map((name) => h("option", { value: name, selected: name === project }, name)));
+  box.replaceChildren(h("label", { class: "muted" }, "project ", select));
+}
+
+async function start() {
+  project = sessionStorage.getItem("corral.project") || me.project;
   document.getElementById("top").hidden = false;
-  document.getElementById("who").textContent = `${me.user} · ${me.cluster ? "cluster " : ""}${me.role} · project ${me.project}`;
+  document.getElementById("who").textContent = `${me.user} · ${me.cluster ? "cluster " : ""}${me.role}`;
   document.getElementById("nav").replaceChildren(...PAGES.filter(([, , shown]) => shown()).map(([href, label]) => h("a", { href }, label)));
+  await projectSwitcher();
   route();
 }
 
 document.getElementById("logout").addEventListener("click", async () => {
   await api("DELETE", "/ui/session", undefined, null).catch(() => null);
+  sessionStorage.removeItem("corral.project");
   showLogin("Logged out.");
 });
 window.addEventListener("hashchange", route);

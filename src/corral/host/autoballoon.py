@@ -1,0 +1,321 @@
+"""Automatic ballooning: each agent steers its host's memory use under a target with the guests' balloons.
+
+As oVirt's MoM and Proxmox do: when the host's memory use passes ``balloon_target`` (80 % by default), the
+balloons of guests with free memory inflate a few percent of the VM's memory per round, never under the VM's
+floor (`vm set --min-memory`, or corral.spec.vm.memory_floor) and never leaving the guest less than
+``balloon_guest_min_free`` of its memory free; as pressure falls (a band under the target) they deflate back to
+the VM's memory, and a guest whose free memory runs low gets memory back whatever the host's pressure.
+
+What a round knows of a guest comes from virtio-balloon's own statistics (QMP ``qom-get`` of ``guest-stats``,
+polled by QEMU every few seconds once ``guest-stats-polling-interval`` is set): a guest whose statistics are older
+than a few polls (no driver, a hung guest) is never shrunk. A VM with a job running (a migration, a resize, a
+snapshot) or its lock held is left alone, and so is one whose balloon has not yet reached what the last round
+asked. The cgroup memory limit is left where the VM's memory puts it (host/resize_jobs.py): the balloon never
+goes over that memory, and deflate-on-oom lets a squeezed guest take pages back at once, which a lowered limit
+would turn into QEMU being killed. Every move is a ``vm.balloon`` event with the sizes before and after and why.
+
+The decision is :func:`decide`, a pure function of the host's use and the guests' figures (tests/unit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from corral.engine.argv import BALLOON_ID
+from corral.errors import CorralError
+from corral.spec.sizes import format_size
+from corral.spec.vm import PowerState, VMSpec, memory_floor
+from corral.store import events, jobs
+from corral.store.models import VM
+
+if TYPE_CHECKING:
+    from corral.host.agent import Agent, RunningVM
+
+log = logging.getLogger("corral.agent")
+MiB = 1 << 20
+BALLOON_PATH = f"/machine/peripheral/{BALLOON_ID}"
+STATS_POLL = 2  # seconds between the guest driver's statistics reports
+STALE_AFTER = 10.0  # statistics older than this (five polls missed) are not believed
+SETTLE_TIME = 30.0  # a balloon that has not reached what was asked by then is taken as it is
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The knobs of a round (config.py's balloon_* settings)."""
+
+    target: float = 0.8  # host memory use, as a fraction of its total, above which balloons inflate
+    step: float = 0.05  # the most a balloon moves per round, as a fraction of the VM's memory
+    guest_min_free: float = 0.15  # a guest keeps at least this fraction of its current memory free
+    band: float = 0.05  # memory is given back only while use stays this fraction of the total under the target
+    stale_after: float = STALE_AFTER
+
+
+@dataclass(frozen=True)
+class Guest:
+    """One VM as a round sees it. ``available`` is the guest's own estimate of what it could use without
+    swapping (MemAvailable), None when it reported nothing; ``stats_age`` is seconds since that report."""
+
+    vm_id: str
+    name: str
+    memory: int  # the most the balloon gives back: the VM's memory (no more than it booted with)
+    floor: int
+    actual: int  # what the guest has now
+    available: int | None = None
+    stats_age: float | None = None
+    busy: str | None = None  # why the VM is left alone this round, if it is
+
+
+@dataclass(frozen=True)
+class Move:
+    vm_id: str
+    name: str
+    before: int
+    after: int
+    reason: str
+
+
+def _mib(value: float) -> int:
+    return int(value) // MiB * MiB
+
+
+def _step(guest: Guest, policy: Policy) -> int:
+    return max(MiB, _mib(policy.step * guest.memory))
+
+
+def _fresh(guest: Guest, policy: Policy) -> bool:
+    return guest.available is not None and guest.stats_age is not None and 0 <= guest.stats_age <= policy.stale_after
+
+
+def _percent(value: int, total: int) -> str:
+    return f"{100 * value / total:.0f} %"
+
+
+def decide(used: int, total: int, guests: list[Guest], policy: Policy) -> list[Move]:
+    """The balloon moves of one round for a host using ``used`` of ``total`` bytes (at most one per VM).
+
+    1. A guest low on free memory (under ``guest_min_free`` of what it has) gets a step back, pressure or not.
+    2. Over the target: guests shrink, those with the most free memory first, each by at most a step, never under
+       the floor nor leaving less than ``guest_min_free`` free, and all together by no more than the excess.
+    3. Under the target less the band: guests under their memory grow back, the least free first, by at most a
+       step each and together by no more than the room left under that mark.
+    Busy guests and guests without fresh statistics are never shrunk; a busy one is not touched at all."""
+    moves: list[Move] = []
+    idle = [guest for guest in guests if guest.busy is None]
+    low: set[str] = set()
+    for guest in idle:
+        if not _fresh(guest, policy) or guest.actual >= guest.memory:
+            continue
+        assert guest.available is not None
+        if guest.available < policy.guest_min_free * guest.actual:
+            after = min(guest.memory, guest.actual + _step(guest, policy))
+            moves.append(Move(guest.vm_id, guest.name, guest.actual, after, "the guest is low on free memory"))
+            low.add(guest.vm_id)
+            used += after - guest.actual
+    target = policy.target * total
+    if used > target:
+        excess = used - target
+        why = f"host memory use {_percent(used, total)} is over the target {_percent(int(target), total)}"
+        shrinkable = [guest for guest in idle if guest.vm_id not in low and _fresh(guest, policy)]
+        for guest in sorted(shrinkable, key=lambda guest: (-(guest.available or 0), guest.name)):
+            assert guest.available is not None
+            # What keeps the guest's free memory at guest_min_free of its new size: a - s >= f * (actual - s).
+            keep_free = (guest.available - policy.guest_min_free * guest.actual) / (1 - policy.guest_min_free)
+            shrink = _mib(min(_step(guest, policy), guest.actual - guest.floor, keep_free, excess + MiB - 1))
+            if shrink < MiB:
+                continue
+            moves.append(Move(guest.vm_id, guest.name, guest.actual, guest.actual - shrink, why))
+            excess -= shrink
+            if excess <= 0:
+                break
+    elif used < target - policy.band * total:
+        room = target - policy.band * total - used
+        why = f"host memory use {_percent(used, total)} is under the target {_percent(int(target), total)}"
+        growable = [guest for guest in idle if guest.vm_id not in low and guest.actual < guest.memory]
+
+        def free_share(guest: Guest) -> float:
+            return (guest.available or 0) / guest.actual if _fresh(guest, policy) and guest.actual else 0.0
+
+        for guest in sorted(growable, key=lambda guest: (free_share(guest), guest.name)):
+            grow = _mib(min(_step(guest, policy), guest.memory - guest.actual, room))
+            if grow < MiB:
+                break
+            moves.append(Move(guest.vm_id, guest.name, guest.actual, guest.actual + grow, why))
+            room -= grow
+    return moves
+
+
+# -- the agent's side ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Asked:
+    target: int
+    at: float
+
+
+@dataclass
+class _HostState:
+    last_round: float = float("-inf")
+    polling: dict[str, int] = field(default_factory=dict)  # vm_id -> QEMU pid whose stats polling is on
+    boot_memory: dict[str, tuple[int, int]] = field(default_factory=dict)  # vm_id -> (pid, bytes)
+    asked: dict[str, _Asked] = field(default_factory=dict)  # vm_id -> the last balloon size asked for
+
+
+_hosts: dict[str, _HostState] = {}
+
+
+def policy_of(agent: Agent) -> Policy:
+    settings = agent.settings
+    return Policy(
+        target=settings.balloon_target, step=settings.balloon_step, guest_min_free=settings.balloon_guest_min_free
+    )
+
+
+def host_memory() -> tuple[int, int]:
+    """(in use, total) from /proc/meminfo: MemTotal less MemAvailable, what the kernel could not hand out now."""
+    fields: dict[str, int] = {}
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            name, _, rest = line.partition(":")
+            fields[name] = int(rest.split()[0]) * 1024
+    return fields["MemTotal"] - fields["MemAvailable"], fields["MemTotal"]
+
+
+async def _guest_stats(running: RunningVM, state: _HostState) -> tuple[int | None, float | None]:
+    """(available bytes, age in seconds) from virtio-balloon's statistics, turning polling on the first time."""
+    pid = running.proc.pid
+    if state.polling.get(running.vm_id) != pid:
+        await running.proc.execute(
+            "qom-set", {"path": BALLOON_PATH, "property": "guest-stats-polling-interval", "value": STATS_POLL}
+        )
+        state.polling[running.vm_id] = pid
+        return None, None  # the first report comes one poll later
+    answer = await running.proc.execute("qom-get", {"path": BALLOON_PATH, "property": "guest-stats"})
+    stats, updated = answer.get("stats", {}), int(answer.get("last-update", 0))
+    available = stats.get("stat-available-memory", -1)
+    if available is None or available < 0:
+        available = stats.get("stat-free-memory", -1)
+    if updated <= 0 or available is None or available < 0:
+        return None, None
+    return int(available), time.time() - updated
+
+
+async def _boot_memory(running: RunningVM, state: _HostState) -> int:
+    known = state.boot_memory.get(running.vm_id)
+    if known is not None and known[0] == running.proc.pid:
+        return known[1]
+    boot = int((await running.proc.execute("query-memory-size-summary"))["base-memory"])
+    state.boot_memory[running.vm_id] = (running.proc.pid, boot)
+    return boot
+
+
+def _rows(agent: Agent) -> dict[str, tuple[str, int, int, str | None]]:
+    """vm_id -> (name, memory, floor, why busy) for the running VMs this host holds."""
+    found: dict[str, tuple[str, int, int, str | None]] = {}
+    with agent.store.reading() as session:
+        for vm_id in list(agent.vms):
+            vm = session.get(VM, vm_id)
+            if vm is None or vm.host != agent.host_name:
+                continue
+            memory = VMSpec.model_validate(vm.spec).memory
+            busy = None
+            if vm.observed_state != PowerState.RUNNING:
+                busy = f"the VM is {vm.observed_state}"
+            else:
+                active = jobs.active_for(session, "vm", vm_id)
+                if active:
+                    busy = f"a {active[0].kind} job is running"
+            found[vm_id] = (vm.name, memory, memory_floor(memory, vm.min_memory), busy)
+    return found
+
+
+async def _guest(agent: Agent, running: RunningVM, row: tuple[str, int, int, str | None], state: _HostState) -> Guest:
+    name, memory, floor, busy = row
+    if busy is None and agent.vm_locks[running.vm_id].locked():
+        busy = "another change holds the VM"
+    actual = int((await running.proc.execute("query-balloon"))["actual"])
+    ceiling = min(memory, await _boot_memory(running, state))
+    asked = state.asked.get(running.vm_id)
+    if asked is not None and busy is None:
+        if abs(actual - asked.target) <= MiB or time.monotonic() - asked.at > SETTLE_TIME:
+            del state.asked[running.vm_id]
+        else:
+            busy = f"the balloon is still moving to {format_size(asked.target)}"
+    available, age = await _guest_stats(running, state) if busy is None else (None, None)
+    return Guest(running.vm_id, name, ceiling, min(floor, ceiling), actual, available, age, busy)
+
+
+async def _apply(agent: Agent, move: Move, used: int, total: int, state: _HostState) -> None:
+    running = agent.vms.get(move.vm_id)
+    if running is None or running.proc.exited:
+        return
+    lock = agent.vm_locks[move.vm_id]
+    if lock.locked():
+        return
+    async with lock:
+        await running.proc.execute("balloon", {"value": move.after})
+    state.asked[move.vm_id] = _Asked(move.after, time.monotonic())
+    log.info("VM %s: balloon %s -> %s (%s)", move.name, format_size(move.before), format_size(move.after), move.reason)
+    data: dict[str, Any] = {
+        "before": move.before,
+        "after": move.after,
+        "reason": move.reason,
+        "host_used": used,
+        "host_total": total,
+    }
+    with agent.store.session() as session:
+        vm = session.get(VM, move.vm_id)
+        if vm is not None:
+            vm.stats = {**(vm.stats or {}), "balloon_bytes": move.after, "balloon_target": move.after}
+            session.add(events.make(session, vm, "vm", "vm.balloon", data))
+    agent.store.notifier.notify()
+
+
+async def balance(agent: Agent) -> list[Move]:
+    """One round: read the host's and the guests' memory, decide, move the balloons. Returns the moves made."""
+    state = _hosts.setdefault(agent.host_name, _HostState())
+    rows = _rows(agent)
+    guests: list[Guest] = []
+    for vm_id, running in list(agent.vms.items()):
+        if running.proc.exited or vm_id not in rows:
+            continue
+        try:
+            guests.append(await _guest(agent, running, rows[vm_id], state))
+        except (CorralError, KeyError, TypeError, ValueError) as exc:  # no balloon device, QEMU going away
+            log.debug("VM %s left out of the balloon round: %s", vm_id, exc)
+    for gone in set(state.polling) - set(agent.vms):
+        state.polling.pop(gone, None)
+        state.boot_memory.pop(gone, None)
+        state.asked.pop(gone, None)
+    budget = agent.settings.balloon_host_memory
+    if budget is not None:
+        # The guests' memory is the host's use: a pending target counts as reached (it will be, within seconds).
+        used = sum(state.asked[g.vm_id].target if g.vm_id in state.asked else g.actual for g in guests)
+        total = budget
+    else:
+        used, total = host_memory()
+    moves = decide(used, total, guests, policy_of(agent))
+    for move in moves:
+        try:
+            await _apply(agent, move, used, total, state)
+        except CorralError as exc:
+            log.warning("VM %s: the balloon did not move: %s", move.name, exc)
+    return moves
+
+
+async def tick(agent: Agent) -> None:
+    """Run a round when one is due (called from the agent's reconcile pass); its trouble never stops the agent."""
+    if not agent.settings.autoballoon:
+        return
+    state = _hosts.setdefault(agent.host_name, _HostState())
+    now = time.monotonic()
+    if now - state.last_round < agent.settings.balloon_interval:
+        return
+    state.last_round = now
+    try:
+        await balance(agent)
+    except Exception:
+        log.exception("automatic ballooning round failed on host %s", agent.host_name)

@@ -39,7 +39,7 @@ from tests.integration.migration_lab import (  # noqa: E402
     stop_busy_and_verify,
 )
 
-from corral.engine.migration import MigrationTuning, migrate  # noqa: E402
+from corral.engine.live_migration import MigrationTuning, migrate  # noqa: E402
 from corral.images.tiny import build_tiny_image  # noqa: E402
 
 

@@ -98,13 +98,14 @@ def bench_sessions(daemon: BenchDaemon, count: int) -> list[list[object]]:
 def bench_cli(daemon: BenchDaemon, runs: int) -> list[list[object]]:
     parent = f"tp-{uuid.uuid4().hex[:6]}"
     daemon.cli("vm", "run", parent, "--image", "tiny", "--memory", "128M", "--forkable")
-    forks, boots = [], []
+    forks, boots, jobs = [], [], []
     for _ in range(runs):
         child = f"tc-{uuid.uuid4().hex[:6]}"
         started = time.monotonic()
-        daemon.cli("vm", "fork", parent, child)
+        forked = json.loads(daemon.cli("vm", "fork", parent, child, "--json").stdout)
         daemon.cli("vm", "exec", child, "--", "true")  # usable: its guest agent answers
         forks.append(time.monotonic() - started)
+        jobs.append(forked["job"]["result"])
         daemon.cli("vm", "delete", child, "--force")
         booted = f"tb-{uuid.uuid4().hex[:6]}"
         started = time.monotonic()
@@ -116,6 +117,9 @@ def bench_cli(daemon: BenchDaemon, runs: int) -> list[list[object]]:
         ["`vm fork` + first exec (median s)", f"{median(forks):.2f}", ""],
         ["`vm run --wait` (median s)", f"{median(boots):.2f}", ""],
         ["ratio", f"{median(forks) / median(boots):.3f}", "<= 0.15"],
+        ["  in the fork job: parent paused (median ms)", f"{median([j['parent_pause_ms'] for j in jobs]):.0f}", ""],
+        ["  child running after (median ms)", f"{median([j['child_ready_ms'] for j in jobs]):.0f}", ""],
+        ["  child usable after (median ms)", f"{median([j.get('usable_ms', 0) for j in jobs]):.0f}", ""],
     ]
 
 

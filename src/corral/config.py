@@ -83,6 +83,10 @@ class Settings(BaseModel):
     auto_balance: bool = False
     auto_balance_threshold: int = Field(default=3, ge=1, le=5)
     auto_balance_interval: float = Field(default=300.0, ge=1)
+    # Automatic consolidation (docs/optimization.md): every auto_consolidate_interval seconds the HostWatch makes a
+    # consolidation plan (N+1 kept) and runs it when it frees a host, which then goes to standby.
+    auto_consolidate: bool = False
+    auto_consolidate_interval: float = Field(default=3600.0, ge=1)
     # Seconds without a heartbeat after which a host is marked unreachable (agents beat every third of it, <= 10 s).
     host_timeout: float = Field(default=60.0, ge=3)
     # HA leases (PostgreSQL pools, docs/ha.md): an agent's lease lasts this long on the database clock and is renewed
@@ -169,6 +173,7 @@ _ENV = {
     "CORRAL_AUTOBALLOON": "autoballoon",
     "CORRAL_BALLOON_HOST_MEMORY": "balloon_host_memory",
     "CORRAL_AUTO_BALANCE": "auto_balance",
+    "CORRAL_AUTO_CONSOLIDATE": "auto_consolidate",
 }
 
 

@@ -133,7 +133,7 @@ class HostWatch:
         self.store = store
         self.interval = interval
         self.lease_time = lease_time
-        self.settings = settings  # auto_balance and its threshold and interval (corral.cluster.plans)
+        self.settings = settings  # auto_balance, auto_consolidate and their intervals (corral.cluster.plans)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="corral-hostwatch", daemon=True)
 
@@ -160,6 +160,8 @@ class HostWatch:
                     plans.auto_balance_tick(
                         self.store, self.settings.auto_balance_threshold, self.settings.auto_balance_interval
                     )
+                if self.settings is not None and self.settings.auto_consolidate:
+                    plans.auto_consolidate_tick(self.store, self.settings.auto_consolidate_interval)
                 if self.store.shared:
                     with self.store.session() as session:
                         ha.watch(session, self.lease_time)

@@ -230,6 +230,7 @@ class LocalPool:
             (home / "pools" / "default").mkdir(parents=True)
         if images is not None:
             (home / "images").symlink_to(images)
+        self.link_host(name)
         self.agents[name] = Proc(
             home,
             self.env(home),
@@ -251,11 +252,22 @@ class LocalPool:
             env.pop(variable, None)
         return env
 
-    def start_control(self) -> Proc:
+    def start_control(self, listen: str | None = None) -> Proc:
+        """The control plane, on its unix socket and, with ``listen`` (HOST:PORT), on HTTPS too (the web console;
+        a self-signed certificate made in its home)."""
         home = self.make_home("control")
         self.homes["control"] = home
-        self.control = Proc(home, self.env(home), ["serve", "--no-agent", "--log-level", "info"])
+        argv = ["serve", "--no-agent", "--log-level", "info", *(["--listen", listen] if listen else [])]
+        self.control = Proc(home, self.env(home), argv)
         return self.control
+
+    def link_host(self, name: str) -> None:
+        """Let the control plane reach host ``name``'s VM consoles and serial logs: its home, as this machine sees
+        it, at ``CONTROL_HOME/hosts/NAME`` (corral.api.routes_console; on real machines, a shared mount)."""
+        if "control" in self.homes and name in self.homes:
+            hosts = self.homes["control"] / "hosts"
+            hosts.mkdir(exist_ok=True)
+            (hosts / name).symlink_to(self.homes[name])
 
     # -- using it ------------------------------------------------------------------------------------------------
 

@@ -188,7 +188,7 @@ def test_type_in_the_serial_console_and_read_the_answer(admin, secure, web) -> N
                 if (buffer.getLine(i).translateToString(true).includes('BusyBox')) return true;
             return false;
         }""",
-        timeout=5_000,
+        timeout=30_000,
     )
     page.click("#console")
     deadline = time.monotonic() + 60

@@ -10,6 +10,7 @@ machine every 100 ms for the whole module and records any moment when one VM had
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -262,6 +263,20 @@ def test_a_partitioned_host_fences_itself_before_the_takeover(pool: Pool, sample
     pv_id, np_id = pool.vm("pv")["id"], pool.vm("np")["id"]
     epoch = pool.host(VICTIM)["epoch"]
     np_pid = pool.vm("np")["pid"]
+    # What `host list` shows for the victim over the partition: "fenced" between its lease's expiry and the
+    # takeover ("dead"), then "online" once it rejoined.
+    shown: list[str] = []
+    listing = threading.Event()
+
+    def watch_host_list() -> None:
+        while not listing.is_set():
+            with contextlib.suppress(Exception):
+                states = {h["name"]: h["state"] for h in pool.json("host", "list", timeout=30)}
+                if not shown or shown[-1] != states[VICTIM]:
+                    shown.append(states[VICTIM])
+
+    watcher = threading.Thread(target=watch_host_list, daemon=True)
+    watcher.start()
     _partition(pool, True)
     try:
         cut = time.monotonic()
@@ -288,6 +303,9 @@ def test_a_partitioned_host_fences_itself_before_the_takeover(pool: Pool, sample
     healed = time.monotonic()
     until(lambda: pool.host(VICTIM)["state"] == "online", 90, "the victim to rejoin", every=0.5)
     rejoined = time.monotonic() - healed
+    listing.set()
+    watcher.join(60)
+    assert "fenced" in shown and shown.index("fenced") < shown.index("dead"), shown
     assert pool.host(VICTIM)["epoch"] == epoch + 1
     until(lambda: pool.vm("np")["state"] == "running", 30, "the non-HA VM to be seen running again")
     assert pool.vm("np")["pid"] == np_pid, "never restarted"
@@ -317,4 +335,48 @@ def test_a_short_store_outage_fences_nothing_and_restarts_nothing(pool: Pool, sa
     assert all(pool.host(name)["state"] == "online" for name in ("h1", "h2", "h3"))
     for name in ("hv", "pv"):
         assert sum(sampler.copies(pool.vm(name)["id"]).values()) == 1
+    assert not sampler.doubles, sampler.doubles
+
+
+def test_an_agent_killed_alone_is_fenced_by_its_fencer_before_the_takeover(pool: Pool, sampler: Sampler) -> None:
+    """Only the agent dies (SIGKILL; an OOM kill): its QEMUs live on in their own sessions, and so does its fencer,
+    which kills the HA VM's QEMU before the lease's expiry, so the takeover never makes a second copy."""
+    from corral.host import fencer
+
+    pv_id = pool.vm("pv")["id"]
+    assert pool.vm("pv")["host"] == "h1" and sampler.copies(pv_id) == {"h1": 1}
+    home = pool.homes["h1"]
+    fencer_pid = fencer.running_fencer(home)
+    assert fencer_pid is not None, "h1's agent runs a fencer on a PostgreSQL pool"
+    killed = time.monotonic()
+    pool.agents["h1"].stop(signal.SIGKILL)
+    assert alive(fencer_pid), "the fencer outlives its agent"
+    until(lambda: not sampler.copies(pv_id), 20, "the fencer to kill the HA VM's QEMU on h1")
+    fenced = time.monotonic() - killed
+    until(lambda: sampler.copies(pv_id).get("h2") == 1, 40, "the takeover to start the VM on h2")
+    restarted = time.monotonic() - killed
+    assert pool.host("h1")["state"] == "dead"
+    until(
+        lambda: (
+            pool.cli("vm", "exec", "pv", "--", "cat", "/root/marker", check=False, timeout=30).stdout
+            == "before-partition\n"
+        ),
+        60,
+        "the guest on h2 with its data",
+        every=0.5,
+    )
+    log = (home / "logs" / "fencer.log").read_text()
+    assert "fenced: killed QEMU" in log and "dead" in log, log
+    # The killed agent, restarted, rejoins and starts nothing that moved. (Its old fencer ended once nothing was
+    # left to guard, agent dead and no QEMU here; the new agent starts another.)
+    pool.agents["h1"].start()
+    until(lambda: pool.host("h1")["state"] == "online", 60, "h1 to rejoin", every=0.5)
+    assert fencer.running_fencer(home) is not None
+    time.sleep(3)
+    assert sampler.copies(pv_id) == {"h2": 1} and pool.vm("pv")["host"] == "h2"
+    print(
+        f"\nagent killed alone: its fencer killed the HA VM's QEMU after {fenced:.1f} s, the VM ran on h2 after "
+        f"{restarted:.1f} s; {sampler.samples} samples, {len(sampler.doubles)} doubles"
+    )
+    assert fenced < restarted
     assert not sampler.doubles, sampler.doubles

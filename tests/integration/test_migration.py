@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from corral.engine import qemu_img
-from corral.engine.migration import MigrationFailed, MigrationProgress, MigrationTuning, NotConverging, migrate
+from corral.engine.live_migration import MigrationFailed, MigrationProgress, MigrationTuning, NotConverging, migrate
 from corral.engine.process import QemuProcess
 from corral.images.tiny import TinyImage, build_tiny_image
 from tests.conftest import qemu_pids_under, require

@@ -119,7 +119,8 @@ def test_agents_register_heartbeat_and_go_offline_or_unreachable(pool):
     agents["h2"].stop()
     assert _hosts(control)["h2"]["state"] == "offline"
     agents["h3"].stop(signal.SIGKILL)
-    _until(lambda: _hosts(control)["h3"]["state"] == "unreachable", 30)
+    # Its heartbeat goes silent (unreachable) and its lease runs out (fenced): either says it takes no work.
+    _until(lambda: _hosts(control)["h3"]["state"] in ("unreachable", "fenced"), 30)
 
     store = Store(url)
     try:
@@ -136,9 +137,10 @@ def test_agents_register_heartbeat_and_go_offline_or_unreachable(pool):
 
     plan = control.cli("vm", "create", "v9", "--dry-run")
     assert plan.returncode == 0 and "would choose h1" in plan.stdout
-    assert "host is offline" in plan.stdout and "host is unreachable" in plan.stdout
+    killed = _hosts(control)["h3"]["state"]
+    assert "host is offline" in plan.stdout and f"host is {killed}" in plan.stdout
     pool_view = json.loads(control.cli("pool", "show", "--json").stdout)
-    assert (pool_view["hosts"], pool_view["online"], pool_view["unreachable"]) == (3, 1, 1)
+    assert (pool_view["hosts"], pool_view["online"], pool_view["unreachable"] + pool_view["fenced"]) == (3, 1, 1)
 
 
 def test_an_agent_needs_a_store(tmp_path: Path):

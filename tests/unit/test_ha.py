@@ -17,7 +17,7 @@ from sqlalchemy import func, select, text, update
 
 from corral.cluster import ha
 from corral.cluster.resize import VMResize, resize
-from corral.cluster.vms import check_ha
+from corral.cluster.vm_rows import check_ha
 from corral.errors import InvalidInput
 from corral.host.lease import Lease
 from corral.spec.job import JobKind
@@ -154,7 +154,7 @@ def test_an_ha_vm_no_survivor_can_reach_is_recorded_lost(pg: Store) -> None:
         assert "no surviving host" in vm.status_message, vm.status_message
 
 
-def test_a_host_with_nothing_to_recover_is_left_unreachable(pg: Store) -> None:
+def test_a_host_with_nothing_to_recover_is_left_fenced(pg: Store) -> None:
     with pg.session() as session:
         session.add_all([_host("h1", "s", -20), _host("h2", "s", 10), _host("h3", "s", 10)])
         session.flush()
@@ -163,7 +163,51 @@ def test_a_host_with_nothing_to_recover_is_left_unreachable(pg: Store) -> None:
         assert ha.watch(session, 10.0)[1] == []
     with pg.reading() as session:
         host = session.scalars(select(Host).where(Host.name == "h1")).one()
-        assert (host.state, host.epoch) == ("online", 0)
+        assert (host.state, host.epoch) == ("fenced", 0)
+
+
+def test_an_expired_lease_shows_fenced_until_the_takeover_or_a_renewal(pg: Store) -> None:
+    """`host list` says "fenced" from the lease's expiry (database clock) until the takeover makes the host
+    "dead"; a renewal in between makes it "online" again; placement never picks it meanwhile."""
+    from corral.cluster import hosts, placement
+
+    with pg.session() as session:
+        # h1 expired 2 s ago: within the 5 s margin (lease time 10 s), so not taken over yet.
+        session.add_all([_host("h1", "s", -2), _host("h2", "s", 10), _host("h3", "s", 10)])
+        session.flush()
+        _vm(session, "a", "h1", ha=True)
+    with pg.session() as session:
+        assert ha.watch(session, 10.0)[1] == []
+    with pg.reading() as session:
+        states = {name: state for name, state in session.execute(select(Host.name, Host.state))}
+        assert states == {"h1": "fenced", "h2": "online", "h3": "online"}
+        assert "h1" not in {h.name for h in placement.online_hosts(session)}
+        assert (hosts.pool(session).online, hosts.pool(session).fenced) == (2, 1)
+    # Its agent renews (the store answered again in time): online again, under the same epoch.
+    lease = Lease(_agent(pg, 10.0), list)
+    lease.epoch = 0
+    assert lease.renew()
+    with pg.reading() as session:
+        assert session.scalars(select(Host.state).where(Host.name == "h1")).one() == "online"
+    # It expires again, this time past the margin: fenced never stands in the way of the takeover.
+    with pg.session() as session:
+        session.execute(
+            update(Host).where(Host.name == "h1").values(lease_expires_at=func.now() - timedelta(seconds=3))
+        )
+    with pg.session() as session:
+        ha.watch(session, 10.0)
+    with pg.reading() as session:
+        assert session.scalars(select(Host.state).where(Host.name == "h1")).one() == "fenced"
+    with pg.session() as session:
+        session.execute(
+            update(Host).where(Host.name == "h1").values(lease_expires_at=func.now() - timedelta(seconds=20))
+        )
+    with pg.session() as session:
+        assert [t.host for t in ha.watch(session, 10.0)[1]] == ["h1"]
+    with pg.reading() as session:
+        host = session.scalars(select(Host).where(Host.name == "h1")).one()
+        assert (host.state, host.epoch) == ("dead", 1)
+        assert session.scalars(select(VM.host).where(VM.name == "a")).one() == "h2"
 
 
 def test_a_store_wide_expiry_takes_nothing_over(pg: Store) -> None:
@@ -176,7 +220,12 @@ def test_a_store_wide_expiry_takes_nothing_over(pg: Store) -> None:
     assert decision.suspended and done == []
     with pg.reading() as session:
         assert session.scalars(select(VM.host)).one() == "h1"
-        assert set(session.scalars(select(Host.state))) == {"online"}
+        # Both expired hosts show what they did (fenced themselves); nothing was taken over.
+        assert {name: state for name, state in session.execute(select(Host.name, Host.state))} == {
+            "h1": "fenced",
+            "h2": "fenced",
+            "h3": "online",
+        }
         assert "pool.ha_suspended" in set(session.scalars(select(Event.type)))
 
 
@@ -274,3 +323,37 @@ def test_release_gives_the_lease_up(pg: Store) -> None:
     with pg.reading() as session:
         assert session.scalar(select(Host.lease_expires_at)) is None
     assert not any(t.is_alive() for t in threading.enumerate() if t.name in ("corral-lease", "corral-watchdog"))
+
+
+def test_a_restarted_agent_removes_the_disk_copies_of_a_storage_move_it_was_running(pg: Store, tmp_path: Path) -> None:
+    """Found by the migration chaos rounds: a source agent killed after the destination committed a storage move
+    left the VM's old disk file behind for good. At start-up (its move job still marked running) it removes the
+    copies of a VM the store now puts on a host with other storage, and keeps those on shared storage."""
+    from corral.host.move_jobs import pool_identity, reclaim_moved
+    from corral.layout import HostLayout
+
+    layout = HostLayout(tmp_path / "h1")
+    here = pool_identity(layout.pool())
+    with pg.session() as session:
+        session.add_all([_host("h1", here, 10), _host("h2", "other", 10), _host("h3", here, 10)])
+        session.flush()
+        moved, shared = _vm(session, "moved", "h2"), _vm(session, "shared", "h3")
+        for vm, to in ((moved, "h2"), (shared, "h3")):
+            session.add(
+                Job(
+                    kind=JobKind.VM_MIGRATE,
+                    target_kind="vm",
+                    target_name=vm.name,
+                    target_id=vm.id,
+                    host="h1",
+                    state="running",
+                    params={"to": to, "with_storage": True, "dest_job": "x"},
+                )
+            )
+        files = {vm.name: layout.pool() / f"{vm.id}.qcow2" for vm in (moved, shared)}
+    for path in files.values():
+        path.write_bytes(b"disk")
+    agent = SimpleNamespace(store=pg, host_name="h1", layout=layout, settings=SimpleNamespace())
+    reclaim_moved(agent)  # type: ignore[arg-type]
+    assert not files["moved"].exists(), "the moved VM's old copy is nobody's any more"
+    assert files["shared"].exists(), "on shared storage the file is the one the VM uses"

@@ -71,6 +71,7 @@ def test_forwards_follow_their_vm_between_hosts(store, tmp_path) -> None:  # typ
     from corral.config import Settings
     from corral.host.networks import NetworkHost
     from corral.spec.vm import VMSpec
+    from corral.store import network_queries
     from corral.store.models import VM, PortForward
 
     with store.session() as session:
@@ -86,7 +87,7 @@ def test_forwards_follow_their_vm_between_hosts(store, tmp_path) -> None:  # typ
             "host port 20080/tcp of its forwards is forwarded there already"
         )
         assert control.forwards_clash(session, vx, "h3") is None
-        control.move_forwards(session, vx, "h3")
+        network_queries.move_forwards(session, vx, "h3")
         vx.host = "h3"
     # vz "restarted" on h1 by HA: h1's agent adopts its forward; vx's on h3 stays put (it moved with the VM).
     with store.session() as session:

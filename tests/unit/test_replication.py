@@ -17,8 +17,9 @@ from corral.errors import Conflict, InvalidInput
 from corral.host.replication_jobs import _files, recover
 from corral.spec.job import JobKind
 from corral.spec.vm import VMSpec
+from corral.store import jobs
 from corral.store.db import Store
-from corral.store.models import VM, Host, Job, Replica, Volume
+from corral.store.models import VM, Event, Host, Job, Replica, Volume
 
 
 @pytest.mark.parametrize("text", ["0s", "-5s", "2s", "9", "soon"])
@@ -192,3 +193,84 @@ def test_the_runner_copies_running_vms_when_due(pg: Store) -> None:
         assert "busy with vm.re" in (row.last_error or ""), row.last_error
     with pg.session() as session, pytest.raises(Conflict, match="a copy of VM rv"):
         replication.remove(session, "rv")
+
+
+def test_a_failed_failover_puts_the_replica_and_the_vm_back(pg: Store) -> None:
+    """The failover job fails on the partner (here: a file in the way): the replica is no longer "promoting" but
+    ready again with the error, the VM is back on its dead host with its disks' rows as they were, and a
+    second `vm failover` is accepted."""
+    with pg.session() as session:
+        session.add_all([_host("h1", -20), _host("h2", 10), _host("h3", 10)])
+        session.flush()
+        vm = _vm(session, "rv", "h1", "h2", ha=True)
+        vm.volumes[0].backing_path = "images/tiny.qcow2"
+    with pg.session() as session:
+        ha.watch(session, 10.0)
+    with pg.reading() as session:
+        assert session.scalars(select(Replica.state)).one() == "promoting"
+        job_id = session.scalars(select(Job.id).where(Job.kind == JobKind.VM_FAILOVER)).one()
+    jobs.finish(pg, job_id, error=Conflict("a file is already where disk rv-root belongs on h2"))
+    replication.run_once(pg)
+    with pg.reading() as session:
+        row = session.scalars(select(Replica)).one()
+        assert row.state == "ready" and "failover to h2 failed: a file is already" in (row.last_error or "")
+        vm = session.scalars(select(VM).where(VM.name == "rv")).one()
+        assert (vm.host, vm.observed_state) == ("h1", "lost") and "corral vm failover rv" in vm.status_message
+        assert {(v.host, v.state, v.backing_path) for v in vm.volumes} == {("h1", "ready", "images/tiny.qcow2")}
+        assert "vm.failover_failed" in set(session.scalars(select(Event.type)))
+    with pg.session() as session:  # asked again: accepted, as before the failed try
+        assert replication.failover(session, "rv").host == "h2"
+
+
+def test_a_failover_its_agent_did_not_finish_is_settled_too(pg: Store) -> None:
+    """The partner's agent died during the failover of a stopped VM: its restart fails the job, and the VM is
+    stopped on its own host again, its replica ready."""
+    with pg.session() as session:
+        session.add_all([_host("h1", 10), _host("h2", 10)])
+        session.flush()
+        _vm(session, "sv", "h1", "h2", running=False)
+    with pg.session() as session:
+        replication.failover(session, "sv")
+    assert jobs.claim(pg, "h2") is not None
+    assert [j.kind for j in jobs.fail_orphans(pg, "h2")] == [JobKind.VM_FAILOVER]
+    with pg.session() as session:
+        assert replication.settle_failovers(session) == ["sv"]
+    with pg.reading() as session:
+        assert session.scalars(select(Replica.state)).one() == "ready"
+        vm = session.scalars(select(VM).where(VM.name == "sv")).one()
+        assert (vm.host, vm.desired_state, vm.observed_state) == ("h1", "stopped", "stopped")
+        assert "the agent restarted while this job ran" in vm.status_message
+    with pg.session() as session:  # nothing left to settle
+        assert replication.settle_failovers(session) == []
+
+
+def _storage_daemon(socket: Path) -> subprocess.Popen[bytes]:
+    socket.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["qemu-storage-daemon", "--chardev", f"socket,id=qmp,path={socket},server=on,wait=off"]
+    return subprocess.Popen([*argv, "--monitor", "chardev=qmp"], start_new_session=True)
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="qemu-storage-daemon is not installed")
+def test_an_agent_that_starts_ends_the_storage_daemon_a_killed_receive_left(tmp_path: Path) -> None:
+    """A partner agent SIGKILLed during a copy leaves its receive's qemu-storage-daemon running (an NBD export of
+    a replica layer). The next agent on that home ends it at start-up; another installation's daemon is spared."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from corral.host.orphans import settle_unrecorded
+
+    home, other = tmp_path / "home", tmp_path / "other"
+    left = _storage_daemon(home / "run" / "rpl-0123456789ab.qmp")
+    theirs = _storage_daemon(other / "run" / "rpl-0123456789ab.qmp")
+    try:
+        agent = SimpleNamespace(layout=SimpleNamespace(home=home))
+        outcome = asyncio.run(settle_unrecorded(agent))  # type: ignore[arg-type]
+        assert outcome["storage_daemons"] == [str(left.pid)]
+        assert left.wait(10) == -9
+        assert theirs.poll() is None, "another installation's daemon is not this agent's to end"
+        # A second start finds nothing left.
+        assert asyncio.run(settle_unrecorded(agent))["storage_daemons"] == []  # type: ignore[arg-type]
+    finally:
+        for proc in (left, theirs):
+            proc.kill()
+            proc.wait()

@@ -92,7 +92,7 @@ def test_new_volume_files_are_named_by_id() -> None:
 
 
 def test_two_projects_volumes_of_one_name_get_distinct_files(store, host) -> None:  # type: ignore[no-untyped-def]
-    from corral.cluster.vms import new_volume
+    from corral.cluster.vm_rows import new_volume
 
     with store.session() as session:
         paths = []

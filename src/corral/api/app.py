@@ -20,7 +20,7 @@ from corral.api import (
     routes_events,
     routes_hosts,
     routes_jobs,
-    routes_migrations,
+    routes_moves,
     routes_networks,
     routes_pool,
     routes_replication,
@@ -130,7 +130,7 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.include_router(routes_uploads.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_hosts.router)
-    app.include_router(routes_migrations.router)
+    app.include_router(routes_moves.router)
     placement.configure(settings.placement_strategy, settings.host_timeout)
     app.include_router(routes_admin.router)
     app.include_router(routes_events.router)

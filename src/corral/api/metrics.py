@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from corral.cluster import placement
 from corral.spec.vm import VMSpec
 from corral.store.db import Store
-from corral.store.models import VM, Backup, Host, Job
+from corral.store.models import VM, Backup, Host, Job, Plan
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -35,6 +35,7 @@ class StoreCollector(Collector):
             yield from self._hosts(session)
             yield from self._jobs(session)
             yield from self._backups(session)
+            yield from self._plans(session)
 
     def _vms(self, session):  # type: ignore[no-untyped-def]
         info = GaugeMetricFamily(
@@ -62,6 +63,10 @@ class StoreCollector(Collector):
         net_tx = CounterMetricFamily(
             "corral_vm_network_transmit_bytes", "Bytes the guest sent, per TAP NIC.", labels=["vm", "project", "nic"]
         )
+        # Automatic ballooning (docs/optimization.md): what the guest has now, beside its size above.
+        balloon = GaugeMetricFamily(
+            "corral_vm_balloon_bytes", "Memory the guest has now, after its balloon.", labels=["vm", "project"]
+        )
         for vm in session.scalars(select(VM)):
             spec = VMSpec.model_validate(vm.spec)
             key = [vm.name, vm.project]
@@ -76,13 +81,15 @@ class StoreCollector(Collector):
                     used.add_metric(key, stats["memory_bytes"])
                 if stats.get("cpu_seconds") is not None:
                     cpu.add_metric(key, stats["cpu_seconds"])
+                if stats.get("balloon_bytes") is not None:
+                    balloon.add_metric(key, stats["balloon_bytes"])
                 for disk, io in stats.get("disks", {}).items():
                     disk_read.add_metric([*key, disk], io.get("read_bytes", 0))
                     disk_write.add_metric([*key, disk], io.get("write_bytes", 0))
                 for nic, io in stats.get("nics", {}).items():
                     net_rx.add_metric([*key, nic], io.get("receive_bytes", 0))
                     net_tx.add_metric([*key, nic], io.get("transmit_bytes", 0))
-        yield from (info, running, vcpus, memory, used, cpu, disk_read, disk_write, net_rx, net_tx, restarts)
+        yield from (info, running, vcpus, memory, used, balloon, cpu, disk_read, disk_write, net_rx, net_tx, restarts)
 
     def _hosts(self, session):  # type: ignore[no-untyped-def]
         labels = ["host"]
@@ -100,6 +107,9 @@ class StoreCollector(Collector):
             "corral_host_storage_free_bytes", "Free space in the default pool.", labels=labels
         )
         up = GaugeMetricFamily("corral_host_up", "1 when the host's agent heartbeat is recent.", labels=labels)
+        standby = GaugeMetricFamily(
+            "corral_host_standby", "1 while the host is in standby (consolidation).", labels=labels
+        )
         # HA (docs/ha.md): how often the host was taken over, and when its lease runs out (0: it holds none).
         epoch = GaugeMetricFamily("corral_host_epoch", "Times the control plane took the host over.", labels=labels)
         lease = GaugeMetricFamily(
@@ -119,9 +129,10 @@ class StoreCollector(Collector):
             mem_alloc.add_metric([host.name], allocation.memory)
             storage_free.add_metric([host.name], host.storage_free)
             up.add_metric([host.name], 1 if host.name in online else 0)
+            standby.add_metric([host.name], 1 if host.standby else 0)
             epoch.add_metric([host.name], host.epoch)
             lease.add_metric([host.name], host.lease_expires_at.timestamp() if host.lease_expires_at else 0)
-        yield from (cpus, vcpus_cap, vcpus_alloc, mem, mem_cap, mem_alloc, storage_free, up, epoch, lease)
+        yield from (cpus, vcpus_cap, vcpus_alloc, mem, mem_cap, mem_alloc, storage_free, up, standby, epoch, lease)
 
     def _jobs(self, session):  # type: ignore[no-untyped-def]
         jobs = CounterMetricFamily("corral_jobs", "Jobs by kind and state.", labels=["kind", "state"])
@@ -178,6 +189,16 @@ class StoreCollector(Collector):
         for key, value in good.items():
             verified.add_metric(list(key), value)
         yield from (last, verified, corrupt)
+
+    def _plans(self, session):  # type: ignore[no-untyped-def]
+        """Balancing and consolidation plans by kind and state (docs/optimization.md): one grouped query, so an
+        alert can fire on a failed plan."""
+        plans = GaugeMetricFamily("corral_plans", "Stored action plans, by kind and state.", labels=["kind", "state"])
+        for kind, state, count in session.execute(
+            select(Plan.kind, Plan.state, func.count()).group_by(Plan.kind, Plan.state)
+        ):
+            plans.add_metric([kind, state], count)
+        yield plans
 
 
 def _seconds(start: datetime, end: datetime) -> float:

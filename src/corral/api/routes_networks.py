@@ -15,7 +15,7 @@ from corral.api.state import AppState, app_state, db_session
 from corral.api.views import Accepted, JobView, NetworkView, VMView
 from corral.cluster import networks
 from corral.cluster.identity import Role
-from corral.cluster.vms import ensure_idle, get_vm
+from corral.cluster.vm_rows import ensure_idle, get_vm
 from corral.spec.network import VXLAN_OVERHEAD, NetworkSpec, PortForwardSpec
 from corral.spec.vm import NicSpec
 from corral.store.models import VM, Job, NetworkPort

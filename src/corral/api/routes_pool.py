@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from corral.api.auth import Caller, cluster_admin, cluster_viewer, viewer
 from corral.api.state import AppState, app_state, db_session
 from corral.cluster import hosts, plans, usage
-from corral.cluster.vms import get_vm
+from corral.cluster.vm_rows import get_vm
 
 router = APIRouter(tags=["pool"])
 SINCE = Query(None, description="How far back: 30m, 1h, 1d (default 1h; at most 31d).")
@@ -66,6 +66,12 @@ def consolidate(
             plans.approve(session, plan.id)
         view = plans.PlanView.of(plan)
     return _maybe_run(state, view)
+
+
+@router.get("/pool/status", response_model=plans.PoolStatus, dependencies=[Depends(cluster_viewer)])
+def pool_status(state: AppState = Depends(app_state), session: Session = Depends(db_session)) -> plans.PoolStatus:
+    """The automatic modes (balancing, consolidation, ballooning): on or off, their settings and last rounds."""
+    return plans.status(session, state.settings)
 
 
 @router.get("/pool/plans", response_model=list[plans.PlanView], dependencies=[Depends(cluster_viewer)])

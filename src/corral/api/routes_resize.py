@@ -11,7 +11,7 @@ from corral.api.state import AppState, app_state
 from corral.api.views import Accepted, JobView, VMView
 from corral.cluster import resize
 from corral.cluster.resize import DiskAdd, VMResize
-from corral.cluster.vms import get_vm
+from corral.cluster.vm_rows import get_vm
 
 router = APIRouter(prefix="/vms", tags=["vms"])
 ACCEPTED: dict[str, Any] = {"status_code": status.HTTP_202_ACCEPTED, "response_model": Accepted}

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from corral.cli.common import JSON_OPTION, client, follow_job, human_size, print_json, run, table
+from corral.cli.common import JSON_OPTION, client, follow_job, follow_required, human_size, print_json, run, table
 from corral.errors import InvalidInput
 
 app = typer.Typer(help="Back up VMs (full or incremental, running or stopped) and restore them.", no_args_is_help=True)
@@ -26,7 +26,7 @@ def create(
 
     def action() -> None:
         with client() as corral:
-            job = follow_job(corral, corral.create_backup(vm, name, incremental), f"backup {vm}", quiet=as_json)
+            job = follow_required(corral, corral.create_backup(vm, name, incremental), f"backup {vm}", quiet=as_json)
         if as_json:
             print_json(job)
             return
@@ -268,7 +268,7 @@ def restore(
 
     def action() -> None:
         with client() as corral:
-            job = follow_job(corral, corral.restore_backup(vm, name, as_name), f"restore {name}", quiet=as_json)
+            job = follow_required(corral, corral.restore_backup(vm, name, as_name), f"restore {name}", quiet=as_json)
         if as_json:
             print_json(job)
         else:

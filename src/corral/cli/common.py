@@ -78,6 +78,17 @@ def follow_job(
         return corral.wait_job(job["id"], timeout=timeout, on_progress=bar)
 
 
+def follow_required(
+    corral: Any, accepted: dict[str, Any], what: str, quiet: bool = False, timeout: float | None = None
+) -> dict[str, Any]:
+    """``follow_job`` for verbs the API always answers with a job (their commands read its result): an answer
+    without one is a daemon of another version, said in one line rather than as a traceback."""
+    job = follow_job(corral, accepted, what, quiet=quiet, timeout=timeout)
+    if job is None:
+        fail(f"the daemon answered {what} without a job", "run a daemon of the same corral version as this CLI")
+    return job
+
+
 def run(action: Callable[[], Any]) -> Any:
     """Run a command body, turning corral's errors into one line and a non-zero exit."""
     from corral.errors import CorralError

@@ -18,7 +18,10 @@ def _state(host: dict[str, Any]) -> str:
 
 @app.command("list")
 def list_hosts(as_json: bool = JSON_OPTION) -> None:
-    """Hosts with CPU, memory and storage capacity and allocation."""
+    """Hosts with CPU, memory and storage capacity and allocation.
+
+    STATE: online, unreachable (no heartbeat), fenced (its HA lease expired: docs/ha.md), dead (taken over),
+    offline (agent stopped cleanly)."""
 
     def action() -> None:
         with client() as corral:

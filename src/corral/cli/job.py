@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from corral.cli.common import JSON_OPTION, client, follow_job, print_json, run, table
+from corral.cli.common import JSON_OPTION, client, follow_required, print_json, run, table
 
 app = typer.Typer(help="List, follow and cancel jobs.", no_args_is_help=True)
 
@@ -59,7 +59,7 @@ def wait(job_id: str, as_json: bool = JSON_OPTION) -> None:
 
     def action() -> None:
         with client() as corral:
-            job = follow_job(corral, {"job": corral.job(job_id)}, f"job {job_id}", quiet=as_json)
+            job = follow_required(corral, {"job": corral.job(job_id)}, f"job {job_id}", quiet=as_json)
         print_json(job) if as_json else print(f"job {job_id}: {job['state']}")
 
     run(action)

@@ -1,4 +1,4 @@
-"""`corral pool show|balance|consolidate|plan`, and the usage history and standby commands of `vm` and `host`."""
+"""`corral pool show|status|balance|consolidate|plan`, and the usage history and standby commands of `vm` and `host`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,51 @@ def show(as_json: bool = JSON_OPTION) -> None:
             ["RESOURCE", "CAPACITY", "LIMIT", "ALLOCATED", "USED", "OVERCOMMIT"],
             [row("cpu", pool["cpu"], cpus), row("memory", pool["memory"], size), row("storage", pool["storage"], size)],
         )
+
+    run(action)
+
+
+@app.command()
+def status(as_json: bool = JSON_OPTION) -> None:
+    """The automatic modes: balancing, consolidation and ballooning, on or off, and what their last rounds did."""
+
+    def action() -> None:
+        with client() as corral:
+            report = corral.pool_status()
+        if as_json:
+            print_json(report)
+            return
+        rows = []
+        for label, key in (("balancing", "auto_balance"), ("consolidation", "auto_consolidate")):
+            mode = report[key]
+            every = f"every {mode['interval']:g} s" + (
+                f", threshold {mode['threshold']}" if mode.get("threshold") is not None else ""
+            )
+            last = mode["last_round"]
+            plan = mode["last_plan"]
+            rows.append(
+                [
+                    label,
+                    "on" if mode["enabled"] else "off",
+                    every,
+                    f"{str(last['at'])[:19].replace('T', ' ')}: {last['outcome']}" if last else "-",
+                    f"{plan['id']} ({plan['state']})" if plan else "-",
+                ]
+            )
+        balloon = report["autoballoon"]
+        rows.append(
+            [
+                "ballooning",
+                "on" if balloon["enabled"] else "off",
+                f"every {balloon['interval']:g} s, target {balloon['target']:.0%}, steps {balloon['step']:.0%}",
+                f"{balloon['vms_ballooned']} VM(s) ballooned, {human_size(balloon['bytes_reclaimed'])} held back",
+                "-",
+            ]
+        )
+        table(["MODE", "STATE", "SETTINGS", "LAST ROUND", "LAST PLAN"], rows)
+        print(f"hosts in standby: {', '.join(report['standby']) or 'none'}")
+        opened = [f"{p['id']} ({p['kind']}, {p['state']})" for p in report["open_plans"]]
+        print(f"open plans: {', '.join(opened) or 'none'}")
 
     run(action)
 
@@ -149,10 +194,14 @@ def _print_plan(plan: dict[str, Any]) -> None:
         value = summary.get("optimum_hosts_used", summary.get("bound_hosts_used"))
         if value is None:
             value = summary.get("bound_hosts_used")
+        check = (
+            f"solver {reference}: {value}, gap {summary.get('gap')} ({summary.get('solver')})"
+            if summary.get("solver")
+            else "no solver check (automatic round)"
+        )
         print(
             f"hosts awake {summary.get('hosts_before')} -> {summary.get('hosts_used')} "
-            f"({summary.get('hosts_freed')} freed: {', '.join(summary.get('freed', [])) or 'none'}); "
-            f"solver {reference}: {value}, gap {summary.get('gap')} ({summary.get('solver')})"
+            f"({summary.get('hosts_freed')} freed: {', '.join(summary.get('freed', [])) or 'none'}); {check}"
         )
     if plan["moves"]:
         table(

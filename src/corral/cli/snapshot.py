@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from corral.cli.common import JSON_OPTION, client, follow_job, human_size, print_json, run
+from corral.cli.common import JSON_OPTION, client, follow_job, follow_required, human_size, print_json, run
 
 app = typer.Typer(help="Create, list, revert and delete snapshots.", no_args_is_help=True)
 
@@ -25,7 +25,7 @@ def create(
 
     def action() -> None:
         with client() as corral:
-            job = follow_job(
+            job = follow_required(
                 corral, corral.create_snapshot(vm, name, memory, description), f"snapshot {vm}", quiet=as_json
             )
         if as_json:

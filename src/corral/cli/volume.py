@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from corral.cli.common import JSON_OPTION, client, follow_job, human_size, print_json, run, table
+from corral.cli.common import JSON_OPTION, client, follow_job, follow_required, human_size, print_json, run, table
 
 app = typer.Typer(help="Create, resize and delete volumes.", no_args_is_help=True)
 
@@ -35,7 +35,7 @@ def create(
 
     def action() -> None:
         with client() as corral:
-            job = follow_job(corral, corral.create_volume(name, size), f"create {name}", quiet=as_json)
+            job = follow_required(corral, corral.create_volume(name, size), f"create {name}", quiet=as_json)
         print_json(job) if as_json else print(f"created volume {name} ({human_size(job['result']['size'])})")
 
     run(action)
@@ -49,7 +49,7 @@ def resize(
 
     def action() -> None:
         with client() as corral:
-            job = follow_job(corral, corral.resize_volume(name, size), f"resize {name}", quiet=as_json)
+            job = follow_required(corral, corral.resize_volume(name, size), f"resize {name}", quiet=as_json)
         print_json(job) if as_json else print(f"volume {name} is now {human_size(job['result']['size'])}")
 
     run(action)

@@ -201,6 +201,10 @@ class Client:
     def consolidate_pool(self, apply: bool = False, solver_time_limit: float = 5.0) -> dict[str, Any]:
         return self.request("POST", "/pool/consolidate", json={"apply": apply, "solver_time_limit": solver_time_limit})
 
+    def pool_status(self) -> dict[str, Any]:
+        """The automatic modes (balancing, consolidation, ballooning) and what their last rounds did."""
+        return self.request("GET", "/pool/status")
+
     def plans(self, limit: int = 50) -> list[dict[str, Any]]:
         return self.request("GET", "/pool/plans", params={"limit": limit})
 

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement
-from corral.cluster.backups import make_vm_with_disks
+from corral.cluster.vm_rows import new_vm_with_disks
 from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput
 from corral.spec.backup import MANIFEST
 from corral.spec.job import JobKind
@@ -121,7 +121,7 @@ def _submit(
     if not hosts:
         raise Conflict("no host agent is online", "start the daemon with `corral serve`")
     with placement.placement_lock:
-        vm = make_vm_with_disks(session, spec, hosts[0].name, project, sizes, image)
+        vm = new_vm_with_disks(session, spec, hosts[0].name, project, sizes, image)
         return jobs.submit(
             session,
             JobKind.VM_IMPORT,

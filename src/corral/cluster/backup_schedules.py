@@ -1,10 +1,11 @@
 """Backup schedules: periodic backups of a VM and the retention that prunes them (docs/backups.md).
 
-A schedule is a row in the store. Every control plane runs a ``ScheduleRunner`` thread that, about once a second,
-looks for schedules that are due or have backups to prune; before acting on one it claims the row with a
-conditional UPDATE of its ``version`` (as job claims do), so in a pool with several control planes exactly one of
-them fires a schedule, and a control plane that dies mid-pass leaves nothing half claimed. Firing submits an
-ordinary backup job (full, or incremental on the VM's newest backup); the agent of the VM's host runs it.
+A schedule is a row in the store. Every control plane runs a ``ScheduleRunner`` thread that, when one is due or the
+store changed (at most once a second), looks for schedules that are due or have backups to prune; before acting on
+one it claims the row with a conditional UPDATE of its ``version`` (as job claims do), so in a pool with several
+control planes exactly one of them fires a schedule, and a control plane that dies mid-pass leaves nothing half
+claimed. Firing submits an ordinary backup job (full, or incremental on the VM's newest backup); the agent of the
+VM's host runs it.
 
 Retention (``prune``) is a pure function of the backups' times and parents. It only ever deletes a schedule's own
 backups, never a backup anything kept (or being made) builds on: a full with live incrementals stays until they go,
@@ -16,21 +17,26 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from corral.cluster import backups
-from corral.cluster.vms import get_vm
+from corral.cluster.vm_rows import get_vm
 from corral.errors import AlreadyExists, Conflict, CorralError, InvalidInput, NotFound
 from corral.spec.backup import parse_duration
 from corral.spec.job import JobKind, JobState
 from corral.store import events, jobs
 from corral.store.db import Store
 from corral.store.models import VM, Backup, BackupSchedule, Job, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +282,12 @@ def _pass(store: Store, schedule_id: str, version: int, now: datetime) -> int:
         due = schedule.next_at <= now
         if not due and vm is not None and not _deletable_now(session, schedule):
             return 0
-        claimed = session.execute(
+        result = session.execute(
             update(BackupSchedule)
             .where(BackupSchedule.id == schedule_id, BackupSchedule.version == version)
             .values(version=version + 1)
-        ).rowcount
+        )
+        claimed = cast("CursorResult[Any]", result).rowcount  # an UPDATE's result is a cursor result
         if claimed != 1:
             session.rollback()
             return 0  # another control plane has it
@@ -310,7 +317,15 @@ def _pass(store: Store, schedule_id: str, version: int, now: datetime) -> int:
 
 
 class ScheduleRunner:
-    """The control plane's thread that runs ``run_once`` every ``TICK`` seconds until stopped."""
+    """The control plane's thread that runs ``run_once`` when a schedule is due or the store changed.
+
+    It does not poll: with no schedule it sleeps until the store notifier says something was written (a schedule
+    added, say); with schedules it sleeps until the earliest ``next_at`` (one query) or such a wake-up, since a
+    finished backup or job may leave something to prune. Wake-ups are taken at most once per ``tick``, so a busy
+    store costs no more than the old once-a-second pass, and an idle one nothing; ``IDLE_CHECK`` bounds a sleep
+    (retention by day and week moves with the clock alone)."""
+
+    IDLE_CHECK = 60.0
 
     def __init__(self, store: Store, tick: float = TICK) -> None:
         self.store = store
@@ -321,12 +336,49 @@ class ScheduleRunner:
     def start(self) -> None:
         self._thread.start()
 
+    def _earliest(self) -> datetime | None:
+        """The earliest ``next_at`` of all schedules, None when there is none."""
+        from sqlalchemy import func
+
+        with self.store.reading() as session:
+            return session.scalar(select(func.min(BackupSchedule.next_at)))
+
+    def _sleep(self, seconds: float, since: int) -> int:
+        """Wait up to ``seconds`` for a store change after generation ``since``, or for stop; the new generation."""
+        notifier = self.store.notifier
+        deadline = time.monotonic() + max(0.0, seconds)
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # Short slices so stop() is seen within a second even when nothing is written.
+            generation = notifier.wait(since, min(left, 1.0))
+            if generation != since:
+                return generation
+        return notifier.generation
+
     def _run(self) -> None:
-        while not self._stop.wait(self.tick):
+        generation = self.store.notifier.generation
+        while not self._stop.is_set():
+            started = time.monotonic()
+            timeout = self.IDLE_CHECK
             try:
-                run_once(self.store)
+                earliest = self._earliest()
+                if earliest is not None:
+                    run_once(self.store)
+                    earliest = self._earliest()
+                    if earliest is not None:
+                        due_in = (earliest - utcnow()).total_seconds()
+                        timeout = min(self.IDLE_CHECK, max(self.tick, due_in))
             except Exception as exc:  # the store may be restarting; the next pass tries again
                 log.warning("backup schedules pass failed: %s", exc)
+                timeout = self.tick
+            generation = self._sleep(timeout, generation)
+            # A wake-up sooner than a tick after the last pass waits out the rest of the tick (a burst of writes).
+            rest = self.tick - (time.monotonic() - started)
+            if rest > 0 and self._stop.wait(rest):
+                return
+            generation = self.store.notifier.generation
 
     def stop(self) -> None:
         self._stop.set()

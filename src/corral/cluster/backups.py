@@ -10,9 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
-from corral.cluster.clones import fresh_identity, new_vm, volume_name
 from corral.cluster.images import own_first
-from corral.cluster.vms import ensure_idle, get_vm, new_volume
+from corral.cluster.vm_rows import ensure_idle, fresh_identity, get_vm, new_vm_with_disks
 from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotFound, QuotaExceeded
 from corral.spec import sources
 from corral.spec.backup import check_export_path, default_backup_name, read_export_manifest
@@ -194,29 +193,6 @@ def _image_present(session: Session, spec: VMSpec, project: str) -> Image:
     return image
 
 
-def _new_vm_with_disks(session: Session, spec: VMSpec, host: str, project: str, sizes: list[int], image: Image) -> VM:
-    quotas.check(session, project, vcpus=spec.cpus, memory=spec.memory, disk=sum(sizes), vms=1)
-    vm = new_vm(session, spec, host, project, start=False)
-    for index, size in enumerate(sizes):
-        # The disks will be standalone copies; naming the image keeps it (and its kernel) from being deleted.
-        new_volume(
-            session,
-            vm,
-            volume_name(spec.name, index),
-            size,
-            index,
-            "root" if index == 0 else "data",
-            backing_image=image.id if index == 0 else None,
-        )
-    return vm
-
-
-def make_vm_with_disks(session: Session, spec: VMSpec, host: str, project: str, sizes: list[int], image: Image) -> VM:
-    """A new stopped VM with pending volumes of ``sizes`` (quotas checked): for imports of other formats
-    (corral.cluster.appliances)."""
-    return _new_vm_with_disks(session, spec, host, project, sizes, image)
-
-
 def restore(session: Session, vm_name: str, name: str, as_name: str | None = None, project: str = "default") -> Job:
     """Into a new VM (``as_name``, or ``vm_name`` when that VM is gone), or over the disks of ``vm_name`` when it
     exists and is stopped. A running VM is refused: its disks are in use."""
@@ -259,7 +235,7 @@ def restore(session: Session, vm_name: str, name: str, as_name: str | None = Non
     image = _image_present(session, spec, project)
     host = reader_host(session, backup) or placement.online_hosts(session)[0].name
     with placement.placement_lock:
-        vm = _new_vm_with_disks(session, spec, host, project, sizes, image)
+        vm = new_vm_with_disks(session, spec, host, project, sizes, image)
         return jobs.submit(
             session,
             JobKind.BACKUP_RESTORE,
@@ -378,7 +354,7 @@ def import_(
     if not hosts:
         raise Conflict("no host agent is online", "start the daemon with `corral serve`")
     with placement.placement_lock:
-        vm = _new_vm_with_disks(session, spec, hosts[0].name, project, [d.size for d in manifest.disks], image)
+        vm = new_vm_with_disks(session, spec, hosts[0].name, project, [d.size for d in manifest.disks], image)
         return jobs.submit(
             session,
             JobKind.VM_IMPORT,

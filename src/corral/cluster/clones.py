@@ -5,52 +5,17 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.cluster import networks, placement, quotas
+from corral.cluster import placement, quotas
 from corral.cluster.snapshots import get_snapshot
-from corral.cluster.vms import ensure_idle, get_vm, new_volume
+from corral.cluster.vm_rows import ensure_idle, fresh_identity, get_vm, new_vm, new_volume, volume_name
 from corral.errors import AlreadyExists, Conflict, NotFound
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name
-from corral.spec.vm import NicSpec, PowerState, VMSpec
+from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
-from corral.store.models import VM, Host, Job, Snapshot, Template, Volume
+from corral.store.models import VM, Job, Snapshot, Template, Volume
 
 STOPPED = (PowerState.STOPPED, PowerState.CRASHED)
-
-
-def fresh_identity(spec: VMSpec, name: str) -> VMSpec:
-    """A clone is a new machine: its own name (hostname) and MACs; the machine id follows from the new VM id."""
-    nics = [NicSpec(network=nic.network, slot=spec.nic_slot(position)) for position, nic in enumerate(spec.nics)]
-    return spec.model_copy(update={"name": name, "nics": nics}).with_macs()
-
-
-def new_vm(session: Session, spec: VMSpec, host: str, project: str, start: bool) -> VM:
-    validate_name(spec.name, "VM name")
-    if session.scalars(select(VM.id).where(VM.project == project, VM.name == spec.name)).first():
-        raise AlreadyExists(f"VM {spec.name!r} already exists", "choose another name")
-    host_row = session.scalars(select(Host).where(Host.name == host)).first()
-    if host_row is None:
-        raise Conflict(f"host {host} is not registered", "start its agent")
-    if start:
-        placement.check_fits(session, host_row, spec)
-    else:
-        placement.check_hard_limits(host_row, spec)
-    vm = VM(
-        name=spec.name,
-        project=project,
-        spec=spec.model_dump(mode="json"),
-        host=host,
-        desired_state=PowerState.RUNNING if start else PowerState.STOPPED,
-        status_message="creating",
-    )
-    session.add(vm)
-    session.flush()
-    networks.attach_nics(session, vm, spec)
-    return vm
-
-
-def volume_name(vm_name: str, index: int) -> str:
-    return f"{vm_name}-root" if index == 0 else f"{vm_name}-disk{index}"
 
 
 def clone(

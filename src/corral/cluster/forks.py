@@ -5,8 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
-from corral.cluster.clones import fresh_identity, new_vm, volume_name
-from corral.cluster.vms import ensure_idle, get_vm, new_volume
+from corral.cluster.vm_rows import ensure_idle, fresh_identity, get_vm, new_vm, new_volume, volume_name
 from corral.errors import Conflict, InvalidInput
 from corral.spec.job import JobKind
 from corral.spec.vm import USER_NETWORK, PowerState, VMSpec

@@ -38,9 +38,11 @@ from corral.store.models import VM, Event, Host, Job, utcnow
 log = logging.getLogger("corral.ha")
 
 MARGIN_FRACTION = 0.5  # of the lease time, waited after a lease's expiry before its host is taken over
-# Hosts whose lease may be taken over: online, or unreachable by their heartbeat. "offline" (a clean stop) and
-# "dead" (already taken over) hold no lease the control plane acts on.
-LEASE_STATES = ("online", "unreachable")
+# Hosts whose lease may be taken over: online, unreachable by their heartbeat, or fenced (their lease expired,
+# written by :func:`mark_fenced`). "offline" (a clean stop) and "dead" (already taken over) hold no lease the
+# control plane acts on.
+LEASE_STATES = ("online", "unreachable", "fenced")
+FENCED = "fenced"
 
 
 @dataclass
@@ -86,6 +88,7 @@ def watch(session: Session, lease_time: float) -> tuple[Decision, list[Takeover]
     if session.get_bind().dialect.name != "postgresql":
         return Decision(), []
     now = session.scalar(select(func.now()))
+    mark_fenced(session, now)
     margin = timedelta(seconds=lease_time * MARGIN_FRACTION)
     leases = {
         name: expiry
@@ -122,6 +125,31 @@ def watch(session: Session, lease_time: float) -> tuple[Decision, list[Takeover]
         if result is not None:
             done.append(result)
     return decision, done
+
+
+def mark_fenced(session: Session, now: datetime) -> list[str]:
+    """Hosts whose lease expired (database clock), not yet taken over: now ``fenced``.
+
+    By construction of the watchdog (corral.host.lease) such a host has killed its HA VMs already, at 80 % of the
+    lease time, so "fenced" is a fact about it and not a guess; it is written rather than derived so that
+    placement, which picks only ``online`` hosts, skips it at once. Only its agent's next successful renewal (same
+    epoch) makes it ``online`` again, and a takeover makes it ``dead``: a live host, which renews every
+    ``lease_time / 5``, never shows it. It never delays a takeover (:data:`LEASE_STATES` includes it)."""
+    names = list(
+        session.scalars(
+            update(Host)
+            .where(
+                Host.state.in_(("online", "unreachable")),
+                Host.lease_expires_at.is_not(None),
+                Host.lease_expires_at < now,
+            )
+            .values(state=FENCED)
+            .returning(Host.name)
+        )
+    )
+    for name in names:
+        log.warning("host %s: its lease expired; it fenced itself (its HA VMs are dead) until it renews", name)
+    return names
 
 
 def take_over(session: Session, name: str, margin: timedelta) -> Takeover | None:

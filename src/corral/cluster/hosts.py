@@ -2,8 +2,9 @@
 
 Agents own their row's inventory, usage and heartbeat (``corral.host.agent``); the control plane owns the rest.
 A host whose heartbeat is older than the timeout is marked ``unreachable`` here, so placement skips it and
-people see it; that alone restarts nothing elsewhere (leases decide that: corral.cluster.ha). Its next heartbeat
-makes it ``online`` again.
+people see it; that alone restarts nothing elsewhere (leases decide that: corral.cluster.ha, which also marks a
+host whose lease expired ``fenced``). Its next heartbeat makes an unreachable host ``online`` again; a fenced one
+needs its lease renewed (corral.host.lease).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def mark_unreachable(session: Session, timeout: timedelta | None = None) -> int:
     """Hosts online in the store whose agent has not been heard from within ``timeout``: now unreachable."""
     return session.execute(
         update(Host)
-        .where(Host.state == "online", Host.heartbeat_at < utcnow() - (timeout or placement.HOST_TIMEOUT))
+        .where(Host.state == "online", Host.heartbeat_at < utcnow() - (timeout or placement.settings.host_timeout))
         .values(state="unreachable")
     ).rowcount
 
@@ -85,6 +86,7 @@ class PoolView(BaseModel):
     online: int
     drained: int
     unreachable: int
+    fenced: int = 0  # lease expired, not yet taken over (corral.cluster.ha.mark_fenced)
     vms: int
     cpu: Resource
     memory: Resource
@@ -113,6 +115,7 @@ def pool(session: Session) -> PoolView:
         online=len(live),
         drained=sum(1 for load in view.values() if load.drained),
         unreachable=sum(1 for load in view.values() if load.state == "unreachable"),
+        fenced=sum(1 for load in view.values() if load.state == "fenced"),
         vms=vm_count,
         cpu=_resource(
             sum(load.cpus for load in live),

@@ -7,29 +7,32 @@ written up front, and keeps the address stable across restarts, clones and host 
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import json
-import socket
 import subprocess
 from collections.abc import Collection
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotFound
+from corral.hostports import hold_port
 from corral.spec.job import JobKind
 from corral.spec.network import NetworkMode, NetworkSpec, PortForwardSpec, validate_subnet
 from corral.spec.vm import MAX_NICS, USER_NETWORK, NicSpec, PowerState, VMSpec
 from corral.store import jobs
 from corral.store.models import VM, Host, Job, Network, NetworkPort, PortForward, new_id
+from corral.store.network_queries import (
+    BRIDGE_PREFIX,
+    TAP_PREFIX,
+    forwards_of,
+    ports_of,
+)
 
 DEFAULT_NETWORK = "default"
 # Where automatic subnets come from: /24s of 10.87.0.0/16, away from the ranges home routers and clouds favour.
 AUTO_SUBNET_POOL = ipaddress.IPv4Network("10.87.0.0/16")
-BRIDGE_PREFIX = "crl"
-TAP_PREFIX = "crt"
-VXLAN_PREFIX = "crx"
 FIRST_VNI = 10000  # automatic VNIs start here, away from the small numbers people pick by hand
 
 
@@ -113,7 +116,9 @@ def network_host_states(session: Session, network: Network) -> dict[str, str]:
     pool = session.get_bind().dialect.name == "postgresql"
     if not pool or network.mode == NetworkMode.BRIDGE or network.vni is None:
         return dict.fromkeys(hosts, "local")
-    usage = dict(session.execute(select(Host.name, Host.usage).where(Host.name.in_(hosts))).all())
+    usage: dict[str, dict[str, Any] | None] = dict(
+        session.execute(select(Host.name, Host.usage).where(Host.name.in_(hosts))).tuples().all()
+    )
     return {host: ((usage.get(host) or {}).get("overlays") or {}).get(network.id, "joining") for host in hosts}
 
 
@@ -310,10 +315,6 @@ def attach_nics(session: Session, vm: VM, spec: VMSpec) -> None:
         attach_nic(session, vm, nic)
 
 
-def ports_of(session: Session, vm_id: str) -> list[NetworkPort]:
-    return list(session.scalars(select(NetworkPort).where(NetworkPort.vm_id == vm_id).order_by(NetworkPort.nic_index)))
-
-
 def nic_add(session: Session, vm: VM, nic: NicSpec) -> Job:
     spec = VMSpec.model_validate(vm.spec)
     if len(spec.nics) >= MAX_NICS:
@@ -365,16 +366,6 @@ def nic_remove(session: Session, vm: VM, which: str) -> Job:
     )
 
 
-def detach_nic(session: Session, vm: VM, slot: int) -> None:
-    """The store's half of a NIC removal, once the guest has let go of the device."""
-    spec = VMSpec.model_validate(vm.spec)
-    nics = [nic for position, nic in enumerate(spec.nics) if spec.nic_slot(position) != slot]
-    vm.spec = spec.model_copy(update={"nics": nics}).model_dump(mode="json")
-    for port in ports_of(session, vm.id):
-        if port.nic_index == slot:
-            session.delete(port)
-
-
 # -- port forwards ---------------------------------------------------------------------------------------------
 
 
@@ -402,39 +393,6 @@ def _forward_nic(session: Session, vm: VM) -> tuple[int, str]:
 
 def shown_range(ports: range) -> str:
     return f"{ports.start}-{ports.stop - 1}"
-
-
-def hold_port(protocol: str, port: int) -> list[socket.socket]:
-    """Bind ``port`` on every address of this host (IPv4, and IPv6 where the host has it), without SO_REUSEADDR:
-    the bind fails if any program holds the port on any address, and while the sockets stay open no program can
-    take it. Nothing listens on them: the firewall sends the port's traffic to the guest before a socket sees it.
-
-    Raises Conflict, without a word on who holds the port (that would tell a tenant about the host)."""
-    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-    held: list[socket.socket] = []
-    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        try:
-            sock = socket.socket(family, kind)
-        except OSError:
-            if family == socket.AF_INET6:
-                continue  # a host without IPv6
-            raise
-        try:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((address, port))
-        except OSError as exc:
-            sock.close()
-            if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
-                continue  # IPv6 disabled by sysctl
-            for other in held:
-                other.close()
-            raise Conflict(
-                f"host port {port}/{protocol} is in use on the host",
-                "choose another host port in the range for port forwards",
-            ) from exc
-        held.append(sock)
-    return held
 
 
 def add_forward(session: Session, vm: VM, forward: PortForwardSpec, allowed: range, probe_host: bool = False) -> Job:
@@ -497,7 +455,7 @@ def remove_forward(session: Session, vm: VM, host_port: int, protocol: str = "tc
             f"VM {vm.name} has no forward from host port {host_port}/{protocol}",
             f"list them with `corral vm show {vm.name}`",
         )
-    params = {
+    params: dict[str, object] = {
         "remove": {
             "host_port": row.host_port,
             "guest_port": row.guest_port,
@@ -524,17 +482,6 @@ def forwards_clash(session: Session, vm: VM, host: str) -> str | None:
         if other is not None:
             return f"host port {forward.host_port}/{forward.protocol} of its forwards is forwarded there already"
     return None
-
-
-def move_forwards(session: Session, vm: VM, host: str) -> None:
-    """Point ``vm``'s forwards at its new host, in the transaction that moves the VM: that host's agent then
-    holds the ports and writes the rules, the old host's lets go of them."""
-    for forward in forwards_of(session, vm.id):
-        forward.host = host
-
-
-def forwards_of(session: Session, vm_id: str) -> list[PortForward]:
-    return list(session.scalars(select(PortForward).where(PortForward.vm_id == vm_id).order_by(PortForward.host_port)))
 
 
 def running(vm: VM) -> bool:

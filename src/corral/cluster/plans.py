@@ -4,7 +4,7 @@ A plan is what the planners (corral.cluster.planner) recommend, written down wit
 was made from. Its life: ``recommended`` -> ``approved`` -> ``running`` -> ``succeeded`` or ``failed``; or
 ``cancelled``; or ``superseded`` (a newer plan of the same kind, or a pool that changed before it was approved).
 
-Running a plan is a series of ordinary live migrations (corral.cluster.migrations), **one at a time**: before
+Running a plan is a series of ordinary live migrations (corral.cluster.moves), **one at a time**: before
 each move the plan looks again (the VM is still where the plan found it, running, not busy; the target still
 takes it, by placement's filters), and a move that no longer holds is skipped with its reason rather than
 forced. :func:`advance` makes one step; a thread of the control plane calls it until the plan ends (and every
@@ -35,7 +35,7 @@ from corral.spec.job import JobState
 from corral.spec.vm import USER_NETWORK, PowerState, VMSpec
 from corral.store import events
 from corral.store.db import Store
-from corral.store.models import VM, Host, Job, Plan, Volume
+from corral.store.models import VM, Host, Job, Plan, Volume, utcnow
 
 log = logging.getLogger("corral.plans")
 ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING)
@@ -266,9 +266,21 @@ def recommend_consolidation(session: Session, request: ConsolidateRequest) -> Pl
     return _store(session, "consolidate", result.summary(), result.moves)
 
 
-# -- automatic balancing (config: auto_balance) ------------------------------------------------------------------
+# -- automatic balancing and consolidation (config: auto_balance, auto_consolidate) --------------------------------
 
 _auto_last: dict[str, float] = {}
+# What the last automatic round of each kind did on this control plane (``corral pool status``): when, and its
+# outcome in words, with the plan it started if any.
+_auto_rounds: dict[str, dict[str, Any]] = {}
+
+
+def _note_round(kind: str, outcome: str, plan: Plan | None = None) -> None:
+    _auto_rounds[kind] = {"at": utcnow(), "outcome": outcome, "plan": plan.id if plan is not None else None}
+
+
+def last_rounds() -> dict[str, dict[str, Any]]:
+    """The last automatic round of each kind made by this control plane (its memory: a restart forgets them)."""
+    return {kind: dict(round_) for kind, round_ in _auto_rounds.items()}
 
 
 def auto_balance(session: Session, threshold: int) -> Plan | None:
@@ -276,15 +288,18 @@ def auto_balance(session: Session, threshold: int) -> Plan | None:
     ``threshold``, approved at once (the HostWatch then runs it as any approved plan). None when nothing is worth
     moving; such rounds store nothing. One move per plan and none while a plan runs: one migration at a time."""
     if session.scalar(select(Plan.id).where(Plan.state.in_(("approved", "running"))).limit(1)) is not None:
+        _note_round("balance", "skipped: a plan is approved or running")
         return None
     view, guests = load(session)
     result = planner.balance(view, guests, threshold, 1)
     if not result.moves:
+        _note_round("balance", "nothing worth moving")
         return None
     plan = _store(session, "balance", {**result.summary(), "automatic": True}, result.moves)
     plan.state = "running"
     plan.message = f"approved automatically (auto_balance, threshold {threshold})"
     log.info("automatic balancing: moving VM %s to %s", result.moves[0].vm, result.moves[0].target)
+    _note_round("balance", f"moving VM {result.moves[0].vm} to {result.moves[0].target}", plan)
     return plan
 
 
@@ -298,6 +313,139 @@ def auto_balance_tick(store: Store, threshold: int, interval: float) -> str | No
     with store.session() as session:
         plan = auto_balance(session, threshold)
         return plan.id if plan is not None else None
+
+
+def _blocking_plan(session: Session) -> Plan | None:
+    """A plan automatic consolidation must not run beside: one approved or running (migrations go one at a
+    time), or one a person asked for and has not yet approved or cancelled (a new consolidation plan would
+    supersede it under their feet; an automatic recommendation left over does not count)."""
+    open_plans = session.scalars(select(Plan).where(Plan.state.in_(OPEN_STATES)).order_by(Plan.created_at))
+    for plan in open_plans:
+        if plan.state != "recommended" or not (plan.summary or {}).get("automatic"):
+            return plan
+    return None
+
+
+def auto_consolidate(session: Session) -> Plan | None:
+    """The automatic mode of consolidation (DPM's): a consolidation plan, kept N+1, approved at once when it frees
+    at least one host; the HostWatch runs it as any approved plan, and its end puts the emptied hosts in standby.
+    None, and nothing stored, when it would free no host or when another plan is open (see :func:`_blocking_plan`).
+    The solver's check is left out: it may take seconds, and the heuristic alone decides what moves."""
+    blocking = _blocking_plan(session)
+    if blocking is not None:
+        _note_round("consolidate", f"skipped: plan {blocking.id} is {blocking.state}")
+        return None
+    view, guests = load(session)
+    result = planner.consolidate(view, guests, keep_spare=True, exact_time_limit=None)
+    if not result.freed:
+        _note_round("consolidate", "no host to free (N+1 kept)")
+        return None
+    plan = _store(session, "consolidate", {**result.summary(), "automatic": True}, result.moves)
+    plan.state = "running"
+    plan.message = "approved automatically (auto_consolidate)"
+    log.info("automatic consolidation: freeing %s with %d move(s)", ", ".join(result.freed), len(result.moves))
+    _note_round("consolidate", f"freeing {', '.join(result.freed)} with {len(result.moves)} move(s)", plan)
+    return plan
+
+
+def auto_consolidate_tick(store: Store, interval: float) -> str | None:
+    """Called on each pass of the HostWatch: an :func:`auto_consolidate` round every ``interval`` seconds. A round
+    kept off by an open plan is tried again at the next pass rather than an interval later, so a long automatic
+    balancing does not push consolidation back by a whole interval. Returns the id of the plan it started."""
+    now = time.monotonic()
+    if now - _auto_last.get("consolidate", float("-inf")) < interval:
+        return None
+    with store.session() as session:
+        blocking = _blocking_plan(session)
+        if blocking is not None:
+            _note_round("consolidate", f"waiting: plan {blocking.id} is {blocking.state}")
+            return None
+        _auto_last["consolidate"] = now
+        plan = auto_consolidate(session)
+        return plan.id if plan is not None else None
+
+
+class AutoMode(BaseModel):
+    """One automatic mode as ``corral pool status`` shows it: its settings on this control plane, its last round
+    here (None: none since this control plane started) and the newest plan it started (from the store)."""
+
+    enabled: bool
+    interval: float
+    threshold: int | None = None
+    last_round: dict[str, Any] | None = None
+    last_plan: dict[str, Any] | None = None
+
+
+class Ballooning(BaseModel):
+    enabled: bool
+    target: float
+    step: float
+    interval: float
+    vms_ballooned: int = Field(description="running VMs whose balloon holds them under their memory now")
+    bytes_reclaimed: int = Field(description="what those balloons hold back, in all")
+
+
+class PoolStatus(BaseModel):
+    auto_balance: AutoMode
+    auto_consolidate: AutoMode
+    autoballoon: Ballooning
+    standby: list[str]
+    open_plans: list[dict[str, Any]]
+
+
+def _last_automatic(session: Session, kind: str) -> dict[str, Any] | None:
+    recent = session.scalars(select(Plan).where(Plan.kind == kind).order_by(Plan.created_at.desc()).limit(50))
+    for plan in recent:
+        if (plan.summary or {}).get("automatic"):
+            return {"id": plan.id, "state": plan.state, "created_at": plan.created_at, "message": plan.message}
+    return None
+
+
+def status(session: Session, settings: Any) -> PoolStatus:
+    """The automatic modes (settings of this control plane, last rounds, last plans), hosts in standby and open
+    plans. Ballooning runs in each agent with its own settings; those shown are this control plane's."""
+    ballooned, reclaimed = 0, 0
+    for spec, stats in session.execute(
+        select(VM.spec, VM.stats).where(VM.observed_state == PowerState.RUNNING, VM.host.is_not(None))
+    ):
+        actual = (stats or {}).get("balloon_bytes")
+        if actual is not None and int(actual) < int(spec["memory"]):
+            ballooned += 1
+            reclaimed += int(spec["memory"]) - int(actual)
+    rounds = last_rounds()
+    return PoolStatus(
+        auto_balance=AutoMode(
+            enabled=settings.auto_balance,
+            interval=settings.auto_balance_interval,
+            threshold=settings.auto_balance_threshold,
+            last_round=rounds.get("balance"),
+            last_plan=_last_automatic(session, "balance"),
+        ),
+        auto_consolidate=AutoMode(
+            enabled=settings.auto_consolidate,
+            interval=settings.auto_consolidate_interval,
+            last_round=rounds.get("consolidate"),
+            last_plan=_last_automatic(session, "consolidate"),
+        ),
+        autoballoon=Ballooning(
+            enabled=settings.autoballoon,
+            target=settings.balloon_target,
+            step=settings.balloon_step,
+            interval=settings.balloon_interval,
+            vms_ballooned=ballooned,
+            bytes_reclaimed=reclaimed,
+        ),
+        standby=list(session.scalars(select(Host.name).where(Host.standby.is_(True)).order_by(Host.name))),
+        open_plans=[
+            {
+                "id": plan.id,
+                "kind": plan.kind,
+                "state": plan.state,
+                "automatic": bool((plan.summary or {}).get("automatic")),
+            }
+            for plan in session.scalars(select(Plan).where(Plan.state.in_(OPEN_STATES)).order_by(Plan.created_at))
+        ],
+    )
 
 
 def get_plan(session: Session, plan_id: str) -> Plan:
@@ -349,7 +497,7 @@ def _set_move(plan: Plan, index: int, **changes: Any) -> None:
 
 
 def _check_move(session: Session, move: dict[str, Any]) -> tuple[VM, Host, bool]:
-    from corral.cluster import migrations
+    from corral.cluster import moves
 
     vm = session.get(VM, move["vm_id"])
     if vm is None:
@@ -363,13 +511,13 @@ def _check_move(session: Session, move: dict[str, Any]) -> tuple[VM, Host, bool]
     )
     if busy:
         raise Conflict(f"VM {vm.name} has a job running")
-    target, copy = migrations.choose_target(session, vm, move["to"], None)
+    target, copy = moves.choose_target(session, vm, move["to"], None)
     return vm, target, copy
 
 
 def advance(session: Session, plan: Plan) -> bool:
     """One step of a running plan; True when it may go on (a move runs or was just started)."""
-    from corral.cluster import migrations
+    from corral.cluster import moves
 
     if plan.state != "running":
         return False
@@ -399,7 +547,7 @@ def advance(session: Session, plan: Plan) -> bool:
             except CorralError as exc:
                 _set_move(plan, index, state="skipped", reason=f"skipped: {exc.message}")
                 continue
-            job = migrations.submit_pair(session, vm, target, copy)
+            job = moves.submit_pair(session, vm, target, copy)
             session.flush()
         _set_move(plan, index, state="running", job=job.id)
         plan.message = f"moving VM {move['vm']} to {move['to']}"

@@ -32,9 +32,13 @@ def usage(session: Session, project: str) -> Usage:
         used.vms += 1
         used.vcpus += int(spec.get("cpus", 1))
         used.memory += int(spec.get("memory", 0))
-    used.disk = int(session.scalar(select(func.coalesce(func.sum(Volume.size), 0)).where(Volume.project == project)))
+    used.disk = int(
+        session.scalar(select(func.coalesce(func.sum(Volume.size), 0)).where(Volume.project == project)) or 0
+    )
     # Backups take real space in the host's backup directory: they count by the bytes they hold.
-    used.disk += int(session.scalar(select(func.coalesce(func.sum(Backup.size), 0)).where(Backup.project == project)))
+    used.disk += int(
+        session.scalar(select(func.coalesce(func.sum(Backup.size), 0)).where(Backup.project == project)) or 0
+    )
     return used
 
 

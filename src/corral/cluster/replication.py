@@ -28,11 +28,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement
-from corral.cluster.migrations import shares_storage
-from corral.cluster.vms import ensure_idle, get_vm
+from corral.cluster.host_loads import shares_storage
+from corral.cluster.vm_rows import ensure_idle, get_vm
 from corral.errors import AlreadyExists, Conflict, CorralError, InvalidInput, NotFound
 from corral.spec.backup import parse_duration
-from corral.spec.job import JobKind
+from corral.spec.job import JobKind, JobState
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
 from corral.store.db import Store
@@ -268,6 +268,7 @@ def promote(session: Session, vm: VM, row: Replica, why: str) -> Job:
     """Point the VM and its disks at the partner and queue ``vm.failover`` there (one transaction with the
     caller's). The disks' rows keep their ids; the replica's files take their place on the partner."""
     source = vm.host
+    previous = _previous(vm, row)
     _clean_old_host(session, vm, row)
     vm.host = row.partner
     for volume in vm.volumes:
@@ -292,7 +293,7 @@ def promote(session: Session, vm: VM, row: Replica, why: str) -> Job:
             data={"from": source, "to": row.partner, "copy_at": row.last_at.isoformat() if row.last_at else None},
         )
     )
-    return jobs.submit(
+    job = jobs.submit(
         session,
         JobKind.VM_FAILOVER,
         "vm",
@@ -300,8 +301,86 @@ def promote(session: Session, vm: VM, row: Replica, why: str) -> Job:
         target_id=vm.id,
         host=row.partner,
         project=vm.project,
-        params={"replica_id": row.id, "disks": row.disks, "from": source},
+        params={"replica_id": row.id, "disks": row.disks, "from": source, "previous": previous},
     )
+    row.last_job_id = job.id  # no copy runs while promoting: settle_failovers follows this job instead
+    return job
+
+
+def _previous(vm: VM, row: Replica) -> dict[str, Any]:
+    """What a failed failover puts back (:func:`settle_failovers`): the VM's host, states and its disks' rows."""
+    return {
+        "replica_state": row.state,
+        "host": vm.host,
+        "desired_state": vm.desired_state,
+        "observed_state": vm.observed_state,
+        "volumes": {v.id: {"host": v.host, "state": v.state, "backing_path": v.backing_path} for v in vm.volumes},
+    }
+
+
+def settle_failovers(session: Session) -> list[str]:
+    """Replicas left ``promoting`` by a failover job that failed or was cancelled (its agent restarted, or the
+    partner was taken over): the replica goes back to its state before, with the error recorded, and, when the
+    replica's files were not taken (the job removes the row once they are), the VM's rows go back where its disks
+    are, so that `vm failover` can be asked again and a host that comes back finds its VM as it left it. Returns
+    the VM names settled."""
+    settled = []
+    for row in session.scalars(select(Replica).where(Replica.state == "promoting").with_for_update()):
+        job = session.get(Job, row.last_job_id) if row.last_job_id else None
+        if job is not None and not JobState(job.state).finished:
+            continue
+        if job is not None and job.state == JobState.SUCCEEDED:
+            continue  # its handler removed the row: only a concurrent read could see it here
+        why = (job.error or job.message if job is not None else None) or "its job is gone"
+        previous = (job.params or {}).get("previous") if job is not None else None
+        row.state = (previous or {}).get("replica_state") or ("ready" if row.last_at else "new")
+        row.last_error = f"failover to {row.partner} failed: {why}"
+        vm = session.get(VM, row.vm_id)
+        if vm is not None and vm.host == row.partner and previous:
+            _put_back(session, vm, previous, row.last_error)
+        session.add(
+            Event(
+                project=row.project,
+                type="vm.failover_failed",
+                resource_kind="vm",
+                resource_name=row.vm_name,
+                resource_id=row.vm_id,
+                data={"to": row.partner, "error": why},
+            )
+        )
+        log.error("VM %s: %s; its replica is %s again", row.vm_name, row.last_error, row.state)
+        settled.append(row.vm_name)
+    return settled
+
+
+def _put_back(session: Session, vm: VM, previous: dict[str, Any], why: str) -> None:
+    vm.host = previous["host"]
+    # The removal of its "stale" files there (queued by _clean_old_host) would wait for nothing: they are its disks.
+    session.execute(
+        update(Job)
+        .where(
+            Job.kind == JobKind.VM_REPLICA_REMOVE,
+            Job.target_id == vm.id,
+            Job.host == vm.host,
+            Job.state == JobState.QUEUED,
+        )
+        .values(
+            state=JobState.CANCELLED,
+            message="the failover failed: these files are the VM's disks again",
+            finished_at=utcnow(),
+            version=Job.version + 1,
+        )
+    )
+    for volume in vm.volumes:
+        before = previous["volumes"].get(volume.id)
+        if before is not None:
+            volume.host, volume.state, volume.backing_path = before["host"], before["state"], before["backing_path"]
+    source = _host(session, vm.host) if vm.host else None
+    if source is not None and source.state == "dead":
+        vm.observed_state = PowerState.LOST  # still on the dead host: `vm failover` may be asked again
+    else:
+        vm.observed_state, vm.desired_state = previous["observed_state"], previous["desired_state"]
+    vm.status_message = f"{why}; the VM is back on {vm.host}: fix the cause, then `corral vm failover {vm.name}`"
 
 
 def _clean_old_host(session: Session, vm: VM, row: Replica) -> None:
@@ -371,6 +450,8 @@ def describe(row: Replica, now: datetime | None = None) -> dict[str, Any]:
 def run_once(store: Store, now: datetime | None = None) -> int:
     """One pass: fire every due replica whose VM runs. Returns how many copies were submitted."""
     now = now or utcnow()
+    with store.session() as session:
+        settle_failovers(session)
     with store.session() as session:
         seen = [(r.id, r.version) for r in session.scalars(select(Replica).where(Replica.next_at <= now))]
     submitted = 0

@@ -16,7 +16,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
-from corral.cluster.vms import check_ha, check_pool_space, ensure_idle, free_volume_name, get_vm, host_id_of, new_volume
+from corral.cluster.vm_rows import (
+    check_ha,
+    check_pool_space,
+    ensure_idle,
+    free_volume_name,
+    get_vm,
+    host_of,
+    new_volume,
+)
 from corral.cluster.volumes import get_volume
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
@@ -24,7 +32,7 @@ from corral.spec.names import validate_name
 from corral.spec.sizes import format_size
 from corral.spec.vm import MAX_DISKS, MIN_FLOOR, PowerState, Size, VMSpec
 from corral.store import jobs
-from corral.store.models import VM, Host, Job, Volume
+from corral.store.models import VM, Job, Volume
 
 _RUNNING = (PowerState.RUNNING, PowerState.PAUSED, PowerState.STARTING)
 
@@ -139,7 +147,7 @@ def resize(session: Session, name: str, request: VMResize, project: str = "defau
         if grow_cpus or grow_memory:
             quotas.check(session, project, vcpus=grow_cpus, memory=grow_memory)
             if _meant_to_run(vm):
-                host = session.get(Host, host_id_of(session, vm.host))
+                host = host_of(session, vm.host)
                 placement.check_fits(session, host, new, exclude_vm=vm.id)
         vm.spec = new.model_dump(mode="json")
         params = {"old": old.model_dump(mode="json"), "new": vm.spec}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.cluster.vms import ensure_idle, get_vm
+from corral.cluster.vm_rows import ensure_idle, get_vm
 from corral.errors import AlreadyExists, Conflict, NotFound
 from corral.spec.job import JobKind
 from corral.spec.names import validate_name

@@ -1,38 +1,32 @@
 """Usage history: what the agents sample, kept as points in the store, rolled up and pruned as it ages.
 
-Agents already sample each running VM every 10 s (corral.host.observe); :func:`record` turns two successive
-samples into one raw point (counters become rates per second over the interval) and adds one point for the host
-(the sum of its VMs, plus its load average). Points age in three tiers, like RRD files:
+Agents sample each running VM every 10 s (corral.host.observe) and write one raw point per VM and one for the
+host per round (:func:`corral.store.usage.record`). Points age in three tiers, like RRD files:
 
 - raw points (``resolution`` 0) for the last hour,
 - 1-minute averages for a day,
 - 10-minute averages for a month.
 
-:func:`maintain` rolls completed minutes (and ten-minute spans) up and prunes what is past its tier's age; each
-agent runs it for its own host's points about once a minute, so the work is spread over the pool and never
-grows with it. Decisions (balancing, consolidation) read **averages over a window** (:func:`averages`), never a
-single sample: a busy minute does not move VMs around.
+Each agent rolls its own host's points up and prunes them about once a minute (:func:`corral.store.usage.maintain`),
+so the work is spread over the pool and never grows with it. That writing side lives in corral.store.usage
+because the agents reach the control plane only through the store; this module reads. Decisions (balancing,
+consolidation) read **averages over a window** (:func:`averages`), never a single sample: a busy minute does not
+move VMs around.
 """
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
-from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from corral.errors import InvalidInput
 from corral.store.models import UsagePoint, utcnow
+from corral.store.usage import FIGURES, KEEP, MINUTE, RAW, TEN_MINUTES
 
-RAW, MINUTE, TEN_MINUTES = 0, 60, 600
-# How long each tier is kept.
-KEEP = {RAW: timedelta(hours=1), MINUTE: timedelta(days=1), TEN_MINUTES: timedelta(days=31)}
-FIGURES = ("cpu", "memory", "balloon", "disk_read", "disk_write", "net_rx", "net_tx", "load")
 _SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -55,171 +49,6 @@ def resolution_for(span: timedelta) -> int:
     if span <= KEEP[RAW]:
         return RAW
     return MINUTE if span <= KEEP[MINUTE] else TEN_MINUTES
-
-
-# -- writing ----------------------------------------------------------------------------------------------------
-
-
-def _total(stats: dict[str, Any], group: str, key: str) -> int:
-    return sum(int(entry.get(key, 0) or 0) for entry in (stats.get(group) or {}).values())
-
-
-def vm_point(vm_id: str, host: str, before: dict[str, Any] | None, now: dict[str, Any]) -> UsagePoint | None:
-    """One raw point from two successive samples of ``corral.host.observe`` (None without a usable previous one:
-    a rate needs two counters, and a restarted VM's counters start again from zero)."""
-    if not before or "sampled_at" not in before or "sampled_at" not in now:
-        return None
-    interval = float(now["sampled_at"]) - float(before["sampled_at"])
-    if interval <= 0 or interval > 600:
-        return None
-
-    def rate(after: float, earlier: float) -> float:
-        return max(0.0, (after - earlier) / interval)
-
-    cpu = 0.0
-    if now.get("cpu_seconds") is not None and before.get("cpu_seconds") is not None:
-        cpu = rate(float(now["cpu_seconds"]), float(before["cpu_seconds"]))
-    return UsagePoint(
-        kind="vm",
-        resource_id=vm_id,
-        host=host,
-        resolution=RAW,
-        at=datetime.fromtimestamp(float(now["sampled_at"]), tz=utcnow().tzinfo),
-        cpu=round(cpu, 4),
-        memory=int(now.get("memory_bytes") or 0),
-        balloon=int(now["balloon_bytes"]) if now.get("balloon_bytes") is not None else None,
-        disk_read=rate(_total(now, "disks", "read_bytes"), _total(before, "disks", "read_bytes")),
-        disk_write=rate(_total(now, "disks", "write_bytes"), _total(before, "disks", "write_bytes")),
-        net_rx=rate(_total(now, "nics", "receive_bytes"), _total(before, "nics", "receive_bytes")),
-        net_tx=rate(_total(now, "nics", "transmit_bytes"), _total(before, "nics", "transmit_bytes")),
-    )
-
-
-def host_point(
-    host: str, vm_points: Iterable[UsagePoint], load: float | None, at: datetime | None = None
-) -> UsagePoint:
-    """The host's point: what its VMs used together (CPU, memory, I/O) and its load average."""
-    points = list(vm_points)
-    return UsagePoint(
-        kind="host",
-        resource_id=host,
-        host=host,
-        resolution=RAW,
-        at=at or utcnow(),
-        samples=1,
-        cpu=round(sum(p.cpu for p in points), 4),
-        memory=sum(p.memory for p in points),
-        balloon=sum(p.balloon for p in points if p.balloon is not None) if points else None,
-        disk_read=sum(p.disk_read for p in points),
-        disk_write=sum(p.disk_write for p in points),
-        net_rx=sum(p.net_rx for p in points),
-        net_tx=sum(p.net_tx for p in points),
-        load=load,
-    )
-
-
-def record(
-    session: Session,
-    host: str,
-    samples: Iterable[tuple[str, dict[str, Any] | None, dict[str, Any]]],
-    load: float | None = None,
-) -> list[UsagePoint]:
-    """Write one sampling round of ``host``: ``samples`` are (VM id, previous stats, new stats)."""
-    points = [p for vm_id, before, now in samples if (p := vm_point(vm_id, host, before, now)) is not None]
-    session.add_all(points)
-    session.add(host_point(host, points, load, max((p.at for p in points), default=None)))
-    return points
-
-
-def _bucket(at: datetime, width: int) -> datetime:
-    seconds = int(at.timestamp())
-    return datetime.fromtimestamp(seconds - seconds % width, tz=at.tzinfo)
-
-
-def _average(
-    points: list[UsagePoint], kind: str, resource_id: str, host: str | None, width: int, at: datetime
-) -> UsagePoint:
-    weights = [p.samples or 1 for p in points]
-    total = sum(weights)
-
-    def mean(name: str) -> float | None:
-        values = [(getattr(p, name), w) for p, w in zip(points, weights, strict=True) if getattr(p, name) is not None]
-        if not values:
-            return None
-        return sum(v * w for v, w in values) / sum(w for _, w in values)
-
-    balloon, load = mean("balloon"), mean("load")
-    return UsagePoint(
-        kind=kind,
-        resource_id=resource_id,
-        host=host,
-        resolution=width,
-        at=at,
-        samples=total,
-        cpu=round(mean("cpu") or 0.0, 4),
-        memory=int(mean("memory") or 0),
-        balloon=int(balloon) if balloon is not None else None,
-        disk_read=mean("disk_read") or 0.0,
-        disk_write=mean("disk_write") or 0.0,
-        net_rx=mean("net_rx") or 0.0,
-        net_tx=mean("net_tx") or 0.0,
-        load=round(load, 3) if load is not None else None,
-    )
-
-
-def _roll_up(session: Session, host: str, source: int, width: int, now: datetime) -> int:
-    """Average ``source`` points measured on ``host`` into ``width``-second points, for spans that have ended
-    and have no roll-up yet. Looks back ten minutes (three spans for the longer tier), so an agent that missed a
-    few rounds catches up, the query stays small, and no span is rolled twice."""
-    start = _bucket(now - min(KEEP[source], timedelta(seconds=max(width * 3, 600))), width)
-    end = _bucket(now, width)
-    if end <= start:
-        return 0
-    rows = session.scalars(
-        select(UsagePoint).where(
-            UsagePoint.host == host, UsagePoint.resolution == source, UsagePoint.at >= start, UsagePoint.at < end
-        )
-    )
-    groups: dict[tuple[str, str, datetime], list[UsagePoint]] = defaultdict(list)
-    for point in rows:
-        groups[(point.kind, point.resource_id, _bucket(point.at, width))].append(point)
-    if not groups:
-        return 0
-    done = set(
-        session.execute(
-            select(UsagePoint.kind, UsagePoint.resource_id, UsagePoint.at).where(
-                UsagePoint.host == host, UsagePoint.resolution == width, UsagePoint.at >= start, UsagePoint.at < end
-            )
-        )
-    )
-    made = 0
-    for (kind, resource_id, at), points in groups.items():
-        if (kind, resource_id, at) in done:
-            continue
-        session.add(_average(points, kind, resource_id, host, width, at))
-        made += 1
-    return made
-
-
-def maintain(session: Session, host: str, now: datetime | None = None) -> dict[str, int]:
-    """Roll ``host``'s points up and prune those past their tier's age: called by its agent about once a
-    minute, so each host keeps its own history in shape."""
-    now = now or utcnow()
-    made = {
-        "minute": _roll_up(session, host, RAW, MINUTE, now),
-        "ten_minutes": _roll_up(session, host, MINUTE, TEN_MINUTES, now),
-    }
-    pruned = 0
-    for tier, age in KEEP.items():
-        pruned += (
-            session.execute(
-                delete(UsagePoint).where(
-                    UsagePoint.host == host, UsagePoint.resolution == tier, UsagePoint.at < now - age
-                )
-            ).rowcount
-            or 0
-        )
-    return {**made, "pruned": pruned}
 
 
 # -- reading ----------------------------------------------------------------------------------------------------

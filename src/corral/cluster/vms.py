@@ -2,54 +2,30 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.cluster import networks, placement, quotas
+from corral.cluster import clones, networks, placement, quotas, replication
 from corral.cluster.images import find_image
 from corral.cluster.requests import VMCreate, VMDelete, VMExec, VMRestart, VMStart, VMStop
-from corral.errors import AlreadyExists, Conflict, InsufficientResources, InvalidInput, NotFound
+from corral.cluster.vm_rows import (
+    check_ha,
+    check_pool_space,
+    ensure_idle,
+    free_volume_name,
+    get_vm,
+    host_of,
+    new_volume,
+)
+from corral.errors import AlreadyExists, Conflict, NotFound
 from corral.spec.job import JobKind
-from corral.spec.sizes import format_size
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
-from corral.store.models import VM, Host, Job, Volume, new_id, volume_file
-
-
-def get_vm(session: Session, name: str, project: str = "default") -> VM:
-    vm = session.scalars(select(VM).where(VM.project == project, VM.name == name)).first()
-    if vm is None:
-        raise NotFound(f"VM {name!r} not found", "list VMs with `corral vm list`")
-    return vm
+from corral.store.models import VM, Job, Volume
 
 
 def list_vms(session: Session, project: str = "default") -> list[VM]:
     return list(session.scalars(select(VM).where(VM.project == project).order_by(VM.name)))
-
-
-def ensure_idle(session: Session, vm: VM, allow: tuple[str, ...] = ()) -> None:
-    for job in jobs.active_for(session, "vm", vm.id):
-        if job.kind not in allow:
-            raise Conflict(
-                f"VM {vm.name} is busy with {job.kind} (job {job.id[:12]})",
-                f"wait for it: `corral job wait {job.id[:12]}`",
-            )
-
-
-def check_pool_space(session: Session, size: int, what: str, host: str | None = None) -> None:
-    """A disk cannot be larger than the storage pool it goes to: ``host``'s, or before placement the largest any
-    host has. The sizes are the inventories the agents report (corral.host.inventory), so the check holds in a
-    pool of hosts too, where the control plane has no storage pool of its own; a host that has not reported yet
-    (0) does not count."""
-    query = select(func.max(Host.storage_total))
-    if host is not None:
-        query = query.where(Host.name == host)
-    total = session.scalar(query) or 0
-    if total and size > total:
-        raise InsufficientResources(
-            f"{what} of {format_size(size)} is larger than the storage pool ({format_size(total)})",
-            "ask for a smaller disk",
-        )
 
 
 def create(session: Session, request: VMCreate, project: str = "default") -> Job:
@@ -59,9 +35,7 @@ def create(session: Session, request: VMCreate, project: str = "default") -> Job
     if session.scalars(select(VM.id).where(VM.project == project, VM.name == spec.name)).first():
         raise AlreadyExists(f"VM {spec.name!r} already exists", "choose another name or delete it first")
     if request.template is not None:
-        from corral.cluster.clones import create_from_template
-
-        return create_from_template(session, request.template, spec, request.start, request.wait, project)
+        return clones.create_from_template(session, request.template, spec, request.start, request.wait, project)
     image = find_image(session, spec.image, project)  # the project's own first, then the default catalog
     if image is None:
         raise NotFound(
@@ -134,65 +108,12 @@ def create(session: Session, request: VMCreate, project: str = "default") -> Job
     return job
 
 
-def check_ha(session: Session, spec: VMSpec) -> None:
-    """HA needs leases, which only a pool on PostgreSQL has (docs/ha.md): on a single SQLite host it is refused."""
-    if spec.ha and session.get_bind().dialect.name != "postgresql":
-        raise InvalidInput(
-            "HA needs a pool of hosts on PostgreSQL; this is a single host on SQLite",
-            "leave out --ha, or run the VM in a pool (docs/cluster.md, docs/ha.md)",
-        )
-
-
-def free_volume_name(session: Session, project: str, wanted: str) -> str:
-    name, suffix = wanted, 1
-    while session.scalars(select(Volume.id).where(Volume.project == project, Volume.name == name)).first():
-        suffix += 1
-        name = f"{wanted}-{suffix}"
-    return name
-
-
-def new_volume(
-    session: Session,
-    vm: VM,
-    name: str,
-    size: int,
-    index: int,
-    role: str = "data",
-    *,
-    pool: str = "default",
-    backing_image: str | None = None,
-    backing_path: str | None = None,
-) -> Volume:
-    """A disk row for ``vm`` (its file is made by the agent's job), refused if the name is taken.
-
-    The file is named by the volume's id, not its name: names are unique only per project, files per pool."""
-    if session.scalars(select(Volume.id).where(Volume.project == vm.project, Volume.name == name)).first():
-        raise AlreadyExists(f"volume {name!r} already exists", "delete it or choose another VM name")
-    volume_id = new_id()
-    volume = Volume(
-        id=volume_id,
-        name=name,
-        project=vm.project,
-        pool=pool,
-        host=vm.host,
-        path=volume_file(volume_id),
-        size=size,
-        role=role,
-        backing_image=backing_image,
-        backing_path=backing_path,
-        vm_id=vm.id,
-        device_index=index,
-    )
-    session.add(volume)
-    return volume
-
-
 def start(session: Session, name: str, request: VMStart, project: str = "default") -> Job:
     vm = get_vm(session, name, project)
     ensure_idle(session, vm)
     with placement.placement_lock:
         if vm.desired_state == PowerState.STOPPED or vm.observed_state in (PowerState.STOPPED, PowerState.CRASHED):
-            host = session.get(Host, host_id_of(session, vm.host))
+            host = host_of(session, vm.host)
             placement.check_fits(session, host, VMSpec.model_validate(vm.spec), exclude_vm=vm.id)
         vm.desired_state = PowerState.RUNNING
         return jobs.submit(
@@ -205,13 +126,6 @@ def start(session: Session, name: str, request: VMStart, project: str = "default
             project=project,
             params=request.model_dump(),
         )
-
-
-def host_id_of(session: Session, host_name: str | None) -> str:
-    host_id = session.scalars(select(Host.id).where(Host.name == host_name)).first()
-    if host_id is None:
-        raise Conflict(f"the VM's host {host_name!r} is not registered", "start its agent")
-    return host_id
 
 
 def stop(session: Session, name: str, request: VMStop, project: str = "default") -> Job:
@@ -269,8 +183,6 @@ def delete(session: Session, name: str, request: VMDelete, project: str = "defau
             f"VM {name} is {vm.observed_state}", f"stop it first or pass --force: `corral vm delete {name} --force`"
         )
     vm.desired_state = PowerState.STOPPED
-    from corral.cluster import replication  # imports this module
-
     replication.drop_for_vm(session, vm)  # its replica's files go on the partner
     return jobs.submit(
         session,

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from corral.cluster import placement, quotas
 from corral.cluster.requests import VolumeCreate, VolumeResize
-from corral.cluster.vms import check_pool_space
+from corral.cluster.vm_rows import check_pool_space
 from corral.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.sizes import format_size

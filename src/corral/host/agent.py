@@ -28,7 +28,7 @@ from corral.engine.process import QemuProcess
 from corral.errors import Conflict, CorralError
 from corral.host.inventory import Inventory, bridges, read_inventory, read_usage
 from corral.host.layout import HostLayout
-from corral.host.migration_handlers import pool_identity, reclaim_moved
+from corral.host.move_jobs import pool_identity, reclaim_moved
 from corral.spec.names import NAME_PATTERN
 from corral.spec.vm import PowerState
 from corral.store import jobs
@@ -103,6 +103,9 @@ class RunningVM:
     ready: asyncio.Future[None]
     expected_exit: bool = False
     interfaces_checked: float = 0.0
+    # The addresses last written to the VM's row by this agent: a refresh that finds the same ones (nearly all of
+    # them) needs no transaction.
+    interfaces_written: list[dict[str, Any]] | None = None
     stats_sampled: float = 0.0
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -230,8 +233,16 @@ class Agent:
                 log.exception("agent pass failed; carrying on")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 1.0)
+                await asyncio.wait_for(self._wake.wait(), self._idle_wait(last_reconcile))
         await self._shutdown()
+
+    def _idle_wait(self, last_reconcile: float) -> float:
+        """How long the loop sleeps when nothing wakes it. A shared store's notifications cross a connection that
+        can drop (then only this poll finds new jobs): a second. One process's notifier never loses a wake-up, so
+        the loop sleeps until the next reconcile pass is due: half the idle passes (and job queries)."""
+        if self.store.shared:
+            return 1.0
+        return min(RECONCILE_INTERVAL, max(0.05, last_reconcile + RECONCILE_INTERVAL - time.monotonic()))
 
     async def _shutdown(self) -> None:
         """Let running jobs end briefly, then let go of QEMU processes without stopping them."""
@@ -274,11 +285,12 @@ class Agent:
             host.cpu_overcommit = self.settings.cpu_overcommit
             host.memory_overcommit = self.settings.memory_overcommit
             host.reserved_memory = self.settings.reserved_host_memory
-            # A host taken over stays "dead" until this agent learned it (its lease renewal) and rejoined.
-            if self.lease.epoch is None or host.epoch == self.lease.epoch:
+            # A host taken over stays "dead" until this agent learned it (its lease renewal) and rejoined; one whose
+            # lease expired stays "fenced" until a renewal (corral.host.lease), not until any heartbeat.
+            if (self.lease.epoch is None or host.epoch == self.lease.epoch) and host.state != "fenced":
                 host.state = "online"
             host.storage_overcommit = self.settings.storage_overcommit
-            # pool_id: hosts that report the same one share their storage pool (corral.cluster.migrations).
+            # pool_id: hosts that report the same one share their storage pool (corral.cluster.moves).
             # bridges: bridge-mode networks are placed only where their uplink is (corral.cluster.placement).
             host.usage = {
                 **read_usage(self.layout.pool()),

@@ -1,4 +1,4 @@
-"""Backup, restore, export and import jobs on this host.
+"""Backup and restore jobs on this host (export and import of whole VMs: corral.host.export_jobs).
 
 Backups live in ``<backup directory>/<backup id>/disk<N>.qcow2``, the directory being the ``backup_dir`` setting
 (default ``CORRAL_HOME/backups``): a root-only directory outside every storage pool, so no VM (sandboxed QEMUs run
@@ -12,26 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
-import json
 import os
 import shutil
 import subprocess
-import tarfile
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corral import __version__
 from corral.engine import backup as engine_backup
 from corral.engine import qemu_img
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.host import storage, vm_lifecycle
 from corral.host.snapshot_jobs import frozen_guest, out_of_space
-from corral.spec.backup import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, ExportManifest, read_export_manifest
-from corral.spec.sources import Source, SourceKind, opened, private_dir
 from corral.store import events
 from corral.store.models import VM, Backup, Snapshot, Volume
 
@@ -84,7 +77,7 @@ def backup_file(agent: Agent, relative: str) -> Path:
     return path
 
 
-def _vm_volumes(agent: Agent, vm_id: str) -> tuple[VM, list[Volume]]:
+def vm_volumes(agent: Agent, vm_id: str) -> tuple[VM, list[Volume]]:
     with agent.store.session() as session:
         vm = session.get(VM, vm_id)
         if vm is None:
@@ -97,11 +90,20 @@ def running_vm(agent: Agent, vm_id: str):  # type: ignore[no-untyped-def]
     return running if running is not None and not running.proc.exited else None
 
 
-def _qemu_img_version(binary: str) -> str:
+def qemu_img_version(binary: str) -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
         return out.splitlines()[0] if out else "unknown"
     return "unknown"
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, read in chunks (disks are large): what a manifest records and verify compares."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # -- backup create / delete ------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ async def create(ctx: JobContext) -> dict[str, Any]:
 async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> dict[str, Any]:
     agent = ctx.agent
     binary = agent.settings.qemu_img_binary
-    vm, volumes = _vm_volumes(agent, ctx.target_id)
+    vm, volumes = vm_volumes(agent, ctx.target_id)
     with agent.store.session() as session:
         backup = session.get(Backup, backup_id)
         if backup is None:
@@ -187,7 +189,7 @@ async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> di
                 "file": f"{backup_id}/{copy.target.name}",
                 "size": int(qemu_img.info(copy.target, binary)["virtual-size"]),
                 "written": engine_backup.allocated_bytes(copy.target),
-                "sha256": await asyncio.to_thread(_sha256, copy.target),
+                "sha256": await asyncio.to_thread(sha256_of, copy.target),
             }
         )
     total = sum(d["written"] for d in disks)
@@ -266,7 +268,7 @@ def read_back(
             problems.append(f"{where}: its file is missing")
             continue
         if recorded is not None:
-            actual = _sha256(path)
+            actual = sha256_of(path)
             hashed += path.stat().st_size
             if actual != recorded:
                 problems.append(f"{where}: SHA-256 {actual[:12]}... differs from the recorded {recorded[:12]}...")
@@ -392,7 +394,7 @@ async def restore(ctx: JobContext) -> dict[str, Any]:
     made: set[str] = set()
     try:
         async with agent.vm_locks[ctx.target_id]:
-            _, volumes = _vm_volumes(agent, ctx.target_id)
+            _, volumes = vm_volumes(agent, ctx.target_id)
             span = 0.9 / len(files)
             for index, (source, volume) in enumerate(zip(files, volumes, strict=True)):
                 target = storage.claim(storage.volume_path(agent, volume), f"volume {volume.name}")
@@ -415,7 +417,7 @@ async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
     async with agent.vm_locks[ctx.target_id]:
         if running_vm(agent, ctx.target_id) is not None:
             raise Conflict(f"VM {ctx.target_name} is running", f"stop it first: `corral vm stop {ctx.target_name}`")
-        _, volumes = _vm_volumes(agent, ctx.target_id)
+        _, volumes = vm_volumes(agent, ctx.target_id)
         staged: list[Path] = []
         try:
             span = 0.85 / len(files)
@@ -447,171 +449,3 @@ async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
         "new": False,
         "snapshots_dropped": dropped,
     }
-
-
-# -- export / import -------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-async def export(ctx: JobContext) -> dict[str, Any]:
-    """Flattened copies of the disks (consistent for a running VM), their checksums and the spec, in one tar
-    written beside the target name and renamed into place only when complete."""
-    from corral.host.clone_jobs import consistent_source, copy_disks
-
-    agent = ctx.agent
-    target = Path(ctx.params["file"])
-    download = ctx.params.get("download")  # a remote caller's export: kept root-only until downloaded or expired
-    if download:
-        private_dir(target.parent)
-    staging = backup_root(agent) / f".export-{ctx.job_id[:12]}"
-    partial = target.with_name(f".{target.name}.partial")
-    try:
-        staging.mkdir(mode=0o700)
-        async with agent.vm_locks[ctx.target_id]:
-            vm, volumes = _vm_volumes(agent, ctx.target_id)
-            copies = [staging / f"disk{i}.qcow2" for i in range(len(volumes))]
-            async with consistent_source(agent, vm.id, None) as (tag, share):
-                await copy_disks(ctx, [storage.volume_path(agent, v) for v in volumes], copies, tag, share)
-        binary = agent.settings.qemu_img_binary
-        disks = []
-        for index, copy in enumerate(copies):
-            ctx.note(0.9, f"checksumming disk{index}")
-            disks.append(
-                {
-                    "file": f"disks/{copy.name}",
-                    "size": int(qemu_img.info(copy, binary)["virtual-size"]),
-                    "bytes": copy.stat().st_size,
-                    "sha256": await asyncio.to_thread(_sha256, copy),
-                }
-            )
-        manifest = ExportManifest.model_validate(
-            {
-                "format": EXPORT_FORMAT,
-                "version": EXPORT_VERSION,
-                "corral_version": __version__,
-                "qemu_img_version": _qemu_img_version(binary),
-                "created_at": datetime.now(UTC).isoformat(),
-                "vm": {"name": vm.name, "spec": vm.spec},
-                "disks": disks,
-            }
-        )
-        ctx.note(0.93, "writing the archive")
-        if ctx.params.get("format") == "ova":
-            from corral.host.appliance_jobs import write_vm_ova
-
-            await asyncio.to_thread(write_vm_ova, partial, vm.name, vm.spec, copies, staging, binary)
-        else:
-            await asyncio.to_thread(_write_tar, partial, manifest, copies, bool(ctx.params.get("compress")))
-        if target.exists():
-            shown = target.name if download else target
-            raise Conflict(f"{shown} appeared during the export", "choose a new file name")
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-    if download:  # no host path in the answer: the caller fetches it with GET /exports/{id}
-        return {"vm": ctx.target_name, "export": download, "bytes": target.stat().st_size, "disks": len(disks)}
-    return {"vm": ctx.target_name, "file": str(target), "bytes": target.stat().st_size, "disks": len(disks)}
-
-
-def _write_tar(path: Path, manifest: ExportManifest, copies: list[Path], compress: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with (
-        os.fdopen(fd, "wb") as raw,
-        tarfile.open(
-            fileobj=raw, mode="w:gz" if compress else "w", **({"compresslevel": 1} if compress else {})
-        ) as archive,
-    ):
-        data = json.dumps(manifest.model_dump(mode="json"), indent=2).encode()
-        info = tarfile.TarInfo(MANIFEST)
-        info.size, info.mode = len(data), 0o600
-        archive.addfile(info, io.BytesIO(data))
-        for copy in copies:
-            info = tarfile.TarInfo(f"disks/{copy.name}")
-            info.size, info.mode = copy.stat().st_size, 0o600
-            with copy.open("rb") as handle:
-                archive.addfile(info, handle)
-
-
-def _extract_checked(archive_path: Path, member: str, target: Path, expected: str, label: str | None = None) -> None:
-    """Stream one member to a path of our choosing, hashing as it goes; a wrong checksum removes it. ``label``
-    names the archive in messages (``archive_path`` may be ``/proc/self/fd/N``)."""
-    digest = hashlib.sha256()
-    label = label or archive_path.name
-    with tarfile.open(archive_path, "r:*") as archive:
-        source = archive.extractfile(member)
-        if source is None:
-            raise InvalidInput(f"{member} in {label} is not a file", "export again")
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            while chunk := source.read(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-    if digest.hexdigest() != expected:
-        target.unlink(missing_ok=True)
-        raise InvalidInput(
-            f"{member} in {label} does not match its checksum",
-            "the archive is damaged or was tampered with; export again",
-        )
-
-
-async def import_(ctx: JobContext) -> dict[str, Any]:
-    """Every disk is checked (checksum, then qemu-img as for any user's image: no backing or data file, sound
-    metadata, the size the manifest says) before the VM is marked ready; any failure removes the VM."""
-    from corral.host.vm_lifecycle import discard_vm
-
-    if ctx.params.get("foreign"):  # an OVA or a libvirt domain (corral.cluster.appliances)
-        from corral.host.appliance_jobs import import_foreign
-
-        return await import_foreign(ctx)
-    agent = ctx.agent
-    source = (
-        Source.of(ctx.params["source"])
-        if "source" in ctx.params
-        else Source(SourceKind.PATH, Path(ctx.params["file"]), ctx.params["file"])
-    )
-    label = source.label
-    expected = ExportManifest.model_validate(ctx.params["manifest"])
-    made: set[str] = set()
-    try:
-        # Opened once, without following links for uploads and the import directory; read only through the fd.
-        async with agent.vm_locks[ctx.target_id], _opened_archive(source) as path:
-            if read_export_manifest(path, label) != expected:
-                raise InvalidInput(f"{label} changed since it was checked", "import it again")
-            _, volumes = _vm_volumes(agent, ctx.target_id)
-            binary = agent.settings.qemu_img_binary
-            for index, (disk, volume) in enumerate(zip(expected.disks, volumes, strict=True)):
-                ctx.progress(0.05 + 0.9 * index / len(volumes), f"importing {disk.file}")
-                target = storage.volume_path(agent, volume)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                await asyncio.to_thread(_extract_checked, path, disk.file, target, disk.sha256, label)
-                made.add(volume.id)  # after its O_EXCL create: a file found at the target is not ours to remove
-                facts = await asyncio.to_thread(qemu_img.check_importable, target, binary, "qcow2", disk.file)
-                if facts.get("format") != "qcow2" or int(facts.get("virtual-size", 0)) != disk.size:
-                    raise InvalidInput(
-                        f"{disk.file} in {label} is not the qcow2 disk of {disk.size} bytes its manifest describes",
-                        "export again",
-                    )
-            with agent.store.session() as session:
-                for volume in volumes:
-                    session.get(Volume, volume.id).state = "ready"
-    except BaseException:
-        await discard_vm(ctx, ctx.target_id, made)  # the files this job made; the pending rows go regardless
-        raise
-    finally:
-        if source.kind is SourceKind.UPLOAD:
-            source.path.unlink(missing_ok=True)  # an upload is consumed by the import that names it
-    return {"vm": ctx.target_name, "file": label, "disks": len(expected.disks)}
-
-
-@contextlib.asynccontextmanager
-async def _opened_archive(source: Source) -> AsyncIterator[Path]:
-    with opened(source) as (_fd, path):
-        yield path

@@ -14,9 +14,10 @@ from corral.errors import Conflict, NotFound
 from corral.host import (
     backup_jobs,
     clone_jobs,
+    export_jobs,
     fork_jobs,
     image_jobs,
-    migration_handlers,
+    move_jobs,
     network_jobs,
     replication_jobs,
     resize_jobs,
@@ -54,7 +55,8 @@ async def vm_create(ctx: JobContext) -> dict[str, Any]:
             vm_lifecycle.check_firmware(agent, vm)
             for index, volume in enumerate(new_volumes):
                 ctx.progress(0.1 + 0.3 * index / max(1, len(new_volumes)), f"creating disk {volume.name}")
-                await storage.materialize(agent, volume, images.get(volume.backing_image))
+                image = images.get(volume.backing_image) if volume.backing_image else None
+                await storage.materialize(agent, volume, image)
                 made.append(volume)
             with agent.store.session() as session:
                 for volume in made:
@@ -271,15 +273,15 @@ def build_handlers() -> dict[str, Handler]:
         JobKind.VM_RESIZE: resize_jobs.vm_resize,
         JobKind.VM_DISK_ADD: resize_jobs.vm_disk_add,
         JobKind.VM_DISK_REMOVE: resize_jobs.vm_disk_remove,
-        JobKind.VM_MIGRATE: migration_handlers.vm_migrate,
-        JobKind.VM_MIGRATE_IN: migration_handlers.vm_migrate_in,
-        JobKind.HOST_DRAIN: migration_handlers.host_drain,
+        JobKind.VM_MIGRATE: move_jobs.vm_migrate,
+        JobKind.VM_MIGRATE_IN: move_jobs.vm_migrate_in,
+        JobKind.HOST_DRAIN: move_jobs.host_drain,
         JobKind.BACKUP_CREATE: backup_jobs.create,
         JobKind.BACKUP_DELETE: backup_jobs.delete,
         JobKind.BACKUP_RESTORE: backup_jobs.restore,
         JobKind.BACKUP_VERIFY: backup_jobs.verify,
-        JobKind.VM_EXPORT: backup_jobs.export,
-        JobKind.VM_IMPORT: backup_jobs.import_,
+        JobKind.VM_EXPORT: export_jobs.export,
+        JobKind.VM_IMPORT: export_jobs.import_,
         JobKind.VM_REPLICATE: replication_jobs.replicate,
         JobKind.VM_REPLICA_RECEIVE: replication_jobs.receive,
         JobKind.VM_REPLICA_REMOVE: replication_jobs.remove,

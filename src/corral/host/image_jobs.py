@@ -15,6 +15,8 @@ from corral.store.models import Image
 
 if TYPE_CHECKING:
     from corral.host.agent import JobContext
+    from corral.images.debian import DebianImage
+    from corral.images.tiny import TinyImage
 
 BUILDERS = ("tiny", "debian")
 
@@ -60,6 +62,7 @@ async def build(ctx: JobContext) -> dict[str, Any]:
         loop.call_soon_threadsafe(ctx.note, 0.95 * fraction, message)
 
     details: dict[str, Any] = {"recipe": recipe}
+    built: TinyImage | DebianImage
     try:
         if recipe == "debian":
             from corral.images.debian import build_debian_image

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from corral.config import Settings
 from corral.engine import qemu_img
 from corral.engine.plan import LaunchPlan
-from corral.errors import CorralError, InsufficientResources
+from corral.errors import CorralError, InsufficientResources, NotFound
 from corral.host import cgroups, sandbox, storage
 from corral.host.layout import SEARCH_ONLY, HostLayout
 from corral.spec.vm import VMSpec
@@ -229,6 +229,8 @@ class Isolation:
         now (an old store, or a restored one) is given up for a free one; launches chown the VM's files anew."""
         with self.store.session() as session:
             vm = session.get(VM, vm_id)
+            if vm is None:
+                raise NotFound("the VM no longer exists")
             slots = dict(session.execute(select(VM.id, VM.uid_slot).where(VM.uid_slot.is_not(None))).tuples().all())
             slot, fresh = self.claims.claim(vm_id, vm.uid_slot, slots)
             vm.uid_slot = slot

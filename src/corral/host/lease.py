@@ -13,6 +13,10 @@ event loop so a stuck loop or a hanging store cannot keep them from acting:
   a non-HA VM is killed with SIGKILL, again on every tick while fenced, and the agent claims no job. The control
   plane restarts HA VMs elsewhere only after expiry plus a margin, so the copy here is dead first.
 
+The watchdog dies with the agent; the **fencer** (corral.host.fencer), a process of its own session that this lease
+starts and tells each renewal's deadline (``run/fencer.json``), fences at ``0.9 x lease_time`` even when the agent
+was killed alone.
+
 Once renewals succeed again under the same epoch (a store outage shorter than the takeover), the fence lifts and
 the agent restarts the HA VMs it killed itself. Under a new epoch it drops its stale copies instead and rejoins
 (corral.host.agent). On SQLite (one host) there is no lease and nothing here runs.
@@ -28,9 +32,10 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 
 from corral.spec.vm import VMSpec
 from corral.store.models import VM, Event, Host
@@ -60,6 +65,9 @@ class Lease:
         self.host_name = agent.host_name
         self.lease_time = float(agent.settings.lease_time)
         self.pids = pids
+        # The fencer's home (corral.host.fencer); an agent without a layout (a unit test's stand-in) has none.
+        layout = getattr(agent, "layout", None)
+        self.fencer_home: Path | None = layout.home if layout is not None else None
         self.epoch: int | None = None
         self.deadline = 0.0
         self.fenced = False  # past the deadline: kill and start nothing
@@ -88,10 +96,13 @@ class Lease:
         with self.store.session() as session:
             host = session.scalars(select(Host).where(Host.name == self.host_name).with_for_update()).one()
             host.lease_expires_at = session.scalar(select(func.now() + timedelta(seconds=self.lease_time)))
+            if host.state == "fenced":  # its lease ran out while the agent was away; it holds one again
+                host.state = "online"
             self.epoch = host.epoch
             self._refresh_non_ha(session)
         self.deadline = deadline_after(started, self.lease_time)
         self.fenced = self.taken_over = False
+        self._tell_fencer(started)
 
     def renew(self) -> bool:
         """One renewal under the epoch held; False (and ``taken_over``) when the control plane took the host."""
@@ -100,7 +111,11 @@ class Lease:
             renewed = session.execute(
                 update(Host)
                 .where(Host.name == self.host_name, Host.epoch == self.epoch)
-                .values(lease_expires_at=func.now() + timedelta(seconds=self.lease_time))
+                .values(
+                    lease_expires_at=func.now() + timedelta(seconds=self.lease_time),
+                    # "fenced" (corral.cluster.ha.mark_fenced) lasts until the host renews again: it rejoins.
+                    state=case((Host.state == "fenced", "online"), else_=Host.state),
+                )
             ).rowcount
             if renewed:
                 self._refresh_non_ha(session)
@@ -115,7 +130,38 @@ class Lease:
             self._fence("the host was taken over")
             return False
         self.deadline = deadline_after(started, self.lease_time)
+        self._tell_fencer(started)
         return True
+
+    def _tell_fencer(self, renewal_started: float, released: bool = False) -> None:
+        """Move the fencer's deadline (corral.host.fencer) after a good renewal; a failure to write it is logged
+        and lets the old, earlier deadline stand: the fencer errs on the side of fencing."""
+        from corral.host import fencer
+
+        if self.fencer_home is None:
+            return
+        try:
+            fencer.write_state(
+                self.fencer_home,
+                deadline=fencer.fencer_deadline(renewal_started, self.lease_time),
+                non_ha=self.non_ha,
+                released=released,
+            )
+        except OSError as exc:
+            log.error("cannot tell the fencer of host %s its new deadline: %s", self.host_name, exc)
+
+    def _ensure_fencer(self) -> None:
+        from corral.host import fencer
+
+        if self.fencer_home is None:
+            return
+        try:
+            pid = fencer.ensure_running(self.fencer_home)
+        except OSError as exc:
+            log.error("cannot start the fencer of host %s: %s", self.host_name, exc)
+            return
+        if pid is not None:
+            log.info("started the fencer of host %s (pid %d)", self.host_name, pid)
 
     def _refresh_non_ha(self, session: Any) -> None:
         non_ha = set()
@@ -132,18 +178,24 @@ class Lease:
         for thread in self._threads:
             thread.join(5)
         if self.enabled and self.epoch is not None and not self.taken_over:
+            released = 0
             with contextlib.suppress(Exception), self.store.session() as session:
-                session.execute(
+                released = session.execute(
                     update(Host)
                     .where(Host.name == self.host_name, Host.epoch == self.epoch)
                     .values(lease_expires_at=None)
-                )
+                ).rowcount
+            # Only a lease given up in the store lets the fencer go without fencing: otherwise the control plane
+            # takes the host over at expiry plus the margin, and the fencer must have killed the HA VMs by then.
+            if released:
+                self._tell_fencer(time.monotonic(), released=True)
 
     # -- the threads -----------------------------------------------------------------------------------------
 
     def start(self) -> None:
         if not self.enabled:
             return
+        self._ensure_fencer()
         for target, name in ((self._renew_loop, "corral-lease"), (self._watchdog, "corral-watchdog")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -154,7 +206,8 @@ class Lease:
             if self.taken_over:
                 continue  # the agent rejoins (corral.host.agent) and calls acquire() again
             try:
-                self.renew()
+                if self.renew():
+                    self._ensure_fencer()  # one that died (an OOM kill) is replaced
             except Exception as exc:  # the store is down or unreachable: the watchdog decides
                 log.warning("cannot renew the lease of host %s: %s", self.host_name, exc)
 

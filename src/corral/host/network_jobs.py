@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from corral.cluster import networks as control
 from corral.engine.argv import netdev_options, nic_device_options
 from corral.errors import Conflict, CorralError, EngineError, NotFound
 from corral.host import vm_lifecycle, vm_nics
+from corral.hostports import hold_port
 from corral.spec.vm import VMSpec
+from corral.store import network_queries
 from corral.store.models import VM, Network, PortForward
 
 if TYPE_CHECKING:
@@ -82,14 +83,14 @@ def check_forwards_free(agent: Agent, vm: VM) -> None:
     it (this host's agent holds them once the move commits; QEMU binds a user-mode NIC's own). Refused before any
     byte moves, rather than a forward that silently stops working after the move."""
     with agent.store.reading() as session:
-        forwards = [(fwd.protocol, fwd.host_port) for fwd in control.forwards_of(session, vm.id)]
+        forwards = [(fwd.protocol, fwd.host_port) for fwd in network_queries.forwards_of(session, vm.id)]
     for protocol, port in forwards:
         if port not in agent.settings.forward_ports:
             continue  # outside the administrator's range: it has no rule on any host
         try:
             if agent.networks.holding(protocol, port):  # for another VM's forward here: the VM is not here yet
                 raise Conflict(f"host port {port}/{protocol} is forwarded on this host already")
-            for sock in control.hold_port(protocol, port):
+            for sock in hold_port(protocol, port):
                 sock.close()
         except Conflict as exc:
             raise Conflict(
@@ -156,7 +157,7 @@ async def vm_nic_add(ctx: JobContext) -> dict[str, Any]:
             with agent.store.session() as session:
                 row = session.get(VM, vm.id)
                 if row is not None:
-                    control.detach_nic(session, row, slot)
+                    network_queries.detach_nic(session, row, slot)
             raise
     await asyncio.to_thread(agent.networks.sync)
     return {"slot": slot, "hotplugged": True, "mac": plan.mac}
@@ -194,7 +195,7 @@ async def vm_nic_remove(ctx: JobContext) -> dict[str, Any]:
         with agent.store.session() as session:
             row = session.get(VM, vm.id)
             if row is not None:
-                control.detach_nic(session, row, slot)
+                network_queries.detach_nic(session, row, slot)
     await asyncio.to_thread(agent.networks.sync)
     agent.store.notifier.notify()
     return {"slot": slot, "hotplugged": running is not None}
@@ -213,7 +214,7 @@ async def vm_port_forward(ctx: JobContext) -> dict[str, Any]:
         forward = session.get(PortForward, added) if added else None
         if forward is not None:
             session.expunge(forward)
-        taps = {port.nic_index for port in control.ports_of(session, vm.id)}
+        taps = {port.nic_index for port in network_queries.ports_of(session, vm.id)}
     target = forward
     slot = target.nic_index if target is not None else int(removed["nic_index"])
     user_mode = slot not in taps or not agent.networks.enabled

@@ -38,13 +38,14 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from corral.cluster.networks import VXLAN_PREFIX, hold_port
 from corral.config import Settings
 from corral.errors import CorralError, EngineError
 from corral.host import dnsmasq, firewall
+from corral.hostports import hold_port
 from corral.spec.network import VXLAN_OVERHEAD, NetworkMode
 from corral.store.db import Store
 from corral.store.models import VM, Host, Network, NetworkPort, PortForward
+from corral.store.network_queries import VXLAN_PREFIX
 
 log = logging.getLogger("corral.agent")
 
@@ -304,7 +305,9 @@ class NetworkHost:
             with self.store.reading() as session:
                 networks = list(session.scalars(select(Network)))
                 ports = list(
-                    session.execute(select(NetworkPort, VM.name, VM.host).join(VM, VM.id == NetworkPort.vm_id)).all()
+                    session.execute(select(NetworkPort, VM.name, VM.host).join(VM, VM.id == NetworkPort.vm_id))
+                    .tuples()
+                    .all()
                 )
                 addresses = {name: address for name, address in session.execute(select(Host.name, Host.address)).all()}
                 forwards = list(

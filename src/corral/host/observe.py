@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corral.cluster import usage
+from sqlalchemy import select
+
 from corral.errors import CorralError
 from corral.host import cgroups
+from corral.store import usage
 from corral.store.models import VM
 
 if TYPE_CHECKING:
@@ -160,7 +162,11 @@ _history_kept: dict[str, float] = {}
 
 async def sample_all(agent: Agent) -> None:
     """Sample each running VM (every SAMPLE_INTERVAL), keep its last stats for /metrics and write the usage
-    history (corral.cluster.usage): a point per VM and one for the host, roll-ups about once a minute."""
+    history (corral.cluster.usage): a point per VM and one for the host, roll-ups about once a minute.
+
+    Serial logs are checked on every pass (cheap: a guest printing without end must not get far past the cap);
+    the round's stats are written in one transaction: one per VM was a large part of an idle agent's CPU with
+    30 VMs (benchmarks/idle.py, docs/performance.md)."""
     await asyncio.to_thread(rotate_serial_logs, agent)
     now = time.monotonic()
     host = agent.host_name
@@ -169,18 +175,19 @@ async def sample_all(agent: Agent) -> None:
     due = now - _host_sampled.get(host, -SAMPLE_INTERVAL) >= SAMPLE_INTERVAL
     if due:
         _host_sampled[host] = now
-    samples: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = []
+    sampled: dict[str, dict[str, Any]] = {}
     for vm_id, running in list(agent.vms.items()):
         if running.proc.exited or (not due and running.stats_sampled):
             continue
         running.stats_sampled = now
-        stats = await _sample(agent, running)
+        sampled[vm_id] = await _sample(agent, running)
+    samples: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = []
+    if sampled:  # the round's stats in one transaction, not one per VM
         with agent.store.session() as session:
-            vm = session.get(VM, vm_id)
-            if vm is not None:
+            for vm in session.scalars(select(VM).where(VM.id.in_(list(sampled)))):
                 if due:
-                    samples.append((vm_id, vm.stats, stats))
-                vm.stats = stats
+                    samples.append((vm.id, vm.stats, sampled[vm.id]))
+                vm.stats = sampled[vm.id]
     if not due:
         return
     try:

@@ -39,7 +39,7 @@ from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.host import storage, vm_lifecycle
 from corral.host.backup_jobs import running_vm, storage_daemon_binary
 from corral.host.layout import pool_file
-from corral.host.migration_handlers import free_port_on, host_alive, load_job, publish_job
+from corral.host.move_jobs import free_port_on, host_alive, load_job, publish_job
 from corral.host.snapshot_jobs import frozen_guest
 from corral.spec.job import JobState
 from corral.store.models import VM, Replica, Volume
@@ -341,18 +341,28 @@ async def failover(ctx: JobContext) -> dict[str, Any]:
                 )
             moves.append((source, target))
         ctx.progress(0.1, "taking the replica's disks")
-        for source, target in moves:
-            storage.make_dir(target.parent)
-            os.replace(source, target)
-        with agent.store.session() as session:
-            for volume in volumes:
-                row = session.get(Volume, volume.id)
+        moved: list[tuple[Path, Path]] = []
+        try:
+            for source, target in moves:
+                storage.make_dir(target.parent)
+                os.replace(source, target)
+                moved.append((source, target))
+            with agent.store.session() as session:
+                for volume in volumes:
+                    row = session.get(Volume, volume.id)
+                    if row is not None:
+                        row.state, row.backing_path = "ready", None
+                row = session.get(Replica, replica_id)
+                copy_at = row.last_at.isoformat() if row is not None and row.last_at else None
                 if row is not None:
-                    row.state, row.backing_path = "ready", None
-            row = session.get(Replica, replica_id)
-            copy_at = row.last_at.isoformat() if row is not None and row.last_at else None
-            if row is not None:
-                session.delete(row)
+                    session.delete(row)
+        except BaseException:
+            # The replica stays whole for another try: the control plane puts the VM back where it was
+            # (corral.cluster.replication.settle_failovers) once this job has failed.
+            for source, target in reversed(moved):
+                with contextlib.suppress(OSError):
+                    os.replace(target, source)
+            raise
         for pool in {d["pool"] for d in disks}:
             shutil.rmtree(replica_dir(agent, pool, replica_id), ignore_errors=True)
         ctx.progress(0.3, "starting")

@@ -368,7 +368,9 @@ async def vm_disk_add(ctx: JobContext) -> dict[str, Any]:
                 await storage.materialize(agent, volume, None)
                 made = True
                 with agent.store.session() as session:
-                    session.get(Volume, volume_id).state = "ready"
+                    row = session.get(Volume, volume_id)
+                    if row is not None:  # deleted meanwhile: nothing to mark
+                        row.state = "ready"
             running = _running(agent, vm_id)
             if running is None:
                 return {"volume": volume.name, "hotplugged": False, "device_index": volume.device_index}

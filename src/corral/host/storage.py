@@ -98,7 +98,7 @@ def collect_bases(agent: Agent, session: Session, pool: str = "default") -> list
     bases = agent.layout.pool(pool) / BASES
     if not bases.is_dir():
         return []
-    used = set(session.scalars(select(Volume.backing_path).where(Volume.backing_path.is_not(None))))
+    used = {p for p in session.scalars(select(Volume.backing_path).where(Volume.backing_path.is_not(None))) if p}
     # A base may itself sit on an older base (a source cloned twice): keep whole chains.
     pending = [p for p in used if p.startswith(f"{BASES}/")]
     while pending:

@@ -497,7 +497,8 @@ async def _watch_ready(agent: Agent, running: RunningVM) -> None:
             running.ready.set_result(None)
         # Addresses come right after: a caller waiting for readiness should not also wait for this round trip.
         running.interfaces_checked = time.monotonic()
-        update_vm(agent, running.vm_id, interfaces=await _interfaces(agent, running))
+        running.interfaces_written = await _interfaces(agent, running)
+        update_vm(agent, running.vm_id, interfaces=running.interfaces_written)
     except asyncio.CancelledError:
         if not running.ready.done():
             running.ready.set_exception(GuestAgentError("the VM stopped before its guest agent answered"))
@@ -647,12 +648,13 @@ async def reconcile(agent: Agent) -> None:
             continue
         running.interfaces_checked = now
         interfaces = await _interfaces(agent, running)
-        if interfaces:
+        if interfaces and interfaces != running.interfaces_written:  # the same as last time: no transaction
             with agent.store.session() as session:
                 vm = session.get(VM, vm_id)
                 changed = vm is not None and vm.interfaces != interfaces
                 if changed:
                     vm.interfaces = interfaces
+            running.interfaces_written = interfaces
             if changed:
                 agent.store.notifier.notify()
 

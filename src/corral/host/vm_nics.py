@@ -80,7 +80,7 @@ def plug_taps(agent: Agent, vm_id: str, plan: LaunchPlan) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{nic.ifname}\n" for nic in taps))
     for nic in taps:
-        if nic.bridge is None:
+        if nic.bridge is None or nic.ifname is None:  # taps all have an ifname (the filter above)
             raise NotFound(f"the network of NIC {nic.id} is gone", "remove the NIC or create the network again")
         agent.networks.plug(nic.ifname, nic.bridge, uid)
 

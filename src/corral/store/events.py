@@ -69,6 +69,8 @@ EVENT_TYPES = (
     # Standby and wake of hosts (corral.cluster.plans, corral.cluster.placement; docs/optimization.md)
     "host.standby",
     "host.wake",
+    # Failover of a replicated VM onto its replica's host (corral.cluster.replication; docs/ha.md)
+    "vm.failover",
 )
 
 

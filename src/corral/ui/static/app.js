@@ -625,36 +625,40 @@ function openConsole(vmName, box, status) {
   fit.fit();
   let socket = null;
   let closed = false;
-  const connect = async (replay) => {
-    if (replay) {
-      try {
-        const recent = await api("GET", `/vms/${encodeURIComponent(vmName)}/logs?lines=40`);
-        term.write(String(recent).replace(/\r?\n/g, "\r\n"));
-      } catch (error) {
-        /* no log yet */
-      }
-    }
+  let dropped = false; // a later "connected" is a reconnection: say so, with when, so a move is seen to have happened
+  let refused = ""; // the daemon's last word on why the console did not open
+  // The recent output is replayed by the daemon itself (``replay``) until a connection succeeds: it reads the log
+  // after the console is connected, so nothing printed in between is lost; a reconnection goes on where the screen is.
+  let replayed = false;
+  const connect = () => {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    socket = new WebSocket(`${scheme}://${location.host}/vms/${encodeURIComponent(vmName)}/console?project=${encodeURIComponent(project)}`);
+    refused = "";
+    socket = new WebSocket(`${scheme}://${location.host}/vms/${encodeURIComponent(vmName)}/console?project=${encodeURIComponent(project)}&replay=${replayed ? 0 : 40}`);
     socket.binaryType = "arraybuffer";
     socket.onmessage = (message) => {
       if (typeof message.data === "string") {
         const info = JSON.parse(message.data);
-        status.textContent = info.error ? `console: ${info.error}` : "connected";
+        refused = info.error || "";
+        replayed = replayed || !info.error;
+        if (info.error) status.textContent = `console: ${info.error}`;
+        else status.textContent = dropped ? `reconnected at ${new Date().toLocaleTimeString()}` : "connected";
         return;
       }
       term.write(new Uint8Array(message.data));
     };
     socket.onclose = () => {
       if (closed) return;
-      status.textContent = "disconnected, reconnecting…"; // e.g. the VM moved to another host
-      setTimeout(() => !closed && connect(false), 2000);
+      dropped = true;
+      // e.g. the VM moved to another host: the next websocket is opened where the store says it runs now. A
+      // refusal (not running, a host out of reach) stays on screen while it tries again.
+      status.textContent = refused ? `console: ${refused} (trying again…)` : "disconnected, reconnecting…";
+      setTimeout(() => !closed && connect(), 2000);
     };
   };
   term.onData((data) => socket && socket.readyState === WebSocket.OPEN && socket.send(data));
   const onResize = () => fit.fit();
   window.addEventListener("resize", onResize);
-  connect(true);
+  connect();
   leaving.push(() => {
     closed = true;
     window.removeEventListener("resize", onResize);
@@ -762,7 +766,7 @@ async function vmPage(name) {
     h("div", { class: "grid" },
       h("section", { class: "card" }, h("h2", {}, "Summary"), h("table", {}, h("tbody", {},
         [["Status", vm.status || vm.state], ["Host", vm.host], ["Image", vm.image], ["CPUs", vm.cpus], ["Memory", size(vm.memory)],
-          ["Restart policy", vm.restart_policy], ["Created", vm.created_at]].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v ?? "-")))))),
+          ["Restart policy", vm.restart_policy], ["Created", vm.created_at]].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", { id: k === "Host" ? "vm-host" : null }, v ?? "-")))))),
       h("section", { class: "card" }, h("h2", {}, "Disks"), dataTable(vm.disks, [
         ["Volume", (x) => x.name], ["Size", (x) => x.size, (x) => size(x.size)], ["Pool", (x) => x.pool]], { filter: false })),
       h("section", { class: "card" }, h("h2", {}, "Network interfaces"), dataTable(vm.nics.length ? vm.nics : vm.interfaces, [
@@ -787,7 +791,8 @@ async function vmPage(name) {
         (accepted) => void waitJob(accepted, `resize ${name}`).then(again).catch(fail)),
       me.cluster ? apiForm("migrate", [["to", "Migrate to", migrateTo, ["host"]]], "Migrate",
         () => api("POST", `${path}/migrate`, migrateTo.value ? { to: migrateTo.value } : {}, null),
-        (accepted) => void (accepted.job ? waitJob(accepted, `migrate ${name}`).then(again).catch(fail) : again())) : null)) : null,
+        // The page stays (its console reconnects by itself on the new host); the summary follows the move.
+        (accepted) => void (accepted.job ? waitJob(accepted, `migrate ${name}`).then(refreshState).catch(fail) : refreshState())) : null)) : null,
     can("admin") ? copiesSection(vm, path) : null,
     h("section", { class: "card" }, h("h2", {}, "Usage (last hour)"), graphs),
     h("section", { class: "card" }, h("h2", {}, "Events"), events),
@@ -812,13 +817,22 @@ async function vmPage(name) {
   // The badge follows the VM's state: on its events, and every 15 s in case a stream was cut (the console
   // reconnects by itself when the VM (re)starts or moves).
   let shownState = vm.state;
-  const refreshState = async () => {
+  let shownHost = vm.host;
+  async function refreshState() {
     const now = await api("GET", path).catch(() => null);
     if (now && now.state !== shownState) {
       shownState = now.state;
       document.getElementById("vm-state")?.replaceChildren(stateTag(now.state));
     }
-  };
+    if (now && now.host !== shownHost) { // moved (from this page, the CLI or a plan): the host and the choices follow
+      shownHost = now.host;
+      document.getElementById("vm-host")?.replaceChildren(now.host ?? "-");
+      if (me.cluster && can("admin")) {
+        const hosts = await api("GET", "/hosts").catch(() => []);
+        migrateTo.replaceChildren(migrateTo.options[0], ...hosts.filter((x) => x.name !== now.host).map((x) => h("option", { value: x.name }, x.name)));
+      }
+    }
+  }
   followEvents(`resource=${encodeURIComponent(name)}`, (event) => {
     events.prepend(eventLine(event));
     if (event.resource.kind === "vm") refreshState();

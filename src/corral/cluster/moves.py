@@ -5,7 +5,7 @@ The control plane checks the request and the target here, and writes the move as
 into its job's parameters, take the VM over and flip the store's rows once the VM runs there) and ``vm.migrate``
 for the source host's agent (wait for that endpoint, send disks and RAM, ask the destination's job whether it runs
 the VM before quitting the local copy). The user follows the source's job. The agents' side is
-``corral.host.migration_handlers``; the order of events and why exactly one copy runs at the end is explained
+``corral.host.move_jobs``; the order of events and why exactly one copy runs at the end is explained
 there and in docs/cluster.md.
 
 **Shared storage** is detected, not declared: every agent writes a random id into a marker file at the root of
@@ -25,12 +25,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.cluster import networks as cluster_networks
-from corral.cluster import placement
-from corral.cluster.vms import ensure_idle, get_vm
+from corral.cluster import placement, replication
+from corral.cluster.host_loads import shares_storage
+from corral.cluster.vm_rows import ensure_idle, get_vm
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
 from corral.spec.vm import PowerState, VMSpec
-from corral.store import jobs
+from corral.store import jobs, network_queries
 from corral.store.models import VM, Host, Job
 
 POOL_MARKER = ".corral-pool-id"
@@ -45,17 +46,6 @@ class MigrateRequest(BaseModel):
     to: str | None = None
     live: bool | None = None
     with_storage: bool | None = None
-
-
-def pool_id(host: Host) -> str | None:
-    """The storage pool identity an agent reported (see the module's docstring)."""
-    value = (host.usage or {}).get("pool_id")
-    return str(value) if value else None
-
-
-def shares_storage(source: Host, target: Host) -> bool:
-    ours, theirs = pool_id(source), pool_id(target)
-    return ours is not None and ours == theirs
 
 
 def _storage_of(vm: VM) -> int:
@@ -103,8 +93,6 @@ def choose_target(
 
     ``to`` None: the scheduler's choice among every host but the VM's own (filters and weights as for a create).
     ``scheduler``: a drain's shared scheduler, so that each VM placed counts for the next ones."""
-    from corral.cluster import replication  # imports this module
-
     spec = VMSpec.model_validate(vm.spec)
     source = session.scalars(select(Host).where(Host.name == vm.host)).first()
     if source is None:
@@ -204,7 +192,7 @@ def move_stopped(session: Session, vm: VM, target: Host) -> None:
     vm.host = target.name
     for volume in vm.volumes:
         volume.host = target.name
-    cluster_networks.move_forwards(session, vm, target.name)
+    network_queries.move_forwards(session, vm, target.name)
 
 
 def migrate(session: Session, name: str, request: MigrateRequest, project: str = "default") -> tuple[Job | None, VM]:
@@ -227,7 +215,8 @@ def migrate(session: Session, name: str, request: MigrateRequest, project: str =
         raise Conflict(f"VM {name} is {vm.observed_state}", "wait until it is running or stopped")
     with placement.placement_lock:
         if not live:
-            return _migrate_stopped(session, vm, request), vm
+            _migrate_stopped(session, vm, request)  # the rows move; no job
+            return None, vm
         target, copy = choose_target(session, vm, request.to, request.with_storage)
         _lock_target(session, target)
         return submit_pair(session, vm, target, copy), vm

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.engine import qemu_img
-from corral.engine.migration import (
+from corral.engine.live_migration import (
     IncomingEndpoint,
     IncomingMigration,
     MigrationProgress,

@@ -1,11 +1,11 @@
 """The agents' jobs of a move between hosts: ``vm.migrate-in`` (destination), ``vm.migrate`` (source),
 ``host.drain`` (follows a drain's moves), and ``reclaim_moved`` (an agent's start-up sweep).
 
-The two halves meet only through the store (corral.cluster.migrations writes both jobs):
+The two halves meet only through the store (corral.cluster.moves writes both jobs):
 
-1. destination: start QEMU with ``-incoming`` (``migration_jobs.prepare_incoming``) and publish the endpoint
+1. destination: start QEMU with ``-incoming`` (``move_support.prepare_incoming``) and publish the endpoint
    into its own job's parameters (``params.endpoint``);
-2. source: wait for that endpoint, then ``migration_jobs.migrate_out``: mirror the disks (without shared
+2. source: wait for that endpoint, then ``move_support.migrate_out``: mirror the disks (without shared
    storage), send RAM; once the stream completed it asks ``confirm()``, which reads the destination's job;
 3. destination: once the stream ended and the VM runs there, in **one transaction** it points the VM's row and
    its volumes at this host (a copied disk is standalone: no backing image or base any more) and sets
@@ -44,13 +44,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from corral.cluster import networks as cluster_networks
-from corral.engine.migration import IncomingEndpoint, MigrationTuning
+from corral.engine.live_migration import IncomingEndpoint, MigrationTuning
 from corral.engine.runtime import RuntimeRecord, is_same_process
-from corral.errors import Conflict, NotFound
-from corral.host import migration_jobs, network_jobs, resize_jobs, storage, vm_lifecycle
-from corral.spec.job import JobState
+from corral.errors import Conflict, CorralError, NotFound
+from corral.host import move_support, network_jobs, resize_jobs, storage, vm_lifecycle
+from corral.spec.job import JobKind, JobState
 from corral.spec.vm import PowerState
+from corral.store import network_queries
 from corral.store.models import VM, Host, Job, utcnow
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corral.agent")
 
-POOL_MARKER = ".corral-pool-id"  # corral.cluster.migrations reads the id from the host rows
+POOL_MARKER = ".corral-pool-id"  # corral.cluster.moves reads the id from the host rows
 POLL = 0.1
 # After the source's job failed, how long the destination still waits for a stream QEMU may finish on its own.
 SOURCE_GRACE = 5.0
@@ -170,7 +170,7 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
     _check_destination(agent, vm_id, copy)
     address = agent.address or ""
     nbd_port = await asyncio.to_thread(free_port_on, address) if copy else None
-    incoming = await migration_jobs.prepare_incoming(
+    incoming = await move_support.prepare_incoming(
         agent, vm_id, listen_host=address, nbd_port=nbd_port, shared_storage=not copy, tuning=TUNING
     )
     done: asyncio.Task[float | None] | None = None
@@ -216,7 +216,7 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
 
 
 async def _wait_for_stream(
-    ctx: JobContext, incoming: migration_jobs.IncomingVM, done: asyncio.Task[Any], source: str, source_job: str
+    ctx: JobContext, incoming: move_support.IncomingVM, done: asyncio.Task[Any], source: str, source_job: str
 ) -> None:
     """Until ``done`` (the VM runs here), a cancel, or a source that will not send it any more."""
     agent = ctx.agent
@@ -243,7 +243,7 @@ async def _wait_for_stream(
             )
 
 
-async def _stream_arriving(incoming: migration_jobs.IncomingVM) -> bool:
+async def _stream_arriving(incoming: move_support.IncomingVM) -> bool:
     with contextlib.suppress(Exception):
         status = (await incoming.proc.execute("query-migrate")).get("status")
         return status in ("active", "device", "postcopy-active", "completed")
@@ -261,7 +261,7 @@ def _take_over(agent: Agent, ctx: JobContext, vm_id: str, info: dict[str, Any], 
         vm.pid = info["pid"]
         vm.observed_state = PowerState.RUNNING
         vm.status_message = f"moved from {ctx.params['from']}"
-        cluster_networks.move_forwards(session, vm, agent.host_name)  # they follow the VM: rules, held ports
+        network_queries.move_forwards(session, vm, agent.host_name)  # they follow the VM: rules, held ports
         for volume in vm.volumes:
             volume.host = agent.host_name
             if copy:  # the mirror wrote whole disks: no image or base under them here
@@ -288,6 +288,7 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
         await _wait_turn(ctx, ctx.params["after"])
     try:
         await resize_jobs.refuse_hotplugged_cpus(agent.vms.get(vm_id), "migration")
+        await _clear_interrupted_move(agent.vms.get(vm_id))
         endpoint = await _wait_endpoint(ctx, dest_job, target)
     except BaseException:
         _cancel_quietly(agent, dest_job)
@@ -305,7 +306,7 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
             await asyncio.sleep(POLL)
 
     try:
-        result = await migration_jobs.migrate_out(ctx, endpoint, tuning=TUNING, confirm=confirm)
+        result = await move_support.migrate_out(ctx, endpoint, tuning=TUNING, confirm=confirm)
     except BaseException:
         _cancel_quietly(agent, dest_job)
         raise
@@ -326,6 +327,39 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
         "paused_ms": paused_ms,
         "elapsed_s": round(time.monotonic() - started, 3),
     }
+
+
+async def _clear_interrupted_move(running: Any) -> None:
+    """An earlier move of this QEMU whose agent was killed (SIGKILL: no roll-back ran) left its disk mirror jobs
+    and their NBD target nodes (``mig-<disk>``) in it, and every later move failed on "Duplicate nodes with
+    node-name='mig-disk0'" (found by the migration chaos rounds, tests/chaos_harness.py). They lead to a
+    destination that gave up long ago: cancel and remove them before this move adds its own."""
+    from corral.engine.live_migration.common import EXPORT_PREFIX
+
+    if running is None or running.proc.exited:
+        return
+    proc = running.proc
+    with contextlib.suppress(CorralError):
+        for job in await proc.execute("query-jobs"):
+            if str(job.get("id", "")).startswith(EXPORT_PREFIX):
+                with contextlib.suppress(CorralError):
+                    await proc.execute("block-job-cancel", {"device": job["id"], "force": True})
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            left = [j for j in await proc.execute("query-jobs") if str(j.get("id", "")).startswith(EXPORT_PREFIX)]
+            for job in left:
+                if job.get("status") == "concluded":
+                    with contextlib.suppress(CorralError):
+                        await proc.execute("job-dismiss", {"id": job["id"]})
+            if not left:
+                break
+            await asyncio.sleep(0.05)
+        for node in await proc.execute("query-named-block-nodes", {"flat": True}):
+            name = str(node.get("node-name", ""))
+            if name.startswith(EXPORT_PREFIX):
+                with contextlib.suppress(CorralError):
+                    await proc.execute("blockdev-del", {"node-name": name})
+                log.warning("removed node %s that an interrupted move left in the VM's QEMU", name)
 
 
 def _cancel_quietly(agent: Agent, job_id: str) -> None:
@@ -420,6 +454,7 @@ def reclaim_moved(agent: Agent) -> list[str]:
     """Kill local QEMUs of VMs that the store puts on another host: a source copy left paused after a move that
     completed while this agent was down, or a destination copy that never took over. Runs at start-up, before
     this host's interrupted jobs are marked failed (which the other half of a move waits for)."""
+    _remove_moved_disks(agent)
     run_root = agent.layout.home / "run"
     if not run_root.is_dir():
         return []
@@ -443,3 +478,38 @@ def reclaim_moved(agent: Agent) -> list[str]:
         record_path.unlink(missing_ok=True)
         vm_lifecycle.remove_run_dir(agent, vm_id)
     return killed
+
+
+def _remove_moved_disks(agent: Agent) -> list[str]:
+    """The disk copies a storage move this agent was running when it died left here, once the store puts the VM
+    on the other host: as a source whose destination committed (``vm_migrate`` would have removed them after the
+    move), or as a destination that never took over (``incoming.abort()`` would have). Found through this host's
+    move jobs still marked running (start-up, before they are marked failed); never on storage shared with the
+    VM's host, where the files are the very ones the VM uses. Chaos rounds found the source's case
+    (tests/chaos_harness.py, MigrationChaos)."""
+    removed = []
+    here = pool_identity(agent.layout.pool())
+    with agent.store.session() as session:
+        interrupted = session.scalars(
+            select(Job).where(
+                Job.host == agent.host_name,
+                Job.state == JobState.RUNNING,
+                Job.kind.in_((JobKind.VM_MIGRATE, JobKind.VM_MIGRATE_IN)),
+            )
+        )
+        for job in list(interrupted):
+            vm = session.get(VM, job.target_id) if job.target_id else None
+            if vm is None or vm.host == agent.host_name or not job.params.get("with_storage"):
+                continue
+            there = session.scalars(select(Host).where(Host.name == vm.host)).first()
+            if there is None or (there.usage or {}).get("pool_id") in (None, here):
+                continue
+            for volume in vm.volumes:
+                with contextlib.suppress(Exception):
+                    storage.remove(agent, volume)
+            removed.append(vm.name)
+            log.warning("VM %s moved to %s while this agent was down: removed its disk copies here", vm.name, vm.host)
+        with contextlib.suppress(Exception):
+            if removed:
+                storage.collect_bases(agent, session)
+    return removed

@@ -286,6 +286,22 @@ def test_storage_move_copies_the_disks_to_a_host_without_the_pool(cluster: Clust
         cluster.cli("vm", "delete", "mv2", "--force", check=False)
 
 
+def test_a_forks_child_moves_like_any_vm(cluster: Cluster) -> None:
+    """A child of a forkable parent runs on a private mapping of its parent's RAM file; its move must give the
+    destination the same RAM block, and the child keeps its memory and answers from there."""
+    cluster.run_vm("fkp", "h1", "--forkable")
+    try:
+        cluster.sh("fkp", "echo from-parent > /tmp/mark")
+        cluster.cli("vm", "fork", "fkp", "fkc", timeout=400)
+        result = _migrate(cluster, "fkc", "--to", "h2")
+        assert result["to"] == "h2" and cluster.vm_row("fkc").host == "h2", result
+        assert cluster.copies("fkc").keys() == {"h2"} and cluster.copies("fkp").keys() == {"h1"}
+        assert cluster.sh("fkc", "cat /tmp/mark").strip() == "from-parent"
+    finally:
+        cluster.cli("vm", "delete", "fkc", "--force", check=False)
+        cluster.cli("vm", "delete", "fkp", "--force", check=False)
+
+
 def test_bad_moves_are_refused_with_one_line_and_change_nothing(cluster: Cluster) -> None:
     cluster.run_vm("mv3", "h1")
     cluster.cli("vm", "create", "mv4", "--host", "h1", "--memory", "192M")

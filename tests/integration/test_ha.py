@@ -348,6 +348,9 @@ def test_an_agent_killed_alone_is_fenced_by_its_fencer_before_the_takeover(pool:
     home = pool.homes["h1"]
     fencer_pid = fencer.running_fencer(home)
     assert fencer_pid is not None, "h1's agent runs a fencer on a PostgreSQL pool"
+    on_h1 = {vm_id: hosts for vm_id, hosts in sampler.scan().items() if "h1" in hosts}
+    vms = {vm["name"]: (vm["id"][:12], vm["host"], vm["state"]) for vm in pool.json("vm", "list")}
+    print(f"\nQEMUs on h1 before the kill (every HA VM, hv came back there with the partition): {on_h1}; {vms}")
     killed = time.monotonic()
     pool.agents["h1"].stop(signal.SIGKILL)
     assert alive(fencer_pid), "the fencer outlives its agent"
@@ -372,11 +375,19 @@ def test_an_agent_killed_alone_is_fenced_by_its_fencer_before_the_takeover(pool:
     pool.agents["h1"].start()
     until(lambda: pool.host("h1")["state"] == "online", 60, "h1 to rejoin", every=0.5)
     assert fencer.running_fencer(home) is not None
+    listed = pool.cli("events", "--all-projects", "--limit", "500", "--type", "host.fenced", "--json").stdout
+    reported = [json.loads(line)["data"] for line in listed.splitlines() if line.strip()]
+    kills = [line for line in log.splitlines() if "fenced: killed" in line]
+    assert any(
+        data.get("by") == "fencer" and data["killed"] == len(on_h1) and data["epoch"] == pool.host("h1")["epoch"]
+        for data in reported
+    ), (reported, kills)
     time.sleep(3)
     assert sampler.copies(pv_id) == {"h2": 1} and pool.vm("pv")["host"] == "h2"
     print(
         f"\nagent killed alone: its fencer killed the HA VM's QEMU after {fenced:.1f} s, the VM ran on h2 after "
-        f"{restarted:.1f} s; {sampler.samples} samples, {len(sampler.doubles)} doubles"
+        f"{restarted:.1f} s; {sampler.samples} samples, {len(sampler.doubles)} doubles; events {reported}; "
+        f"fencer: {kills}"
     )
     assert fenced < restarted
     assert not sampler.doubles, sampler.doubles

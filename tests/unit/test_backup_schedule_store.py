@@ -4,6 +4,7 @@ planes pass at once, pruning by delete jobs children first, and where a job read
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -176,3 +177,32 @@ def test_an_incremental_that_cannot_be_taken_becomes_a_full_one(store, vm):  # t
     with store.session() as session:
         assert session.get(Backup, job.params["backup_id"]).kind == "full"
         assert session.scalars(select(BackupSchedule)).one().last_error is None
+
+
+def test_the_runner_sleeps_while_nothing_is_due_and_a_new_schedule_wakes_it(store, vm, monkeypatch):  # type: ignore[no-untyped-def]
+    """Issue 17: no pass a second while there is no schedule; setting one wakes the runner through the store's
+    notifier, and it fires at once rather than at the next poll."""
+    passes: list[float] = []
+    real_run_once = backup_schedules.run_once
+
+    def counted(other: Store, now=None) -> int:  # type: ignore[no-untyped-def]
+        passes.append(time.monotonic())
+        return real_run_once(other, now)
+
+    monkeypatch.setattr(backup_schedules, "run_once", counted)
+    runner = backup_schedules.ScheduleRunner(store)
+    runner.start()
+    try:
+        idle = threading.Event()
+        idle.wait(2.5)  # the old runner made a pass every second here
+        assert passes == []
+        set_at = time.monotonic()
+        _due(store)
+        generation = store.notifier.generation
+        deadline = set_at + 30
+        while not _jobs(store, JobKind.BACKUP_CREATE) and time.monotonic() < deadline:
+            generation = store.notifier.wait(generation, deadline - time.monotonic())
+        assert len(_jobs(store, JobKind.BACKUP_CREATE)) == 1
+        assert passes and passes[0] - set_at < 5
+    finally:
+        runner.stop()

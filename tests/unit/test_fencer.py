@@ -100,6 +100,9 @@ def test_the_fencer_kills_ha_qemus_at_the_deadline_and_spares_non_ha_ones(home: 
         assert fencer.running_fencer(home) == fencer_pid, "it keeps watching"
         log = (home / "logs" / "fencer.log").read_text()
         assert f"fenced: killed QEMU {ha.proc.pid}" in log, log
+        # What the agent reports as a host.fenced event once it holds the lease again, then forgets.
+        assert [(k["pid"], k["vm"]) for k in fencer.take_killed(home)] == [(ha.proc.pid, "a" * 12)]
+        assert fencer.take_killed(home) == []
     finally:
         for qemu in (ha, other):
             qemu.proc.kill()

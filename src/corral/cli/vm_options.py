@@ -2,14 +2,11 @@
 (where Typer reads them) and hands the command one `SpecOptions`, so the two commands cannot drift apart and a new
 spec field is one line here."""
 
-from __future__ import annotations
-
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import typer
 
@@ -45,7 +42,6 @@ USER_DATA = typer.Option(None, "--user-data", help="cloud-config or script to me
 PASSWORD_LOGIN = typer.Option(False, "--password-login", help="Allow SSH password logins (off by default).")
 
 
-@dataclass(frozen=True)
 class SpecOptions:
     """What `vm create` and `vm run` both take, typed as Typer reads them (a missing option is None, as before).
     The fields before `forkable` come before the command's own options in `--help`, the rest after (the order users
@@ -80,6 +76,10 @@ class SpecOptions:
     accel: str = ACCEL
     dry_run: bool = DRY_RUN
 
+    def __init__(self, **values: Any) -> None:
+        # A plain class rather than a dataclass: generating a 28-field dataclass costs milliseconds at every start.
+        self.__dict__.update(values)
+
     def spec(self, name: str) -> dict[str, Any]:
         """The VM spec the API takes; bad input (a NIC, a file, --ha-priority alone) fails here, before the
         daemon is asked for anything."""
@@ -106,7 +106,9 @@ class SpecOptions:
         if self.nic:
             extras["nics"] = [parse_nic(text) for text in self.nic]
         spec.update({key: value for key, value in extras.items() if value is not None})
-        spec.update({key: value for key, value in (("max_memory", self.max_memory), ("max_cpus", self.max_cpus)) if value})
+        spec.update(
+            {key: value for key, value in (("max_memory", self.max_memory), ("max_cpus", self.max_cpus)) if value}
+        )
         if self.ha_priority and not self.ha:
             fail("--ha-priority needs --ha", "add --ha, or leave out --ha-priority", 2)
         if self.ha:
@@ -119,14 +121,16 @@ class SpecOptions:
         return {"host": self.on_host, "group": self.group, "policy": self.policy, "accel": self.accel}
 
 
-_FIELDS = {field.name: field for field in fields(SpecOptions)}
+# Real types, not strings (no `from __future__ import annotations` here): Typer reads them as they are, and
+# evaluating 28 strings at every start of the CLI would cost more than the rest of this module.
+_HINTS: dict[str, Any] = dict(SpecOptions.__annotations__)
+_FIELDS = {name: getattr(SpecOptions, name) for name in _HINTS}
 _BEFORE_OWN = list(_FIELDS)[: list(_FIELDS).index("forkable")]
 _AFTER_OWN = list(_FIELDS)[len(_BEFORE_OWN) :]
 
 
 def _parameter(name: str) -> inspect.Parameter:
-    hint = get_type_hints(SpecOptions)[name]
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_FIELDS[name].default, annotation=hint)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_FIELDS[name], annotation=_HINTS[name])
 
 
 def spec_options(command: Callable[..., None]) -> Callable[..., None]:

@@ -66,7 +66,10 @@ def fork(
             vms=len(names),
         )
         for child_name in names:
-            child_spec = fresh_identity(spec, child_name).model_copy(update={"forkable": False})
+            # A forkable parent's children run with their RAM in a file (a private mapping of the parent's, and
+            # a shared file of their own after a restart): the RAM block every later plan of theirs (a move's
+            # destination, a restart) must have. A plain parent's children have plain RAM.
+            child_spec = fresh_identity(spec, child_name).model_copy(update={"forkable": spec.forkable})
             if networks:
                 nics = [
                     nic.model_copy(update={"network": networks[nic.network]} if nic.network in networks else {})

@@ -15,6 +15,11 @@ goes over that memory, and deflate-on-oom lets a squeezed guest take pages back 
 would turn into QEMU being killed. Every move is a ``vm.balloon`` event with the sizes before and after and why.
 
 The decision is :func:`decide`, a pure function of the host's use and the guests' figures (tests/unit).
+
+A round runs every few seconds on every host, so one with nothing to do must cost next to nothing (issue 17,
+docs/performance.md): the VMs' rows and their busy jobs are two queries whatever their number, a spec is validated
+once (until it changes), and when every guest has all its memory and the host is well under its target, no QMP
+command is sent at all (see :func:`_nothing_to_do`).
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
+
 from corral.engine.argv import BALLOON_ID
 from corral.errors import CorralError
+from corral.spec.job import JobState
 from corral.spec.sizes import format_size
 from corral.spec.vm import PowerState, VMSpec, memory_floor
-from corral.store import events, jobs
-from corral.store.models import VM
+from corral.store import events
+from corral.store.models import VM, Job
 
 if TYPE_CHECKING:
     from corral.host.agent import Agent, RunningVM
@@ -162,6 +170,7 @@ class _HostState:
     polling: dict[str, int] = field(default_factory=dict)  # vm_id -> QEMU pid whose stats polling is on
     boot_memory: dict[str, tuple[int, int]] = field(default_factory=dict)  # vm_id -> (pid, bytes)
     asked: dict[str, _Asked] = field(default_factory=dict)  # vm_id -> the last balloon size asked for
+    specs: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)  # vm_id -> (spec, its memory)
 
 
 _hosts: dict[str, _HostState] = {}
@@ -212,28 +221,86 @@ async def _boot_memory(running: RunningVM, state: _HostState) -> int:
     return boot
 
 
-def _rows(agent: Agent) -> dict[str, tuple[str, int, int, str | None]]:
-    """vm_id -> (name, memory, floor, why busy) for the running VMs this host holds."""
-    found: dict[str, tuple[str, int, int, str | None]] = {}
+@dataclass(frozen=True)
+class _Row:
+    """What a round needs of one VM's row: its memory, floor and why it is busy, and the balloon size the sampler
+    last read (corral.host.observe), None when it has none."""
+
+    name: str
+    memory: int
+    floor: int
+    busy: str | None
+    sampled: int | None
+
+
+def _memory_of(state: _HostState, vm_id: str, spec: dict[str, Any]) -> int:
+    """The VM's memory from its spec, validated once per spec: comparing the stored dicts is far cheaper than
+    validating 30 specs every round, and any change to the spec (a resize) makes a new one."""
+    known = state.specs.get(vm_id)
+    if known is not None and known[0] == spec:
+        return known[1]
+    memory = VMSpec.model_validate(spec).memory
+    state.specs[vm_id] = (spec, memory)
+    return memory
+
+
+def _rows(agent: Agent, state: _HostState) -> dict[str, _Row]:
+    """vm_id -> its _Row, for the running VMs this host holds: two queries whatever the number of VMs."""
+    ids = list(agent.vms)
+    found: dict[str, _Row] = {}
+    if not ids:
+        return found
     with agent.store.reading() as session:
-        for vm_id in list(agent.vms):
-            vm = session.get(VM, vm_id)
-            if vm is None or vm.host != agent.host_name:
-                continue
-            memory = VMSpec.model_validate(vm.spec).memory
-            busy = None
-            if vm.observed_state != PowerState.RUNNING:
-                busy = f"the VM is {vm.observed_state}"
-            else:
-                active = jobs.active_for(session, "vm", vm_id)
-                if active:
-                    busy = f"a {active[0].kind} job is running"
-            found[vm_id] = (vm.name, memory, memory_floor(memory, vm.min_memory), busy)
+        columns = (VM.id, VM.name, VM.host, VM.spec, VM.observed_state, VM.min_memory, VM.stats)
+        vms = session.execute(select(*columns).where(VM.id.in_(ids))).all()
+        active = session.execute(
+            select(Job.target_id, Job.kind)
+            .where(
+                Job.target_kind == "vm",
+                Job.target_id.in_(ids),
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+            )
+            .order_by(Job.created_at)
+        ).all()
+    running_jobs: dict[str, str] = {}
+    for target_id, kind in active:
+        if target_id is not None:
+            running_jobs.setdefault(target_id, kind)
+    for vm_id, name, host, spec, observed, min_memory, stats in vms:
+        if host != agent.host_name:
+            continue
+        memory = _memory_of(state, vm_id, spec)
+        busy = None
+        if observed != PowerState.RUNNING:
+            busy = f"the VM is {observed}"
+        elif vm_id in running_jobs:
+            busy = f"a {running_jobs[vm_id]} job is running"
+        sampled = (stats or {}).get("balloon_bytes")
+        found[vm_id] = _Row(name, memory, memory_floor(memory, min_memory), busy, sampled)
+    for gone in set(state.specs) - set(ids):
+        del state.specs[gone]
     return found
 
 
-async def _guest(agent: Agent, running: RunningVM, row: tuple[str, int, int, str | None], state: _HostState) -> Guest:
-    name, memory, floor, busy = row
+def _nothing_to_do(agent: Agent, state: _HostState, rows: dict[str, _Row], policy: Policy) -> bool:
+    """True when no move is possible without asking QEMU anything: every guest has all its memory (as the sampler
+    last read it), none has a balloon still moving, and the host is at least a band under its target. Then
+    nothing may shrink (no pressure) and nothing has anything to get back (decide's rules 1 and 3 only touch a
+    guest under its memory), so the round's QMP reads (three per VM) are skipped."""
+    if state.asked or not rows:
+        return False
+    if any(row.sampled is None or row.sampled < row.memory for row in rows.values()):
+        return False
+    budget = agent.settings.balloon_host_memory
+    if budget is not None:
+        used, total = sum(row.sampled or 0 for row in rows.values()), budget
+    else:
+        used, total = host_memory()
+    return used <= (policy.target - policy.band) * total
+
+
+async def _guest(agent: Agent, running: RunningVM, row: _Row, state: _HostState) -> Guest:
+    name, memory, floor, busy = row.name, row.memory, row.floor, row.busy
     if busy is None and agent.vm_locks[running.vm_id].locked():
         busy = "another change holds the VM"
     actual = int((await running.proc.execute("query-balloon"))["actual"])
@@ -277,7 +344,10 @@ async def _apply(agent: Agent, move: Move, used: int, total: int, state: _HostSt
 async def balance(agent: Agent) -> list[Move]:
     """One round: read the host's and the guests' memory, decide, move the balloons. Returns the moves made."""
     state = _hosts.setdefault(agent.host_name, _HostState())
-    rows = _rows(agent)
+    rows = _rows(agent, state)
+    policy = policy_of(agent)
+    if _nothing_to_do(agent, state, rows, policy):
+        return []
     guests: list[Guest] = []
     for vm_id, running in list(agent.vms.items()):
         if running.proc.exited or vm_id not in rows:
@@ -297,7 +367,7 @@ async def balance(agent: Agent) -> list[Move]:
         total = budget
     else:
         used, total = host_memory()
-    moves = decide(used, total, guests, policy_of(agent))
+    moves = decide(used, total, guests, policy)
     for move in moves:
         try:
             await _apply(agent, move, used, total, state)

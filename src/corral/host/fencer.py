@@ -56,6 +56,30 @@ def pid_path(home: Path) -> Path:
     return home / "run" / "fencer.pid"
 
 
+def killed_path(home: Path) -> Path:
+    """One JSON line per QEMU the fencer killed; the agent turns them into a ``host.fenced`` event (by
+    ``fencer``) once it holds the lease again, and removes the file."""
+    return home / "run" / "fencer.killed"
+
+
+def take_killed(home: Path) -> list[dict[str, Any]]:
+    """The fencer's kills not yet reported, and forget them (called by the agent)."""
+    path = killed_path(home)
+    taken = path.with_name(f"fencer.killed.{os.getpid()}")
+    try:
+        os.replace(path, taken)
+    except FileNotFoundError:
+        return []
+    try:
+        entries = []
+        for line in taken.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+        return entries
+    finally:
+        taken.unlink(missing_ok=True)
+
+
 def boot_id() -> str:
     with contextlib.suppress(OSError):
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -171,6 +195,8 @@ def run(home: Path) -> int:
                 fencing = True
             for pid, vm in kill_ha_qemus(home, set(state.get("non_ha", []))):
                 log.error("fenced: killed QEMU %d (run/%s)", pid, vm)
+                with contextlib.suppress(OSError), killed_path(home).open("a") as out:
+                    out.write(json.dumps({"pid": pid, "vm": vm, "at": time.time()}) + "\n")
             agent_alive = _same_process(int(state.get("agent_pid", 0) or 0), state.get("agent_start_ticks"))
             if not agent_alive and not qemu_processes_under(home / "run"):
                 log.warning("agent dead and no QEMU left to guard: fencer %d ends", me)

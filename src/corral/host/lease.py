@@ -100,6 +100,7 @@ class Lease:
                 host.state = "online"
             self.epoch = host.epoch
             self._refresh_non_ha(session)
+            self._report_fencer_kills(session)
         self.deadline = deadline_after(started, self.lease_time)
         self.fenced = self.taken_over = False
         self._tell_fencer(started)
@@ -150,6 +151,19 @@ class Lease:
         except OSError as exc:
             log.error("cannot tell the fencer of host %s its new deadline: %s", self.host_name, exc)
 
+    def _report_fencer_kills(self, session: Any) -> None:
+        """What the fencer killed while this agent was away (dead): one ``host.fenced`` event, as the watchdog's."""
+        from corral.host import fencer
+
+        if self.fencer_home is None:
+            return
+        killed = fencer.take_killed(self.fencer_home)
+        if killed:
+            event = fence_event(self.host_name, len({entry.get("vm") for entry in killed}), self.epoch)
+            event.data = {**event.data, "by": "fencer"}
+            session.add(event)
+            log.warning("host %s: its fencer killed %d QEMU(s) while the agent was away", self.host_name, len(killed))
+
     def _ensure_fencer(self) -> None:
         from corral.host import fencer
 
@@ -164,10 +178,14 @@ class Lease:
             log.info("started the fencer of host %s (pid %d)", self.host_name, pid)
 
     def _refresh_non_ha(self, session: Any) -> None:
+        """The VMs known not to be HA, pool-wide: a QEMU here may belong to a VM whose row names another host (a
+        live migration coming in), and a non-HA VM is restarted nowhere else, so its copy here never needs fencing.
+        The spec's ``ha`` key is read directly (every 2 s, every VM); a spec without one is parsed for the default."""
         non_ha = set()
-        for vm_id, spec in session.execute(select(VM.id, VM.spec).where(VM.host == self.host_name)):
+        for vm_id, spec in session.execute(select(VM.id, VM.spec)):
             with contextlib.suppress(Exception):
-                if not VMSpec.model_validate(spec).ha:
+                ha = spec.get("ha") if isinstance(spec, dict) else None
+                if not (VMSpec.model_validate(spec).ha if ha is None else ha):
                     non_ha.add(vm_id)
         self.non_ha = non_ha
 

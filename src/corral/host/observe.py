@@ -58,7 +58,7 @@ async def _sample(agent: Agent, running: RunningVM) -> dict[str, Any]:
     except CorralError:
         blockstats = []
     stats["disks"] = {
-        (entry.get("qdev") or entry.get("device") or "?").split("/")[-1]: {
+        disk_label(entry.get("qdev") or entry.get("device") or "?"): {
             "read_bytes": entry["stats"].get("rd_bytes", 0),
             "write_bytes": entry["stats"].get("wr_bytes", 0),
             "read_ops": entry["stats"].get("rd_operations", 0),
@@ -69,6 +69,15 @@ async def _sample(agent: Agent, running: RunningVM) -> dict[str, Any]:
     }
     stats["nics"] = _tap_counters(agent, running.vm_id)
     return stats
+
+
+def disk_label(qdev: str) -> str:
+    """The disk's device id from its QOM path: ``/machine/peripheral/disk0/virtio-backend`` is ``disk0`` (the
+    path's last part is the same for every virtio disk, which would fold them all into one)."""
+    parts = [part for part in qdev.split("/") if part]
+    if "peripheral" in parts and parts.index("peripheral") + 1 < len(parts):
+        return parts[parts.index("peripheral") + 1]
+    return parts[-1] if parts else qdev
 
 
 def _tap_counters(agent: Agent, vm_id: str) -> dict[str, dict[str, int]]:

@@ -190,6 +190,8 @@ class OutgoingMigration:
                 "multifd": multifd,
                 "postcopy-ram": postcopy,
                 "auto-converge": tuning.auto_converge,
+                # A fork leaves it on in its parent and children (engine/fork.py): a move sends all the RAM.
+                "x-ignore-shared": False,
             },
         )
         self.paused_copy = tuning.tcg_safe and not await kvm_enabled(self.proc)

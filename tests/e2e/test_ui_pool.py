@@ -173,9 +173,9 @@ def _move_and_type_after(pool: UiPool, page: Any) -> None:
     _type_until(page, "echo after", "after")
     screen = [line.strip() for line in _screen(page)]
     assert "before" in screen, "the same console, with what it showed before the move"
-    assert not (pool.homes["h1"] / "run").exists() or not any((pool.homes["h1"] / "run").iterdir()), (
-        "the VM runs on h2 alone: what answered came from there"
-    )
+    # Its run directory (named by the id's first 12 characters) is gone from h1: what answered came from h2.
+    assert not (pool.homes["h1"] / "run" / moved["id"][:12]).exists(), "the VM runs on h2 alone"
+    assert (pool.homes["h2"] / "run" / moved["id"][:12]).is_dir(), "the VM runs on h2"
 
 
 def test_a_host_the_control_plane_cannot_reach_is_named_not_called_stopped(pool: UiPool, page: Any) -> None:

@@ -241,3 +241,37 @@ def test_pytest_plugin_gives_each_test_its_own_vm(
     # Every fork, the warm templates and the environment are gone, the failed test's VM included.
     assert env_daemon.cli_json("vm", "list") == []
     assert env_daemon.cli_json("network", "list") == []
+
+
+XDIST_TESTS = """
+import pytest
+
+@pytest.mark.parametrize("n", range(4))
+def test_each_gets_its_own(corral_vm, n):
+    result = corral_vm.exec(["sh", "-c", "test -e /root/leak && echo leaked; echo x > /root/leak; hostname"])
+    assert result.exit_code == 0 and "leaked" not in result.stdout
+    assert result.stdout.split()[-1] == corral_vm.name
+    print("VM-NAME", corral_vm.name)
+"""
+
+
+def test_pytest_plugin_under_xdist_gives_each_worker_its_own_template_and_names(
+    env_daemon: Daemon, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pytest -n 2`: each worker forks from a template of its own, names carry the worker id, nothing clashes and
+    nothing is left when the session ends."""
+    pytest.importorskip("xdist", reason="pytest-xdist is a dev dependency (make setup installs it)")
+    for variable in ("CORRAL_URL", "CORRAL_TOKEN", "CORRAL_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    for key in ("CORRAL_HOME", "XDG_CONFIG_HOME", "CORRAL_ENV_STATE"):
+        monkeypatch.setenv(key, env_daemon.env[key])
+    pytester.makepyfile(test_xdist_vms=XDIST_TESTS)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-n", "2", "-rP", "--corral-memory", "128M", "--corral-no-spare", timeout=600
+    )
+    result.assert_outcomes(passed=4)
+    names = [line.split()[-1] for line in result.stdout.lines if line.startswith("VM-NAME ")]
+    assert len(names) == 4 and len(set(names)) == 4, result.stdout.str()
+    workers = {name.split("-")[1] for name in names}
+    assert workers <= {"gw0", "gw1"} and workers, names  # the worker id in every name
+    assert env_daemon.cli_json("vm", "list") == []

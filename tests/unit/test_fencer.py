@@ -86,7 +86,12 @@ def test_the_fencer_kills_ha_qemus_at_the_deadline_and_spares_non_ha_ones(home: 
     try:
         started = time.monotonic()
         fencer_pid = _start(home, 4.0, {"b" * 32})
-        assert fencer.ensure_running(home) is None, "a running fencer is kept, not doubled"
+        again = fencer.ensure_running(home)
+        log = (home / "logs" / "fencer.log").read_text(errors="replace")
+        assert again is None, (
+            f"a running fencer is kept, not doubled (first {fencer_pid}, pidfile "
+            f"{fencer.pid_path(home).read_text()!r}, log: {log!r})"
+        )
         # Renewals move the deadline: nothing dies while they come in time.
         while time.monotonic() - started < 6.0:
             last = time.monotonic()

@@ -158,7 +158,7 @@ def kill_ha_qemus(home: Path, non_ha: set[str]) -> list[tuple[int, str]]:
 
 def _write_pidfile(home: Path, pid: int) -> None:
     pid_file = pid_path(home)
-    tmp = pid_file.with_name(f"fencer.pid.{pid}.tmp")
+    tmp = pid_file.with_name(f"fencer.pid.{os.getpid()}.tmp")  # per writer: agent and fencer both write it
     tmp.write_text(json.dumps({"pid": pid, "start_ticks": process_start_ticks(pid)}))
     os.replace(tmp, pid_file)
 

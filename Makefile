@@ -39,7 +39,7 @@ cluster-down:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m corral.localpool down; fi
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 test-unit: setup
 	$(BIN)/pytest -q tests/unit

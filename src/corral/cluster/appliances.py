@@ -21,7 +21,6 @@ import os
 import struct
 import tarfile
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,6 +30,7 @@ from corral.cluster.vm_rows import new_vm_with_disks
 from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput
 from corral.spec.backup import MANIFEST
 from corral.spec.job import JobKind
+from corral.spec.job_params import VMImportParams
 from corral.spec.libvirt_xml import MAX_XML_BYTES, check_disk_paths, looks_like_domain, parse_domain, spec_fields
 from corral.spec.names import validate_name
 from corral.spec.ovf import read_ova
@@ -115,7 +115,7 @@ def _disk_size(path: Path, fmt: str) -> int:
 
 
 def _submit(
-    session: Session, spec: VMSpec, project: str, sizes: list[int], image: Image, params: dict[str, Any]
+    session: Session, spec: VMSpec, project: str, sizes: list[int], image: Image, params: VMImportParams
 ) -> Job:
     hosts = placement.online_hosts(session)
     if not hosts:
@@ -178,19 +178,19 @@ def import_libvirt(
                     "uses user-mode NAT (or give --network)"
                 )
     spec = VMSpec.model_validate({"name": new, "image": image.name, **fields}).with_macs()
-    params = {
-        "foreign": "libvirt",
-        "source": source.params(),
-        "image_id": image.id,
-        "disks": [
+    params = VMImportParams(
+        foreign="libvirt",
+        source=source.params(),
+        image_id=image.id,
+        disks=[
             {"path": d.path, "format": d.format, "size": s, "target": d.target}
             for d, s in zip(disks, sizes, strict=True)
         ],
-        "kernel": domain.kernel,
-        "initrd": domain.initrd,
-        "cmdline": domain.cmdline,
-        "warnings": domain.warnings,
-    }
+        kernel=domain.kernel,
+        initrd=domain.initrd,
+        cmdline=domain.cmdline,
+        warnings=domain.warnings,
+    )
     return _submit(session, spec, project, sizes, image, params)
 
 
@@ -224,14 +224,14 @@ def import_ova(
         ).with_macs()
     except InvalidInput as exc:
         raise InvalidInput(f"the appliance's hardware cannot be mapped: {exc.message}", exc.hint) from None
-    params = {
-        "foreign": "ova",
-        "source": source.params(),
-        "image_id": image.id if made_image else None,
-        "disks": [{"href": d.href, "size": d.capacity} for d in appliance.disks],
-        "manifest": {k: list(v) for k, v in ova.manifest.items()},
-        "warnings": appliance.warnings,
-    }
+    params = VMImportParams(
+        foreign="ova",
+        source=source.params(),
+        image_id=image.id if made_image else None,
+        disks=[{"href": d.href, "size": d.capacity} for d in appliance.disks],
+        manifest={k: list(v) for k, v in ova.manifest.items()},
+        warnings=appliance.warnings,
+    )
     return _submit(session, spec, project, [d.capacity for d in appliance.disks], image, params)
 
 

@@ -31,6 +31,7 @@ from corral.cluster.vm_rows import get_vm
 from corral.errors import AlreadyExists, Conflict, CorralError, InvalidInput, NotFound
 from corral.spec.backup import parse_duration
 from corral.spec.job import JobKind, JobState
+from corral.spec.job_params import BackupOfVMParams, BackupParams, parse
 from corral.store import events, jobs
 from corral.store.db import Store
 from corral.store.models import VM, Backup, BackupSchedule, Job, utcnow
@@ -199,7 +200,7 @@ def verify(session: Session, vm_name: str, name: str, project: str = "default") 
         target_id=backup.id,
         host=backups.reader_host(session, backup),
         project=project,
-        params={"vm": vm_name},
+        params=BackupOfVMParams(vm=vm_name),
     )
 
 
@@ -248,7 +249,7 @@ def _fire(session: Session, schedule: BackupSchedule, now: datetime) -> None:
         # The newest backup cannot carry one (a disk was added since, say): a full one starts a new chain. A VM
         # that is busy refuses this one too, and the pass retries later.
         job = backups.create(session, schedule.vm_name, None, False, schedule.project)
-    row = session.get(Backup, job.params["backup_id"])
+    row = session.get(Backup, parse(BackupParams, job.params).backup_id)
     if row is not None:
         row.schedule_id = schedule.id
         session.add(

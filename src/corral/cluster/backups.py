@@ -16,6 +16,7 @@ from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotF
 from corral.spec import sources
 from corral.spec.backup import check_export_path, default_backup_name, read_export_manifest
 from corral.spec.job import JobKind
+from corral.spec.job_params import BackupOfVMParams, BackupParams, BackupRestoreParams, VMExportParams, VMImportParams
 from corral.spec.names import validate_name
 from corral.spec.sizes import format_size
 from corral.spec.sources import Origin
@@ -145,7 +146,7 @@ def create(
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params={"backup_id": backup.id, "name": name},
+        params=BackupParams(backup_id=backup.id, name=name),
     )
 
 
@@ -174,7 +175,7 @@ def delete(session: Session, vm_name: str, name: str, project: str = "default") 
         target_id=backup.id,
         host=reader_host(session, backup),
         project=project,
-        params={"vm": vm_name},
+        params=BackupOfVMParams(vm=vm_name),
     )
 
 
@@ -228,7 +229,7 @@ def restore(session: Session, vm_name: str, name: str, as_name: str | None = Non
             target_id=existing.id,
             host=existing.host,
             project=project,
-            params={"backup_id": backup.id, "name": name, "mode": "over"},
+            params=BackupRestoreParams(backup_id=backup.id, name=name, mode="over"),
         )
     spec = VMSpec.model_validate(backup.spec)
     spec = fresh_identity(spec, target_name) if as_name else spec.model_copy(update={"name": target_name})
@@ -244,7 +245,7 @@ def restore(session: Session, vm_name: str, name: str, as_name: str | None = Non
             target_id=vm.id,
             host=host,
             project=project,
-            params={"backup_id": backup.id, "name": name, "mode": "new"},
+            params=BackupRestoreParams(backup_id=backup.id, name=name, mode="new"),
         )
 
 
@@ -285,9 +286,9 @@ def export(
     if file is not None and format == "ova":
         from corral.cluster.appliances import check_ova_path
 
-        params: dict[str, object] = {"file": str(check_ova_path(file)), "compress": False}
+        params = VMExportParams(file=str(check_ova_path(file)), compress=False)
     elif file is not None:
-        params = {"file": str(_export_path(file)), "compress": compress}
+        params = VMExportParams(file=str(_export_path(file)), compress=compress)
     else:
         if origin is None:
             raise InvalidInput("an export needs a file or a server home", "give the archive path")
@@ -299,13 +300,13 @@ def export(
                 "download them (`corral vm export` does, then deletes them) or wait for them to expire",
             )
         ident = secrets.token_hex(16)
-        params = {
-            "file": str(sources.exports_dir(origin.home, project) / f"{ident}.tar"),
-            "download": ident,
-            "compress": compress and format == "tar",
-        }
+        params = VMExportParams(
+            file=str(sources.exports_dir(origin.home, project) / f"{ident}.tar"),
+            download=ident,
+            compress=compress and format == "tar",
+        )
     if format == "ova":
-        params["format"] = "ova"  # an OVA is a tar too: downloads keep the .tar name on the server
+        params.format = "ova"  # an OVA is a tar too: downloads keep the .tar name on the server
     return jobs.submit(
         session, JobKind.VM_EXPORT, "vm", vm.name, target_id=vm.id, host=vm.host, project=project, params=params
     )
@@ -363,5 +364,5 @@ def import_(
             target_id=vm.id,
             host=hosts[0].name,
             project=project,
-            params={"source": source.params(), "manifest": manifest.model_dump(mode="json")},
+            params=VMImportParams(source=source.params(), manifest=manifest.model_dump(mode="json")),
         )

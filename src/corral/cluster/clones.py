@@ -10,6 +10,7 @@ from corral.cluster.snapshots import get_snapshot
 from corral.cluster.vm_rows import ensure_idle, fresh_identity, get_vm, new_vm, new_volume, volume_name
 from corral.errors import AlreadyExists, Conflict, NotFound
 from corral.spec.job import JobKind
+from corral.spec.job_params import TemplateCreateParams, VMCloneParams, VMCreateParams
 from corral.spec.names import validate_name
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
@@ -71,13 +72,7 @@ def clone(
             target_id=vm.id,
             host=source.host,
             project=project,
-            params={
-                "source_id": source.id,
-                "linked": linked,
-                "snapshot_tag": snapshot_tag,
-                "start": start,
-                "wait": wait,
-            },
+            params=VMCloneParams(source_id=source.id, linked=linked, snapshot_tag=snapshot_tag, start=start, wait=wait),
         )
 
 
@@ -120,7 +115,7 @@ def create_template(session: Session, name: str, source_name: str, project: str 
         target_id=template.id,
         host=source.host,
         project=project,
-        params={"source_id": source.id},
+        params=TemplateCreateParams(source_id=source.id),
     )
 
 
@@ -175,5 +170,5 @@ def create_from_template(
             target_id=vm.id,
             host=template.host,
             project=project,
-            params={"start": start, "wait": wait},
+            params=VMCreateParams(start=start, wait=wait),
         )

@@ -8,6 +8,7 @@ from corral.cluster import placement, quotas
 from corral.cluster.vm_rows import ensure_idle, fresh_identity, get_vm, new_vm, new_volume, volume_name
 from corral.errors import Conflict, InvalidInput
 from corral.spec.job import JobKind
+from corral.spec.job_params import VMForkParams
 from corral.spec.vm import USER_NETWORK, PowerState, VMSpec
 from corral.store import jobs
 from corral.store.models import Job
@@ -100,5 +101,5 @@ def fork(
             target_id=parent.id,
             host=parent.host,
             project=project,
-            params={"child_ids": child_ids, "names": names, "wait": wait, "keep_addresses": keep_macs},
+            params=VMForkParams(child_ids=child_ids, names=names, wait=wait, keep_addresses=keep_macs),
         )

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from corral.cluster import placement, replication
 from corral.errors import CorralError
 from corral.spec.job import JobKind, JobState
+from corral.spec.job_params import VMStartParams
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
 from corral.store.models import VM, Event, Host, Job, utcnow
@@ -296,7 +297,7 @@ def _restart_on(session: Session, vm: VM, target: str, why: str) -> None:
         target_id=vm.id,
         host=target,
         project=vm.project,
-        params={"wait": False},
+        params=VMStartParams(wait=False),
     )
 
 

@@ -10,6 +10,7 @@ from corral.cluster.requests import ImageBuild, ImageImport
 from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotFound
 from corral.spec import sources
 from corral.spec.job import JobKind
+from corral.spec.job_params import ImageBuildParams, ImageImportParams
 from corral.spec.names import validate_name
 from corral.spec.sources import Origin
 from corral.store import jobs
@@ -70,17 +71,19 @@ def build(session: Session, request: ImageBuild, project: str = "default") -> tu
         if active:
             return existing, active[0]
         raise AlreadyExists(f"image {name!r} already exists", "remove it first with `corral image rm`")
-    params: dict[str, object] = {"recipe": request.recipe}
     if request.recipe == "debian":
         from corral.spec.debian import validate_packages, validate_release, validate_size
 
-        params.update(
+        params = ImageBuildParams(
+            recipe=request.recipe,
             release=validate_release(request.release or "bookworm"),
             packages=validate_packages(request.packages),
             size=validate_size(request.size or (4 << 30)),
         )
     elif request.release or request.packages or request.size:
         raise InvalidInput("--release, --packages and --size are for the debian recipe", "drop them for tiny")
+    else:
+        params = ImageBuildParams(recipe=request.recipe)
     image = Image(name=name, project=project, state="pending", source=f"recipe:{request.recipe}")
     session.add(image)
     session.flush()
@@ -105,19 +108,19 @@ def import_(session: Session, request: ImageImport, project: str, origin: Origin
     if (request.initrd or request.initrd_upload) and not (request.kernel or request.kernel_upload):
         raise InvalidInput("--initrd needs --kernel", "pass the kernel the initrd belongs to")
     disk = sources.resolve(origin, project, file=request.file, upload=request.upload, what="image file")
-    params: dict[str, object] = {
-        "source": disk.params(),
-        "format": request.format,
-        "cmdline": request.cmdline,
-        "cloud_init": request.cloud_init,
-        "firmware": request.firmware.value if request.firmware else None,
-    }
+    params = ImageImportParams(
+        source=disk.params(),
+        format=request.format,
+        cmdline=request.cmdline,
+        cloud_init=request.cloud_init,
+        firmware=request.firmware.value if request.firmware else None,
+    )
     if request.kernel or request.kernel_upload:
-        params["kernel"] = sources.resolve(
+        params.kernel = sources.resolve(
             origin, project, file=request.kernel, upload=request.kernel_upload, what="kernel"
         ).params()
     if request.initrd or request.initrd_upload:
-        params["initrd"] = sources.resolve(
+        params.initrd = sources.resolve(
             origin, project, file=request.initrd, upload=request.initrd_upload, what="initrd"
         ).params()
     shown = {

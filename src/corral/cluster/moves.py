@@ -30,6 +30,7 @@ from corral.cluster.host_loads import shares_storage
 from corral.cluster.vm_rows import ensure_idle, get_vm
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
+from corral.spec.job_params import HostDrainParams, MigrateInParams, MigrateParams
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs, network_queries
 from corral.store.models import VM, Host, Job
@@ -171,7 +172,7 @@ def submit_pair(session: Session, vm: VM, target: Host, copy: bool, after: str |
         target_id=vm.id,
         host=target.name,
         project=vm.project,
-        params=dict(common),
+        params=MigrateInParams.model_validate(common),
     )
     outgoing = jobs.submit(
         session,
@@ -181,9 +182,9 @@ def submit_pair(session: Session, vm: VM, target: Host, copy: bool, after: str |
         target_id=vm.id,
         host=vm.host,
         project=vm.project,
-        params={**common, "dest_job": incoming.id, "after": after},
+        params=MigrateParams.model_validate({**common, "dest_job": incoming.id, "after": after}),
     )
-    incoming.params = {**incoming.params, "source_job": outgoing.id}
+    jobs.add_params(incoming, source_job=outgoing.id)
     return outgoing
 
 
@@ -288,6 +289,12 @@ def drain(session: Session, host_name: str) -> tuple[Job | None, dict[str, Any]]
     if not report["vms"]:
         return None, report
     drain_job = jobs.submit(
-        session, JobKind.HOST_DRAIN, "host", host.name, target_id=host.id, host=host.name, params=report
+        session,
+        JobKind.HOST_DRAIN,
+        "host",
+        host.name,
+        target_id=host.id,
+        host=host.name,
+        params=HostDrainParams.model_validate(report),
     )
     return drain_job, report

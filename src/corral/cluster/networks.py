@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from corral.errors import AlreadyExists, Conflict, Forbidden, InvalidInput, NotFound
 from corral.hostports import hold_port
 from corral.spec.job import JobKind
+from corral.spec.job_params import ForwardRemoval, NicParams, PortForwardParams
 from corral.spec.network import NetworkMode, NetworkSpec, PortForwardSpec, validate_subnet
 from corral.spec.vm import MAX_NICS, USER_NETWORK, NicSpec, PowerState, VMSpec
 from corral.store import jobs
@@ -322,6 +323,7 @@ def nic_add(session: Session, vm: VM, nic: NicSpec) -> Job:
     updated = spec.model_copy(update={"nics": [*spec.nics, nic]}).with_macs()
     VMSpec.model_validate(updated.model_dump())  # duplicate MACs and slots are refused here
     added = updated.nics[-1]
+    assert added.slot is not None  # with_macs gives every NIC a slot
     attach_nic(session, vm, added)
     vm.spec = updated.model_dump(mode="json")
     return jobs.submit(
@@ -332,7 +334,7 @@ def nic_add(session: Session, vm: VM, nic: NicSpec) -> Job:
         target_id=vm.id,
         host=vm.host,
         project=vm.project,
-        params={"slot": added.slot},
+        params=NicParams(slot=added.slot),
     )
 
 
@@ -362,7 +364,7 @@ def nic_remove(session: Session, vm: VM, which: str) -> Job:
         target_id=vm.id,
         host=vm.host,
         project=vm.project,
-        params={"slot": slot},
+        params=NicParams(slot=slot),
     )
 
 
@@ -433,10 +435,10 @@ def add_forward(session: Session, vm: VM, forward: PortForwardSpec, allowed: ran
     )
     session.add(row)
     session.flush()
-    return _forward_job(session, vm, {"add": row.id})
+    return _forward_job(session, vm, PortForwardParams(add=row.id))
 
 
-def _forward_job(session: Session, vm: VM, params: dict[str, object]) -> Job:
+def _forward_job(session: Session, vm: VM, params: PortForwardParams) -> Job:
     """The job that applies a forward's change on the VM's host (its rules, or a live hostfwd)."""
     return jobs.submit(
         session, JobKind.VM_PORT_FORWARD, "vm", vm.name, target_id=vm.id, host=vm.host, project=vm.project,
@@ -455,14 +457,11 @@ def remove_forward(session: Session, vm: VM, host_port: int, protocol: str = "tc
             f"VM {vm.name} has no forward from host port {host_port}/{protocol}",
             f"list them with `corral vm show {vm.name}`",
         )
-    params: dict[str, object] = {
-        "remove": {
-            "host_port": row.host_port,
-            "guest_port": row.guest_port,
-            "protocol": row.protocol,
-            "nic_index": row.nic_index,
-        }
-    }
+    params = PortForwardParams(
+        remove=ForwardRemoval(
+            host_port=row.host_port, guest_port=row.guest_port, protocol=row.protocol, nic_index=row.nic_index
+        )
+    )
     session.delete(row)
     return _forward_job(session, vm, params)
 

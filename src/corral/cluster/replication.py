@@ -33,6 +33,7 @@ from corral.cluster.vm_rows import ensure_idle, get_vm
 from corral.errors import AlreadyExists, Conflict, CorralError, InvalidInput, NotFound
 from corral.spec.backup import parse_duration
 from corral.spec.job import JobKind, JobState
+from corral.spec.job_params import FailoverParams, ReplicaReceiveParams, ReplicaRemoveParams, ReplicateParams, parse
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
 from corral.store.db import Store
@@ -160,7 +161,7 @@ def fire(session: Session, row: Replica, vm: VM | None = None) -> Job:
     partner = _host(session, row.partner)
     if partner is None or not placement.is_online(partner):
         raise Conflict(f"host {row.partner}, which keeps the replica of {vm.name}, is not online", "start its agent")
-    params = {"replica_id": row.id, "disks": _disks(vm), "source": vm.host}
+    shared = {"replica_id": row.id, "disks": _disks(vm), "source": vm.host}
     receive = jobs.submit(
         session,
         JobKind.VM_REPLICA_RECEIVE,
@@ -169,7 +170,7 @@ def fire(session: Session, row: Replica, vm: VM | None = None) -> Job:
         target_id=vm.id,
         host=row.partner,
         project=vm.project,
-        params=params,
+        params=ReplicaReceiveParams.model_validate(shared),
     )
     copy = jobs.submit(
         session,
@@ -179,9 +180,11 @@ def fire(session: Session, row: Replica, vm: VM | None = None) -> Job:
         target_id=vm.id,
         host=vm.host,
         project=vm.project,
-        params={**params, "receive_job": receive.id, "partner": row.partner, "bitmap": row.bitmap},
+        params=ReplicateParams.model_validate(
+            {**shared, "receive_job": receive.id, "partner": row.partner, "bitmap": row.bitmap}
+        ),
     )
-    receive.params = {**params, "source_job": copy.id}
+    jobs.add_params(receive, source_job=copy.id)
     row.last_job_id = copy.id
     return copy
 
@@ -209,7 +212,7 @@ def _drop(session: Session, row: Replica) -> Job | None:
         target_id=row.id,
         host=row.partner,
         project=row.project,
-        params={"replica_id": row.id, "pools": pools},
+        params=ReplicaRemoveParams(replica_id=row.id, pools=pools),
     )
 
 
@@ -301,7 +304,9 @@ def promote(session: Session, vm: VM, row: Replica, why: str) -> Job:
         target_id=vm.id,
         host=row.partner,
         project=vm.project,
-        params={"replica_id": row.id, "disks": row.disks, "from": source, "previous": previous},
+        params=FailoverParams.model_validate(
+            {"replica_id": row.id, "disks": row.disks, "from": source, "previous": previous}
+        ),
     )
     row.last_job_id = job.id  # no copy runs while promoting: settle_failovers follows this job instead
     return job
@@ -332,7 +337,7 @@ def settle_failovers(session: Session) -> list[str]:
         if job is not None and job.state == JobState.SUCCEEDED:
             continue  # its handler removed the row: only a concurrent read could see it here
         why = (job.error or job.message if job is not None else None) or "its job is gone"
-        previous = (job.params or {}).get("previous") if job is not None else None
+        previous = parse(FailoverParams, job.params).previous if job is not None else None
         row.state = (previous or {}).get("replica_state") or ("ready" if row.last_at else "new")
         row.last_error = f"failover to {row.partner} failed: {why}"
         vm = session.get(VM, row.vm_id)
@@ -399,7 +404,7 @@ def _clean_old_host(session: Session, vm: VM, row: Replica) -> None:
         target_id=vm.id,
         host=old.name,
         project=vm.project,
-        params={"stale_volumes": [{"id": v.id, "pool": v.pool, "path": v.path} for v in vm.volumes]},
+        params=ReplicaRemoveParams(stale_volumes=[{"id": v.id, "pool": v.pool, "path": v.path} for v in vm.volumes]),
     )
 
 

@@ -28,6 +28,7 @@ from corral.cluster.vm_rows import (
 from corral.cluster.volumes import get_volume
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
+from corral.spec.job_params import DiskAddParams, DiskRemoveParams, VMResizeParams
 from corral.spec.names import validate_name
 from corral.spec.sizes import format_size
 from corral.spec.vm import MAX_DISKS, MIN_FLOOR, PowerState, Size, VMSpec
@@ -150,7 +151,7 @@ def resize(session: Session, name: str, request: VMResize, project: str = "defau
                 host = host_of(session, vm.host)
                 placement.check_fits(session, host, new, exclude_vm=vm.id)
         vm.spec = new.model_dump(mode="json")
-        params = {"old": old.model_dump(mode="json"), "new": vm.spec}
+        params = VMResizeParams(old=old.model_dump(mode="json"), new=vm.spec)
         return jobs.submit(
             session, JobKind.VM_RESIZE, "vm", vm.name, target_id=vm.id, host=vm.host, project=project, params=params
         )
@@ -208,7 +209,7 @@ def disk_add(session: Session, name: str, request: DiskAdd, project: str = "defa
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params={"volume_id": volume.id, "volume": volume.name, "created": created},
+        params=DiskAddParams(volume_id=volume.id, volume=volume.name, created=created),
     )
 
 
@@ -235,7 +236,7 @@ def disk_remove(session: Session, name: str, volume_name: str, project: str = "d
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params={"volume_id": volume.id, "volume": volume.name},
+        params=DiskRemoveParams(volume_id=volume.id, volume=volume.name),
     )
 
 

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from corral.cluster.vm_rows import ensure_idle, get_vm
 from corral.errors import AlreadyExists, Conflict, NotFound
 from corral.spec.job import JobKind
+from corral.spec.job_params import SnapshotParams, SnapshotRevertParams
 from corral.spec.names import validate_name
 from corral.spec.vm import PowerState
 from corral.store import jobs
@@ -73,7 +74,7 @@ def create(
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params={"snapshot_id": snapshot.id, "name": name},
+        params=SnapshotParams(snapshot_id=snapshot.id, name=name),
     )
 
 
@@ -91,7 +92,7 @@ def revert(session: Session, vm_name: str, name: str, wait: bool = False, projec
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params={"snapshot_id": snapshot.id, "name": name, "wait": wait},
+        params=SnapshotRevertParams(snapshot_id=snapshot.id, name=name, wait=wait),
     )
 
 
@@ -107,5 +108,5 @@ def delete(session: Session, vm_name: str, name: str, project: str = "default") 
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params={"snapshot_id": snapshot.id, "name": name},
+        params=SnapshotParams(snapshot_id=snapshot.id, name=name),
     )

@@ -19,6 +19,14 @@ from corral.cluster.vm_rows import (
 )
 from corral.errors import AlreadyExists, Conflict, NotFound
 from corral.spec.job import JobKind
+from corral.spec.job_params import (
+    VMCreateParams,
+    VMDeleteParams,
+    VMExecParams,
+    VMRestartParams,
+    VMStartParams,
+    VMStopParams,
+)
 from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
 from corral.store.models import VM, Job, Volume
@@ -103,7 +111,7 @@ def create(session: Session, request: VMCreate, project: str = "default") -> Job
             target_id=vm.id,
             host=host.name,
             project=project,
-            params={"start": request.start, "wait": request.wait, "ready_timeout": request.ready_timeout},
+            params=VMCreateParams(start=request.start, wait=request.wait, ready_timeout=request.ready_timeout),
         )
     return job
 
@@ -124,7 +132,7 @@ def start(session: Session, name: str, request: VMStart, project: str = "default
             target_id=vm.id,
             host=vm.host,
             project=project,
-            params=request.model_dump(),
+            params=VMStartParams.model_validate(request.model_dump()),
         )
 
 
@@ -140,7 +148,7 @@ def stop(session: Session, name: str, request: VMStop, project: str = "default")
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params=request.model_dump(),
+        params=VMStopParams.model_validate(request.model_dump()),
     )
 
 
@@ -155,7 +163,7 @@ def restart(session: Session, name: str, request: VMRestart, project: str = "def
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params=request.model_dump(),
+        params=VMRestartParams.model_validate(request.model_dump()),
     )
 
 
@@ -192,7 +200,7 @@ def delete(session: Session, name: str, request: VMDelete, project: str = "defau
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params=request.model_dump(),
+        params=VMDeleteParams.model_validate(request.model_dump()),
     )
 
 
@@ -208,5 +216,5 @@ def exec_(session: Session, name: str, request: VMExec, project: str = "default"
         target_id=vm.id,
         host=vm.host,
         project=project,
-        params=request.model_dump(),
+        params=VMExecParams.model_validate(request.model_dump()),
     )

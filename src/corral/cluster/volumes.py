@@ -10,6 +10,7 @@ from corral.cluster.requests import VolumeCreate, VolumeResize
 from corral.cluster.vm_rows import check_pool_space
 from corral.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from corral.spec.job import JobKind
+from corral.spec.job_params import VolumeResizeParams
 from corral.spec.sizes import format_size
 from corral.store import jobs
 from corral.store.models import Job, Volume, new_id, volume_file
@@ -72,7 +73,7 @@ def resize(session: Session, name: str, request: VolumeResize, project: str = "d
         target_id=volume.id,
         host=volume.host,
         project=project,
-        params={"size": request.size},
+        params=VolumeResizeParams(size=request.size),
     )
 
 

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -27,6 +27,7 @@ from corral.config import Settings
 from corral.engine.process import QemuProcess
 from corral.errors import Conflict, CorralError
 from corral.host.inventory import Inventory, bridges, read_inventory, read_usage
+from corral.host.job_context import Handler, JobContext
 from corral.host.layout import HostLayout
 from corral.host.move_jobs import pool_identity, reclaim_moved
 from corral.spec.names import NAME_PATTERN
@@ -53,45 +54,6 @@ def _quiet_qmp_teardown(loop: asyncio.AbstractEventLoop, context: dict[str, Any]
         log.debug("QMP session ended: %s", context.get("message"))
         return
     loop.default_exception_handler(context)
-
-
-class JobCancelled(CorralError):
-    code = "cancelled"
-    http_status = 409
-
-
-@dataclass
-class JobContext:
-    """What a job handler gets: the job's identity and parameters, and a way to report progress."""
-
-    agent: Agent
-    job_id: str
-    kind: str
-    target_id: str | None
-    target_name: str
-    params: dict[str, Any]
-    project: str
-    cancelled: bool = False
-
-    def progress(self, fraction: float | None, message: str | None = None) -> None:
-        """Report progress. If the user asked to cancel, this raises JobCancelled: the handler's failure path
-        then undoes what it made, as for any other error."""
-        if jobs.report(self.agent.store, self.job_id, fraction, message):
-            self.cancelled = True
-            raise JobCancelled(f"{self.kind} of {self.target_name} was cancelled")
-
-    def note(self, fraction: float | None, message: str | None = None) -> None:
-        """Report progress where stopping halfway would do harm (a stop, a copy in a thread): a cancel request
-        is remembered and honoured at the next safe point, ``check_cancelled``."""
-        with contextlib.suppress(JobCancelled):
-            self.progress(fraction, message)
-
-    def check_cancelled(self) -> None:
-        if self.cancelled:
-            raise JobCancelled(f"{self.kind} of {self.target_name} was cancelled")
-
-
-Handler = Callable[[JobContext], Awaitable[dict[str, Any] | None]]
 
 
 @dataclass

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from corral.engine import qemu_img
 from corral.errors import InvalidInput
+from corral.spec.job_params import VMImportParams
 from corral.spec.ovf import ExportedDisk, read_ova, verify_members, vmdk_problem, write_envelope, write_manifest
 from corral.spec.sources import Source, SourceKind, opened
 from corral.store.models import VM
 
 if TYPE_CHECKING:
-    from corral.host.agent import JobContext
+    from corral.host.job_context import JobContext
 
 HEAD_BYTES = 1 << 16
 CHUNK = 1 << 20
@@ -178,10 +179,12 @@ async def import_foreign(ctx: JobContext) -> dict[str, Any]:
     from corral.store.models import Image, Volume
 
     agent = ctx.agent
-    params = ctx.params
+    params = ctx.params_as(VMImportParams)
     binary = agent.settings.qemu_img_binary
-    source = Source.of(params["source"])
-    image_id = params.get("image_id")
+    if params.source is None:
+        raise InvalidInput("the import job names no source", "import it again")
+    source = Source.of(params.source)
+    image_id = params.image_id
     image_dir = agent.layout.image_dir(image_id) if image_id else None
     staging = agent.layout.home / "staging" / f"import-{ctx.job_id[:12]}"
     made: set[str] = set()
@@ -193,10 +196,10 @@ async def import_foreign(ctx: JobContext) -> dict[str, Any]:
                     raise InvalidInput("the VM being imported was deleted")
                 volumes = sorted(vm.volumes, key=lambda v: v.device_index)
                 session.expunge_all()
-            disks = params["disks"]
+            disks = params.disks
             staging.mkdir(mode=0o700, parents=True)
             with opened(source) as (_fd, readable):
-                if params["foreign"] == "ova":
+                if params.foreign == "ova":
                     inputs = await _ova_inputs(ctx, readable, source.label, staging)
                 else:
                     inputs = [(Path(d["path"]), d["format"], d["target"]) for d in disks]
@@ -224,12 +227,13 @@ async def import_foreign(ctx: JobContext) -> dict[str, Any]:
                 ctx.progress(0.95, "making the boot image")
                 image_dir.mkdir(parents=True, exist_ok=True)
                 values: dict[str, Any] = {"directory": str(image_dir)}
-                for key, file in (("kernel", "vmlinuz"), ("initrd", "initrd.img")):
-                    if params.get(key):
-                        await asyncio.to_thread(_copy_boot_file, Path(params[key]), image_dir / file, 512 << 20)
+                boot_files = (("kernel", params.kernel, "vmlinuz"), ("initrd", params.initrd, "initrd.img"))
+                for key, boot_file, file in boot_files:
+                    if boot_file:
+                        await asyncio.to_thread(_copy_boot_file, Path(boot_file), image_dir / file, 512 << 20)
                         values[f"{key}_file"] = file
-                if params.get("kernel"):
-                    values["cmdline"] = params.get("cmdline") or "console=ttyS0 root=/dev/vda rw"
+                if params.kernel:
+                    values["cmdline"] = params.cmdline or "console=ttyS0 root=/dev/vda rw"
                 with agent.store.session() as session:
                     image = session.get(Image, image_id)
                     for key, value in values.items():
@@ -254,9 +258,9 @@ async def import_foreign(ctx: JobContext) -> dict[str, Any]:
     return {
         "vm": ctx.target_name,
         "file": source.label,
-        "disks": len(params["disks"]),
-        "format": params["foreign"],
-        "warnings": params.get("warnings") or [],
+        "disks": len(params.disks),
+        "format": params.foreign,
+        "warnings": params.warnings,
     }
 
 
@@ -265,7 +269,7 @@ async def _ova_inputs(ctx: JobContext, readable: Path, label: str, staging: Path
     import asyncio
 
     ova = await asyncio.to_thread(read_ova, readable, label)
-    expected = [(d["href"], int(d["size"])) for d in ctx.params["disks"]]
+    expected = [(d["href"], int(d["size"])) for d in ctx.params_as(VMImportParams).disks]
     if [(d.href, d.capacity) for d in ova.appliance.disks] != expected:
         raise InvalidInput(f"{label} changed since it was checked", "import it again")
     ctx.progress(0.05, "verifying checksums")

@@ -25,11 +25,13 @@ from corral.engine import qemu_img
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.host import storage, vm_lifecycle
 from corral.host.snapshot_jobs import frozen_guest, out_of_space
+from corral.spec.job_params import BackupOfVMParams, BackupParams, BackupRestoreParams
 from corral.store import events
 from corral.store.models import VM, Backup, Snapshot, Volume
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, JobContext
+    from corral.host.agent import Agent
+    from corral.host.job_context import JobContext
 
 CHUNK = 1 << 20
 STORE_ID_FILE = "store-id"  # never a backup's name: those are 32 hex digits
@@ -112,12 +114,12 @@ def sha256_of(path: Path) -> str:
 async def create(ctx: JobContext) -> dict[str, Any]:
     """Copy every disk at one instant (live or offline); an incremental one copies only what changed since its
     parent. On any failure the backup's files and row go, and the VM's change records stay as they were."""
-    agent = ctx.agent
-    backup_id = ctx.params["backup_id"]
+    agent, params = ctx.agent, ctx.params_as(BackupParams)
+    backup_id = params.backup_id
     directory = backup_root(agent) / backup_id
     try:
         async with agent.vm_locks[ctx.target_id]:
-            result = await _create_locked(ctx, backup_id, directory)
+            result = await _create_locked(ctx, params, directory)
     except BaseException as exc:
         pool_full = out_of_space([directory / "x"]) if directory.exists() else False
         shutil.rmtree(directory, ignore_errors=True)
@@ -127,21 +129,21 @@ async def create(ctx: JobContext) -> dict[str, Any]:
                 session.delete(row)
         if pool_full and isinstance(exc, Exception):
             raise CorralError(
-                f"the backup directory ran out of space; backup {ctx.params['name']} was removed",
+                f"the backup directory ran out of space; backup {params.name} was removed",
                 "free space under CORRAL_HOME/backups (delete old backups)",
             ) from exc
         raise
     return result
 
 
-async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> dict[str, Any]:
-    agent = ctx.agent
+async def _create_locked(ctx: JobContext, params: BackupParams, directory: Path) -> dict[str, Any]:
+    agent, backup_id = ctx.agent, params.backup_id
     binary = agent.settings.qemu_img_binary
     vm, volumes = vm_volumes(agent, ctx.target_id)
     with agent.store.session() as session:
         backup = session.get(Backup, backup_id)
         if backup is None:
-            raise NotFound(f"backup {ctx.params['name']} not found")
+            raise NotFound(f"backup {params.name} not found")
         parent = session.get(Backup, backup.parent_id) if backup.parent_id else None
     for volume in volumes:
         if volume.format != "qcow2":
@@ -197,7 +199,7 @@ async def _create_locked(ctx: JobContext, backup_id: str, directory: Path) -> di
         row = session.get(Backup, backup_id)
         row.state, row.disks, row.size, row.live = "ready", disks, total, running is not None
     return {
-        "backup": ctx.params["name"],
+        "backup": params.name,
         "kind": "incremental" if parent else "full",
         "live": running is not None,
         "frozen": frozen,
@@ -343,7 +345,7 @@ async def verify(ctx: JobContext) -> dict[str, Any]:
             )
     if problems:
         raise CorralError(
-            f"backup {ctx.target_name} of {ctx.params.get('vm')} is corrupt: {problems[0]}",
+            f"backup {ctx.target_name} of {ctx.params_as(BackupOfVMParams).vm} is corrupt: {problems[0]}",
             "restore from another backup, and take a new full one",
         )
     return {
@@ -377,19 +379,19 @@ async def _copy(ctx: JobContext, source: Path, target: Path, start: float, span:
 async def restore(ctx: JobContext) -> dict[str, Any]:
     from corral.host.vm_lifecycle import discard_vm
 
-    agent = ctx.agent
+    agent, params = ctx.agent, ctx.params_as(BackupRestoreParams)
     with agent.store.session() as session:
-        backup = session.get(Backup, ctx.params["backup_id"])
+        backup = session.get(Backup, params.backup_id)
         if backup is None or backup.state != "ready":
-            raise NotFound(f"backup {ctx.params['name']} not found")
+            raise NotFound(f"backup {params.name} not found")
         files = [backup_file(agent, d["file"]) for d in sorted(backup.disks, key=lambda d: d["index"])]
     for path in files:
         if not path.is_file():
             raise NotFound(
-                f"the data of backup {ctx.params['name']} is missing ({path.name})",
+                f"the data of backup {params.name} is missing ({path.name})",
                 "the backup directory was changed outside corral",
             )
-    if ctx.params.get("mode") == "over":
+    if params.mode == "over":
         return await _restore_over(ctx, files)
     made: set[str] = set()
     try:
@@ -407,7 +409,7 @@ async def restore(ctx: JobContext) -> dict[str, Any]:
     except BaseException:
         await discard_vm(ctx, ctx.target_id, made)  # the files this job made; a file it found stays
         raise
-    return {"vm": ctx.target_name, "backup": ctx.params["name"], "disks": len(files), "new": True}
+    return {"vm": ctx.target_name, "backup": params.name, "disks": len(files), "new": True}
 
 
 async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
@@ -444,7 +446,7 @@ async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
             storage.collect_bases(agent, session)
     return {
         "vm": ctx.target_name,
-        "backup": ctx.params["name"],
+        "backup": ctx.params_as(BackupRestoreParams).name,
         "disks": len(files),
         "new": False,
         "snapshots_dropped": dropped,

@@ -21,6 +21,7 @@ from corral.engine import snapshots as engine_snapshots
 from corral.errors import Conflict, InsufficientResources, NotFound
 from corral.host import storage, vm_lifecycle
 from corral.host.layout import inside_pool, pool_file
+from corral.spec.job_params import TemplateCreateParams, VMCloneParams
 from corral.store.models import VM, Snapshot, Template, Volume, new_id
 
 BASE_MODE = 0o400  # frozen bases and template disks: root reads them; a VM's QEMU by a grant at its launch
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from corral.host.agent import Agent, JobContext
+    from corral.host.agent import Agent
+    from corral.host.job_context import JobContext
 
 
 def _volumes(agent: Agent, vm_id: str) -> list[Volume]:
@@ -91,8 +93,8 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
     from corral.host.vm_lifecycle import discard_vm
 
     agent, new_id_ = ctx.agent, ctx.target_id
-    source_id = ctx.params["source_id"]
-    linked = bool(ctx.params.get("linked"))
+    params = ctx.params_as(VMCloneParams)
+    source_id, linked = params.source_id, params.linked
     made: set[str] = set()
     try:
         async with agent.vm_locks[source_id]:
@@ -101,7 +103,7 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
             if linked:
                 await _link(ctx, sources, targets, made)
             else:
-                async with consistent_source(agent, source_id, ctx.params.get("snapshot_tag")) as (tag, share):
+                async with consistent_source(agent, source_id, params.snapshot_tag) as (tag, share):
                     await copy_disks(
                         ctx,
                         [storage.volume_path(agent, v) for v in sources],
@@ -113,7 +115,7 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
         with agent.store.session() as session:
             for volume in targets:
                 session.get(Volume, volume.id).state = "ready"
-        if ctx.params.get("start"):
+        if params.start:
             async with agent.vm_locks[new_id_]:
                 await vm_lifecycle.start(agent, new_id_)
     except BaseException as exc:
@@ -127,7 +129,7 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
                 "free space in the pool",
             ) from exc
         raise
-    if ctx.params.get("start") and ctx.params.get("wait"):
+    if params.start and params.wait:
         from corral.host.vm_lifecycle import wait_for_guest
 
         await wait_for_guest(ctx, new_id_)
@@ -180,7 +182,7 @@ async def template_create(ctx: JobContext) -> dict[str, Any]:
         template = session.get(Template, ctx.target_id)
         if template is None:
             raise NotFound(f"template {ctx.target_name} not found")
-        source_id = ctx.params["source_id"]
+        source_id = ctx.params_as(TemplateCreateParams).source_id
     directory_rel = f"{storage.TEMPLATES}/{template.id}"
     pool = agent.layout.pool()
     directory = pool_file(pool, directory_rel)

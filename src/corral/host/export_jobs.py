@@ -26,11 +26,12 @@ from corral.errors import Conflict, InvalidInput
 from corral.host import storage
 from corral.host.backup_jobs import CHUNK, backup_root, qemu_img_version, sha256_of, vm_volumes
 from corral.spec.backup import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, ExportManifest, read_export_manifest
+from corral.spec.job_params import VMExportParams, VMImportParams
 from corral.spec.sources import Source, SourceKind, opened, private_dir
 from corral.store.models import Volume
 
 if TYPE_CHECKING:
-    from corral.host.agent import JobContext
+    from corral.host.job_context import JobContext
 
 
 async def export(ctx: JobContext) -> dict[str, Any]:
@@ -38,9 +39,9 @@ async def export(ctx: JobContext) -> dict[str, Any]:
     written beside the target name and renamed into place only when complete."""
     from corral.host.clone_jobs import consistent_source, copy_disks
 
-    agent = ctx.agent
-    target = Path(ctx.params["file"])
-    download = ctx.params.get("download")  # a remote caller's export: kept root-only until downloaded or expired
+    agent, params = ctx.agent, ctx.params_as(VMExportParams)
+    target = Path(params.file)
+    download = params.download  # a remote caller's export: kept root-only until downloaded or expired
     if download:
         private_dir(target.parent)
     vm_id = ctx.target_id or ""  # an export job always names its VM; "" is found nowhere (NotFound)
@@ -77,12 +78,12 @@ async def export(ctx: JobContext) -> dict[str, Any]:
             }
         )
         ctx.note(0.93, "writing the archive")
-        if ctx.params.get("format") == "ova":
+        if params.format == "ova":
             from corral.host.appliance_jobs import write_vm_ova
 
             await asyncio.to_thread(write_vm_ova, partial, vm.name, vm.spec, copies, staging, binary)
         else:
-            await asyncio.to_thread(_write_tar, partial, manifest, copies, bool(ctx.params.get("compress")))
+            await asyncio.to_thread(_write_tar, partial, manifest, copies, params.compress)
         if target.exists():
             shown = target.name if download else target
             raise Conflict(f"{shown} appeared during the export", "choose a new file name")
@@ -141,18 +142,19 @@ async def import_(ctx: JobContext) -> dict[str, Any]:
     metadata, the size the manifest says) before the VM is marked ready; any failure removes the VM."""
     from corral.host.vm_lifecycle import discard_vm
 
-    if ctx.params.get("foreign"):  # an OVA or a libvirt domain (corral.cluster.appliances)
+    params = ctx.params_as(VMImportParams)
+    if params.foreign:  # an OVA or a libvirt domain (corral.cluster.appliances)
         from corral.host.appliance_jobs import import_foreign
 
         return await import_foreign(ctx)
     agent = ctx.agent
     source = (
-        Source.of(ctx.params["source"])
-        if "source" in ctx.params
-        else Source(SourceKind.PATH, Path(ctx.params["file"]), ctx.params["file"])
+        Source.of(params.source)
+        if params.source is not None
+        else Source(SourceKind.PATH, Path(params.file or ""), params.file or "")
     )
     label = source.label
-    expected = ExportManifest.model_validate(ctx.params["manifest"])
+    expected = ExportManifest.model_validate(params.manifest)
     made: set[str] = set()
     vm_id = ctx.target_id or ""  # an import job always names its new VM
     try:

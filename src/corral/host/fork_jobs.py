@@ -13,12 +13,14 @@ from corral.engine import fork as engine_fork
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, CorralError, NotFound
 from corral.host import resize_jobs, storage, vm_lifecycle
+from corral.spec.job_params import VMForkParams
 from corral.spec.vm import USER_NETWORK, VMSpec
 from corral.store.models import VM, Volume
 
 if TYPE_CHECKING:
     from corral.engine.process import QemuProcess
-    from corral.host.agent import Agent, JobContext
+    from corral.host.agent import Agent
+    from corral.host.job_context import JobContext
 
 
 # Renewals left running by `vm fork --no-wait` (a task nobody holds may be collected before it ends).
@@ -87,9 +89,8 @@ def renew_identity_script(
 async def fork(ctx: JobContext) -> dict[str, Any]:
     agent = ctx.agent
     parent_id = ctx.target_id
-    child_ids: list[str] = list(ctx.params["child_ids"])
-    wait = bool(ctx.params.get("wait", True))
-    keep = bool(ctx.params.get("keep_addresses", False))
+    params = ctx.params_as(VMForkParams)
+    child_ids, wait, keep = list(params.child_ids), params.wait, params.keep_addresses
     running = agent.vms.get(parent_id)
     if running is None or running.proc.exited:
         raise Conflict(f"VM {ctx.target_name} is not running", "a fork copies a running VM; start it first")

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from corral.engine import qemu_img
 from corral.errors import EngineError, InvalidInput, NotFound
+from corral.spec.job_params import ImageBuildParams, ImageImportParams, SourceParams
 from corral.spec.sources import Source, SourceKind, opened
 from corral.store.models import Image
 
 if TYPE_CHECKING:
-    from corral.host.agent import JobContext
+    from corral.host.job_context import JobContext
     from corral.images.debian import DebianImage
     from corral.images.tiny import TinyImage
 
@@ -51,7 +52,8 @@ async def build(ctx: JobContext) -> dict[str, Any]:
     """Build a recipe image (cached under the host's cache dir) and register it."""
     from corral.images.tiny import build_tiny_image
 
-    recipe = ctx.params.get("recipe", "tiny")
+    params = ctx.params_as(ImageBuildParams)
+    recipe = params.recipe
     if recipe not in BUILDERS:
         raise InvalidInput(f"unknown image recipe {recipe!r}", f"choose one of: {', '.join(BUILDERS)}")
     image = _image(ctx)
@@ -71,9 +73,9 @@ async def build(ctx: JobContext) -> dict[str, Any]:
                 build_debian_image,
                 directory,
                 ctx.agent.settings.cache,
-                ctx.params.get("release", "bookworm"),
-                ctx.params.get("packages", []),
-                ctx.params.get("size", 4 << 30),
+                params.release if params.release is not None else "bookworm",
+                params.packages,
+                params.size if params.size is not None else 4 << 30,
                 progress,
             )
             details.update(
@@ -81,8 +83,8 @@ async def build(ctx: JobContext) -> dict[str, Any]:
                 ssh=True,
                 default_user="corral",
                 min_memory=512 << 20,
-                release=ctx.params.get("release"),
-                packages=ctx.params.get("packages", []),
+                release=params.release,
+                packages=params.packages,
             )
         else:
             built = await asyncio.to_thread(build_tiny_image, directory, ctx.agent.settings.cache, progress)
@@ -126,8 +128,7 @@ def _copy_fd(fd: int, target: Path, mode: int, limit: int | None = None, label: 
         os.close(out)
 
 
-def _source(params: dict[str, Any], key: str) -> Source | None:
-    value = params.get(key)
+def _source(value: SourceParams | str | None) -> Source | None:
     if value is None:
         return None
     if isinstance(value, str):  # queued before sources had kinds: the local admin's path
@@ -155,16 +156,17 @@ async def import_image(ctx: JobContext) -> dict[str, Any]:
     image = _image(ctx)
     directory = ctx.agent.layout.image_dir(image.id)
     binary = ctx.agent.settings.qemu_img_binary
-    source = _source(ctx.params, "source") or _source(ctx.params, "file")
+    params = ctx.params_as(ImageImportParams)
+    source = _source(params.source) or _source(params.file)
     assert source is not None
-    kernel = _source(ctx.params, "kernel")
-    initrd = _source(ctx.params, "initrd")
+    kernel = _source(params.kernel)
+    initrd = _source(params.initrd)
     staging = directory / ".source"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         ctx.progress(0.05, f"checking {source.label}")
         path = await asyncio.to_thread(_checked_disk, source, staging)
-        facts = await asyncio.to_thread(qemu_img.check_importable, path, binary, ctx.params.get("format"), source.label)
+        facts = await asyncio.to_thread(qemu_img.check_importable, path, binary, params.format, source.label)
         ctx.progress(0.1, "copying the disk")
         disk = directory / "disk.qcow2"
         try:
@@ -176,10 +178,10 @@ async def import_image(ctx: JobContext) -> dict[str, Any]:
         staging.unlink(missing_ok=True)
         values: dict[str, Any] = {"kind": "disk", "disk_file": disk.name, "disk_format": "qcow2"}
         details: dict[str, Any] = {}
-        if ctx.params.get("cloud_init"):
+        if params.cloud_init:
             details.update(cloud_init=True, ssh=True, default_user="corral")
-        if ctx.params.get("firmware"):
-            details["firmware"] = ctx.params["firmware"]  # VMs boot through it unless they ask otherwise
+        if params.firmware:
+            details["firmware"] = params.firmware  # VMs boot through it unless they ask otherwise
         if details:
             values["details"] = details
         for boot_file, target in ((kernel, "vmlinuz"), (initrd, "initrd.img")):
@@ -192,7 +194,7 @@ async def import_image(ctx: JobContext) -> dict[str, Any]:
             values.update(
                 kind="kernel",
                 kernel_file="vmlinuz",
-                cmdline=ctx.params.get("cmdline") or "console=ttyS0 root=/dev/vda rw",
+                cmdline=params.cmdline or "console=ttyS0 root=/dev/vda rw",
             )
         if initrd is not None:
             values["initrd_file"] = "initrd.img"

@@ -49,12 +49,14 @@ from corral.engine.runtime import RuntimeRecord, is_same_process
 from corral.errors import Conflict, CorralError, NotFound
 from corral.host import move_support, network_jobs, resize_jobs, storage, vm_lifecycle
 from corral.spec.job import JobKind, JobState
+from corral.spec.job_params import HostDrainParams, MigrateInParams, MigrateParams, MoveParams, dump, parse
 from corral.spec.vm import PowerState
-from corral.store import network_queries
+from corral.store import jobs, network_queries
 from corral.store.models import VM, Host, Job, utcnow
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, JobContext
+    from corral.host.agent import Agent
+    from corral.host.job_context import JobContext
 
 log = logging.getLogger("corral.agent")
 
@@ -107,7 +109,7 @@ def publish_job(agent: Agent, job_id: str, **values: Any) -> None:
         job = session.get(Job, job_id)
         if job is None:
             raise NotFound(f"job {job_id} is gone")
-        job.params = {**job.params, **values}
+        jobs.add_params(job, **values)
         job.version += 1
     agent.store.notifier.notify()
 
@@ -165,7 +167,10 @@ async def vm_migrate_in(ctx: JobContext) -> dict[str, Any]:
     vm_id = ctx.target_id
     if vm_id is None:
         raise NotFound(f"VM {ctx.target_name} not found")
-    source, copy, source_job = ctx.params["from"], bool(ctx.params.get("with_storage")), ctx.params["source_job"]
+    params = ctx.params_as(MigrateInParams)
+    source, copy, source_job = params.source_host, params.with_storage, params.source_job
+    if source_job is None:  # written with the job, in the same transaction: never missing but in a broken row
+        raise NotFound(f"the move of VM {ctx.target_name} has no source job")
     ctx.progress(0.02, f"starting QEMU to receive {ctx.target_name} from {source}")
     _check_destination(agent, vm_id, copy)
     address = agent.address or ""
@@ -260,14 +265,14 @@ def _take_over(agent: Agent, ctx: JobContext, vm_id: str, info: dict[str, Any], 
         vm.host = agent.host_name
         vm.pid = info["pid"]
         vm.observed_state = PowerState.RUNNING
-        vm.status_message = f"moved from {ctx.params['from']}"
+        vm.status_message = f"moved from {ctx.params_as(MigrateInParams).source_host}"
         network_queries.move_forwards(session, vm, agent.host_name)  # they follow the VM: rules, held ports
         for volume in vm.volumes:
             volume.host = agent.host_name
             if copy:  # the mirror wrote whole disks: no image or base under them here
                 volume.backing_image = None
                 volume.backing_path = None
-        job.params = {**job.params, "running": True, "resumed_at": info["resumed_at"]}
+        jobs.add_params(job, running=True, resumed_at=info["resumed_at"])
         job.version += 1
     agent.store.notifier.notify()
 
@@ -282,10 +287,11 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
     vm_id = ctx.target_id
     if vm_id is None:
         raise NotFound(f"VM {ctx.target_name} not found")
-    target, copy, dest_job = ctx.params["to"], bool(ctx.params.get("with_storage")), ctx.params["dest_job"]
+    params = ctx.params_as(MigrateParams)
+    target, copy, dest_job = params.to, params.with_storage, params.dest_job
     started = time.monotonic()
-    if ctx.params.get("after"):
-        await _wait_turn(ctx, ctx.params["after"])
+    if params.after:
+        await _wait_turn(ctx, params.after)
     try:
         await resize_jobs.refuse_hotplugged_cpus(agent.vms.get(vm_id), "migration")
         await _clear_interrupted_move(agent.vms.get(vm_id))
@@ -299,7 +305,7 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
         is gone then). While it says nothing, keep waiting: resuming here could make two copies."""
         while True:
             job = load_job(agent, dest_job)
-            if job.params.get("running"):
+            if parse(MigrateInParams, job.params).running:
                 return True
             if _finished(job):
                 return False
@@ -316,7 +322,7 @@ async def vm_migrate(ctx: JobContext) -> dict[str, Any]:
     with contextlib.suppress(Exception):  # let go of the VM's forwarded ports and rules now (reconcile would too)
         await asyncio.to_thread(agent.networks.sync)
     dest = load_job(agent, dest_job)
-    resumed_at = dest.params.get("resumed_at")
+    resumed_at = parse(MigrateInParams, dest.params).resumed_at
     stopped_at = result.get("stopped_at")
     paused_ms = round((resumed_at - stopped_at) * 1000) if resumed_at and stopped_at else None
     return {
@@ -364,8 +370,6 @@ async def _clear_interrupted_move(running: Any) -> None:
 
 def _cancel_quietly(agent: Agent, job_id: str) -> None:
     """Ask the destination to give up (it also sees this job fail): its QEMU goes sooner."""
-    from corral.store import jobs
-
     with contextlib.suppress(Exception):
         jobs.request_cancel(agent.store, job_id)
 
@@ -385,7 +389,7 @@ async def _wait_endpoint(ctx: JobContext, dest_job: str, target: str) -> Incomin
     last = time.monotonic()
     while True:
         job = load_job(ctx.agent, dest_job)
-        endpoint = job.params.get("endpoint")
+        endpoint = parse(MigrateInParams, job.params).endpoint
         if endpoint and not _finished(job):  # a finished destination's endpoint is stale (its QEMU is gone)
             return IncomingEndpoint.model_validate(endpoint)
         if _finished(job):
@@ -418,33 +422,35 @@ async def _remove_local_disks(agent: Agent, vm_id: str) -> None:
 
 async def host_drain(ctx: JobContext) -> dict[str, Any]:
     """Follow the moves a drain wrote (one at a time), with progress; fail at the end if any VM stayed."""
-    moves = list(ctx.params.get("vms") or [])
-    moved, failed = [], []
+    params = ctx.params_as(HostDrainParams)
+    moves = params.vms
+    moved: list[dict[str, Any]] = []
+    failed: list[tuple[str, str | None]] = []
     for index, move in enumerate(moves):
-        ctx.note(index / max(1, len(moves)), f"moving {move['vm']} to {move['to']} ({index + 1}/{len(moves)})")
-        while not _finished(job := load_job(ctx.agent, move["job"])):
+        ctx.note(index / max(1, len(moves)), f"moving {move.vm} to {move.to} ({index + 1}/{len(moves)})")
+        while not _finished(job := load_job(ctx.agent, move.job)):
             await asyncio.sleep(0.5)
         if job.state == JobState.SUCCEEDED:
             result = job.result or {}
             moved.append(
                 {
-                    "vm": move["vm"],
-                    "to": move["to"],
+                    "vm": move.vm,
+                    "to": move.to,
                     "total_s": result.get("total_s"),
                     "downtime_ms": result.get("downtime_ms"),
                 }
             )
         else:
-            failed.append({"vm": move["vm"], "error": job.error or job.state})
-    stayed = failed + list(ctx.params.get("not_moved") or [])
+            failed.append((move.vm, job.error or job.state))
+    stayed = failed + [(left.vm, left.reason) for left in params.not_moved]
     if stayed:
-        shown = "; ".join(f"{item['vm']}: {item.get('error') or item.get('reason')}" for item in stayed[:5])
+        shown = "; ".join(f"{vm}: {why}" for vm, why in stayed[:5])
         raise Conflict(
-            f"{len(moved)} of {len(moves) + len(ctx.params.get('not_moved') or [])} VMs moved off "
+            f"{len(moved)} of {len(moves) + len(params.not_moved)} VMs moved off "
             f"{ctx.target_name}; still there: {shown}",
             f"fix what is named, then `corral host drain {ctx.target_name}` again",
         )
-    return {"moved": moved, "moved_stopped": ctx.params.get("moved_stopped") or []}
+    return {"moved": moved, "moved_stopped": [dump(left) for left in params.moved_stopped]}
 
 
 # -- start-up sweep ----------------------------------------------------------------------------------------------
@@ -499,7 +505,7 @@ def _remove_moved_disks(agent: Agent) -> list[str]:
         )
         for job in list(interrupted):
             vm = session.get(VM, job.target_id) if job.target_id else None
-            if vm is None or vm.host == agent.host_name or not job.params.get("with_storage"):
+            if vm is None or vm.host == agent.host_name or not parse(MoveParams, job.params).with_storage:
                 continue
             there = session.scalars(select(Host).where(Host.name == vm.host)).first()
             if there is None or (there.usage or {}).get("pool_id") in (None, here):

@@ -43,7 +43,8 @@ from corral.errors import Conflict
 from corral.host import vm_lifecycle, vm_nics
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, JobContext
+    from corral.host.agent import Agent
+    from corral.host.job_context import JobContext
 
 log = logging.getLogger("corral.agent")
 PROGRESS_EVERY = 0.5  # seconds between progress rows written to the store

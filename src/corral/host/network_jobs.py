@@ -14,12 +14,14 @@ from corral.engine.argv import netdev_options, nic_device_options
 from corral.errors import Conflict, CorralError, EngineError, NotFound
 from corral.host import vm_lifecycle, vm_nics
 from corral.hostports import hold_port
+from corral.spec.job_params import NicParams, PortForwardParams
 from corral.spec.vm import VMSpec
 from corral.store import network_queries
 from corral.store.models import VM, Network, PortForward
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, JobContext
+    from corral.host.agent import Agent
+    from corral.host.job_context import JobContext
 
 log = logging.getLogger("corral.agent")
 NIC_RELEASE_TIMEOUT = 20.0
@@ -113,7 +115,7 @@ def _running(ctx: JobContext) -> Any:
 async def vm_nic_add(ctx: JobContext) -> dict[str, Any]:
     """Plug the NIC into the running guest (a TAP, a netdev, a virtio-net device on the NIC's own port); a
     stopped VM just gets it at its next start. On failure the NIC is taken out of the VM again."""
-    agent, slot = ctx.agent, int(ctx.params["slot"])
+    agent, slot = ctx.agent, ctx.params_as(NicParams).slot
     async with agent.vm_locks[ctx.target_id or ""]:
         vm = _vm(ctx)
         running = _running(ctx)
@@ -165,7 +167,7 @@ async def vm_nic_add(ctx: JobContext) -> dict[str, Any]:
 
 async def vm_nic_remove(ctx: JobContext) -> dict[str, Any]:
     """Ask the guest to release the device (PCIe hot-unplug needs its consent), then drop netdev and TAP."""
-    agent, slot = ctx.agent, int(ctx.params["slot"])
+    agent, slot = ctx.agent, ctx.params_as(NicParams).slot
     async with agent.vm_locks[ctx.target_id or ""]:
         vm = _vm(ctx)
         running = _running(ctx)
@@ -208,15 +210,20 @@ async def vm_port_forward(ctx: JobContext) -> dict[str, Any]:
     it can never take over a port a host program holds."""
     agent = ctx.agent
     vm = _vm(ctx)
-    added = ctx.params.get("add")
-    removed = ctx.params.get("remove")
+    params = ctx.params_as(PortForwardParams)
+    added, removed = params.add, params.remove
     with agent.store.reading() as session:
         forward = session.get(PortForward, added) if added else None
         if forward is not None:
             session.expunge(forward)
         taps = {port.nic_index for port in network_queries.ports_of(session, vm.id)}
     target = forward
-    slot = target.nic_index if target is not None else int(removed["nic_index"])
+    if target is not None:
+        slot = target.nic_index
+    elif removed is not None:
+        slot = removed.nic_index
+    else:
+        raise NotFound(f"the port forward of VM {vm.name} this job adds was removed meanwhile")
     user_mode = slot not in taps or not agent.networks.enabled
     running = _running(ctx)
     try:
@@ -224,8 +231,9 @@ async def vm_port_forward(ctx: JobContext) -> dict[str, Any]:
             if target is not None:
                 rule = f"{target.protocol}:0.0.0.0:{target.host_port}-:{target.guest_port}"
                 command = f"hostfwd_add net{slot} {rule}"
-            else:
-                command = f"hostfwd_remove net{slot} {removed['protocol']}:0.0.0.0:{removed['host_port']}"
+            else:  # a removal: checked above
+                assert removed is not None
+                command = f"hostfwd_remove net{slot} {removed.protocol}:0.0.0.0:{removed.host_port}"
             output = str(await running.proc.execute("human-monitor-command", {"command-line": command}) or "")
             # The monitor answers a good hostfwd_add with nothing and a good hostfwd_remove with "... removed".
             if target is not None and output.strip():

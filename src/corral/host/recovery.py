@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from corral.host import storage, vm_lifecycle
 from corral.spec.job import JobKind
+from corral.spec.job_params import JobParams, VMDeleteParams, VMStartParams, VMStopParams, parse
 from corral.spec.vm import PowerState, RestartPolicy, VMSpec
 from corral.store import jobs
 from corral.store.models import VM, Job, Snapshot
@@ -98,7 +99,7 @@ def settle_unrun(agent: Agent, wanting: set[str]) -> dict[str, list[str]]:
                 outcome["stopped"].append(vm.name)
                 continue
             jobs.submit(session, JobKind.VM_START, "vm", vm.name, target_id=vm.id, host=agent.host_name,
-                        project=vm.project, params={})  # fmt: skip
+                        project=vm.project, params=VMStartParams())  # fmt: skip
             vm.status_message = f"started again by its restart policy ({policy.value}) after an agent restart"
             outcome["started"].append(vm.name)
     for what, names in outcome.items():
@@ -122,11 +123,14 @@ def settle_unstopped(agent: Agent, interrupted: list[Job]) -> dict[str, list[str
             if vm is None or vm.desired_state != PowerState.STOPPED or jobs.active_for(session, "vm", vm_id):
                 continue
             earlier = by_vm.get(vm_id)
+            # The earlier job's options, read as the reader reads them: keys an older release wrote are dropped.
+            params: JobParams
             if earlier is not None and earlier.kind == JobKind.VM_DELETE:
-                kind, params, what = JobKind.VM_DELETE, dict(earlier.params or {}), "deleting"
+                kind, params, what = JobKind.VM_DELETE, parse(VMDeleteParams, earlier.params), "deleting"
+            elif earlier is not None and earlier.kind == JobKind.VM_STOP and earlier.params:
+                kind, params, what = JobKind.VM_STOP, parse(VMStopParams, earlier.params), "stopping"
             else:
-                stop_params = earlier.params if earlier is not None and earlier.kind == JobKind.VM_STOP else None
-                kind, params, what = JobKind.VM_STOP, dict(stop_params or {"force": False}), "stopping"
+                kind, params, what = JobKind.VM_STOP, VMStopParams(force=False), "stopping"
             jobs.submit(session, kind, "vm", vm.name, target_id=vm.id, host=agent.host_name, project=vm.project,
                         params=params)  # fmt: skip
             vm.status_message = f"{what} again: the agent restarted while it was being done"

@@ -42,10 +42,19 @@ from corral.host.layout import pool_file
 from corral.host.move_jobs import free_port_on, host_alive, load_job, publish_job
 from corral.host.snapshot_jobs import frozen_guest
 from corral.spec.job import JobState
+from corral.spec.job_params import (
+    FailoverParams,
+    JobParams,
+    ReplicaReceiveParams,
+    ReplicaRemoveParams,
+    ReplicateParams,
+    parse,
+)
 from corral.store.models import VM, Replica, Volume
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, JobContext
+    from corral.host.agent import Agent
+    from corral.host.job_context import JobContext
 
 BITMAP_PREFIX = "rpl-"  # never "corral-": backups keep only their own bitmaps, and these must survive them
 REPLICA_DIR = ".replicas"
@@ -79,16 +88,24 @@ def recover(directory: Path, index: int, binary: str) -> None:
 
 
 async def _await_param(
-    ctx: JobContext, job_id: str, key: str, what: str, timeout: float = STEP_TIMEOUT, host: str | None = None
+    ctx: JobContext,
+    job_id: str,
+    model: type[JobParams],
+    key: str,
+    what: str,
+    timeout: float = STEP_TIMEOUT,
+    host: str | None = None,
 ) -> Any:
-    """Wait until the other half publishes ``key``; its job ending without it ends this one, and so does its
-    ``host`` going silent (a dead host's job never ends by itself)."""
+    """Wait until the other half publishes ``key`` (a field of its kind's ``model`` that is None until then); its
+    job ending without it ends this one, and so does its ``host`` going silent (a dead host's job never ends by
+    itself)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         job = load_job(ctx.agent, job_id)
-        if key in job.params:
-            return job.params[key]
+        value = getattr(parse(model, job.params), key)
+        if value is not None:
+            return value
         if JobState(job.state).finished:
             raise Conflict(
                 f"the other half of the copy ended ({job.state}: {job.message or job.error or ''}) before {what}"
@@ -107,8 +124,10 @@ async def _await_param(
 async def receive(ctx: JobContext) -> dict[str, Any]:
     agent = ctx.agent
     binary = agent.settings.qemu_img_binary
-    replica_id, source_job = ctx.params["replica_id"], ctx.params["source_job"]
-    disks = ctx.params["disks"]
+    params = ctx.params_as(ReplicaReceiveParams)
+    replica_id, source_job, disks = params.replica_id, params.source_job, params.disks
+    if source_job is None:  # written with the job, in the same transaction: never missing but in a broken row
+        raise NotFound(f"the replication of VM {ctx.target_name} has no source job")
     if not agent.address:
         raise Conflict(
             f"host {agent.host_name} has no address other hosts can reach", "restart its agent with --address ADDRESS"
@@ -123,7 +142,9 @@ async def receive(ctx: JobContext) -> dict[str, Any]:
         have[str(d["index"])] = int(qemu_img.info(base, binary)["virtual-size"]) if base.exists() else None
     publish_job(agent, ctx.job_id, have=have)
     ctx.progress(0.05, "waiting for the source")
-    mode = await _await_param(ctx, source_job, "mode", "choosing full or incremental", host=ctx.params["source"])
+    mode = await _await_param(
+        ctx, source_job, ReplicateParams, "mode", "choosing full or incremental", host=params.source
+    )
     targets: list[Path] = []
     try:
         for d, directory in zip(disks, dirs, strict=True):
@@ -166,7 +187,7 @@ async def receive(ctx: JobContext) -> dict[str, Any]:
             publish_job(agent, ctx.job_id, endpoint={"host": agent.address, "port": port, "exports": exports})
             ctx.progress(0.1, f"receiving a {mode} copy")
             copied = await _await_param(
-                ctx, source_job, "copied", "the end of the copy", timeout=3600, host=ctx.params["source"]
+                ctx, source_job, ReplicateParams, "copied", "the end of the copy", timeout=3600, host=params.source
             )
             for name in exports.values():
                 with contextlib.suppress(CorralError):
@@ -219,18 +240,19 @@ def _record_failure(agent: Agent, replica_id: str, exc: BaseException) -> None:
 async def replicate(ctx: JobContext) -> dict[str, Any]:
     agent = ctx.agent
     vm_id = ctx.target_id
-    receive_job, disks, partner = ctx.params["receive_job"], ctx.params["disks"], ctx.params["partner"]
+    params = ctx.params_as(ReplicateParams)
+    receive_job, disks, partner = params.receive_job, params.disks, params.partner
     if vm_id is None:
         raise NotFound(f"VM {ctx.target_name} not found")
-    ctx.progress(0.02, f"waiting for {ctx.params['partner']}")
-    have = await _await_param(ctx, receive_job, "have", "looking at its replica", host=partner)
+    ctx.progress(0.02, f"waiting for {partner}")
+    have = await _await_param(ctx, receive_job, ReplicaReceiveParams, "have", "looking at its replica", host=partner)
     async with agent.vm_locks[vm_id]:
         running = running_vm(agent, vm_id)
         if running is None:
             raise Conflict(f"VM {ctx.target_name} is not running", "only a running VM is replicated")
         monitor = running.proc
         nodes = [vm_lifecycle.disk_node(int(d["device_index"])) for d in disks]
-        parent = ctx.params.get("bitmap")
+        parent = params.bitmap
         present = await engine_backup.bitmaps(monitor)
         incremental = (
             parent is not None
@@ -239,7 +261,9 @@ async def replicate(ctx: JobContext) -> dict[str, Any]:
         )
         mode = "incremental" if incremental else "full"
         publish_job(agent, ctx.job_id, mode=mode)
-        endpoint = await _await_param(ctx, receive_job, "endpoint", "exporting the replica", host=partner)
+        endpoint = await _await_param(
+            ctx, receive_job, ReplicaReceiveParams, "endpoint", "exporting the replica", host=partner
+        )
         new_bitmap = f"{BITMAP_PREFIX}{ctx.job_id[:20]}"
         copies = [engine_backup.DiskCopy(node=n, target=Path(), target_node=f"rpl-t-{i}") for i, n in enumerate(nodes)]
         run = engine_backup.BackupRun(monitor, copies, new_bitmap, parent if incremental else None)
@@ -258,7 +282,7 @@ async def replicate(ctx: JobContext) -> dict[str, Any]:
                     },
                 )
                 run.added.append(disk.target_node)
-            ctx.progress(0.1, f"{mode} copy to {ctx.params['partner']}")
+            ctx.progress(0.1, f"{mode} copy to {partner}")
             async with frozen_guest(agent, running) as frozen:
                 at = datetime.now(UTC)
                 await engine_backup.start(run)
@@ -270,7 +294,7 @@ async def replicate(ctx: JobContext) -> dict[str, Any]:
                 await _keep_only(monitor, nodes, parent if incremental else None, drop=new_bitmap)
         publish_job(agent, ctx.job_id, copied={"at": at.isoformat(), "frozen": frozen, "bitmap": new_bitmap})
     try:
-        await _await_param(ctx, receive_job, "applied", "applying the copy", host=partner)
+        await _await_param(ctx, receive_job, ReplicaReceiveParams, "applied", "applying the copy", host=partner)
     except BaseException:
         # The copy cleared the old bitmap's bits: only a full copy can be right next time.
         await _keep_only(monitor, nodes, None)
@@ -278,7 +302,7 @@ async def replicate(ctx: JobContext) -> dict[str, Any]:
     await _keep_only(monitor, nodes, new_bitmap)
     return {
         "vm": ctx.target_name,
-        "partner": ctx.params["partner"],
+        "partner": partner,
         "kind": mode,
         "frozen": frozen,
         "seconds": round(time.monotonic() - started, 2),
@@ -310,7 +334,8 @@ async def failover(ctx: JobContext) -> dict[str, Any]:
     vm_id = ctx.target_id
     if vm_id is None:
         raise NotFound(f"VM {ctx.target_name} not found")
-    replica_id, disks = ctx.params["replica_id"], ctx.params["disks"]
+    params = ctx.params_as(FailoverParams)
+    replica_id, disks = params.replica_id, params.disks
     binary = agent.settings.qemu_img_binary
     async with agent.vm_locks[vm_id]:
         with agent.store.session() as session:
@@ -375,10 +400,13 @@ async def remove(ctx: JobContext) -> dict[str, Any]:
     replica (``stale_volumes``): each removed only while the store puts that volume on another host."""
     agent = ctx.agent
     freed = 0
-    if "stale_volumes" in ctx.params:
-        return {"vm": ctx.target_name, "freed": _remove_stale(agent, ctx.params["stale_volumes"])}
-    replica_id = ctx.params["replica_id"]
-    for pool in ctx.params.get("pools") or ["default"]:
+    params = ctx.params_as(ReplicaRemoveParams)
+    if params.stale_volumes is not None:
+        return {"vm": ctx.target_name, "freed": _remove_stale(agent, params.stale_volumes)}
+    replica_id = params.replica_id
+    if replica_id is None:
+        raise NotFound(f"the job names no replica of VM {ctx.target_name} to remove")
+    for pool in params.pools or ["default"]:
         directory = replica_dir(agent, pool, replica_id)
         if directory.is_dir():
             freed += sum(engine_backup.allocated_bytes(p) for p in directory.iterdir() if p.is_file())

@@ -22,24 +22,20 @@ from corral.engine.guest_agent import GuestAgent
 from corral.engine.plan import DiskPlan
 from corral.errors import Conflict, CorralError, EngineError, NotFound, Timeout
 from corral.host import cgroups, sandbox, storage, vm_lifecycle
+from corral.spec.job_params import DiskAddParams, DiskRemoveParams, VMResizeParams
 from corral.spec.sizes import format_size
 from corral.spec.vm import MAX_DISKS, VMSpec
 from corral.store.models import VM, Volume
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, JobContext, RunningVM
+    from corral.host.agent import Agent, RunningVM
+    from corral.host.job_context import JobContext
 
 log = logging.getLogger("corral.agent")
 MiB = 1 << 20
 BALLOON_TIMEOUT = 30.0  # an idle 1 GiB guest gave back 768 MiB in ~1 s here; a busy one can take longer
 CPU_ONLINE_TIMEOUT = 90.0  # a hot-plugged vCPU took ~12 s to come up under TCG
 DISK_RELEASE_TIMEOUT = 20.0
-
-
-def _vm_id(ctx: JobContext) -> str:
-    if ctx.target_id is None:
-        raise NotFound(f"VM {ctx.target_name} not found")
-    return ctx.target_id
 
 
 def _running(agent: Agent, vm_id: str) -> RunningVM | None:
@@ -118,7 +114,7 @@ async def _set_balloon(ctx: JobContext, running: RunningVM, target: int) -> tupl
 
 
 async def _resize_memory(ctx: JobContext, running: RunningVM, old: VMSpec, new: VMSpec) -> dict[str, Any]:
-    agent, vm_id = ctx.agent, _vm_id(ctx)
+    agent, vm_id = ctx.agent, ctx.vm_id()
     boot = await _boot_memory(running)
     target = min(new.memory, boot)
     result: dict[str, Any] = {"memory_boot": boot}
@@ -239,8 +235,8 @@ async def refuse_hotplugged_cpus(running: RunningVM | None, what: str) -> None:
 
 async def vm_resize(ctx: JobContext) -> dict[str, Any]:
     """Make the running QEMU, the guest and the cgroup follow the spec the control plane wrote."""
-    agent, vm_id = ctx.agent, _vm_id(ctx)
-    old = VMSpec.model_validate(ctx.params["old"])
+    agent, vm_id = ctx.agent, ctx.vm_id()
+    old = VMSpec.model_validate(ctx.params_as(VMResizeParams).old)
     async with agent.vm_locks[vm_id]:
         new = VMSpec.model_validate(vm_lifecycle.load_vm(agent, vm_id).spec)
         running = _running(agent, vm_id)
@@ -352,13 +348,13 @@ async def _hotplug_disk(agent: Agent, vm_id: str, running: RunningVM, plan: Disk
 async def vm_disk_add(ctx: JobContext) -> dict[str, Any]:
     """Make the volume's file if it is new, then plug it into the running guest on its own root port. On any
     failure the VM is as before: a new volume is deleted, an existing one is free again."""
-    agent, vm_id = ctx.agent, _vm_id(ctx)
-    volume_id, created = str(ctx.params["volume_id"]), bool(ctx.params.get("created"))
+    agent, vm_id, params = ctx.agent, ctx.vm_id(), ctx.params_as(DiskAddParams)
+    volume_id, created = params.volume_id, params.created
     async with agent.vm_locks[vm_id]:
         with agent.store.session() as session:
             volume = session.get(Volume, volume_id)
             if volume is None:
-                raise NotFound(f"volume {ctx.params.get('volume')} no longer exists")
+                raise NotFound(f"volume {params.volume} no longer exists")
             session.expunge(volume)
         path = storage.volume_path(agent, volume)
         made = False
@@ -407,13 +403,13 @@ async def vm_disk_add(ctx: JobContext) -> dict[str, Any]:
 async def vm_disk_remove(ctx: JobContext) -> dict[str, Any]:
     """Ask the guest to release the disk (PCIe hot-unplug needs its consent), drop its block nodes, and free the
     volume. A guest that does not let go keeps the disk, and the error says so."""
-    agent, vm_id = ctx.agent, _vm_id(ctx)
-    volume_id = str(ctx.params["volume_id"])
+    agent, vm_id, params = ctx.agent, ctx.vm_id(), ctx.params_as(DiskRemoveParams)
+    volume_id = params.volume_id
     async with agent.vm_locks[vm_id]:
         with agent.store.session() as session:
             volume = session.get(Volume, volume_id)
             if volume is None or volume.vm_id != vm_id:
-                raise NotFound(f"volume {ctx.params.get('volume')} is not attached to VM {ctx.target_name}")
+                raise NotFound(f"volume {params.volume} is not attached to VM {ctx.target_name}")
             session.expunge(volume)
         running = _running(agent, vm_id)
         seconds = None

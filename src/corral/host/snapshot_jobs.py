@@ -14,11 +14,13 @@ from corral.engine.guest_agent import GuestAgent
 from corral.errors import CorralError, InsufficientResources, NotFound
 from corral.host import storage, vm_lifecycle
 from corral.host.firmware import vars_path
+from corral.spec.job_params import SnapshotParams
 from corral.spec.vm import PowerState
 from corral.store.models import VM, Snapshot
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, JobContext
+    from corral.host.agent import Agent
+    from corral.host.job_context import JobContext
 
 
 def _disks(agent: Agent, vm: VM, tag: str | None = None) -> tuple[list[str], list[Path]]:
@@ -44,7 +46,7 @@ def _disks(agent: Agent, vm: VM, tag: str | None = None) -> tuple[list[str], lis
 def _load(ctx: JobContext) -> tuple[VM, Snapshot]:
     with ctx.agent.store.session() as session:
         vm = session.get(VM, ctx.target_id)
-        snapshot = session.get(Snapshot, ctx.params["snapshot_id"])
+        snapshot = session.get(Snapshot, ctx.params_as(SnapshotParams).snapshot_id)
         if vm is None or snapshot is None or snapshot.vm_id != vm.id:
             raise NotFound(f"snapshot of VM {ctx.target_name} not found")
         vm.volumes  # noqa: B018 - load before the session closes

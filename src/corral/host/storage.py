@@ -8,6 +8,7 @@ a new volume should go refuses, and the file stays as it was (issue 11).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,3 +116,10 @@ def collect_bases(agent: Agent, session: Session, pool: str = "default") -> list
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
+
+
+def return_to_root(path: Path) -> None:
+    """A kept disk was owned by the deleted VM's uid, which a future VM may get: give it back to root."""
+    with contextlib.suppress(OSError):
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o600)

@@ -35,7 +35,8 @@ from corral.spec.vm import MAX_DISKS, PowerState, RestartPolicy, VMSpec
 from corral.store.models import VM, Image, Snapshot, utcnow
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, JobContext, RunningVM
+    from corral.host.agent import Agent, RunningVM
+    from corral.host.job_context import JobContext
 
 log = logging.getLogger("corral.agent")
 
@@ -674,8 +675,9 @@ async def forget(agent: Agent, running: RunningVM) -> None:
     await untrack(agent, running)
 
 
-async def wait_for_guest(ctx: JobContext, vm_id: str) -> None:
-    """Wait for the guest agent outside the VM's lock, so a `vm stop` can still end a boot that hangs."""
+async def wait_for_guest(ctx: JobContext, vm_id: str, ready_timeout: float | None = None) -> None:
+    """Wait for the guest agent outside the VM's lock, so a `vm stop` can still end a boot that hangs; for
+    ``ready_timeout`` seconds (the job's own, if its kind has one), else READY_TIMEOUT."""
     running = ctx.agent.vms.get(vm_id)
     if running is None or running.proc.exited:
         raise Conflict(
@@ -683,7 +685,7 @@ async def wait_for_guest(ctx: JobContext, vm_id: str) -> None:
             f"see `corral vm show {ctx.target_name}` and `corral vm logs {ctx.target_name}`",
         )
     ctx.progress(0.5, "waiting for the guest agent")
-    await wait_ready(running, float(ctx.params.get("ready_timeout") or READY_TIMEOUT))
+    await wait_ready(running, float(ready_timeout or READY_TIMEOUT))
 
 
 async def discard_vm(ctx: JobContext, vm_id: str, made_ids: set[str]) -> None:

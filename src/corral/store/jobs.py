@@ -13,7 +13,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from corral.errors import CorralError, NotFound
+from corral.spec import job_params
 from corral.spec.job import JobState
+from corral.spec.job_params import JobParams, SnapshotParams, VMForkParams
 from corral.store import events
 from corral.store.db import Store
 from corral.store.models import Job, utcnow
@@ -30,8 +32,11 @@ def submit(
     target_id: str | None = None,
     host: str | None = None,
     project: str = "default",
-    params: dict[str, Any] | None = None,
+    params: JobParams | dict[str, Any] | None = None,
 ) -> Job:
+    """Queue a job. Its parameters are checked against the kind's model (corral.spec.job_params) first: a job the
+    agent could not read is refused here, with JobParamsError, rather than failing on its host later."""
+    stored = job_params.validated(kind, params)
     job = Job(
         kind=kind,
         target_kind=target_kind,
@@ -39,12 +44,18 @@ def submit(
         target_id=target_id,
         host=host,
         project=project,
-        params=params or {},
+        params=stored,
         message="queued",
     )
     session.add(job)
     session.flush()
     return job
+
+
+def add_params(job: Job, **values: Any) -> None:
+    """Add parameters to a job already written (the other half's job id, what a running half publishes), checked
+    as ``submit`` checks them. The caller's session commits the change."""
+    job.params = job_params.merged(job.kind, job.params or {}, values)
 
 
 def get(session: Session, job_id: str) -> Job:
@@ -159,10 +170,10 @@ def discard_pending(session: Session, job: Job) -> None:
     if job.kind in ("vm.create", "vm.clone"):
         drop_vm(job.target_id)
     elif job.kind == "vm.fork":
-        for child_id in job.params.get("child_ids", []):
+        for child_id in job_params.parse(VMForkParams, job.params).child_ids:
             drop_vm(child_id)
     elif job.kind == "snapshot.create":
-        snapshot = session.get(Snapshot, job.params.get("snapshot_id"))
+        snapshot = session.get(Snapshot, job_params.parse(SnapshotParams, job.params).snapshot_id)
         if snapshot is not None:
             session.delete(snapshot)
     else:

@@ -17,14 +17,12 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from corral.config import Settings
-from corral.engine.process import QemuProcess
 from corral.errors import Conflict, CorralError
 from corral.host.inventory import Inventory, bridges, read_inventory, read_usage
 from corral.host.job_context import Handler, JobContext
@@ -35,6 +33,9 @@ from corral.spec.vm import PowerState
 from corral.store import jobs
 from corral.store.db import Store
 from corral.store.models import VM, Host, Job, utcnow
+
+if TYPE_CHECKING:
+    from corral.host.vm_lifecycle import RunningVM
 
 log = logging.getLogger("corral.agent")
 
@@ -54,22 +55,6 @@ def _quiet_qmp_teardown(loop: asyncio.AbstractEventLoop, context: dict[str, Any]
         log.debug("QMP session ended: %s", context.get("message"))
         return
     loop.default_exception_handler(context)
-
-
-@dataclass
-class RunningVM:
-    """A QEMU process this agent watches, with the futures and flags that tie it to its VM row."""
-
-    vm_id: str
-    proc: QemuProcess
-    ready: asyncio.Future[None]
-    expected_exit: bool = False
-    interfaces_checked: float = 0.0
-    # The addresses last written to the VM's row by this agent: a refresh that finds the same ones (nearly all of
-    # them) needs no transaction.
-    interfaces_written: list[dict[str, Any]] | None = None
-    stats_sampled: float = 0.0
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
 class Agent:

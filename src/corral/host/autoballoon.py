@@ -40,7 +40,8 @@ from corral.store import events
 from corral.store.models import VM, Job
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, RunningVM
+    from corral.host.agent import Agent
+    from corral.host.vm_lifecycle import RunningVM
 
 log = logging.getLogger("corral.agent")
 MiB = 1 << 20

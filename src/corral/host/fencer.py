@@ -238,6 +238,12 @@ def ensure_running(home: Path) -> int | None:
             close_fds=True,
         )
     _write_pidfile(home, proc.pid)  # at once: an agent that looks again finds it before it wrote it itself
+    # Popen returns once the exec began, but the kernel fills /proc/PID/cmdline a moment later (the close-on-exec
+    # pipe Popen waits on closes before the new image's arguments are in place): wait for them, so that a second
+    # look (running_fencer) never takes the new fencer for another process and starts a second one.
+    deadline = time.monotonic() + 2.0
+    while running_fencer(home) != proc.pid and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     return proc.pid
 
 

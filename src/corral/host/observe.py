@@ -24,7 +24,8 @@ from corral.store import usage
 from corral.store.models import VM
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, RunningVM
+    from corral.host.agent import Agent
+    from corral.host.vm_lifecycle import RunningVM
 
 SAMPLE_INTERVAL = 10.0
 log = logging.getLogger("corral.agent")

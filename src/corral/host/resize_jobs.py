@@ -28,8 +28,9 @@ from corral.spec.vm import MAX_DISKS, VMSpec
 from corral.store.models import VM, Volume
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, RunningVM
+    from corral.host.agent import Agent
     from corral.host.job_context import JobContext
+    from corral.host.vm_lifecycle import RunningVM
 
 log = logging.getLogger("corral.agent")
 MiB = 1 << 20

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -35,7 +36,7 @@ from corral.spec.vm import MAX_DISKS, PowerState, RestartPolicy, VMSpec
 from corral.store.models import VM, Image, Snapshot, utcnow
 
 if TYPE_CHECKING:
-    from corral.host.agent import Agent, RunningVM
+    from corral.host.agent import Agent
     from corral.host.job_context import JobContext
 
 log = logging.getLogger("corral.agent")
@@ -210,9 +211,23 @@ def event_handler(agent: Agent, vm_id: str) -> Any:
     return on_event
 
 
-def track(agent: Agent, vm_id: str, proc: QemuProcess) -> RunningVM:
-    from corral.host.agent import RunningVM
+@dataclass
+class RunningVM:
+    """A QEMU process this agent watches, with the futures and flags that tie it to its VM row."""
 
+    vm_id: str
+    proc: QemuProcess
+    ready: asyncio.Future[None]
+    expected_exit: bool = False
+    interfaces_checked: float = 0.0
+    # The addresses last written to the VM's row by this agent: a refresh that finds the same ones (nearly all of
+    # them) needs no transaction.
+    interfaces_written: list[dict[str, Any]] | None = None
+    stats_sampled: float = 0.0
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+def track(agent: Agent, vm_id: str, proc: QemuProcess) -> RunningVM:
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception was never retrieved"
     running = RunningVM(vm_id=vm_id, proc=proc, ready=ready)

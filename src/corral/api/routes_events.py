@@ -101,7 +101,6 @@ async def events(
     projects = None if all_projects else [caller.project]
     if after is None and last_event_id and last_event_id.isdigit():
         after = int(last_event_id)
-    filters = {"projects": projects, "kind": kind, "resource": resource, "types": types}
     store = state.store
 
     # A tenant's events carry no host path (an event's data may quote a job's error).
@@ -110,9 +109,17 @@ async def events(
     def read(since: int, count: int, newest: bool = False) -> list[dict[str, Any]]:
         # Plain dicts: the rows expire when the read-only session ends.
         with store.reading() as session:
-            rows = [
-                event_json(row) for row in store_events.since(session, since, limit=count, newest=newest, **filters)
-            ]
+            found = store_events.since(
+                session,
+                since,
+                projects=projects,
+                kind=kind,
+                resource=resource,
+                types=types,
+                limit=count,
+                newest=newest,
+            )
+            rows = [event_json(row) for row in found]
         return rows if redact is None else [disclosure.scrub_data(row, redact) for row in rows]
 
     def end() -> int:

@@ -10,6 +10,7 @@ needs its lease renewed (corral.host.lease).
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel
 from sqlalchemy import func, select, update
@@ -19,6 +20,9 @@ from corral.cluster import placement
 from corral.errors import Conflict, NotFound
 from corral.spec.job import JobState
 from corral.store.models import VM, Host, Job, Volume, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
 
 
 def get_host(session: Session, name: str) -> Host:
@@ -30,11 +34,12 @@ def get_host(session: Session, name: str) -> Host:
 
 def mark_unreachable(session: Session, timeout: timedelta | None = None) -> int:
     """Hosts online in the store whose agent has not been heard from within ``timeout``: now unreachable."""
-    return session.execute(
+    result = session.execute(
         update(Host)
         .where(Host.state == "online", Host.heartbeat_at < utcnow() - (timeout or placement.settings.host_timeout))
         .values(state="unreachable")
-    ).rowcount
+    )
+    return cast("CursorResult[Any]", result).rowcount  # an UPDATE's result is a cursor result
 
 
 def set_drained(session: Session, name: str, drained: bool) -> Host:
@@ -49,7 +54,7 @@ def remove(session: Session, name: str) -> None:
     host = get_host(session, name)
     vms = session.scalars(select(VM.name).where(VM.host == name).order_by(VM.name).limit(4)).all()
     if vms:
-        count = session.scalar(select(func.count()).select_from(VM).where(VM.host == name))
+        count = session.execute(select(func.count()).select_from(VM).where(VM.host == name)).scalar_one()
         shown = ", ".join(vms[:3]) + (f" and {count - 3} more" if count > 3 else "")
         raise Conflict(
             f"host {name} still has {count} VM(s): {shown}",

@@ -181,8 +181,8 @@ def signature(session: Session) -> str:
     digest = hashlib.sha256()
     for row in session.execute(select(VM.id, VM.host, VM.desired_state).order_by(VM.id)):
         digest.update(repr(tuple(row)).encode())
-    for row in session.execute(select(Host.name, Host.state, Host.drained, Host.standby).order_by(Host.name)):
-        digest.update(repr(tuple(row)).encode())
+    for host_row in session.execute(select(Host.name, Host.state, Host.drained, Host.standby).order_by(Host.name)):
+        digest.update(repr(tuple(host_row)).encode())
     return digest.hexdigest()
 
 

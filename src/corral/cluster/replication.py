@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -38,6 +38,9 @@ from corral.spec.vm import PowerState, VMSpec
 from corral.store import jobs
 from corral.store.db import Store
 from corral.store.models import VM, Event, Host, Job, Replica, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
 
 log = logging.getLogger("corral.replication")
 
@@ -470,9 +473,10 @@ def run_once(store: Store, now: datetime | None = None) -> int:
 
 def _pass(store: Store, replica_id: str, version: int, now: datetime) -> int:
     with store.session() as session:
-        claimed = session.execute(
+        result = session.execute(
             update(Replica).where(Replica.id == replica_id, Replica.version == version).values(version=version + 1)
-        ).rowcount
+        )
+        claimed = cast("CursorResult[Any]", result).rowcount  # an UPDATE's result is a cursor result
         if claimed != 1:
             session.rollback()
             return 0  # another control plane has it

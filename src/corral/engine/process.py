@@ -249,8 +249,9 @@ class QemuProcess:
     async def _pump_events(self, client: QMPClient) -> None:
         with client.listener() as listener:
             async for event in listener:
-                name = event["event"]
-                data = dict(event.get("data", {}))
+                name = str(event["event"])
+                payload = event.get("data", {})
+                data: dict[str, Any] = dict(payload) if isinstance(payload, dict) else {}
                 if name == "SHUTDOWN":
                     self._last_shutdown = data
                 if self.on_event is not None:

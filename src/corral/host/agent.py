@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import threading
@@ -309,7 +310,7 @@ class Agent:
     def _fenceable(self) -> list[tuple[str, int, Callable[[], None]]]:
         """For the watchdog thread: every QEMU this agent runs, and how to mark its exit as expected."""
         return [
-            (vm_id, running.proc.pid, lambda running=running: setattr(running, "expected_exit", True))
+            (vm_id, running.proc.pid, functools.partial(setattr, running, "expected_exit", True))
             for vm_id, running in list(self.vms.items())
             if running.proc.pid and not running.proc.exited
         ]
@@ -363,8 +364,12 @@ class Agent:
             try:
                 async with self.vm_locks[vm_id]:
                     with self.store.reading() as session:
-                        vm = session.get(VM, vm_id)
-                        if vm is None or vm.host != self.host_name or vm.desired_state == PowerState.STOPPED:
+                        fenced = session.get(VM, vm_id)
+                        if (
+                            fenced is None
+                            or fenced.host != self.host_name
+                            or fenced.desired_state == PowerState.STOPPED
+                        ):
                             continue
                     vm_lifecycle.update_vm(
                         self,

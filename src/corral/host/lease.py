@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import case, func, select, update
 
@@ -41,6 +41,8 @@ from corral.spec.vm import VMSpec
 from corral.store.models import VM, Event, Host
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
+
     from corral.host.agent import Agent
 
 log = logging.getLogger("corral.agent")
@@ -109,7 +111,7 @@ class Lease:
         """One renewal under the epoch held; False (and ``taken_over``) when the control plane took the host."""
         started = time.monotonic()
         with self.store.session() as session:
-            renewed = session.execute(
+            result = session.execute(
                 update(Host)
                 .where(Host.name == self.host_name, Host.epoch == self.epoch)
                 .values(
@@ -117,7 +119,8 @@ class Lease:
                     # "fenced" (corral.cluster.ha.mark_fenced) lasts until the host renews again: it rejoins.
                     state=case((Host.state == "fenced", "online"), else_=Host.state),
                 )
-            ).rowcount
+            )
+            renewed = cast("CursorResult[Any]", result).rowcount  # an UPDATE's result is a cursor result
             if renewed:
                 self._refresh_non_ha(session)
         if not renewed:
@@ -198,11 +201,12 @@ class Lease:
         if self.enabled and self.epoch is not None and not self.taken_over:
             released = 0
             with contextlib.suppress(Exception), self.store.session() as session:
-                released = session.execute(
+                result = session.execute(
                     update(Host)
                     .where(Host.name == self.host_name, Host.epoch == self.epoch)
                     .values(lease_expires_at=None)
-                ).rowcount
+                )
+                released = cast("CursorResult[Any]", result).rowcount  # an UPDATE's result is a cursor result
             # Only a lease given up in the store lets the fencer go without fencing: otherwise the control plane
             # takes the host over at expiry plus the margin, and the fencer must have killed the HA VMs by then.
             if released:

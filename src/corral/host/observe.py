@@ -37,8 +37,9 @@ async def _sample(agent: Agent, running: RunningVM) -> dict[str, Any]:
     if driver is not None:
         try:
             usage = cgroups.VMCgroup(driver, f"vm-{running.vm_id[:16]}", cgroups.Limits()).stats()
-            if usage.get("cpu_usage_ns") is not None:
-                stats["cpu_seconds"] = usage["cpu_usage_ns"] / 1e9
+            cpu_usage_ns = usage.get("cpu_usage_ns")
+            if cpu_usage_ns is not None:
+                stats["cpu_seconds"] = cpu_usage_ns / 1e9
             if usage.get("memory_current") is not None:
                 stats["memory_bytes"] = usage["memory_current"]
             if usage.get("oom_kills") is not None:

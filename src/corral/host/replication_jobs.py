@@ -377,10 +377,10 @@ async def failover(ctx: JobContext) -> dict[str, Any]:
                     row = session.get(Volume, volume.id)
                     if row is not None:
                         row.state, row.backing_path = "ready", None
-                row = session.get(Replica, replica_id)
-                copy_at = row.last_at.isoformat() if row is not None and row.last_at else None
-                if row is not None:
-                    session.delete(row)
+                replica = session.get(Replica, replica_id)
+                copy_at = replica.last_at.isoformat() if replica is not None and replica.last_at else None
+                if replica is not None:
+                    session.delete(replica)
         except BaseException:
             # The replica stays whole for another try: the control plane puts the VM back where it was
             # (corral.cluster.replication.settle_failovers) once this job has failed.

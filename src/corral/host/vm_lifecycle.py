@@ -667,9 +667,10 @@ async def reconcile(agent: Agent) -> None:
         if interfaces and interfaces != running.interfaces_written:  # the same as last time: no transaction
             with agent.store.session() as session:
                 vm = session.get(VM, vm_id)
-                changed = vm is not None and vm.interfaces != interfaces
-                if changed:
+                changed = False
+                if vm is not None and vm.interfaces != interfaces:
                     vm.interfaces = interfaces
+                    changed = True
             running.interfaces_written = interfaces
             if changed:
                 agent.store.notifier.notify()

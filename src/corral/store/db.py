@@ -333,6 +333,8 @@ class Store:
         sqlite = self.engine.dialect.name == "sqlite"
         with self.engine.connect() as connection:
             raw = connection.connection.driver_connection
+            if raw is None:  # only a closed connection has no driver connection
+                raise CorralError("the store's database connection is closed")
             if sqlite:
                 # SQLite alters a table by copying it; with foreign keys on, dropping the old copy fails.
                 # The pragma only takes effect outside a transaction, so it goes straight to the driver.

@@ -7,7 +7,7 @@ CLI follows progress without polling fast.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -19,6 +19,9 @@ from corral.spec.job_params import JobParams, SnapshotParams, VMForkParams
 from corral.store import events
 from corral.store.db import Store
 from corral.store.models import Job, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
 
 MAX_LOG_LINES = 200
 
@@ -88,11 +91,12 @@ def claim(store: Store, host: str, exclude: set[str] | frozenset[str] = frozense
         job_id = session.scalars(query.limit(1)).first()
         if job_id is None:
             return None
-        claimed = session.execute(
+        result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.QUEUED)
             .values(state=JobState.RUNNING, started_at=utcnow(), message="running", version=Job.version + 1)
-        ).rowcount
+        )
+        claimed = cast("CursorResult[Any]", result).rowcount  # an UPDATE's result is a cursor result
         job = session.get(Job, job_id) if claimed else None
         if job is not None:
             events.record(session, job)  # the UPDATE above bypassed the ORM's event hook

@@ -218,6 +218,9 @@ def booted(debian_image: DebianImage, ssh_key: Path) -> Iterator[DebianVm]:
         vm.start()
         TIMINGS["first boot: guest agent"] = vm.wait_agent(FIRST_BOOT_TIMEOUT)
         TIMINGS["first boot: ssh"] = vm.wait_ssh(FIRST_BOOT_TIMEOUT)
+        # sshd answers before the first boot is over, and cloud-init's last stages may restart it (a login then
+        # meets "connection closed"): the tests start from a finished boot, as a user's first session would.
+        _wait_boot_finished(vm)
         yield vm
     finally:
         vm.kill()

@@ -20,7 +20,8 @@ except SystemExit as exit:
 else:
     code = 0
 print(json.dumps({"code": code, "cli": sorted(m for m in sys.modules if m.startswith("corral.cli.")),
-                  "httpx_cli": "httpx._main" in sys.modules and sys.modules["httpx._main"] is not None}))
+                  "httpx_cli": "httpx._main" in sys.modules and sys.modules["httpx._main"] is not None,
+                  "heavy": sorted(m for m in ("pydantic", "rich", "sqlalchemy", "fastapi") if m in sys.modules)}))
 """
 
 
@@ -65,6 +66,9 @@ def test_a_command_loads_its_own_modules_only(tmp_path):
     for other in ("corral.cli.image", "corral.cli.access", "corral.cli.serve", "corral.cli.env"):
         assert other not in probe["cli"]
     assert not probe["httpx_cli"]
+    # Typer 0.29 and later import pydantic to coerce every option (~0.07 s a command): pyproject.toml keeps
+    # Typer below it. Rich is for help pages and progress bars, not for reading options or printing a table.
+    assert probe["heavy"] == []
 
 
 def test_a_mistyped_command_is_still_suggested():

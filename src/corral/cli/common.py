@@ -31,15 +31,33 @@ def print_json(data: Any) -> None:
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """Columns aligned by display width, two spaces apart, the header in bold on a terminal. Written here rather
+    than with Rich's Table: importing Rich costs a listing command ~30 ms, a quarter of its start-up, and a cell
+    is printed as the text it is (Rich would read `[bold]` in a name as markup)."""
+    header = list(columns)
+    body = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    body = [cells + [""] * (len(header) - len(cells)) for cells in body]
+    widths = [max(display_width(text) for text in column) for column in zip(header, *body, strict=True)]
+    bold = sys.stdout.isatty()
+    lines = [title] if title else []
+    for index, cells in enumerate([header, *body]):
+        padded = "  ".join(
+            text + " " * (width - display_width(text)) for text, width in zip(cells, widths, strict=True)
+        )
+        line = padded.rstrip()
+        lines.append(f"\033[1m{line}\033[0m" if bold and index == 0 else line)
+    print("\n".join(lines))
 
-    grid = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for column in columns:
-        grid.add_column(column)
-    for row in rows:
-        grid.add_row(*("" if cell is None else str(cell) for cell in row))
-    Console(soft_wrap=True).print(grid)
+
+def display_width(text: str) -> int:
+    """Terminal columns a text takes: East Asian wide and full-width characters take two, combining marks none."""
+    if text.isascii():
+        return len(text)
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text
+    )
 
 
 def human_size(value: int | None) -> str:

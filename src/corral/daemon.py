@@ -192,7 +192,7 @@ def run_agent(settings: Settings, address: str | None = None) -> None:
     store = Store(settings.database_url)
     agent: Agent | None = None
     try:
-        store.migrate()
+        store.migrate_in_child()
         agent = Agent(settings, store, address=address)
         agent.start_in_thread()
         print(
@@ -234,7 +234,7 @@ def serve(
     watch: HostWatch | None = None
     schedules: ScheduleRunner | None = None
     try:
-        store.migrate()
+        store.migrate_in_child()
         tls = None
         if listen:
             from corral.api import tls as tls_files

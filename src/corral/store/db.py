@@ -351,6 +351,39 @@ class Store:
                 if sqlite:
                     raw.execute("PRAGMA foreign_keys=ON")
 
+    def migrate_in_child(self) -> None:
+        """:meth:`migrate` for a long-running process: when the schema is behind, the upgrade runs in a child
+        (``python -m corral.store.upgrade``), so Alembic and Mako are loaded and freed there. A store only this
+        process can see (SQLite in memory) is migrated here."""
+        self.check()
+        if self.current():
+            return
+        if not sqlite_files(self.url) and not self.shared:
+            self.migrate()
+            return
+        import json
+        import subprocess
+        import sys
+
+        from corral.errors import error_from_problem
+
+        result = subprocess.run(
+            [sys.executable, "-m", "corral.store.upgrade"], input=self.url, capture_output=True, text=True, check=False
+        )
+        if result.returncode == 0:
+            return
+        last = (result.stderr.strip().splitlines() or [""])[-1]
+        try:
+            problem = json.loads(last)
+        except ValueError:  # not a problem body: the child died of something else (its traceback ends here)
+            problem = None
+        if isinstance(problem, dict):
+            raise error_from_problem(problem)
+        raise CorralError(
+            f"migrating the store at {redact(self.url)} failed: {last or f'exit code {result.returncode}'}",
+            "run `python -m corral.store.upgrade` with the URL on stdin to see the whole error",
+        )
+
     @contextmanager
     def reading(self) -> Iterator[Session]:
         """A session that only reads: it never takes SQLite's write lock, so it never waits for the agent."""

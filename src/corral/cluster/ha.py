@@ -88,7 +88,7 @@ def watch(session: Session, lease_time: float) -> tuple[Decision, list[Takeover]
     global _last_suspended
     if session.get_bind().dialect.name != "postgresql":
         return Decision(), []
-    now = session.scalar(select(func.now()))
+    now = _database_now(session)
     mark_fenced(session, now)
     margin = timedelta(seconds=lease_time * MARGIN_FRACTION)
     leases = {
@@ -98,6 +98,7 @@ def watch(session: Session, lease_time: float) -> tuple[Decision, list[Takeover]
                 Host.lease_expires_at.is_not(None), Host.state.in_(LEASE_STATES)
             )
         )
+        if expiry is not None  # excluded by the query already; said again for the type
     }
     decision = decide(leases, now, margin)
     if decision.suspended:
@@ -126,6 +127,12 @@ def watch(session: Session, lease_time: float) -> tuple[Decision, list[Takeover]
         if result is not None:
             done.append(result)
     return decision, done
+
+
+def _database_now(session: Session) -> datetime:
+    """``now()`` of the database server: the one clock every lease is compared with."""
+    now: datetime = session.execute(select(func.now())).scalar_one()
+    return now
 
 
 def mark_fenced(session: Session, now: datetime) -> list[str]:
@@ -157,7 +164,7 @@ def take_over(session: Session, name: str, margin: timedelta) -> Takeover | None
     """Take host ``name`` over if its lease is still expired under its row's lock (its agent may have renewed
     meanwhile); restart its HA VMs elsewhere, record the others lost. One transaction with the caller's."""
     host = session.scalars(select(Host).where(Host.name == name).with_for_update()).first()
-    now = session.scalar(select(func.now()))
+    now = _database_now(session)
     if (
         host is None
         or host.state not in LEASE_STATES
@@ -226,6 +233,7 @@ def take_over(session: Session, name: str, margin: timedelta) -> Takeover | None
             # No survivor reaches its disks (the dead host's own storage): its replica has them, as of its last copy.
             replica = replication.ha_target(session, vm, name)
             if replica is not None:
+                assert replica.last_at is not None  # ha_target picks only a replica with a copy
                 with placement.placement_lock:
                     replication.promote(session, vm, replica, why_dead)
                 result.restarted.append((vm.name, replica.partner))

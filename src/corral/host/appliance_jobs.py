@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.engine import qemu_img
-from corral.errors import InvalidInput
+from corral.errors import InvalidInput, NotFound
 from corral.spec.job_params import VMImportParams
 from corral.spec.ovf import ExportedDisk, read_ova, verify_members, vmdk_problem, write_envelope, write_manifest
 from corral.spec.sources import Source, SourceKind, opened
@@ -74,9 +74,9 @@ def write_ova(
             info = tarfile.TarInfo(member)
             info.size, info.mode = len(data), 0o644
             archive.addfile(info, _Bytes(data))
-        for disk in vmdks:
-            path = staging / disk.href
-            info = tarfile.TarInfo(disk.href)
+        for exported in vmdks:
+            path = staging / exported.href
+            info = tarfile.TarInfo(exported.href)
             info.size, info.mode = path.stat().st_size, 0o644
             with path.open("rb") as handle:
                 archive.addfile(info, handle)
@@ -178,7 +178,7 @@ async def import_foreign(ctx: JobContext) -> dict[str, Any]:
     from corral.host.vm_lifecycle import discard_vm
     from corral.store.models import Image, Volume
 
-    agent = ctx.agent
+    agent, vm_id = ctx.agent, ctx.target_id
     params = ctx.params_as(VMImportParams)
     binary = agent.settings.qemu_img_binary
     if params.source is None:
@@ -189,9 +189,11 @@ async def import_foreign(ctx: JobContext) -> dict[str, Any]:
     staging = agent.layout.home / "staging" / f"import-{ctx.job_id[:12]}"
     made: set[str] = set()
     try:
-        async with agent.vm_locks[ctx.target_id]:
+        if vm_id is None:
+            raise InvalidInput("the VM being imported was deleted")
+        async with agent.vm_locks[vm_id]:
             with agent.store.session() as session:
-                vm = session.get(VM, ctx.target_id)
+                vm = session.get(VM, vm_id)
                 if vm is None:
                     raise InvalidInput("the VM being imported was deleted")
                 volumes = sorted(vm.volumes, key=lambda v: v.device_index)
@@ -236,14 +238,20 @@ async def import_foreign(ctx: JobContext) -> dict[str, Any]:
                     values["cmdline"] = params.cmdline or "console=ttyS0 root=/dev/vda rw"
                 with agent.store.session() as session:
                     image = session.get(Image, image_id)
+                    if image is None:
+                        raise NotFound(f"the boot image of VM {ctx.target_name} was deleted meanwhile")
                     for key, value in values.items():
                         setattr(image, key, value)
                     image.state = "ready"
             with agent.store.session() as session:
                 for volume in volumes:
-                    session.get(Volume, volume.id).state = "ready"
+                    row = session.get(Volume, volume.id)
+                    if row is None:
+                        raise NotFound(f"volume {volume.name} no longer exists")
+                    row.state = "ready"
     except BaseException:
-        await discard_vm(ctx, ctx.target_id, made)
+        if vm_id is not None:
+            await discard_vm(ctx, vm_id, made)
         if image_dir is not None:
             shutil.rmtree(image_dir, ignore_errors=True)
             with agent.store.session() as session:

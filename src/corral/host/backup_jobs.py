@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from corral.store.models import VM, Backup, Snapshot, Volume
 if TYPE_CHECKING:
     from corral.host.agent import Agent
     from corral.host.job_context import JobContext
+    from corral.host.vm_lifecycle import RunningVM
 
 CHUNK = 1 << 20
 STORE_ID_FILE = "store-id"  # never a backup's name: those are 32 hex digits
@@ -87,7 +89,7 @@ def vm_volumes(agent: Agent, vm_id: str) -> tuple[VM, list[Volume]]:
         return vm, sorted(vm.volumes, key=lambda v: v.device_index)
 
 
-def running_vm(agent: Agent, vm_id: str):  # type: ignore[no-untyped-def]
+def running_vm(agent: Agent, vm_id: str) -> RunningVM | None:
     running = agent.vms.get(vm_id)
     return running if running is not None and not running.proc.exited else None
 
@@ -118,7 +120,7 @@ async def create(ctx: JobContext) -> dict[str, Any]:
     backup_id = params.backup_id
     directory = backup_root(agent) / backup_id
     try:
-        async with agent.vm_locks[ctx.target_id]:
+        async with agent.vm_locks[ctx.vm_id()]:
             result = await _create_locked(ctx, params, directory)
     except BaseException as exc:
         pool_full = out_of_space([directory / "x"]) if directory.exists() else False
@@ -139,7 +141,7 @@ async def create(ctx: JobContext) -> dict[str, Any]:
 async def _create_locked(ctx: JobContext, params: BackupParams, directory: Path) -> dict[str, Any]:
     agent, backup_id = ctx.agent, params.backup_id
     binary = agent.settings.qemu_img_binary
-    vm, volumes = vm_volumes(agent, ctx.target_id)
+    vm, volumes = vm_volumes(agent, ctx.vm_id())
     with agent.store.session() as session:
         backup = session.get(Backup, backup_id)
         if backup is None:
@@ -181,7 +183,7 @@ async def _create_locked(ctx: JobContext, params: BackupParams, directory: Path)
             run = engine_backup.BackupRun(daemon, copies, new_bitmap, parent_bitmap)
             await _run(ctx, run, None, None)
     ctx.progress(0.97, "checking the backup")
-    disks = []
+    disks: list[dict[str, Any]] = []  # as the row stores them
     for index, copy in enumerate(copies):
         await asyncio.to_thread(qemu_img.check, copy.target, binary)
         os.chmod(copy.target, 0o400)
@@ -197,6 +199,8 @@ async def _create_locked(ctx: JobContext, params: BackupParams, directory: Path)
     total = sum(d["written"] for d in disks)
     with agent.store.session() as session:
         row = session.get(Backup, backup_id)
+        if row is None:
+            raise NotFound(f"backup {params.name} was deleted meanwhile")
         row.state, row.disks, row.size, row.live = "ready", disks, total, running is not None
     return {
         "backup": params.name,
@@ -215,7 +219,12 @@ def storage_daemon_binary(agent: Agent) -> str:
     return str(sibling) if sibling.exists() else "qemu-storage-daemon"
 
 
-async def _run(ctx: JobContext, run: engine_backup.BackupRun, pass_fd: Any, running: Any) -> bool:
+async def _run(
+    ctx: JobContext,
+    run: engine_backup.BackupRun,
+    pass_fd: Callable[[int], Awaitable[int]] | None,
+    running: RunningVM | None,
+) -> bool:
     """Attach targets, start at one instant (guest filesystems frozen around it when the agent answers), copy,
     then keep only the new change record. Returns whether the guest was frozen."""
     nodes = [d.node for d in run.disks]
@@ -393,10 +402,11 @@ async def restore(ctx: JobContext) -> dict[str, Any]:
             )
     if params.mode == "over":
         return await _restore_over(ctx, files)
+    vm_id = ctx.vm_id()
     made: set[str] = set()
     try:
-        async with agent.vm_locks[ctx.target_id]:
-            _, volumes = vm_volumes(agent, ctx.target_id)
+        async with agent.vm_locks[vm_id]:
+            _, volumes = vm_volumes(agent, vm_id)
             span = 0.9 / len(files)
             for index, (source, volume) in enumerate(zip(files, volumes, strict=True)):
                 target = storage.claim(storage.volume_path(agent, volume), f"volume {volume.name}")
@@ -405,9 +415,12 @@ async def restore(ctx: JobContext) -> dict[str, Any]:
                 ctx.check_cancelled()
             with agent.store.session() as session:
                 for volume in volumes:
-                    session.get(Volume, volume.id).state = "ready"
+                    row = session.get(Volume, volume.id)
+                    if row is None:
+                        raise NotFound(f"volume {volume.name} no longer exists")
+                    row.state = "ready"
     except BaseException:
-        await discard_vm(ctx, ctx.target_id, made)  # the files this job made; a file it found stays
+        await discard_vm(ctx, vm_id, made)  # the files this job made; a file it found stays
         raise
     return {"vm": ctx.target_name, "backup": params.name, "disks": len(files), "new": True}
 
@@ -415,11 +428,11 @@ async def restore(ctx: JobContext) -> dict[str, Any]:
 async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
     """Copy each disk beside the VM's own, then swap them in; a failure before the swaps leaves the VM as it
     was. The VM's internal snapshots lived in the old files, so their rows go too."""
-    agent = ctx.agent
-    async with agent.vm_locks[ctx.target_id]:
-        if running_vm(agent, ctx.target_id) is not None:
+    agent, vm_id = ctx.agent, ctx.vm_id()
+    async with agent.vm_locks[vm_id]:
+        if running_vm(agent, vm_id) is not None:
             raise Conflict(f"VM {ctx.target_name} is running", f"stop it first: `corral vm stop {ctx.target_name}`")
-        _, volumes = vm_volumes(agent, ctx.target_id)
+        _, volumes = vm_volumes(agent, vm_id)
         staged: list[Path] = []
         try:
             span = 0.85 / len(files)
@@ -438,10 +451,15 @@ async def _restore_over(ctx: JobContext, files: list[Path]) -> dict[str, Any]:
             for temp, volume in zip(staged, volumes, strict=True):
                 os.replace(temp, storage.volume_path(agent, volume))
                 row = session.get(Volume, volume.id)
+                if row is None:
+                    raise NotFound(f"volume {volume.name} no longer exists")
                 row.backing_path = None
                 row.size = max(row.size, int(qemu_img.info(storage.volume_path(agent, volume), binary)["virtual-size"]))
-            dropped = session.query(Snapshot).filter(Snapshot.vm_id == ctx.target_id).delete()
-            session.get(VM, ctx.target_id).current_snapshot = None
+            dropped = session.query(Snapshot).filter(Snapshot.vm_id == vm_id).delete()
+            vm_row = session.get(VM, vm_id)
+            if vm_row is None:
+                raise NotFound(f"VM {ctx.target_name} no longer exists")
+            vm_row.current_snapshot = None
             session.flush()
             storage.collect_bases(agent, session)
     return {

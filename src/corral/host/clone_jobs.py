@@ -27,8 +27,10 @@ from corral.store.models import VM, Snapshot, Template, Volume, new_id
 BASE_MODE = 0o400  # frozen bases and template disks: root reads them; a VM's QEMU by a grant at its launch
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
+
+    from sqlalchemy.orm import Session
 
     from corral.host.agent import Agent
     from corral.host.job_context import JobContext
@@ -43,7 +45,9 @@ def _volumes(agent: Agent, vm_id: str) -> list[Volume]:
 
 
 @contextlib.asynccontextmanager
-async def consistent_source(agent: Agent, source_id: str, snapshot_tag: str | None):  # type: ignore[no-untyped-def]
+async def consistent_source(
+    agent: Agent, source_id: str, snapshot_tag: str | None
+) -> AsyncIterator[tuple[str | None, bool]]:
     """Yield the snapshot tag to copy from: the one asked for, or a temporary one of a running source."""
     running = agent.vms.get(source_id)
     if snapshot_tag is not None or running is None or running.proc.exited:
@@ -92,7 +96,7 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
     """Make the new VM's disks from the source's, then optionally start it; on failure nothing remains."""
     from corral.host.vm_lifecycle import discard_vm
 
-    agent, new_id_ = ctx.agent, ctx.target_id
+    agent, new_id_ = ctx.agent, ctx.vm_id()
     params = ctx.params_as(VMCloneParams)
     source_id, linked = params.source_id, params.linked
     made: set[str] = set()
@@ -114,7 +118,10 @@ async def vm_clone(ctx: JobContext) -> dict[str, Any]:
                     )
         with agent.store.session() as session:
             for volume in targets:
-                session.get(Volume, volume.id).state = "ready"
+                row = session.get(Volume, volume.id)
+                if row is None:
+                    raise NotFound(f"volume {volume.name} no longer exists")
+                row.state = "ready"
         if params.start:
             async with agent.vm_locks[new_id_]:
                 await vm_lifecycle.start(agent, new_id_)
@@ -172,8 +179,11 @@ async def _link(ctx: JobContext, sources: list[Volume], targets: list[Volume], m
             os.rename(base, source_path)
             raise
         with agent.store.session() as session:
-            session.get(Volume, source.id).backing_path = base_rel
-            session.get(Volume, target.id).backing_path = base_rel
+            for volume in (source, target):
+                row = session.get(Volume, volume.id)
+                if row is None:
+                    raise NotFound(f"volume {volume.name} no longer exists")
+                row.backing_path = base_rel
 
 
 async def template_create(ctx: JobContext) -> dict[str, Any]:
@@ -206,6 +216,8 @@ async def template_create(ctx: JobContext) -> dict[str, Any]:
             os.chmod(target, BASE_MODE)
         with agent.store.session() as session:
             row = session.get(Template, template.id)
+            if row is None:
+                raise NotFound(f"template {ctx.target_name} was deleted meanwhile")
             row.disks = [{"path": f"{directory_rel}/disk{i}.qcow2", "size": v.size} for i, v in enumerate(sources)]
             row.state = "ready"
     except BaseException:
@@ -234,7 +246,7 @@ async def template_delete(ctx: JobContext) -> dict[str, Any]:
     return {"template": ctx.target_name}
 
 
-def snapshot_tag(session: Any, vm_id: str, name: str) -> str:
+def snapshot_tag(session: Session, vm_id: str, name: str) -> str:
     snapshot = session.query(Snapshot).filter(Snapshot.vm_id == vm_id, Snapshot.name == name).first()
     if snapshot is None:
         raise NotFound(f"snapshot {name} not found")

@@ -18,6 +18,8 @@ from corral.spec.vm import USER_NETWORK, VMSpec
 from corral.store.models import VM, Volume
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from corral.engine.process import QemuProcess
     from corral.host.agent import Agent
     from corral.host.job_context import JobContext
@@ -88,7 +90,7 @@ def renew_identity_script(
 
 async def fork(ctx: JobContext) -> dict[str, Any]:
     agent = ctx.agent
-    parent_id = ctx.target_id
+    parent_id = ctx.vm_id()
     params = ctx.params_as(VMForkParams)
     child_ids, wait, keep = list(params.child_ids), params.wait, params.keep_addresses
     running = agent.vms.get(parent_id)
@@ -146,7 +148,10 @@ async def fork(ctx: JobContext) -> dict[str, Any]:
         with agent.store.session() as session:
             for child in children.values():
                 for volume in child.volumes:
-                    session.get(Volume, volume.id).state = "ready"
+                    row = session.get(Volume, volume.id)
+                    if row is None:
+                        raise NotFound(f"volume {volume.name} no longer exists")
+                    row.state = "ready"
         ctx.progress(0.4, f"parent resumed after {pause_ms:.0f} ms; starting children")
         ready_ms: list[float] = []
         launched_all = time.monotonic()
@@ -210,7 +215,7 @@ def _child_ram(agent: Agent, child_id: str, backing: str, frozen_ram: Path) -> d
 
 def _take_state(
     agent: Agent, child: VM, state: Path, fast: bool, keep_addresses: bool, renewals: list[asyncio.Task[None]]
-) -> Any:
+) -> Callable[[QemuProcess], Awaitable[None]]:
     """The child's ``after_launch``: load the parent's state, then start renewing its identity at once. The
     renewal's connection is the guest agent's first, before the VM's watchers open theirs (QEMU serves one
     at a time), so the request waits in the channel for the guest to read it rather than behind a sync."""

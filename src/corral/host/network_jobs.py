@@ -22,6 +22,7 @@ from corral.store.models import VM, Network, PortForward
 if TYPE_CHECKING:
     from corral.host.agent import Agent
     from corral.host.job_context import JobContext
+    from corral.host.vm_lifecycle import RunningVM
 
 log = logging.getLogger("corral.agent")
 NIC_RELEASE_TIMEOUT = 20.0
@@ -102,12 +103,10 @@ def check_forwards_free(agent: Agent, vm: VM) -> None:
 
 
 def _vm(ctx: JobContext) -> VM:
-    if ctx.target_id is None:
-        raise NotFound(f"VM {ctx.target_name} not found")
-    return vm_lifecycle.load_vm(ctx.agent, ctx.target_id)
+    return vm_lifecycle.load_vm(ctx.agent, ctx.vm_id())
 
 
-def _running(ctx: JobContext) -> Any:
+def _running(ctx: JobContext) -> RunningVM | None:
     running = ctx.agent.vms.get(ctx.target_id or "")
     return running if running is not None and not running.proc.exited else None
 
@@ -116,7 +115,7 @@ async def vm_nic_add(ctx: JobContext) -> dict[str, Any]:
     """Plug the NIC into the running guest (a TAP, a netdev, a virtio-net device on the NIC's own port); a
     stopped VM just gets it at its next start. On failure the NIC is taken out of the VM again."""
     agent, slot = ctx.agent, ctx.params_as(NicParams).slot
-    async with agent.vm_locks[ctx.target_id or ""]:
+    async with agent.vm_locks[ctx.vm_id()]:
         vm = _vm(ctx)
         running = _running(ctx)
         if running is None:
@@ -127,6 +126,10 @@ async def vm_nic_add(ctx: JobContext) -> dict[str, Any]:
             ctx.progress(0.3, "plugging the NIC into the running guest")
             if plan.mode == "tap":
                 await asyncio.to_thread(agent.networks.sync)
+                if plan.bridge is None or plan.ifname is None:  # a tap has an ifname; the bridge is its network's
+                    raise NotFound(
+                        f"the network of NIC {plan.id} is gone", "remove the NIC or create the network again"
+                    )
                 await asyncio.to_thread(agent.networks.plug, plan.ifname, plan.bridge, agent.isolation.vm_uid(vm.id))
                 taps = vm_nics.taps_file(agent, vm.id)
                 taps.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +138,7 @@ async def vm_nic_add(ctx: JobContext) -> dict[str, Any]:
             netdev = {k: v for k, v in netdev_options(plan).items() if v is not None}
             if plan.mode == "tap":
                 # QEMU runs unprivileged by now: it gets the TAP as an open descriptor instead of a name.
+                assert plan.ifname is not None  # checked when it was plugged, above
                 fd = await asyncio.to_thread(agent.networks.open_tap, plan.ifname)
                 try:
                     await running.proc.pass_fd(f"{plan.id}-fd", fd)
@@ -168,7 +172,7 @@ async def vm_nic_add(ctx: JobContext) -> dict[str, Any]:
 async def vm_nic_remove(ctx: JobContext) -> dict[str, Any]:
     """Ask the guest to release the device (PCIe hot-unplug needs its consent), then drop netdev and TAP."""
     agent, slot = ctx.agent, ctx.params_as(NicParams).slot
-    async with agent.vm_locks[ctx.target_id or ""]:
+    async with agent.vm_locks[ctx.vm_id()]:
         vm = _vm(ctx)
         running = _running(ctx)
         spec = VMSpec.model_validate(vm.spec)

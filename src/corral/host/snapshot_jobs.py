@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +20,11 @@ from corral.spec.vm import PowerState
 from corral.store.models import VM, Snapshot
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from corral.host.agent import Agent
     from corral.host.job_context import JobContext
+    from corral.host.vm_lifecycle import RunningVM
 
 
 def _disks(agent: Agent, vm: VM, tag: str | None = None) -> tuple[list[str], list[Path]]:
@@ -53,13 +57,21 @@ def _load(ctx: JobContext) -> tuple[VM, Snapshot]:
         return vm, snapshot
 
 
-def _running(agent: Agent, vm_id: str):  # type: ignore[no-untyped-def]
+def _vm_row(session: Session, vm: VM) -> VM:
+    """The VM's row again, in a later transaction: NotFound if it went meanwhile."""
+    row = session.get(VM, vm.id)
+    if row is None:
+        raise NotFound(f"VM {vm.name} no longer exists")
+    return row
+
+
+def _running(agent: Agent, vm_id: str) -> RunningVM | None:
     running = agent.vms.get(vm_id)
     return running if running is not None and not running.proc.exited else None
 
 
 @contextlib.asynccontextmanager
-async def frozen_guest(agent: Agent, running: Any):  # type: ignore[no-untyped-def]
+async def frozen_guest(agent: Agent, running: RunningVM) -> AsyncIterator[bool]:
     """Freeze guest filesystems around a disk-only snapshot when the guest agent answers; carry on without."""
     frozen = False
     socket_path = running.proc.record.guest_agent_socket
@@ -71,7 +83,7 @@ async def frozen_guest(agent: Agent, running: Any):  # type: ignore[no-untyped-d
     try:
         yield frozen
     finally:
-        if frozen:
+        if frozen and socket_path is not None:  # frozen through it
             with contextlib.suppress(CorralError, TimeoutError, OSError):
                 async with GuestAgent(socket_path) as guest:
                     await guest.call("guest-fsfreeze-thaw", timeout=10)
@@ -82,7 +94,7 @@ def out_of_space(paths: list[Path], margin: int = 16 << 20) -> bool:
     return any(shutil.disk_usage(path.parent).free < margin for path in paths if path.parent.exists())
 
 
-async def _undo_partial(agent: Agent, running: Any, tag: str, nodes: list[str], paths: list[Path]) -> None:
+async def _undo_partial(agent: Agent, running: RunningVM | None, tag: str, nodes: list[str], paths: list[Path]) -> None:
     """After a failed save (a full pool, say): the guest runs again first, then whatever was written of the
     snapshot is dropped, which also gives the space back."""
     if running is not None and not running.proc.exited:
@@ -98,7 +110,7 @@ async def _undo_partial(agent: Agent, running: Any, tag: str, nodes: list[str], 
 
 async def create(ctx: JobContext) -> dict[str, Any]:
     agent = ctx.agent
-    async with agent.vm_locks[ctx.target_id]:
+    async with agent.vm_locks[ctx.vm_id()]:
         vm, snapshot = _load(ctx)
         nodes, paths = _disks(agent, vm)
         running = _running(agent, vm.id)
@@ -130,9 +142,11 @@ async def create(ctx: JobContext) -> dict[str, Any]:
         size = await asyncio.to_thread(engine_snapshots.vm_state_size, paths[0], snapshot.tag, binary)
         with agent.store.session() as session:
             row = session.get(Snapshot, snapshot.id)
+            if row is None:
+                raise NotFound(f"snapshot {snapshot.name} of VM {vm.name} was deleted meanwhile")
             row.state = "ready"
             row.vm_state_size = size
-            session.get(VM, vm.id).current_snapshot = snapshot.id
+            _vm_row(session, vm).current_snapshot = snapshot.id
     return {"snapshot": snapshot.name, "memory": snapshot.memory, "vm_state_size": size}
 
 
@@ -140,7 +154,7 @@ async def revert(ctx: JobContext) -> dict[str, Any]:
     """Back to the snapshot. With memory the VM runs on from that instant; disk-only keeps the power state
     (a running VM is restarted on the old disks)."""
     agent = ctx.agent
-    async with agent.vm_locks[ctx.target_id]:
+    async with agent.vm_locks[ctx.vm_id()]:
         vm, snapshot = _load(ctx)
         nodes, paths = _disks(agent, vm, snapshot.tag)
         running = _running(agent, vm.id)
@@ -164,14 +178,14 @@ async def revert(ctx: JobContext) -> dict[str, Any]:
                 ctx.note(0.6, "starting")
                 await vm_lifecycle.start(agent, vm.id)
         with agent.store.session() as session:
-            session.get(VM, vm.id).current_snapshot = snapshot.id
+            _vm_row(session, vm).current_snapshot = snapshot.id
     return {"snapshot": snapshot.name, "memory": snapshot.memory}
 
 
 async def delete(ctx: JobContext) -> dict[str, Any]:
     """Drop one snapshot: its children hang from its parent afterwards, and no other snapshot changes."""
     agent = ctx.agent
-    async with agent.vm_locks[ctx.target_id]:
+    async with agent.vm_locks[ctx.vm_id()]:
         vm, snapshot = _load(ctx)
         nodes, paths = _disks(agent, vm, snapshot.tag)
         running = _running(agent, vm.id)
@@ -184,7 +198,7 @@ async def delete(ctx: JobContext) -> dict[str, Any]:
         with agent.store.session() as session:
             for child in session.query(Snapshot).filter(Snapshot.parent_id == snapshot.id):
                 child.parent_id = snapshot.parent_id
-            row = session.get(VM, vm.id)
+            row = _vm_row(session, vm)
             if row.current_snapshot == snapshot.id:
                 row.current_snapshot = snapshot.parent_id
             session.delete(session.get(Snapshot, snapshot.id))

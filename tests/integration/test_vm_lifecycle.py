@@ -27,6 +27,8 @@ def test_run_returns_once_the_guest_agent_answers(daemon, vm):
     shown = daemon.cli_json("vm", "run", vm, "--image", "tiny", "--cpus", "1", "--memory", "256M", "--disk", "64M")
     assert shown["state"] == "running"
     assert shown["ready"] is True
+    # The addresses come with readiness: what `run` prints already says how to reach the guest.
+    assert any("10.0.2.15/24" in iface["addresses"] for iface in shown["interfaces"])
     # Ready means the agent answers: exec works at once, without retries.
     result = daemon.cli("vm", "exec", vm, "--", "hostname")
     assert result.stdout.strip() == vm

@@ -8,7 +8,7 @@ import typer
 
 from corral.cli.common import JSON_OPTION, client, follow_job, print_json, run, table
 from corral.cli.vm_options import SpecOptions, spec_options
-from corral.cli.vm_view import summary, with_addresses
+from corral.cli.vm_view import summary
 
 
 def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
@@ -59,7 +59,7 @@ def _create(
                 _show_plan(accepted, as_json)
                 return
             follow_job(corral, accepted, f"vm {name}", quiet=as_json, timeout=options.timeout + 60 if wait else None)
-            vm = with_addresses(corral, name)
+            vm = corral.vm(name)  # a ready guest's addresses come with its readiness
         if as_json:
             print_json(vm)
         else:

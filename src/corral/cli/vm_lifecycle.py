@@ -8,7 +8,7 @@ import typer
 
 from corral.cli.common import JSON_OPTION, client, follow_job, follow_required, print_json, run
 from corral.cli.vm_options import TIMEOUT
-from corral.cli.vm_view import summary, with_addresses
+from corral.cli.vm_view import summary
 
 
 def verb(name: str, what: str, call: str, as_json: bool, wait_timeout: float | None = None, **kwargs: Any) -> None:
@@ -138,7 +138,7 @@ def clone(
         with client() as corral:
             accepted = corral.clone_vm(source, name, linked, from_snapshot, start, wait and start)
             follow_job(corral, accepted, f"clone {source} -> {name}", quiet=as_json)
-            vm = with_addresses(corral, name)
+            vm = corral.vm(name)  # a ready guest's addresses come with its readiness
         print_json(vm) if as_json else summary(vm)
 
     run(action)

@@ -10,18 +10,6 @@ import typer
 from corral.cli.common import JSON_OPTION, client, human_size, print_json, run, table
 
 
-def with_addresses(corral: Any, name: str, patience: float = 1.0) -> dict[str, Any]:
-    """The VM, giving a just-ready guest a moment to report its addresses (queried right after readiness)."""
-    import time
-
-    deadline = time.monotonic() + patience
-    vm = corral.vm(name)
-    while vm["ready"] and not vm["interfaces"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-        vm = corral.vm(name)
-    return vm
-
-
 def summary(vm: dict[str, Any]) -> None:
     state = vm["state"] + (" (ready)" if vm["ready"] else "")
     print(f"VM {vm['name']}: {state}")

@@ -44,6 +44,9 @@ log = logging.getLogger("corral.agent")
 READY_TIMEOUT = 300.0
 MAX_BACKOFF = 60.0
 ADDRESS_REFRESH = 15.0
+# How long readiness waits for the guest's first list of addresses (one guest agent round trip, 10-40 ms under
+# TCG): `vm run --wait` then prints how to reach the guest without polling for it; a slower guest is ready first.
+ADDRESSES_WITH_READY = 1.0
 STABLE_RUN = 60.0  # a VM that ran this long before dying starts its back-off afresh
 _background: set[asyncio.Task[None]] = set()
 
@@ -508,13 +511,21 @@ async def _watch_ready(agent: Agent, running: RunningVM) -> None:
         if socket_path is None:
             raise GuestAgentError("this VM has no guest agent channel")
         await wait_until_ready(socket_path, READY_TIMEOUT, is_alive=lambda: not running.proc.exited)
-        update_vm(agent, running.vm_id, ready=True, status_message="")
+        running.interfaces_checked = time.monotonic()
+        try:
+            interfaces = await asyncio.wait_for(_interfaces(agent, running), ADDRESSES_WITH_READY)
+        except TimeoutError:
+            interfaces = None
+        if interfaces is not None:  # ready and reachable in one write: the job ends with the addresses known
+            running.interfaces_written = interfaces
+            update_vm(agent, running.vm_id, ready=True, status_message="", interfaces=interfaces)
+        else:
+            update_vm(agent, running.vm_id, ready=True, status_message="")
         if not running.ready.done():
             running.ready.set_result(None)
-        # Addresses come right after: a caller waiting for readiness should not also wait for this round trip.
-        running.interfaces_checked = time.monotonic()
-        running.interfaces_written = await _interfaces(agent, running)
-        update_vm(agent, running.vm_id, interfaces=running.interfaces_written)
+        if interfaces is None:
+            running.interfaces_written = await _interfaces(agent, running)
+            update_vm(agent, running.vm_id, interfaces=running.interfaces_written)
     except asyncio.CancelledError:
         if not running.ready.done():
             running.ready.set_exception(GuestAgentError("the VM stopped before its guest agent answered"))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import backup as engine_backup
 from corral.engine import qemu_img
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
-from corral.host import storage, vm_lifecycle
+from corral.host import storage, vm_plan
 from corral.host.snapshot_jobs import frozen_guest, out_of_space
 from corral.spec.job_params import BackupOfVMParams, BackupParams, BackupRestoreParams
 from corral.store import events
@@ -169,7 +169,7 @@ async def _create_locked(ctx: JobContext, params: BackupParams, directory: Path)
         else:
             await asyncio.to_thread(qemu_img.create_blank, target, size, binary)
         # A running VM names its nodes after the device index; the storage daemon after the position.
-        node = vm_lifecycle.disk_node(volume.device_index) if running is not None else f"disk{index}"
+        node = vm_plan.disk_node(volume.device_index) if running is not None else f"disk{index}"
         copies.append(engine_backup.DiskCopy(node=node, target=target))
     new_bitmap = engine_backup.bitmap_name(backup_id)
     parent_bitmap = engine_backup.bitmap_name(parent.id) if parent else None

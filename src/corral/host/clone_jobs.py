@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import qemu_img
 from corral.engine import snapshots as engine_snapshots
 from corral.errors import Conflict, InsufficientResources, NotFound
-from corral.host import storage, vm_lifecycle
+from corral.host import storage, vm_lifecycle, vm_plan
 from corral.host.layout import inside_pool, pool_file
 from corral.spec.job_params import TemplateCreateParams, VMCloneParams
 from corral.store.models import VM, Snapshot, Template, Volume, new_id
@@ -54,7 +54,7 @@ async def consistent_source(
         yield snapshot_tag, running is not None
         return
     volumes = _volumes(agent, source_id)
-    nodes = [vm_lifecycle.disk_node(v.device_index) for v in volumes if v.format == "qcow2"]
+    nodes = [vm_plan.disk_node(v.device_index) for v in volumes if v.format == "qcow2"]
     tag = f"corral-copy-{new_id()[:8]}"
     await engine_snapshots.save_disks_live(running.proc, tag, nodes)
     try:

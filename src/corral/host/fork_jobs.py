@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import fork as engine_fork
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, CorralError, NotFound
-from corral.host import resize_jobs, storage, vm_lifecycle
+from corral.host import resize_jobs, storage, vm_lifecycle, vm_plan
 from corral.spec.job_params import VMForkParams
 from corral.spec.vm import USER_NETWORK, VMSpec
 from corral.store.models import VM, Volume
@@ -157,7 +157,7 @@ async def fork(ctx: JobContext) -> dict[str, Any]:
         launched_all = time.monotonic()
         for child_id, child in children.items():
             async with agent.vm_locks[child_id]:
-                plan = vm_lifecycle.build_plan(agent, child).model_copy(
+                plan = vm_plan.build_plan(agent, child).model_copy(
                     update={"incoming": True, **_child_ram(agent, child_id, backing, frozen_ram)}
                 )
                 launched_at = time.monotonic()

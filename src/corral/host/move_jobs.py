@@ -47,7 +47,7 @@ from sqlalchemy import select
 from corral.engine.live_migration import IncomingEndpoint, MigrationTuning
 from corral.engine.runtime import RuntimeRecord, is_same_process
 from corral.errors import Conflict, CorralError, NotFound
-from corral.host import move_support, network_jobs, resize_jobs, storage, vm_lifecycle
+from corral.host import move_support, network_jobs, resize_jobs, storage, vm_lifecycle, vm_plan
 from corral.spec.job import JobKind, JobState
 from corral.spec.job_params import HostDrainParams, MigrateInParams, MigrateParams, MoveParams, dump, parse
 from corral.spec.vm import PowerState
@@ -143,7 +143,7 @@ def _check_destination(agent: Agent, vm_id: str, copy: bool) -> None:
             f"host {agent.host_name} has no address other hosts can reach", "restart its agent with --address ADDRESS"
         )
     vm = vm_lifecycle.load_vm(agent, vm_id)
-    plan = vm_lifecycle.build_plan(agent, vm)
+    plan = vm_plan.build_plan(agent, vm)
     boot = plan.kernel_boot
     for path in (boot.kernel, boot.initrd) if boot is not None else ():
         if path is not None and not path.exists():

@@ -40,7 +40,7 @@ from corral.engine.live_migration import (
 from corral.engine.plan import LaunchPlan
 from corral.engine.process import QemuProcess
 from corral.errors import Conflict
-from corral.host import vm_lifecycle, vm_nics
+from corral.host import vm_lifecycle, vm_nics, vm_plan
 
 if TYPE_CHECKING:
     from corral.host.agent import Agent
@@ -112,7 +112,7 @@ async def prepare_incoming(
     if vm_id in agent.vms and not agent.vms[vm_id].proc.exited:
         raise Conflict("this VM already runs on this host", "a VM cannot migrate onto its own host")
     vm = vm_lifecycle.load_vm(agent, vm_id)
-    plan = vm_lifecycle.build_plan(agent, vm).model_copy(update={"incoming": True})
+    plan = vm_plan.build_plan(agent, vm).model_copy(update={"incoming": True})
     if plan.ram_file is not None and plan.ram_file.exists():
         # Two "hosts" on one machine share /dev/shm: never map the source's RAM file.
         plan = plan.model_copy(update={"ram_file": plan.ram_file.with_suffix(".incoming.ram")})
@@ -121,7 +121,7 @@ async def prepare_incoming(
     try:
         if not shared_storage:
             # build_plan names each disk's node after its device index; the sizes come from the same rows.
-            sizes = {vm_lifecycle.disk_node(volume.device_index): volume.size for volume in vm.volumes}
+            sizes = {vm_plan.disk_node(volume.device_index): volume.size for volume in vm.volumes}
             for disk in writable:
                 if disk.path.exists():
                     raise Conflict(

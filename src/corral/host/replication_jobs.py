@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from corral.engine import backup as engine_backup
 from corral.engine import qemu_img
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
-from corral.host import storage, vm_lifecycle
+from corral.host import storage, vm_lifecycle, vm_plan
 from corral.host.backup_jobs import running_vm, storage_daemon_binary
 from corral.host.layout import pool_file
 from corral.host.move_jobs import free_port_on, host_alive, load_job, publish_job
@@ -251,7 +251,7 @@ async def replicate(ctx: JobContext) -> dict[str, Any]:
         if running is None:
             raise Conflict(f"VM {ctx.target_name} is not running", "only a running VM is replicated")
         monitor = running.proc
-        nodes = [vm_lifecycle.disk_node(int(d["device_index"])) for d in disks]
+        nodes = [vm_plan.disk_node(int(d["device_index"])) for d in disks]
         parent = params.bitmap
         present = await engine_backup.bitmaps(monitor)
         incremental = (

@@ -21,7 +21,7 @@ from corral.engine.argv import disk_blockdev_options, disk_device_options
 from corral.engine.guest_agent import GuestAgent
 from corral.engine.plan import DiskPlan
 from corral.errors import Conflict, CorralError, EngineError, NotFound, Timeout
-from corral.host import cgroups, sandbox, storage, vm_lifecycle
+from corral.host import cgroups, sandbox, storage, vm_lifecycle, vm_plan
 from corral.spec.job_params import DiskAddParams, DiskRemoveParams, VMResizeParams
 from corral.spec.sizes import format_size
 from corral.spec.vm import MAX_DISKS, VMSpec
@@ -307,10 +307,10 @@ def _disk_plan(agent: Agent, volume: Volume) -> DiskPlan:
     index = volume.device_index
     on_q35 = agent.settings.machine.startswith("q35")
     return DiskPlan(
-        node=vm_lifecycle.disk_node(index),
+        node=vm_plan.disk_node(index),
         path=storage.volume_path(agent, volume),
         format=volume.format,
-        bus=vm_lifecycle.disk_port(index) if on_q35 and 0 < index <= MAX_DISKS else None,
+        bus=vm_plan.disk_port(index) if on_q35 and 0 < index <= MAX_DISKS else None,
     )
 
 
@@ -415,7 +415,7 @@ async def vm_disk_remove(ctx: JobContext) -> dict[str, Any]:
         running = _running(agent, vm_id)
         seconds = None
         if running is not None:
-            node = vm_lifecycle.disk_node(volume.device_index)
+            node = vm_plan.disk_node(volume.device_index)
             device_id = f"{node}-dev"
             ctx.progress(0.3, f"asking the guest to release {volume.name}")
             began = time.monotonic()

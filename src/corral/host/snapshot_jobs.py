@@ -13,7 +13,7 @@ from corral.engine import snapshots as engine_snapshots
 from corral.engine.argv import UEFI_VARS_NODE
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import CorralError, InsufficientResources, NotFound
-from corral.host import storage, vm_lifecycle
+from corral.host import storage, vm_lifecycle, vm_plan
 from corral.host.firmware import vars_path
 from corral.spec.job_params import SnapshotParams
 from corral.spec.vm import PowerState
@@ -35,7 +35,7 @@ def _disks(agent: Agent, vm: VM, tag: str | None = None) -> tuple[list[str], lis
     nodes, paths = [], []
     for volume in sorted(vm.volumes, key=lambda v: v.device_index):
         if volume.format == "qcow2":
-            nodes.append(vm_lifecycle.disk_node(volume.device_index))
+            nodes.append(vm_plan.disk_node(volume.device_index))
             paths.append(storage.volume_path(agent, volume))
     store = vars_path(agent.layout.vm_run_dir(vm.id))
     if store.exists() and (

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.engine.guest_agent import GuestAgent
 from corral.errors import Conflict, NotFound
-from corral.host import storage, vm_lifecycle
+from corral.host import storage, vm_lifecycle, vm_plan
 from corral.host.vm_lifecycle import discard_vm, wait_for_guest
 from corral.spec.job_params import (
     VMCreateParams,
@@ -39,7 +39,7 @@ async def vm_create(ctx: JobContext) -> dict[str, Any]:
                     raise NotFound(f"VM {ctx.target_name} not found")
                 new_volumes = [v for v in vm.volumes if v.state == "pending"]
                 images = {v.backing_image: session.get(Image, v.backing_image) for v in new_volumes if v.backing_image}
-            vm_lifecycle.check_firmware(agent, vm)
+            vm_plan.check_firmware(agent, vm)
             for index, volume in enumerate(new_volumes):
                 ctx.progress(0.1 + 0.3 * index / max(1, len(new_volumes)), f"creating disk {volume.name}")
                 image = images.get(volume.backing_image) if volume.backing_image else None

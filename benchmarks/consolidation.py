@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table
 from sqlalchemy import insert
 
-from corral.cluster import planner, plans
+from corral.cluster import packing_bound, planner, plans
 from corral.store.db import Store
 from corral.store.models import VM, Host, new_id, utcnow
 
@@ -98,9 +98,9 @@ def plan_once(store: Store, solver_time_limit: float) -> dict[str, float]:
         started = time.perf_counter()
         view, guests = plans.load(session)
         loaded = time.perf_counter() - started
-        result = planner.consolidate(view, guests, exact_time_limit=None)
+        result = planner.consolidate(view, guests)
         seconds = time.perf_counter() - started
-    planner.exact(view, guests, result, True, solver_time_limit)
+    packing_bound.exact(view, guests, result, True, solver_time_limit)
     return {
         "load": loaded,
         "seconds": seconds,

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from corral.cluster import planner, plans, usage
+from corral.cluster import packing_bound, planner, plans, usage
 from corral.cluster.placement import HostLoad, PlacementRequest, Policy
 from corral.errors import Conflict, InvalidInput
 from corral.store import usage as usage_store
@@ -125,6 +125,7 @@ def test_consolidation_frees_hosts_keeps_n_plus_1_and_matches_the_optimum():
     placed = [(f"vm{i}", f"h{i % 8}", random.choice([1, 2]), random.choice([1, 2, 4])) for i in range(16)]
     hosts, guests = _pool(hosts, placed)
     result = planner.consolidate(hosts, guests)
+    packing_bound.exact(hosts, guests, result, True, 5.0)
     assert result.freed and result.hosts_used == 8 - len(result.freed)
     assert result.optimum_hosts_used is not None, result.summary()
     assert result.hosts_used >= result.optimum_hosts_used
@@ -146,6 +147,7 @@ def test_consolidation_with_unlike_hosts_and_overcommit_uses_the_big_ones():
     placed = [(f"vm{i}", f"s{i % 4}", 2, 2) for i in range(4)] + [("x", "big1", 8, 8)]
     hosts, guests = _pool(hosts, placed)
     result = planner.consolidate(hosts, guests)
+    packing_bound.exact(hosts, guests, result, True, 5.0)
     assert set(result.freed) >= {"s0", "s1", "s2", "s3"}
     assert hosts["big1"].cpus_alloc + hosts["big2"].cpus_alloc == 16
     assert result.gap == 0.0
@@ -161,6 +163,7 @@ def test_consolidation_never_splits_anti_affinity_or_moves_pinned_vms():
     ]
     hosts, guests = _pool(hosts, placed)
     result = planner.consolidate(hosts, guests)
+    packing_bound.exact(hosts, guests, result, True, 5.0)
     on = {}
     for guest in guests:
         on.setdefault(guest.host, []).append(guest.name)
@@ -174,6 +177,7 @@ def test_large_pools_get_a_bound_from_host_shapes():
     placed = [(f"vm{i}", f"h{i % 300}", 1 + i % 3, 1 + i % 5) for i in range(1200)]
     hosts, guests = _pool(hosts, placed)
     result = planner.consolidate(hosts, guests)
+    packing_bound.exact(hosts, guests, result, True, 5.0)
     assert result.bound_hosts_used is not None and result.optimum_hosts_used is None
     assert result.bound_hosts_used <= result.hosts_used
     assert result.gap is not None and result.gap <= 0.1, result.summary()

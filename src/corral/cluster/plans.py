@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from corral.cluster import placement, planner, usage
+from corral.cluster import packing_bound, placement, planner, usage
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.spec.job import JobState
 from corral.spec.vm import USER_NETWORK, PowerState, VMSpec
@@ -104,13 +104,8 @@ def load(session: Session, window: timedelta = WINDOW) -> tuple[dict[str, placem
     """Hosts (placement's view) and every placed VM with its needs and its history's averages."""
     view = placement.load_pool(session)
     averages = usage.averages(session, "vm", window)
-    busy = set(
-        session.scalars(
-            select(Job.target_id).where(
-                Job.target_kind == "vm", Job.state.in_(ACTIVE_JOB_STATES), Job.target_id.is_not(None)
-            )
-        )
-    )
+    active = (Job.target_kind == "vm", Job.state.in_(ACTIVE_JOB_STATES), Job.target_id.is_not(None))
+    busy = set(session.scalars(select(Job.target_id).where(*active)))
     storage = dict(
         session.execute(
             select(Volume.vm_id, func.sum(Volume.size)).where(Volume.vm_id.is_not(None)).group_by(Volume.vm_id)
@@ -262,7 +257,9 @@ def recommend_balance(session: Session, request: BalanceRequest) -> Plan:
 
 def recommend_consolidation(session: Session, request: ConsolidateRequest) -> Plan:
     view, guests = load(session)
-    result = planner.consolidate(view, guests, request.keep_spare, request.solver_time_limit or None)
+    result = planner.consolidate(view, guests, request.keep_spare)
+    if request.solver_time_limit:
+        packing_bound.exact(view, guests, result, request.keep_spare, request.solver_time_limit)
     return _store(session, "consolidate", result.summary(), result.moves)
 
 
@@ -336,7 +333,7 @@ def auto_consolidate(session: Session) -> Plan | None:
         _note_round("consolidate", f"skipped: plan {blocking.id} is {blocking.state}")
         return None
     view, guests = load(session)
-    result = planner.consolidate(view, guests, keep_spare=True, exact_time_limit=None)
+    result = planner.consolidate(view, guests, keep_spare=True)
     if not result.freed:
         _note_round("consolidate", "no host to free (N+1 kept)")
         return None

@@ -26,6 +26,7 @@ from corral.engine.process import ExitInfo, QemuProcess
 from corral.engine.runtime import RuntimeRecord, is_same_process
 from corral.errors import Conflict, CorralError, EngineError, GuestAgentError, NotFound
 from corral.host import storage
+from corral.host.launch_settings import apply_launch_settings
 from corral.host.vm_nics import plug_taps, unplug_taps
 from corral.host.vm_plan import build_plan, image_details
 from corral.spec.vm import PowerState, RestartPolicy, VMSpec
@@ -134,8 +135,7 @@ async def launch(agent: Agent, vm_id: str, plan: LaunchPlan, after_launch: Any =
             plan = plan.model_copy(update={"extra_args": (*plan.extra_args, *box.extra_args)})
         proc = await QemuProcess.launch(plan, on_event=event_handler(agent, vm_id), preexec=box.preexec)
         try:
-            await _apply_disk_limits(agent, vm_id, proc, plan)
-            await _apply_balloon(agent, vm_id, proc, plan)
+            await apply_launch_settings(proc, plan, VMSpec.model_validate(load_vm(agent, vm_id).spec))
         except BaseException:
             await proc.kill()
             raise
@@ -307,40 +307,6 @@ async def _clean_up_after(agent: Agent, running: RunningVM) -> bool:
     await asyncio.to_thread(agent.isolation.release, running.vm_id)
     await asyncio.to_thread(unplug_taps, agent, running.vm_id)
     return True
-
-
-async def _apply_disk_limits(agent: Agent, vm_id: str, proc: QemuProcess, plan: LaunchPlan) -> None:
-    """Disk bandwidth and IOPS limits through QEMU's own throttling: it works on any filesystem, where the
-    cgroup io controller only sees whole block devices (and nothing on tmpfs or overlay pools)."""
-    spec = VMSpec.model_validate(load_vm(agent, vm_id).spec)
-    if not (spec.disk_read_bps or spec.disk_write_bps or spec.disk_iops):
-        return
-    for disk in plan.disks:
-        if disk.read_only:
-            continue
-        # The block backend belongs to the virtio device inside the PCI proxy that carries the qdev id.
-        await proc.execute(
-            "block_set_io_throttle",
-            {
-                "id": f"/machine/peripheral/{disk.node}-dev/virtio-backend",
-                "bps": 0,
-                "bps_rd": spec.disk_read_bps or 0,
-                "bps_wr": spec.disk_write_bps or 0,
-                "iops": spec.disk_iops or 0,
-                "iops_rd": 0,
-                "iops_wr": 0,
-            },
-        )
-
-
-async def _apply_balloon(agent: Agent, vm_id: str, proc: QemuProcess, plan: LaunchPlan) -> None:
-    """A VM started with headroom (max_memory above memory) is ballooned down to its memory at once; the
-    guest's driver inflates when it loads. A migration or fork child takes the balloon with the device state."""
-    if not plan.balloon or plan.incoming:
-        return
-    spec = VMSpec.model_validate(load_vm(agent, vm_id).spec)
-    if spec.memory < plan.memory_mib << 20:
-        await proc.execute("balloon", {"value": spec.memory})
 
 
 async def pause(agent: Agent, vm_id: str) -> None:

@@ -16,24 +16,28 @@ async def apply_launch_settings(proc: QemuProcess, plan: LaunchPlan, spec: VMSpe
 async def apply_disk_limits(proc: QemuProcess, plan: LaunchPlan, spec: VMSpec) -> None:
     """Disk bandwidth and IOPS limits through QEMU's own throttling: it works on any filesystem, where the
     cgroup io controller only sees whole block devices (and nothing on tmpfs or overlay pools)."""
+    for disk in plan.disks:
+        if not disk.read_only:
+            await throttle_disk(proc, disk.node, spec)
+
+
+async def throttle_disk(proc: QemuProcess, node: str, spec: VMSpec) -> None:
+    """The spec's disk limits on one disk (at launch, or when a disk is hot-added); none set, nothing sent."""
     if not (spec.disk_read_bps or spec.disk_write_bps or spec.disk_iops):
         return
-    for disk in plan.disks:
-        if disk.read_only:
-            continue
-        # The block backend belongs to the virtio device inside the PCI proxy that carries the qdev id.
-        await proc.execute(
-            "block_set_io_throttle",
-            {
-                "id": f"/machine/peripheral/{disk.node}-dev/virtio-backend",
-                "bps": 0,
-                "bps_rd": spec.disk_read_bps or 0,
-                "bps_wr": spec.disk_write_bps or 0,
-                "iops": spec.disk_iops or 0,
-                "iops_rd": 0,
-                "iops_wr": 0,
-            },
-        )
+    # The block backend belongs to the virtio device inside the PCI proxy that carries the qdev id.
+    await proc.execute(
+        "block_set_io_throttle",
+        {
+            "id": f"/machine/peripheral/{node}-dev/virtio-backend",
+            "bps": 0,
+            "bps_rd": spec.disk_read_bps or 0,
+            "bps_wr": spec.disk_write_bps or 0,
+            "iops": spec.disk_iops or 0,
+            "iops_rd": 0,
+            "iops_wr": 0,
+        },
+    )
 
 
 async def apply_balloon(proc: QemuProcess, plan: LaunchPlan, spec: VMSpec) -> None:

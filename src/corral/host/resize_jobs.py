@@ -22,6 +22,7 @@ from corral.engine.guest_agent import GuestAgent
 from corral.engine.plan import DiskPlan
 from corral.errors import Conflict, CorralError, EngineError, NotFound, Timeout
 from corral.host import cgroups, sandbox, storage, vm_lifecycle, vm_plan
+from corral.host.launch_settings import throttle_disk
 from corral.spec.job_params import DiskAddParams, DiskRemoveParams, VMResizeParams
 from corral.spec.sizes import format_size
 from corral.spec.vm import MAX_DISKS, VMSpec
@@ -330,20 +331,7 @@ async def _hotplug_disk(agent: Agent, vm_id: str, running: RunningVM, plan: Disk
             with contextlib.suppress(Exception):
                 await running.proc.execute("blockdev-del", {"node-name": node_name})
         raise
-    spec = VMSpec.model_validate(vm_lifecycle.load_vm(agent, vm_id).spec)
-    if spec.disk_read_bps or spec.disk_write_bps or spec.disk_iops:
-        await running.proc.execute(
-            "block_set_io_throttle",
-            {
-                "id": f"/machine/peripheral/{plan.node}-dev/virtio-backend",
-                "bps": 0,
-                "bps_rd": spec.disk_read_bps or 0,
-                "bps_wr": spec.disk_write_bps or 0,
-                "iops": spec.disk_iops or 0,
-                "iops_rd": 0,
-                "iops_wr": 0,
-            },
-        )
+    await throttle_disk(running.proc, plan.node, VMSpec.model_validate(vm_lifecycle.load_vm(agent, vm_id).spec))
 
 
 async def vm_disk_add(ctx: JobContext) -> dict[str, Any]:

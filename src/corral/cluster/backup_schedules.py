@@ -332,9 +332,11 @@ class ScheduleRunner:
         self.store = store
         self.tick = tick
         self._stop = threading.Event()
+        self._kick = threading.Event()  # set by every store change (a notifier callback) and by stop()
         self._thread = threading.Thread(target=self._run, name="corral-backup-schedules", daemon=True)
 
     def start(self) -> None:
+        self.store.notifier.subscribe(self._kick.set)
         self._thread.start()
 
     def _earliest(self) -> datetime | None:
@@ -349,13 +351,15 @@ class ScheduleRunner:
         notifier = self.store.notifier
         deadline = time.monotonic() + max(0.0, seconds)
         while not self._stop.is_set():
+            self._kick.clear()  # before reading the generation: a change after this read sets it again
+            generation = notifier.generation
+            if generation != since:
+                return generation
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            # Short slices so stop() is seen within a second even when nothing is written.
-            generation = notifier.wait(since, min(left, 1.0))
-            if generation != since:
-                return generation
+            # One wait for a change or stop(), not a wake-up every second to look for either.
+            self._kick.wait(left)
         return notifier.generation
 
     def _run(self) -> None:
@@ -383,5 +387,6 @@ class ScheduleRunner:
 
     def stop(self) -> None:
         self._stop.set()
+        self._kick.set()
         if self._thread.is_alive():
             self._thread.join(5)

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from qemu.qmp import QMPClient, QMPError
 
+from corral.engine.qmp_client import QuietQMPClient
 from corral.errors import EngineError
 
 BITMAP_PREFIX = "corral-"
@@ -249,7 +250,7 @@ class StorageDaemon:
                 err = (self._proc.stderr.read() if self._proc.stderr else b"").decode(errors="replace").strip()
                 raise EngineError(f"qemu-storage-daemon failed: {err.splitlines()[-1] if err else 'it exited'}")
             if self.socket.exists():
-                client = QMPClient("backup")
+                client = QuietQMPClient("backup")
                 try:
                     await client.connect(str(self.socket))
                 except (QMPError, OSError):

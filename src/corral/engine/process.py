@@ -22,6 +22,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from corral.engine.argv import build_argv
 from corral.engine.plan import LaunchPlan
+from corral.engine.qmp_client import QuietQMPClient
 from corral.engine.runtime import RuntimeRecord, is_same_process, process_start_ticks
 from corral.errors import EngineError
 
@@ -234,7 +235,7 @@ class QemuProcess:
                 detail = info.stderr_tail[-1] if info.stderr_tail else info.describe()
                 raise EngineError(f"QEMU exited during start-up: {detail}", f"see {self.record.stderr_log}")
             if self.record.qmp_socket.exists():
-                client = QMPClient(self.record.name)
+                client = QuietQMPClient(self.record.name)
                 try:
                     await client.connect(str(self.record.qmp_socket))
                 except (QMPError, OSError) as exc:

@@ -42,6 +42,12 @@ log = logging.getLogger("corral.agent")
 
 HEARTBEAT_INTERVAL = 10.0
 RECONCILE_INTERVAL = 2.0
+# On a store of one process, networks are synced when the store changed and otherwise this often, for what changes
+# outside it (a dnsmasq that died, a bridge or firewall table removed by hand).
+NETWORK_CHECK = 10.0
+# On such a store, a pass looks for queued jobs when the store changed since it last found none (a job is queued by
+# a commit, which wakes the agent), and otherwise this often, as a safety net.
+JOB_POLL = 10.0
 
 
 def default_host_name() -> str:
@@ -78,6 +84,10 @@ class Agent:
         from corral.host.networks import NetworkHost
 
         self.networks = NetworkHost(settings, store, self.host_name)
+        self._networks_synced = float("-inf")  # when the reconcile pass last synced them (monotonic)
+        self._networks_generation = -1  # the store's notifier generation then
+        self._jobs_polled = float("-inf")  # when a pass last looked for queued jobs, and the generation then
+        self._jobs_generation = -1
         self.vms: dict[str, RunningVM] = {}
         self.unadopted: set[str] = set()  # VMs whose QEMU lives but did not answer at adoption: retried
         from corral.host.reaper import Reaper
@@ -228,6 +238,7 @@ class Agent:
                 session.add(host)
             elif not self._registered:
                 self._refuse_a_live_namesake(host)
+            state = host.state
             for key, value in self.inventory.model_dump().items():
                 setattr(host, key, value)
             host.cpu_overcommit = self.settings.cpu_overcommit
@@ -251,6 +262,9 @@ class Agent:
             if self.address is not None:
                 host.address = self.address
             host.heartbeat_at = utcnow()
+            # A heartbeat that changes no state wakes nobody: nothing waits for one (the control plane reads the
+            # heartbeats when it checks them), and on a pool the wake-up would reach every agent.
+            session.info["notify"] = not self._registered or host.state != state
 
         self._registered = True
 
@@ -268,12 +282,20 @@ class Agent:
         self.register()
 
     def _dispatch_jobs(self) -> None:
+        """Claim and start every queued job for this host. On one process's store, only when the store changed since
+        the last look (or JOB_POLL seconds passed): an idle pass asks nothing. A shared store is asked every pass (its
+        notifications can be lost with their connection)."""
+        now, generation = time.monotonic(), self.store.notifier.generation
+        if not self.store.shared and generation == self._jobs_generation and now - self._jobs_polled < JOB_POLL:
+            return
         while True:
             job = jobs.claim(self.store, self.host_name, exclude=set(self._job_tasks))
             if job is None:
-                return
+                break
             task = asyncio.get_running_loop().create_task(self._run_job(job))
             self._job_tasks[job.id] = task
+        # The generation read before the queries: a job queued while they ran changed it again, so it is not missed.
+        self._jobs_polled, self._jobs_generation = now, generation
 
     async def _run_job(self, job: Job) -> None:
         ctx = JobContext(self, job.id, job.kind, job.target_id, job.target_name, dict(job.params), job.project)
@@ -402,12 +424,25 @@ class Agent:
         except Exception:
             log.exception("network reconcile failed")
 
+    def _networks_due(self) -> bool:
+        """Whether this reconcile pass syncs the networks. A shared store: every pass (its notifications cross a
+        connection that can drop, and other hosts' rows matter). One process's store: when it changed since the
+        last sync (its notifier never loses a change; the jobs that change networks sync them themselves as well),
+        else every NETWORK_CHECK seconds for what changes outside the store. With nothing changed, five queries
+        (and a subprocess per network) every 2 s were most of a sync's cost."""
+        now, generation = time.monotonic(), self.store.notifier.generation
+        if self.store.shared or generation != self._networks_generation or now - self._networks_synced >= NETWORK_CHECK:
+            self._networks_synced, self._networks_generation = now, generation
+            return True
+        return False
+
     async def reconcile(self) -> None:
         """Drift repair and slow observations: interface addresses of ready guests."""
         from corral.host import autoballoon, observe, vm_lifecycle
 
         await vm_lifecycle.reconcile(self)
-        await self.sync_networks()
+        if self._networks_due():
+            await self.sync_networks()
         await observe.sample_all(self)
         await autoballoon.tick(self)  # its own interval (balloon_interval); docs/optimization.md
         self.reaper.reap(keep={running.proc.pid for running in self.vms.values()})

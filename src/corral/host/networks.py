@@ -478,8 +478,10 @@ class NetworkHost:
         empty = not (rules.networks or rules.ports or rules.forwards)
         script = firewall.render_removal(self.tag) if empty else firewall.render(self.tag, rules)
         if script == self._last_rules:
-            # Someone may have flushed the firewall (a reboot-less `nft flush ruleset`): look now and then.
-            if empty or time.monotonic() - self._checked < TABLE_CHECK_INTERVAL:
+            # Someone may have flushed the firewall (a reboot-less `nft flush ruleset`): look now and then. Half a
+            # second early rather than a whole period late: an idle agent syncs every TABLE_CHECK_INTERVAL seconds
+            # too (corral.host.agent.NETWORK_CHECK), and each of those syncs should look.
+            if empty or time.monotonic() - self._checked < TABLE_CHECK_INTERVAL - 0.5:
                 return
             self._checked = time.monotonic()
             if self._tables_exist():

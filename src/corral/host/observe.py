@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from corral.errors import CorralError
 from corral.host import cgroups
@@ -156,9 +156,41 @@ def rotate_serial_log(run_dir: Path, limit: int) -> bool:
         os.close(directory)
 
 
-def rotate_serial_logs(agent: Agent) -> None:
-    """Rotate every running VM's serial log past ``serial_log_max`` (called on each reconcile pass)."""
-    for vm_id in list(agent.vms):
+_serial_logs: dict[str, dict[str, str]] = {}  # host name -> vm_id -> the path of the VM's serial log
+
+
+def _over(serial_log: str, limit: int) -> bool:
+    """Whether the serial log may be past ``limit``: one lstat, no file opened. It never follows a link, and a link
+    or anything else that is no regular file is left to :func:`rotate_serial_log`, which refuses it."""
+    try:
+        info = os.lstat(serial_log)
+    except OSError:
+        return False
+    return not stat.S_ISREG(info.st_mode) or info.st_size > limit
+
+
+def logs_to_rotate(agent: Agent) -> list[str]:
+    """The running VMs whose serial log needs :func:`rotate_serial_log`: an lstat each, cheap enough for the event
+    loop, so a pass with nothing to rotate (nearly all of them) hands nothing to a thread. Each VM's path is made
+    once (building 30 Paths every 2 s cost more than the lstats)."""
+    limit = agent.settings.serial_log_max
+    vm_ids = list(agent.vms)
+    paths = _serial_logs.setdefault(agent.host_name, {})
+    if len(paths) > 2 * len(vm_ids) + 64:  # VMs long gone
+        paths.clear()
+    due = []
+    for vm_id in vm_ids:
+        path = paths.get(vm_id)
+        if path is None:
+            path = paths[vm_id] = os.fspath(agent.layout.vm_run_dir(vm_id) / "serial.log")
+        if _over(path, limit):
+            due.append(vm_id)
+    return due
+
+
+def rotate_serial_logs(agent: Agent, vm_ids: list[str] | None = None) -> None:
+    """Rotate the serial log of every running VM (or of ``vm_ids``) past ``serial_log_max``."""
+    for vm_id in list(agent.vms) if vm_ids is None else vm_ids:
         try:
             if rotate_serial_log(agent.layout.vm_run_dir(vm_id), agent.settings.serial_log_max):
                 log.info("rotated the serial log of VM %s", vm_id)
@@ -178,7 +210,9 @@ async def sample_all(agent: Agent) -> None:
     Serial logs are checked on every pass (cheap: a guest printing without end must not get far past the cap);
     the round's stats are written in one transaction: one per VM was a large part of an idle agent's CPU with
     30 VMs (benchmarks/idle.py, docs/performance.md)."""
-    await asyncio.to_thread(rotate_serial_logs, agent)
+    rotate = logs_to_rotate(agent)
+    if rotate:
+        await asyncio.to_thread(rotate_serial_logs, agent, rotate)
     now = time.monotonic()
     host = agent.host_name
     # One round for every VM at once, so that the host's point sums the same moment of each of its VMs; a VM
@@ -192,17 +226,17 @@ async def sample_all(agent: Agent) -> None:
             continue
         running.stats_sampled = now
         sampled[vm_id] = await _sample(agent, running)
-    samples: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = []
-    if sampled:  # the round's stats in one transaction, not one per VM
-        with agent.store.session() as session:
-            for vm in session.scalars(select(VM).where(VM.id.in_(list(sampled)))):
-                if due:
-                    samples.append((vm.id, vm.stats, sampled[vm.id]))
-                vm.stats = sampled[vm.id]
+    before: dict[str, dict[str, Any] | None] = {}
+    if sampled:  # the round's stats in one transaction, not one per VM: two statements whatever their number
+        with agent.store.session(notify=False) as session:
+            before = dict(session.execute(select(VM.id, VM.stats).where(VM.id.in_(list(sampled)))).tuples().all())
+            if before:
+                session.execute(update(VM), [{"id": vm_id, "stats": sampled[vm_id]} for vm_id in before])
     if not due:
         return
+    samples = [(vm_id, stats, sampled[vm_id]) for vm_id, stats in before.items()]
     try:
-        with agent.store.session() as session:
+        with agent.store.session(notify=False) as session:
             usage.record(session, host, samples, load=round(os.getloadavg()[0], 2))
             if now - _history_kept.get(host, -60.0) >= 60.0:
                 _history_kept[host] = now

@@ -48,13 +48,17 @@ class Reaper:
     def __init__(self) -> None:
         self._seen: set[int] = set()
 
-    def _zombie_children(self) -> set[int]:
+    def _zombie_children(self, keep: set[int] | frozenset[int] = frozenset()) -> set[int]:
+        """Zombies among this process's children, not reading the state of those in ``keep`` (the QEMUs, nearly
+        every child: their exits are the agent's, through their pidfds)."""
         me = str(os.getpid())
         candidates = _children()
         if candidates is None:
             candidates = _all_pids()
         zombies = set()
         for pid in candidates:
+            if pid in keep:
+                continue
             try:
                 with open(f"/proc/{pid}/stat") as stat:
                     fields = stat.read().rsplit(")", 1)[1].split()
@@ -66,7 +70,7 @@ class Reaper:
 
     def reap(self, keep: set[int]) -> list[int]:
         """Wait for zombies seen last time too; returns their pids."""
-        zombies = self._zombie_children() - keep
+        zombies = self._zombie_children(keep)
         reaped = []
         for pid in zombies & self._seen:
             try:

@@ -394,17 +394,22 @@ class Store:
                 session.rollback()
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, notify: bool = True) -> Iterator[Session]:
         """A unit of work: committed when the block ends, rolled back if it raises; a commit that wrote
-        anything wakes the waiters (the agent for new jobs, the CLI following a job)."""
+        anything wakes the waiters (the agent for new jobs, the CLI following a job).
+
+        ``notify=False`` is for writes nobody waits for (a round of usage samples, a heartbeat that changes no
+        state): they would wake every waiter of the process, and on PostgreSQL every agent of the pool, for
+        nothing. The block may also decide as it goes, with ``session.info["notify"]``."""
         with self._sessions() as session:
+            session.info["notify"] = notify
             try:
                 yield session
                 session.commit()
             except BaseException:
                 session.rollback()
                 raise
-        if session.info.get("changed"):
+        if session.info.get("changed") and session.info.get("notify", True):
             self.notifier.notify()
 
     def close(self) -> None:

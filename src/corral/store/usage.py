@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from corral.store.models import UsagePoint, utcnow
@@ -103,6 +103,11 @@ def record(
     return points
 
 
+def _aware(at: datetime, like: datetime) -> datetime:
+    """``at`` in ``like``'s time zone: an aggregate's result may come back naive (SQLite) where the ORM's are UTC."""
+    return at.replace(tzinfo=like.tzinfo) if at.tzinfo is None else at
+
+
 def _bucket(at: datetime, width: int) -> datetime:
     seconds = int(at.timestamp())
     return datetime.fromtimestamp(seconds - seconds % width, tz=at.tzinfo)
@@ -145,6 +150,15 @@ def _roll_up(session: Session, host: str, source: int, width: int, now: datetime
     few rounds catches up, the query stays small, and no span is rolled twice."""
     start = _bucket(now - min(KEEP[source], timedelta(seconds=max(width * 3, 600))), width)
     end = _bucket(now, width)
+    # Spans up to the host's last roll-up are done (its agent rolls every span of all its resources at once, after
+    # the span ended): read only the points after it, not ten minutes of every VM's points every minute.
+    last = session.scalar(
+        select(func.max(UsagePoint.at)).where(
+            UsagePoint.host == host, UsagePoint.resolution == width, UsagePoint.at >= start
+        )
+    )
+    if last is not None:
+        start = max(start, _bucket(_aware(last, now) + timedelta(seconds=width), width))
     if end <= start:
         return 0
     rows = session.scalars(

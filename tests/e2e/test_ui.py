@@ -381,6 +381,13 @@ def test_projects_and_tokens_from_their_forms(browser, secure, web) -> None:  # 
 
 def test_clone_and_fork_from_the_vm_page(admin, secure, web) -> None:  # type: ignore[no-untyped-def]
     page = admin
+    # The page draws the usage history it finds when it opens; the agent records a VM's first point at its
+    # host's next 10 s round, which may come after a VM this young is opened: wait for it as a user would.
+    with secure.https(web["admin"]) as client:
+        deadline = time.monotonic() + 40
+        while not client.get(f"/vms/{VM}/stats", params={"since": "1h"}).json().get("points"):
+            assert time.monotonic() < deadline, "no usage point for the VM within 40 s"
+            time.sleep(0.5)
     page.goto(f"/ui/#/vm/{VM}")
     page.wait_for_selector(f"main[data-page='#/vm/{VM}']", state="attached")
     # The usage graphs, drawn by uPlot from the usage history (the agents sample every 10 s).
